@@ -1,0 +1,25 @@
+"""rlad_kernels: fused lm_head ops for RL-aware distillation of reasoning LLMs.
+
+Per-token log-probs (+ entropy) and the TRRD / GRPO / KDRL policy loss, computed straight from
+hidden states and the lm_head weight without materializing the ``[tokens x vocab]`` logits.
+"""
+
+from .modules import LinearLogprobs, LinearPolicyLoss
+from .ops.logprobs.api import linear_logprobs
+from .ops.logprobs.triton_impl import TritonConfig, triton_config
+from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
+from .ops.policy_loss.config import PolicyLossConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "linear_logprobs",
+    "linear_policy_loss",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "LinearLogprobs",
+    "LinearPolicyLoss",
+    "TritonConfig",
+    "triton_config",
+    "__version__",
+]

@@ -1,0 +1,61 @@
+"""Thin ``nn.Module`` wrappers: they store settings and call the functional ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops.logprobs.api import linear_logprobs
+from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
+from .ops.policy_loss.config import PolicyLossConfig
+from .utils.validation import check_float_param
+
+
+class LinearLogprobs(nn.Module):
+    """``LinearLogprobs(temperature=1.0, ...)(hidden, weight, targets, bias=None)`` -> logp
+    (and entropy); see :func:`rlad_kernels.linear_logprobs`."""
+
+    def __init__(self, *, temperature: float = 1.0, logit_scale: float = 1.0, ignore_index: int = -100,
+                 return_entropy: bool = False, impl: Optional[str] = None):
+        super().__init__()
+        check_float_param("temperature", temperature, positive=True)
+        check_float_param("logit_scale", logit_scale, positive=True)
+        self.temperature, self.logit_scale, self.ignore_index = temperature, logit_scale, ignore_index
+        self.return_entropy, self.impl = return_entropy, impl
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None):
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
+                               logit_scale=self.logit_scale, ignore_index=self.ignore_index,
+                               return_entropy=self.return_entropy, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, logit_scale={self.logit_scale}, "
+                f"ignore_index={self.ignore_index}, return_entropy={self.return_entropy}, impl={self.impl}")
+
+
+class LinearPolicyLoss(nn.Module):
+    """``LinearPolicyLoss(config)(hidden, weight, targets, advantages, old_logp, **per_token)``;
+    see :func:`rlad_kernels.linear_policy_loss`."""
+
+    def __init__(self, config: Optional[PolicyLossConfig] = None, *, temperature: float = 1.0,
+                 logit_scale: float = 1.0, ignore_index: int = -100, impl: Optional[str] = None):
+        super().__init__()
+        check_float_param("temperature", temperature, positive=True)
+        check_float_param("logit_scale", logit_scale, positive=True)
+        self.config = config if config is not None else PolicyLossConfig()
+        self.temperature, self.logit_scale, self.ignore_index, self.impl = (
+            temperature, logit_scale, ignore_index, impl)
+
+    def forward(self, hidden, weight, targets, advantages, old_logp, *, teacher_logp=None, ref_logp=None,
+                token_weights=None, kd_weights=None, normalizer=None, bias=None) -> PolicyLossOutput:
+        return linear_policy_loss(hidden, weight, targets, advantages, old_logp, teacher_logp=teacher_logp,
+                                  ref_logp=ref_logp, token_weights=token_weights, kd_weights=kd_weights,
+                                  normalizer=normalizer, bias=bias, temperature=self.temperature,
+                                  logit_scale=self.logit_scale, ignore_index=self.ignore_index,
+                                  config=self.config, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, temperature={self.temperature}, impl={self.impl}"

@@ -1,0 +1,41 @@
+"""Reference per-token log-probs: materializes the full ``[N, V]`` logits. The test oracle.
+
+Works in float64 when the inputs are float64; otherwise computes in float32. Gradients come
+from autograd. Use it to check the other implementations, never for large N x V.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          logit_scale: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False):
+    """``hidden [..., H]``, ``weight [V, H]``, ``targets [...]`` -> ``logp [...]`` (+ ``entropy [...]``).
+
+    ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``; ignored positions give 0.
+    """
+    cdt = compute_dtype(hidden.dtype)
+    logits = hidden.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        logits = logits + bias.to(cdt)
+    logits = logits * logit_scale / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    p = logp_all.exp()
+    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    ent = torch.where(valid, ent, torch.zeros_like(ent))
+    return logp, ent

@@ -1,0 +1,232 @@
+"""Host side of the Triton log-prob kernels: tile configuration, launches, autograd op.
+
+Forward: one launch (plus a tiny combine launch when the vocabulary is split across programs
+to fill the GPU at small N). Stored for backward: ``lse`` and ``E_p[z]`` per token (O(N)).
+
+Backward (no N x V buffer, no float32 V x H buffer):
+  * dX: for each chunk of ``C`` tokens, ``dlogits_kernel`` writes the chunk's logit gradient
+    ``[C, V]`` into a scratch buffer and ``dX[chunk] = dl @ W`` (one GEMM over the whole
+    vocabulary, float32 accumulation inside the GEMM);
+  * dW, db: for each slice of ``S`` vocabulary rows, the kernel writes ``[N, S]`` and
+    ``dW[slice] = dl.T @ X`` (one GEMM over all tokens), ``db[slice] = dl.sum(0)``.
+  ``C`` and ``S`` follow from ``TritonConfig.scratch_bytes``. Each pass recomputes the logits,
+  so a step costs 10*N*H*V FLOPs when both dX and dW are needed (6 when only one is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import triton
+
+from ...utils.dispatch import triton_interpreting
+from . import kernels as K
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Tile shapes and launch options of the fused kernels."""
+
+    block_n: int = 64          # forward token block
+    block_v: int = 128         # forward vocab tile
+    block_h: int = 64          # reduction step over H
+    num_warps: int = 8
+    num_stages: int = 3
+    bwd_block_n: int = 64      # dlogits tile
+    bwd_block_v: int = 128
+    bwd_block_h: int = 64
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 3
+    group: int = 8             # row blocks that sweep the columns together in dlogits
+    split_v: Optional[int] = None  # vocab splits in the forward; None = enough programs to fill the GPU
+    scratch_bytes: int = 64 << 20  # bound on the backward's logit-gradient scratch buffer
+    epilogue_block: int = 128      # token block of the combine kernels
+
+
+_DEFAULT = TritonConfig()
+_INTERPRET_DEFAULT = TritonConfig(block_n=16, block_v=32, block_h=32, bwd_block_n=16, bwd_block_v=32,
+                                  bwd_block_h=32, epilogue_block=32)
+_override: Optional[TritonConfig] = None
+
+
+def get_config() -> TritonConfig:
+    if _override is not None:
+        return _override
+    return _INTERPRET_DEFAULT if triton_interpreting() else _DEFAULT
+
+
+@contextlib.contextmanager
+def triton_config(**kwargs):
+    """Temporarily override tile options, e.g. ``with triton_config(split_v=3): ...`` (tests, tuning)."""
+    global _override
+    names = {f.name for f in fields(TritonConfig)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise TypeError(f"unknown TritonConfig fields {sorted(unknown)}; known: {sorted(names)}")
+    prev = _override
+    _override = replace(get_config(), **kwargs)
+    try:
+        yield _override
+    finally:
+        _override = prev
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul precision setting (tf32 only if the user allowed it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def check_triton_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    ok = (torch.float32, torch.bfloat16, torch.float16)
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in ok:
+            raise TypeError(f"impl='triton' supports float32/bfloat16/float16 {name}, got {t.dtype}; "
+                            f"use impl='torch' or impl='naive' for {t.dtype}")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_split(N: int, V: int, device: torch.device, cfg: TritonConfig) -> tuple[int, int]:
+    """(splits, vocab tiles per split) so that token blocks x splits fill the GPU."""
+    tiles = triton.cdiv(V, cfg.block_v)
+    if cfg.split_v is not None:
+        split = max(1, min(cfg.split_v, tiles))
+    else:
+        blocks = triton.cdiv(N, cfg.block_n)
+        split = max(1, min(triton.cdiv(2 * _num_sms(device), blocks), tiles // 4 or 1))
+    per = triton.cdiv(tiles, split)
+    return triton.cdiv(tiles, per), per
+
+
+def forward_stats(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, scale: float,
+                  ignore_index: int, want_entropy: bool, cfg: Optional[TritonConfig] = None):
+    """Run the forward kernel(s). Returns (logp, entropy|None, lse, ez|None), all float32 [N]."""
+    cfg = cfg or get_config()
+    N, H = x.shape
+    V = w.shape[0]
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    lp = torch.empty(N, **f32)
+    lse = torch.empty(N, **f32)
+    ent = torch.empty(N, **f32) if want_entropy else None
+    ez = torch.empty(N, **f32) if want_entropy else None
+    if N == 0:
+        return lp, ent, lse, ez
+    split, per = choose_split(N, V, dev, cfg)
+    if split > 1:
+        pm, pl, ps, pt = (torch.empty((split, N), **f32) for _ in range(4))
+    else:
+        pm = pl = ps = pt = lp  # unused
+    grid = (triton.cdiv(N, cfg.block_n) * split,)
+    K.logprobs_fwd_kernel[grid](
+        x, w, b if b is not None else x, y, lp, ent if ent is not None else lp, lse,
+        ez if ez is not None else lp, pm, pl, ps, pt,
+        N, V, H, x.stride(0), x.stride(1), w.stride(0), w.stride(1), scale, ignore_index, per,
+        HAS_BIAS=b is not None, ENTROPY=want_entropy, SPLIT=split,
+        BN=cfg.block_n, BV=cfg.block_v, BH=cfg.block_h,
+        DOT_PRECISION=dot_precision(x.dtype), UPCAST=triton_interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        K.logprobs_combine_kernel[(triton.cdiv(N, cfg.epilogue_block),)](
+            y, lp, ent if ent is not None else lp, lse, ez if ez is not None else lp, pm, pl, ps, pt,
+            N, V, ignore_index, ENTROPY=want_entropy, SPLIT=split, BN=cfg.epilogue_block,
+        )
+    return lp, ent, lse, ez
+
+
+def _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, dl, row0, n_rows, col0, n_cols, scale, ignore_index,
+                    cfg: TritonConfig):
+    grid = (triton.cdiv(n_rows, cfg.bwd_block_n) * triton.cdiv(n_cols, cfg.bwd_block_v),)
+    K.dlogits_kernel[grid](
+        x, w, b if b is not None else x, y, lse, ez if ez is not None else lse, g_lp,
+        g_ent if g_ent is not None else g_lp, dl,
+        row0, n_rows, col0, n_cols, x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        dl.stride(0), dl.stride(1), scale, ignore_index,
+        HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, GROUP=cfg.group,
+        BN=cfg.bwd_block_n, BV=cfg.bwd_block_v, BH=cfg.bwd_block_h,
+        DOT_PRECISION=dot_precision(x.dtype), UPCAST=triton_interpreting(),
+        num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages,
+    )
+
+
+def backward_grads(x, w, b, y, lse, ez, g_lp, g_ent, scale, ignore_index, need_dx, need_dw, need_db,
+                   cfg: Optional[TritonConfig] = None):
+    """dX [N, H] (x.dtype), dW [V, H] (w.dtype), db [V] (b.dtype) for upstream per-token g_lp, g_ent."""
+    cfg = cfg or get_config()
+    N, H = x.shape
+    V = w.shape[0]
+    elt = x.element_size()
+    g_lp = g_lp.contiguous().float()
+    g_ent = g_ent.contiguous().float() if g_ent is not None else None
+    dx = dw = db = None
+    if need_dx:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows = max(cfg.bwd_block_n, (cfg.scratch_bytes // (V * elt)) // cfg.bwd_block_n * cfg.bwd_block_n)
+        rows = min(rows, N)
+        scratch = torch.empty((rows, V), dtype=x.dtype, device=x.device) if N else None
+        for r0 in range(0, N, rows):
+            r = min(rows, N - r0)
+            _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, scratch, r0, r, 0, V, scale, ignore_index, cfg)
+            torch.mm(scratch[:r], w, out=dx[r0:r0 + r])
+    if need_dw or need_db:
+        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
+        db = torch.empty(V, dtype=torch.float32, device=x.device) if need_db else None
+        if N == 0:
+            if dw is not None:
+                dw.zero_()
+            if db is not None:
+                db.zero_()
+        else:
+            cols = max(cfg.bwd_block_v, (cfg.scratch_bytes // (N * elt)) // cfg.bwd_block_v * cfg.bwd_block_v)
+            cols = min(cols, V)
+            scratch = torch.empty((N, cols), dtype=x.dtype, device=x.device)
+            for c0 in range(0, V, cols):
+                c = min(cols, V - c0)
+                view = scratch[:, :c]
+                _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, view, 0, N, c0, c, scale, ignore_index, cfg)
+                if need_dw:
+                    torch.mm(view.t(), x, out=dw[c0:c0 + c])
+                if need_db:
+                    torch.sum(view, dim=0, dtype=torch.float32, out=db[c0:c0 + c])
+        if db is not None:
+            db = db.to(b.dtype)
+    return dx, dw, db
+
+
+class TritonLogprobs(torch.autograd.Function):
+    """Autograd op over 2-D ``hidden [N, H]`` and 1-D ``targets [N]``; returns (logp, entropy|None)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale: float, ignore_index: int, want_entropy: bool):
+        lp, ent, lse, ez = forward_stats(hidden, weight, bias, targets, scale, ignore_index, want_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ez)
+        ctx.scale, ctx.ignore_index = scale, ignore_index
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ez = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        if ez is None:
+            g_ent = None
+        dx, dw, db = backward_grads(hidden, weight, bias, targets, lse, ez, g_logp, g_ent, ctx.scale,
+                                    ctx.ignore_index, need_dx, need_dw, need_db)
+        return dx, dw, db, None, None, None, None
+
+
+def linear_logprobs_triton(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy):
+    check_triton_dtypes(hidden2d, weight)
+    return TritonLogprobs.apply(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy)

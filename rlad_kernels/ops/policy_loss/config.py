@@ -1,0 +1,85 @@
+"""``PolicyLossConfig``: every non-tensor option of the policy loss, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ...utils.validation import check_choice, check_float_param
+
+MIXTURES = ("geometric", "arithmetic")
+KD_ESTIMATORS = (None, "k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Options of :func:`rlad_kernels.linear_policy_loss` (math in ``ops/policy_loss/README.md``).
+
+    Ratio (per valid token, ``lp`` = student log-prob of the sampled token):
+        * ``teacher_logp`` given (TRRD, RLAD's core), ``mixture="geometric"``::
+
+              d     = clamp(lp - lp_T, -teacher_clamp, teacher_clamp)   # no clamp if teacher_clamp is None
+              log_r = alpha * (lp - lp_old) + (1 - alpha) * d
+
+          ``alpha=1`` is exactly GRPO; ``alpha=0`` anchors the ratio fully to the teacher.
+        * ``mixture="arithmetic"``: ``log_r = lp - log(alpha * pi_old + (1 - alpha) * pi_T)``
+          (the teacher clamp does not apply: the anchor is bounded below by ``alpha * pi_old``).
+        * no ``teacher_logp``: ``log_r = lp - lp_old`` (GRPO / PPO-clip).
+
+    Loss per token, with ``r = exp(min(log_r, 20))`` (the cap keeps ``r * A`` finite when ``A = 0``)::
+
+        L = max(-A * r, -A * clip(r, 1 - eps_low, 1 + eps_high))
+        L = min(L, -dual_clip * A)                     where A < 0, if dual_clip is set
+          + ref_kl_coef * k3(lp_ref - lp)              if ref_kl_coef != 0 (needs ref_logp)
+          + kd_coef * kd_weight * KD(lp_T - lp)        if kd_estimator is set (KDRL; needs teacher_logp)
+          - entropy_coef * entropy                     if entropy_coef != 0
+
+    with ``k3(x) = exp(x) - x - 1`` and KD ``k1 = -R``, ``k2 = R**2 / 2``, ``k3 = exp(R) - R - 1``.
+    KDRL is GRPO plus a KD term: set ``alpha=1.0`` with ``kd_estimator`` so the ratio stays the GRPO one.
+
+    Fields:
+        alpha: weight of the old policy in the TRRD anchor, in [0, 1].
+        eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]``; 0 <= eps_low < 1, eps_high >= 0.
+        teacher_clamp: bound ``c > 0`` on ``|lp - lp_T|`` in the geometric TRRD ratio, or None.
+        dual_clip: dual-clip constant (> 1) bounding the loss of A < 0 tokens, or None.
+        mixture: "geometric" (RLAD) or "arithmetic".
+        kd_estimator: None, "k1", "k2" or "k3": sampled-token reverse-KL estimator of KDRL.
+        kd_coef: weight of the KD term (>= 0).
+        ref_kl_coef: weight of the k3 KL to a reference policy (>= 0; needs ref_logp when > 0).
+        entropy_coef: entropy bonus weight (the loss subtracts ``entropy_coef * entropy``).
+        compute_entropy: compute per-token entropy for the metrics even when entropy_coef == 0.
+    """
+
+    alpha: float = 0.5
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    teacher_clamp: Optional[float] = 1.0
+    dual_clip: Optional[float] = None
+    mixture: str = "geometric"
+    kd_estimator: Optional[str] = None
+    kd_coef: float = 0.0
+    ref_kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    compute_entropy: bool = True
+
+    def __post_init__(self):
+        check_float_param("PolicyLossConfig.alpha", self.alpha, low=0.0, high=1.0)
+        check_float_param("PolicyLossConfig.eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
+        check_float_param("PolicyLossConfig.eps_high", self.eps_high, low=0.0)
+        check_float_param("PolicyLossConfig.teacher_clamp", self.teacher_clamp, positive=True, allow_none=True)
+        check_float_param("PolicyLossConfig.dual_clip", self.dual_clip, allow_none=True, low=1.0, low_open=True)
+        check_choice("PolicyLossConfig.mixture", self.mixture, MIXTURES)
+        check_choice("PolicyLossConfig.kd_estimator", self.kd_estimator, KD_ESTIMATORS)
+        check_float_param("PolicyLossConfig.kd_coef", self.kd_coef, low=0.0)
+        check_float_param("PolicyLossConfig.ref_kl_coef", self.ref_kl_coef, low=0.0)
+        check_float_param("PolicyLossConfig.entropy_coef", self.entropy_coef)
+        if not isinstance(self.compute_entropy, bool):
+            raise TypeError("PolicyLossConfig.compute_entropy must be a bool")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.compute_entropy or self.entropy_coef != 0.0
+
+    @property
+    def uses_kd(self) -> bool:
+        return self.kd_estimator is not None

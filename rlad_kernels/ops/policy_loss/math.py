@@ -1,0 +1,171 @@
+"""The per-token policy-loss math (TRRD / GRPO / KDRL), written once in torch.
+
+``policy_token_loss`` is what the torch and naive implementations differentiate with autograd.
+The Triton epilogue (``kernels.py``) evaluates the same formulas with their analytic derivative;
+the test suite checks the two agree on every branch (clip sides, teacher clamp, dual clip, KD
+estimators, ratio cap). The metric layout below is shared by all implementations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from .config import PolicyLossConfig
+
+# Cap on log-ratios fed to exp(): r <= e^20 keeps r * A finite (no inf * 0 = NaN when A = 0).
+LOG_RATIO_CAP = 20.0
+
+# Sums over valid tokens that every implementation produces, in this order.
+STAT_FIELDS = (
+    "loss_sum",       # sum_t w_t * L_t
+    "weight_sum",     # sum_t w_t (the default normalizer)
+    "tokens",         # number of valid tokens
+    "adv_pos",        # tokens with A > 0
+    "adv_neg",        # tokens with A < 0
+    "clip_pos",       # A > 0 tokens on the clipped branch (zero gradient)
+    "clip_neg",       # A < 0 tokens on the clipped branch
+    "dual_clip",      # A < 0 tokens bounded by the dual clip
+    "ratio",          # sum of r
+    "teacher_clamp",  # tokens where |lp - lp_T| > teacher_clamp
+    "teacher_gap",    # sum of lp_old - lp_T
+    "entropy",        # sum of entropy
+    "kd",             # sum of the KD estimator value
+    "ref_kl",         # sum of k3(lp_ref - lp)
+)
+STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
+
+
+def policy_token_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    teacher_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    kd_weights: Optional[torch.Tensor] = None,
+):
+    """Per-token loss ``L_t`` (differentiable in ``logp`` and ``entropy``) and per-token stats.
+
+    All inputs share one shape and dtype (the compute dtype). Returns ``(loss, stats)`` where
+    ``stats`` maps the per-token STAT_FIELDS entries (except the weight sums) to detached tensors.
+    """
+    A = advantages
+    if teacher_logp is None:
+        log_r = logp - old_logp
+        clamp_active = torch.zeros_like(logp, dtype=torch.bool)
+    elif cfg.mixture == "geometric":
+        d = logp - teacher_logp
+        if cfg.teacher_clamp is None:
+            clamp_active = torch.zeros_like(logp, dtype=torch.bool)
+        else:
+            c = cfg.teacher_clamp
+            clamp_active = (d < -c) | (d > c)
+            d = torch.clamp(d, -c, c)
+        log_r = cfg.alpha * (logp - old_logp) + (1.0 - cfg.alpha) * d
+    else:  # arithmetic mixture: log m = logaddexp(log a + lp_old, log(1-a) + lp_T)
+        log_a = math.log(cfg.alpha) if cfg.alpha > 0 else -math.inf
+        log_1ma = math.log1p(-cfg.alpha) if cfg.alpha < 1 else -math.inf
+        log_m = torch.logaddexp(old_logp + log_a, teacher_logp + log_1ma)
+        log_r = logp - log_m
+        clamp_active = torch.zeros_like(logp, dtype=torch.bool)
+
+    ratio = torch.exp(torch.clamp(log_r, max=LOG_RATIO_CAP))
+    pg_unclipped = -A * ratio
+    pg_clipped = -A * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    clipped = pg_clipped > pg_unclipped
+    loss = torch.maximum(pg_unclipped, pg_clipped)
+    if cfg.dual_clip is not None:
+        pg_dual = -A * cfg.dual_clip
+        dual_active = (A < 0) & (pg_dual < loss)
+        loss = torch.where(A < 0, torch.minimum(loss, pg_dual), loss)
+    else:
+        dual_active = torch.zeros_like(clipped)
+
+    zero = torch.zeros_like(logp)
+    ref_kl = zero
+    if ref_logp is not None and cfg.ref_kl_coef != 0.0:
+        x = torch.clamp(ref_logp - logp, -LOG_RATIO_CAP, LOG_RATIO_CAP)
+        ref_kl = torch.exp(x) - x - 1.0
+        loss = loss + cfg.ref_kl_coef * ref_kl
+
+    kd = zero
+    if cfg.kd_estimator is not None:
+        R = teacher_logp - logp
+        if cfg.kd_estimator == "k1":
+            kd = -R
+        elif cfg.kd_estimator == "k2":
+            kd = 0.5 * R * R
+        elif cfg.kd_estimator == "k3":
+            Rc = torch.clamp(R, -LOG_RATIO_CAP, LOG_RATIO_CAP)
+            kd = torch.exp(Rc) - Rc - 1.0
+        else:
+            raise ValueError(f"unknown kd_estimator {cfg.kd_estimator!r}")
+        w = kd_weights if kd_weights is not None else 1.0
+        loss = loss + cfg.kd_coef * w * kd
+
+    if entropy is not None and cfg.entropy_coef != 0.0:
+        loss = loss - cfg.entropy_coef * entropy
+
+    stats = {
+        "adv_pos": (A > 0),
+        "adv_neg": (A < 0),
+        "clip_pos": (A > 0) & clipped,
+        "clip_neg": (A < 0) & clipped,
+        "dual_clip": dual_active,
+        "ratio": ratio,
+        "teacher_clamp": clamp_active,
+        "teacher_gap": (old_logp - teacher_logp) if teacher_logp is not None else zero,
+        "entropy": entropy if entropy is not None else zero,
+        "kd": kd,
+        "ref_kl": ref_kl,
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def reduce_token_stats(loss: torch.Tensor, stats: Dict[str, torch.Tensor], weights: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+    """Sums over valid tokens in STAT_FIELDS order -> float32 [len(STAT_FIELDS)].
+
+    ``loss_sum`` stays differentiable; ignored tokens are dropped with ``where`` so garbage
+    (even NaN) in ignored positions never leaks into the result.
+    """
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    sums = [torch.where(valid, weights * loss, zero).sum(),
+            torch.where(valid, weights, zero).sum().detach(),
+            valid.sum().to(loss.dtype)]
+    for name in STAT_FIELDS[3:]:
+        v = stats[name].to(loss.dtype)
+        sums.append(torch.where(valid, v, zero).sum())
+    return torch.stack(sums)
+
+
+def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: bool, has_ref: bool,
+                     has_entropy: bool) -> Dict[str, torch.Tensor]:
+    """Detached scalar metrics from the STAT_FIELDS sums (no host sync)."""
+    s = {name: sums[i].detach().float() for i, name in enumerate(STAT_FIELDS)}
+    one = torch.ones((), dtype=torch.float32, device=sums.device)
+    tokens = torch.maximum(s["tokens"], one)
+    m = {
+        "num_tokens": s["tokens"],
+        "clip_frac": (s["clip_pos"] + s["clip_neg"]) / tokens,
+        "clip_frac_pos": s["clip_pos"] / torch.maximum(s["adv_pos"], one),
+        "clip_frac_neg": s["clip_neg"] / torch.maximum(s["adv_neg"], one),
+        "ratio_mean": s["ratio"] / tokens,
+    }
+    if cfg.dual_clip is not None:
+        m["dual_clip_frac"] = s["dual_clip"] / torch.maximum(s["adv_neg"], one)
+    if has_teacher:
+        m["teacher_clamp_frac"] = s["teacher_clamp"] / tokens
+        m["teacher_gap"] = s["teacher_gap"] / tokens
+    if has_entropy:
+        m["entropy_mean"] = s["entropy"] / tokens
+    if cfg.kd_estimator is not None:
+        m["kd_mean"] = s["kd"] / tokens
+    if has_ref and cfg.ref_kl_coef != 0.0:
+        m["ref_kl_mean"] = s["ref_kl"] / tokens
+    return m

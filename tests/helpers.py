@@ -1,0 +1,43 @@
+"""Shared test utilities: deterministic inputs and relative error checks."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import DEVICE
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (inf/NaN mismatches count as inf)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    if not torch.equal(torch.isnan(a), torch.isnan(e)):
+        return float("inf")
+    both = ~torch.isnan(a)
+    diff = (a[both] - e[both]).abs().max().item() if both.any() else 0.0
+    scale = e[both].abs().max().item() if both.any() else 0.0
+    return diff / max(scale, 1e-30) if scale > 0 else diff
+
+
+def assert_rel(actual, expected, tol: float, what: str = "") -> None:
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
+
+
+def make_lm_inputs(N, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.2, lead=None, seed=0,
+                   peaked=2.0, device=DEVICE):
+    """hidden [*, H], weight [V, H], bias [V], targets [*] with some ignored positions.
+
+    ``peaked`` scales the weight so logits have a realistic spread (a few dominant tokens) rather
+    than the near-uniform softmax that plain randn gives."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(lead) if lead is not None else (N,)
+    hidden = torch.randn(*shape, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (peaked / H ** 0.5)
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    targets = torch.randint(0, V, shape, generator=g)
+    if ignore_frac > 0:
+        drop = torch.rand(shape, generator=g) < ignore_frac
+        targets[drop] = -100
+    to = dict(device=device, dtype=dtype)
+    return (hidden.to(**to), weight.to(**to), b.to(**to) if b is not None else None, targets.to(device))
