@@ -67,7 +67,7 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHU
             e = torch.exp(z - m_safe[:, None])
             if want_ez:  # sum e * (z - m), re-referenced to the new max (no large cancellations)
                 sz = rescale * (sz + torch.where(l > 0, (m - m_safe) * l, zero))
-                sz = sz + torch.where(e > 0, e * (z - m_safe[:, None]), zero).sum(1)
+                sz = sz + torch.where(e == 0, zero, e * (z - m_safe[:, None])).sum(1)
             l = l * rescale + e.sum(1)
             m = m_new
         m_safe = torch.where(m == neg_inf, zero, m)
@@ -103,7 +103,7 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
             p = torch.exp(z - lsec[:, None])
             dz = -glc[:, None] * p
             if g_ent is not None:
-                dz = dz - g_ent[c0:c1, None] * torch.where(p > 0, p * (z - ez[c0:c1, None]), zero)
+                dz = dz - g_ent[c0:c1, None] * torch.where(p == 0, zero, p * (z - ez[c0:c1, None]))
             if need_dx:
                 dx[c0:c1] += dz @ weight[s0:s1].to(cdt)
             if need_dw:

@@ -73,7 +73,7 @@ def scan_vocab(x_ptr, w_ptr, b_ptr, b_y, o_n, m_x, v_lo, v_hi, H, stride_xn, str
         b_e = tl.exp(b_z - b_shift[:, None])
         if ENTROPY:  # move s to the new reference: s' = r (s + (m - m') l)
             b_s = b_rescale * (b_s + tl.where(b_l > 0, (b_m - b_shift) * b_l, 0.0))
-            b_s += tl.sum(tl.where(b_e > 0, b_e * (b_z - b_shift[:, None]), 0.0), axis=1)
+            b_s += tl.sum(tl.where(b_e == 0, 0.0, b_e * (b_z - b_shift[:, None])), axis=1)
         b_l = b_l * b_rescale + tl.sum(b_e, axis=1)
         b_t += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
         b_m = b_m_new
@@ -221,7 +221,7 @@ def dlogits_kernel(
         b_dl = tl.where(o_v[None, :] == b_y[:, None], b_glp[:, None], 0.0) - b_glp[:, None] * b_p
         if HAS_GENT:
             b_ez = tl.load(ez_ptr + o_n, mask=active, other=0.0)
-            b_dl -= b_gent[:, None] * tl.where(b_p > 0, b_p * (b_z - b_ez[:, None]), 0.0)
+            b_dl -= b_gent[:, None] * tl.where(b_p == 0, 0.0, b_p * (b_z - b_ez[:, None]))
         b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * scale, 0.0)
     tl.store(dl_ptr + o_r[:, None] * stride_dr + o_c[None, :] * stride_dc,
              b_dl.to(dl_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])

@@ -36,6 +36,6 @@ def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    ent = -torch.where(p == 0, torch.zeros_like(p), p * logp_all).sum(-1)
     ent = torch.where(valid, ent, torch.zeros_like(ent))
     return logp, ent

@@ -172,7 +172,7 @@ def backward_grads(x, w, b, y, lse, ez, g_lp, g_ent, scale, ignore_index, need_d
     if need_dx:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rows = max(cfg.bwd_block_n, (cfg.scratch_bytes // (V * elt)) // cfg.bwd_block_n * cfg.bwd_block_n)
-        rows = min(rows, N)
+        rows = max(1, min(rows, N))
         scratch = torch.empty((rows, V), dtype=x.dtype, device=x.device) if N else None
         for r0 in range(0, N, rows):
             r = min(rows, N - r0)

@@ -113,6 +113,19 @@ def policy_epilogue(
     if ENT_BONUS:
         b_loss -= ent_coef * b_ent
 
+    # non-finite constants (A, lp_old, lp_T, lp_ref, kd weight) give NaN loss and gradient
+    # (x - x is NaN exactly when x is inf or NaN)
+    b_chk = (b_a - b_a) + (b_old - b_old)
+    if TEACHER != 0:
+        b_chk += b_lt - b_lt
+    if HAS_REF:
+        b_chk += b_x - b_x
+    if KD != 0:
+        b_chk += b_kw - b_kw
+    bad = b_chk != 0.0
+    b_loss = tl.where(bad, float("nan"), b_loss)
+    b_g = tl.where(bad, float("nan"), b_g)
+
     if HAS_TW:
         b_w = tl.load(tw_ptr + o_n, mask=valid, other=0.0).to(tl.float32)
     else:

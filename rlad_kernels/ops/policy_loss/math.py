@@ -111,6 +111,21 @@ def policy_token_loss(
     if entropy is not None and cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * entropy
 
+    # A non-finite input must not vanish into a clip, clamp or cap: such tokens give NaN loss and
+    # NaN gradient (so a NaN step is visible and can be skipped, never silently finite).
+    consts = [A, old_logp]
+    if teacher_logp is not None:
+        consts.append(teacher_logp)
+    if ref_logp is not None and cfg.ref_kl_coef != 0.0:
+        consts.append(ref_logp)
+    if kd_weights is not None and cfg.kd_estimator is not None:
+        consts.append(kd_weights)
+    bad = torch.zeros_like(clipped)
+    for c in consts:
+        bad = bad | ~torch.isfinite(c)
+    # multiply (not where): the selected NaN factor also makes d loss / d logp NaN for those tokens
+    loss = loss * torch.where(bad, math.nan, 1.0)
+
     stats = {
         "adv_pos": (A > 0),
         "adv_neg": (A < 0),

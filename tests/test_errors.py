@@ -1,0 +1,278 @@
+"""Bad input gets a clear error naming the argument; non-finite input never yields a finite loss;
+degenerate batches (all tokens ignored, no tokens) give 0 without NaN."""
+
+import pytest
+import torch
+
+from helpers import make_lm_inputs
+from rlad_kernels import LinearLogprobs, LinearPolicyLoss, PolicyLossConfig, linear_logprobs, linear_policy_loss
+
+IMPLS = ["triton", "torch", "naive"]
+N, H, V = 12, 16, 40
+
+
+@pytest.fixture
+def inputs(device):
+    hidden, weight, b, targets = make_lm_inputs(N, H, V, bias=True, seed=0)
+    g = torch.Generator().manual_seed(1)
+    tok = dict(advantages=torch.randn(N, generator=g).to(device), old_logp=-torch.rand(N, generator=g).to(device),
+               teacher_logp=-torch.rand(N, generator=g).to(device))
+    return hidden, weight, b, targets, tok
+
+
+def policy(inputs, **kw):
+    hidden, weight, b, targets, tok = inputs
+    args = dict(hidden=hidden, weight=weight, targets=targets, advantages=tok["advantages"],
+                old_logp=tok["old_logp"])
+    args.update(kw)
+    return linear_policy_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"),
+                              args.pop("advantages"), args.pop("old_logp"), **args)
+
+
+# ---------------------------------------------------------------- shapes, dtypes, devices
+def test_targets_shape_mismatch(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(ValueError, match=r"targets has shape \(11,\) but hidden.shape\[:-1\] is \(12,\)"):
+        linear_logprobs(hidden, weight, targets[:-1])
+
+
+def test_weight_hidden_size_mismatch_hints_transpose(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(ValueError, match="hidden size 15 but hidden has 16"):
+        linear_logprobs(hidden, weight[:, :-1], targets)
+    with pytest.raises(ValueError, match="did you pass weight.T"):
+        linear_logprobs(hidden, weight.T.contiguous(), targets)
+
+
+def test_weight_and_bias_shapes(inputs):
+    hidden, weight, b, targets, _ = inputs
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, H\]"):
+        linear_logprobs(hidden, weight[None], targets)
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\]"):
+        linear_logprobs(hidden, weight, targets, bias=b[:-1])
+
+
+def test_device_mismatch(inputs):
+    hidden, weight, _, targets, tok = inputs
+    with pytest.raises(ValueError, match="weight is on meta"):
+        linear_logprobs(hidden, weight.to("meta"), targets)
+    with pytest.raises(ValueError, match="advantages is on meta"):
+        policy(inputs, advantages=tok["advantages"].to("meta"))
+
+
+def test_dtype_mismatch(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(TypeError, match=r"hidden is torch.float32 but weight is torch.float16"):
+        linear_logprobs(hidden, weight.half(), targets)
+
+
+def test_triton_rejects_float64(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(TypeError, match="impl='triton' supports float32/bfloat16/float16 hidden"):
+        linear_logprobs(hidden.double(), weight.double(), targets, impl="triton")
+
+
+def test_non_integer_targets(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        linear_logprobs(hidden, weight, targets.float())
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        linear_logprobs(hidden, weight, targets > 3)
+
+
+@pytest.mark.parametrize("bad", [V, V + 7, -1, -101])
+def test_targets_out_of_range(inputs, bad):
+    hidden, weight, _, targets, _ = inputs
+    t = targets.clone()
+    t[4] = bad
+    with pytest.raises(ValueError, match=rf"targets has ids outside \[0, {V}\).*first bad id: {bad}"):
+        linear_logprobs(hidden, weight, t)
+    # ignore_index itself is fine, whatever its value
+    t[4] = -7
+    t[t == -100] = -7
+    linear_logprobs(hidden, weight, t, ignore_index=-7)
+
+
+@pytest.mark.parametrize("name", ["old_logp", "teacher_logp", "advantages", "ref_logp", "token_weights"])
+def test_constant_inputs_must_not_require_grad(inputs, name):
+    t = inputs[4]["old_logp"].clone().requires_grad_()
+    cfg = PolicyLossConfig(ref_kl_coef=0.1)
+    kw = {name: t, "ref_logp": inputs[4]["old_logp"]} if name != "ref_logp" else {name: t}
+    with pytest.raises(ValueError, match=rf"{name} requires grad.*pass {name}.detach\(\)"):
+        policy(inputs, config=cfg, **kw)
+
+
+def test_per_token_input_shape(inputs):
+    with pytest.raises(ValueError, match=r"teacher_logp has shape \(6,\) but targets has shape \(12,\)"):
+        policy(inputs, teacher_logp=inputs[4]["teacher_logp"][:6])
+
+
+# ---------------------------------------------------------------- scalar options and config
+@pytest.mark.parametrize("value,msg", [(0.0, "temperature must be > 0"), (-1.0, "temperature must be > 0"),
+                                       (float("nan"), "temperature must be finite")])
+def test_bad_temperature(inputs, value, msg):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(ValueError, match=msg):
+        linear_logprobs(hidden, weight, targets, temperature=value)
+    with pytest.raises(ValueError, match=msg):
+        LinearLogprobs(temperature=value)
+
+
+def test_bad_logit_scale(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(ValueError, match="logit_scale must be > 0"):
+        linear_logprobs(hidden, weight, targets, logit_scale=0.0)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(alpha=1.5), r"alpha must be <= 1.0"),
+    (dict(alpha=-0.1), r"alpha must be >= 0.0"),
+    (dict(eps_low=-0.1), r"eps_low must be >= 0.0"),
+    (dict(eps_low=1.0), r"eps_low must be < 1.0"),
+    (dict(eps_high=-0.2), r"eps_high must be >= 0.0"),
+    (dict(teacher_clamp=0.0), r"teacher_clamp must be > 0"),
+    (dict(dual_clip=1.0), r"dual_clip must be > 1.0"),
+    (dict(mixture="harmonic"), r"unknown PolicyLossConfig.mixture 'harmonic'"),
+    (dict(kd_estimator="k4"), r"unknown PolicyLossConfig.kd_estimator 'k4'"),
+    (dict(kd_coef=-1.0), r"kd_coef must be >= 0.0"),
+    (dict(alpha="0.5"), r"alpha must be a Python int or float"),
+])
+def test_bad_config(kw, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        PolicyLossConfig(**kw)
+
+
+def test_unknown_impl(inputs):
+    hidden, weight, _, targets, _ = inputs
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        linear_logprobs(hidden, weight, targets, impl="cuda")
+
+
+def test_triton_on_cpu_without_interpreter(inputs, monkeypatch):
+    hidden, weight, _, targets, _ = inputs
+    if hidden.is_cuda:
+        pytest.skip("CPU-only check")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors.*impl='torch'"):
+        linear_logprobs(hidden, weight, targets, impl="triton")
+
+
+def test_kd_without_teacher(inputs):
+    with pytest.raises(ValueError, match="kd_estimator='k2' needs teacher_logp"):
+        policy(inputs, config=PolicyLossConfig(alpha=1.0, kd_estimator="k2", kd_coef=0.1))
+
+
+def test_ref_kl_without_ref_logp(inputs):
+    with pytest.raises(ValueError, match="ref_kl_coef=0.1 needs ref_logp"):
+        policy(inputs, config=PolicyLossConfig(ref_kl_coef=0.1))
+
+
+def test_kd_weights_without_estimator(inputs):
+    with pytest.raises(ValueError, match="kd_weights given but kd_estimator is None"):
+        policy(inputs, kd_weights=torch.ones_like(inputs[4]["advantages"]))
+
+
+def test_bad_normalizer(inputs):
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        policy(inputs, normalizer=0)
+    with pytest.raises(ValueError, match="normalizer must be a number or a 1-element float tensor"):
+        policy(inputs, normalizer=torch.ones(2))
+
+
+def test_config_type(inputs):
+    with pytest.raises(TypeError, match="config must be a PolicyLossConfig"):
+        policy(inputs, config={"alpha": 0.5})
+
+
+# ---------------------------------------------------------------- non-finite inputs and degenerate batches
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", ["hidden", "weight", "advantages", "old_logp", "teacher_logp"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_gives_non_finite_loss(inputs, impl, where, value):
+    hidden, weight, b, targets, tok = [x.clone() if torch.is_tensor(x) else dict(x) for x in inputs]
+    valid = (targets != -100).nonzero().flatten()
+    i = valid[0].item()
+    if where == "hidden":
+        hidden[i, 3] = value
+    elif where == "weight":
+        weight[targets[i], 2] = value
+    else:
+        tok[where] = tok[where].clone()
+        tok[where][i] = value
+    out = linear_policy_loss(hidden, weight, targets, tok["advantages"], tok["old_logp"],
+                             teacher_logp=tok["teacher_logp"], impl=impl)
+    assert not torch.isfinite(out.loss), f"{where}={value} gave finite loss {out.loss}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_logits_give_non_finite_logprobs(inputs, impl):
+    hidden, weight, _, targets, _ = inputs
+    h = hidden.clone()
+    valid = (targets != -100).nonzero().flatten()
+    h[valid[1], 0] = float("nan")
+    lp, ent = linear_logprobs(h, weight, targets, return_entropy=True, impl=impl)
+    assert torch.isnan(lp[valid[1]]) and torch.isnan(ent[valid[1]])
+    assert torch.isfinite(lp[valid[0]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_tokens_ignored(inputs, impl):
+    hidden, weight, b, _, tok = inputs
+    targets = torch.full((N,), -100, device=hidden.device)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    bb = b.clone().requires_grad_()
+    cfg = PolicyLossConfig(entropy_coef=0.01)
+    out = linear_policy_loss(h, w, targets, tok["advantages"], tok["old_logp"], teacher_logp=tok["teacher_logp"],
+                             bias=bb, config=cfg, impl=impl)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    for name, t in (("hidden", h), ("weight", w), ("bias", bb)):
+        assert torch.all(t.grad == 0), f"d_{name} not zero"
+    for k, v in out.metrics.items():
+        assert torch.isfinite(v), k
+    lp = linear_logprobs(h, w, targets, impl=impl)
+    assert torch.all(lp == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(inputs, impl):
+    hidden, weight, _, targets, tok = inputs
+    w = weight.clone().requires_grad_()
+    out = linear_policy_loss(hidden[:0], w, targets[:0], tok["advantages"][:0], tok["old_logp"][:0], impl=impl)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(w.grad == 0)
+
+
+def test_module_wrappers(inputs):
+    hidden, weight, b, targets, tok = inputs
+    mod = LinearPolicyLoss(PolicyLossConfig(alpha=0.25), temperature=0.9, impl="torch")
+    out = mod(hidden, weight, targets, tok["advantages"], tok["old_logp"], teacher_logp=tok["teacher_logp"])
+    ref = linear_policy_loss(hidden, weight, targets, tok["advantages"], tok["old_logp"],
+                             teacher_logp=tok["teacher_logp"], temperature=0.9,
+                             config=PolicyLossConfig(alpha=0.25), impl="torch")
+    assert torch.equal(out.loss, ref.loss)
+    lp = LinearLogprobs(temperature=0.9, impl="torch")(hidden, weight, targets)
+    assert torch.equal(lp, linear_logprobs(hidden, weight, targets, temperature=0.9, impl="torch"))
+    assert "alpha=0.25" in repr(mod)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_garbage_in_ignored_positions_is_ignored(inputs, impl):
+    """Padding positions may hold anything in the per-token inputs: they are skipped, not summed."""
+    hidden, weight, b, targets, tok = inputs
+    ignored = targets == -100
+    assert ignored.any()
+    dirty = {k: torch.where(ignored, torch.full_like(v, float("nan")), v) for k, v in tok.items()}
+    w1 = weight.clone().requires_grad_()
+    w2 = weight.clone().requires_grad_()
+    cfg = PolicyLossConfig(alpha=1.0, kd_estimator="k3", kd_coef=0.1)
+    clean = linear_policy_loss(hidden, w1, targets, tok["advantages"], tok["old_logp"],
+                               teacher_logp=tok["teacher_logp"], config=cfg, impl=impl)
+    noisy = linear_policy_loss(hidden, w2, targets, dirty["advantages"], dirty["old_logp"],
+                               teacher_logp=dirty["teacher_logp"], kd_weights=torch.where(
+                                   ignored, float("inf"), 1.0), config=cfg, impl=impl)
+    clean.loss.backward()
+    noisy.loss.backward()
+    assert torch.isfinite(noisy.loss) and torch.equal(clean.loss, noisy.loss)
+    assert torch.equal(w1.grad, w2.grad)
