@@ -3,11 +3,12 @@
 Vocabulary (fla style): ``i_`` program ids (int64), ``o_`` offsets, ``m_`` masks, ``b_`` block
 values, dims ``N H V``, blocks ``BN BV BH``. Derivations in ``README.md``.
 
-* ``logprobs_fwd_kernel``: one program per (token block, vocab split). It streams the split's
+* ``lm_head_fwd_kernel``: one program per (token block, vocab split). It streams the split's
   vocabulary in ``BV`` tiles, each a ``BN x BV`` logit tile accumulated over ``H`` in ``BH``
-  steps (fp32), and keeps an online max / sum-exp / sum(exp * z) / target logit per row.
-  With one split it finishes the row in the same launch; otherwise it writes O(N x SPLIT)
-  partials that ``logprobs_combine_kernel`` reduces.
+  steps (fp32), and keeps an online max / sum-exp / entropy moment / target logit per row.
+  With one split it finishes the rows in the same launch, including the policy-loss epilogue
+  when ``POLICY``; otherwise it writes O(N x SPLIT) partials that ``lm_head_combine_kernel``
+  reduces and finishes.
 * ``dlogits_kernel``: recomputes a rectangular region of logit tiles and writes the gradient
   w.r.t. the raw logits ``x @ w.T + b`` into a bounded scratch buffer; the host turns that
   into dX (token chunks x full vocab) and dW / db (all tokens x vocab slices) with GEMMs.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..policy_loss.epilogue import policy_epilogue
 
 
 @triton.jit
@@ -115,13 +118,44 @@ def combine_splits(m_ptr, l_ptr, s_ptr, t_ptr, o_n, m_n, N, SPLIT: tl.constexpr,
     return b_m, b_l, b_s, b_t
 
 
+# Options of the fused policy-loss epilogue (see ../policy_loss/epilogue.py); with POLICY=False
+# the launcher passes placeholders and they are compiled out.
 @triton.jit
-def logprobs_fwd_kernel(
+def finish_block(b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, i_blk, V,
+                 lp_ptr, ent_ptr, lse_ptr, ez_ptr,
+                 adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
+                 alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
+                 ENTROPY: tl.constexpr, POLICY: tl.constexpr, TEACHER: tl.constexpr, HAS_CLAMP: tl.constexpr,
+                 HAS_DUAL: tl.constexpr, KD: tl.constexpr, HAS_REF: tl.constexpr, ENT_BONUS: tl.constexpr,
+                 HAS_TW: tl.constexpr, HAS_KDW: tl.constexpr, NSTAT: tl.constexpr):
+    """Finish the rows of one token block: store logp/lse (+ entropy, E_p[z]) and, for the
+    policy loss, run the epilogue (gradient factors and per-block sums)."""
+    b_lse, b_ez, b_lp, b_ent = finish_row(b_m, b_l, b_s, b_t, b_y, valid, V)
+    tl.store(lp_ptr + o_n, b_lp, mask=m_n)
+    tl.store(lse_ptr + o_n, b_lse, mask=m_n)
+    if ENTROPY:
+        tl.store(ent_ptr + o_n, b_ent, mask=m_n)
+        tl.store(ez_ptr + o_n, b_ez, mask=m_n)
+    if POLICY:
+        policy_epilogue(b_lp, b_ent, valid, o_n, i_blk,
+                        adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
+                        alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
+                        TEACHER, HAS_CLAMP, HAS_DUAL, KD, HAS_REF, ENTROPY, ENT_BONUS, HAS_TW, HAS_KDW, NSTAT,
+                        m_n)
+
+
+@triton.jit
+def lm_head_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    lp_ptr, ent_ptr, lse_ptr, ez_ptr,          # final outputs [N] (SPLIT == 1)
+    lp_ptr, ent_ptr, lse_ptr, ez_ptr,          # per-token outputs [N] (written when SPLIT == 1)
     pm_ptr, pl_ptr, ps_ptr, pt_ptr,            # partials [SPLIT, N] (SPLIT > 1)
+    adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,  # POLICY
     N, V, H, stride_xn, stride_xh, stride_wv, stride_wh, scale, ignore_index, tiles_per_split,
+    alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
+    POLICY: tl.constexpr, TEACHER: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr,
+    KD: tl.constexpr, HAS_REF: tl.constexpr, ENT_BONUS: tl.constexpr, HAS_TW: tl.constexpr,
+    HAS_KDW: tl.constexpr, NSTAT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -145,12 +179,11 @@ def logprobs_fwd_kernel(
                                         stride_xh, stride_wv, stride_wh, scale, HAS_BIAS, ENTROPY,
                                         BN, BV, BH, DOT_PRECISION, UPCAST)
     if SPLIT == 1:
-        b_lse, b_ez, b_lp, b_ent = finish_row(b_m, b_l, b_s, b_t, b_y, valid, V)
-        tl.store(lp_ptr + o_n, b_lp, mask=m_n)
-        tl.store(lse_ptr + o_n, b_lse, mask=m_n)
-        if ENTROPY:
-            tl.store(ent_ptr + o_n, b_ent, mask=m_n)
-            tl.store(ez_ptr + o_n, b_ez, mask=m_n)
+        finish_block(b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, i_n, V, lp_ptr, ent_ptr, lse_ptr, ez_ptr,
+                     adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
+                     alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
+                     ENTROPY, POLICY, TEACHER, HAS_CLAMP, HAS_DUAL, KD, HAS_REF, ENT_BONUS, HAS_TW, HAS_KDW,
+                     NSTAT)
     else:
         tl.store(pm_ptr + i_s * N + o_n, b_m, mask=m_n)
         tl.store(pl_ptr + i_s * N + o_n, b_l, mask=m_n)
@@ -159,23 +192,27 @@ def logprobs_fwd_kernel(
 
 
 @triton.jit
-def logprobs_combine_kernel(
+def lm_head_combine_kernel(
     y_ptr, lp_ptr, ent_ptr, lse_ptr, ez_ptr, pm_ptr, pl_ptr, ps_ptr, pt_ptr,
+    adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
     N, V, ignore_index,
-    ENTROPY: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+    alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
+    ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
+    POLICY: tl.constexpr, TEACHER: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr,
+    KD: tl.constexpr, HAS_REF: tl.constexpr, ENT_BONUS: tl.constexpr, HAS_TW: tl.constexpr,
+    HAS_KDW: tl.constexpr, NSTAT: tl.constexpr, BN: tl.constexpr,
 ):
+    """Second launch when the vocabulary was split: merge partials, then finish the rows."""
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_y = tl.load(y_ptr + o_n, mask=m_n, other=ignore_index)
     valid = m_n & (b_y != ignore_index)
     b_m, b_l, b_s, b_t = combine_splits(pm_ptr, pl_ptr, ps_ptr, pt_ptr, o_n, m_n, N, SPLIT, BN)
-    b_lse, b_ez, b_lp, b_ent = finish_row(b_m, b_l, b_s, b_t, b_y, valid, V)
-    tl.store(lp_ptr + o_n, b_lp, mask=m_n)
-    tl.store(lse_ptr + o_n, b_lse, mask=m_n)
-    if ENTROPY:
-        tl.store(ent_ptr + o_n, b_ent, mask=m_n)
-        tl.store(ez_ptr + o_n, b_ez, mask=m_n)
+    finish_block(b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, i_n, V, lp_ptr, ent_ptr, lse_ptr, ez_ptr,
+                 adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
+                 alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
+                 ENTROPY, POLICY, TEACHER, HAS_CLAMP, HAS_DUAL, KD, HAS_REF, ENT_BONUS, HAS_TW, HAS_KDW, NSTAT)
 
 
 @triton.jit

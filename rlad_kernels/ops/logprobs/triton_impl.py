@@ -107,9 +107,29 @@ def choose_split(N: int, V: int, device: torch.device, cfg: TritonConfig) -> tup
     return triton.cdiv(tiles, per), per
 
 
+_POLICY_PTRS = ("adv_ptr", "old_ptr", "teach_ptr", "ref_ptr", "tw_ptr", "kdw_ptr", "glp_ptr", "gent_ptr")
+_POLICY_SCALARS = ("alpha", "eps_low", "eps_high", "clamp_c", "dual_c", "kd_coef", "ref_coef", "ent_coef",
+                   "log_a", "log_1ma")
+_POLICY_FLAGS = dict(TEACHER=0, HAS_CLAMP=False, HAS_DUAL=False, KD=0, HAS_REF=False, ENT_BONUS=False,
+                     HAS_TW=False, HAS_KDW=False, NSTAT=1)
+
+
+@dataclass
+class Epilogue:
+    """Arguments of the fused policy-loss epilogue, built by ``policy_loss.triton_impl``:
+    ``pointers`` (``_POLICY_PTRS`` -> float32 [N] tensors; absent inputs may be any tensor, the
+    flags compile them out), ``scalars`` (``_POLICY_SCALARS`` -> float), ``flags`` (constexprs)."""
+
+    pointers: dict
+    scalars: dict
+    flags: dict
+
+
 def forward_stats(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, scale: float,
-                  ignore_index: int, want_entropy: bool, cfg: Optional[TritonConfig] = None):
-    """Run the forward kernel(s). Returns (logp, entropy|None, lse, ez|None), all float32 [N]."""
+                  ignore_index: int, want_entropy: bool, epilogue: Optional[Epilogue] = None,
+                  cfg: Optional[TritonConfig] = None):
+    """Run the forward kernel(s). Returns float32 (logp [N], entropy [N]|None, lse [N], ez [N]|None,
+    stats) where ``stats`` is the [NSTAT] sum of the epilogue's per-block sums (None without it)."""
     cfg = cfg or get_config()
     N, H = x.shape
     V = w.shape[0]
@@ -119,29 +139,40 @@ def forward_stats(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y
     lse = torch.empty(N, **f32)
     ent = torch.empty(N, **f32) if want_entropy else None
     ez = torch.empty(N, **f32) if want_entropy else None
-    if N == 0:
-        return lp, ent, lse, ez
-    split, per = choose_split(N, V, dev, cfg)
-    if split > 1:
-        pm, pl, ps, pt = (torch.empty((split, N), **f32) for _ in range(4))
+    if epilogue is None:
+        policy = dict(POLICY=False, **_POLICY_FLAGS, **{k: lp for k in _POLICY_PTRS},
+                      **{k: 0.0 for k in _POLICY_SCALARS})
+        nstat = 0
     else:
-        pm = pl = ps = pt = lp  # unused
-    grid = (triton.cdiv(N, cfg.block_n) * split,)
-    K.logprobs_fwd_kernel[grid](
-        x, w, b if b is not None else x, y, lp, ent if ent is not None else lp, lse,
-        ez if ez is not None else lp, pm, pl, ps, pt,
-        N, V, H, x.stride(0), x.stride(1), w.stride(0), w.stride(1), scale, ignore_index, per,
+        policy = dict(POLICY=True, **epilogue.flags, **epilogue.pointers, **epilogue.scalars)
+        nstat = epilogue.flags["NSTAT"]
+    if N == 0:
+        return lp, ent, lse, ez, (torch.zeros(nstat, **f32) if epilogue is not None else None)
+    split, per = choose_split(N, V, dev, cfg)
+    nblk = triton.cdiv(N, cfg.block_n if split == 1 else cfg.epilogue_block)
+    stat = torch.empty((nblk, max(nstat, 1)), **f32)
+    if split > 1:
+        partials = dict(zip(("pm_ptr", "pl_ptr", "ps_ptr", "pt_ptr"),
+                            (torch.empty((split, N), **f32) for _ in range(4))))
+    else:
+        partials = dict(pm_ptr=lp, pl_ptr=lp, ps_ptr=lp, pt_ptr=lp)  # unused
+    rows = dict(lp_ptr=lp, ent_ptr=ent if ent is not None else lp, lse_ptr=lse,
+                ez_ptr=ez if ez is not None else lp, stat_ptr=stat)
+    K.lm_head_fwd_kernel[(triton.cdiv(N, cfg.block_n) * split,)](
+        x, w, b if b is not None else x, y, **rows, **partials, **policy,
+        N=N, V=V, H=H, stride_xn=x.stride(0), stride_xh=x.stride(1), stride_wv=w.stride(0),
+        stride_wh=w.stride(1), scale=scale, ignore_index=ignore_index, tiles_per_split=per,
         HAS_BIAS=b is not None, ENTROPY=want_entropy, SPLIT=split,
         BN=cfg.block_n, BV=cfg.block_v, BH=cfg.block_h,
         DOT_PRECISION=dot_precision(x.dtype), UPCAST=triton_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
-        K.logprobs_combine_kernel[(triton.cdiv(N, cfg.epilogue_block),)](
-            y, lp, ent if ent is not None else lp, lse, ez if ez is not None else lp, pm, pl, ps, pt,
-            N, V, ignore_index, ENTROPY=want_entropy, SPLIT=split, BN=cfg.epilogue_block,
+        K.lm_head_combine_kernel[(nblk,)](
+            y, **rows, **partials, **policy, N=N, V=V, ignore_index=ignore_index,
+            ENTROPY=want_entropy, SPLIT=split, BN=cfg.epilogue_block,
         )
-    return lp, ent, lse, ez
+    return lp, ent, lse, ez, (stat.sum(0) if epilogue is not None else None)
 
 
 def _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, dl, row0, n_rows, col0, n_cols, scale, ignore_index,
@@ -208,7 +239,7 @@ class TritonLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale: float, ignore_index: int, want_entropy: bool):
-        lp, ent, lse, ez = forward_stats(hidden, weight, bias, targets, scale, ignore_index, want_entropy)
+        lp, ent, lse, ez, _ = forward_stats(hidden, weight, bias, targets, scale, ignore_index, want_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ez)
         ctx.scale, ctx.ignore_index = scale, ignore_index
         return lp, ent

@@ -1,7 +1,7 @@
 """The per-token policy-loss math (TRRD / GRPO / KDRL), written once in torch.
 
 ``policy_token_loss`` is what the torch and naive implementations differentiate with autograd.
-The Triton epilogue (``kernels.py``) evaluates the same formulas with their analytic derivative;
+The Triton epilogue (``epilogue.py``) evaluates the same formulas with their analytic derivative;
 the test suite checks the two agree on every branch (clip sides, teacher clamp, dual clip, KD
 estimators, ratio cap). The metric layout below is shared by all implementations.
 """

@@ -1,19 +1,17 @@
-"""Triton policy-loss epilogue, fused into the log-prob forward pass.
+"""Triton policy-loss epilogue of the streaming log-prob forward kernel.
 
 ``policy_epilogue`` evaluates, per token, the loss of ``math.policy_token_loss`` and its
 derivatives ``dL/dlogp`` and ``dL/dentropy`` in closed form (the tests check it against
-autograd through the torch definition on every branch). The forward kernel streams the
-vocabulary exactly like ``logprobs_fwd_kernel`` and, when the vocabulary is not split, runs the
-epilogue in the same launch: one launch yields the per-token gradient factors (kept for the
-backward), the per-block loss sums and the metric counters. Nothing but O(N) leaves the kernel.
+autograd through the torch definition on every branch). ``logprobs/kernels.py`` calls it after
+the last vocabulary tile of a token block, so one launch yields the per-token gradient factors
+(kept for the backward), the per-block loss sums and the metric counters. Nothing but O(N)
+leaves the kernel.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from ..logprobs.kernels import combine_splits, finish_row, scan_vocab
 
 # Keep in sync with math.LOG_RATIO_CAP and math.STAT_FIELDS (the tests compare all paths).
 LOG_RATIO_CAP = tl.constexpr(20.0)
@@ -151,85 +149,3 @@ def policy_epilogue(
     tl.store(p_s + 11, tl.sum(tl.where(valid, b_ent, 0.0), axis=0))
     tl.store(p_s + 12, tl.sum(tl.where(valid, b_kd, 0.0), axis=0))
     tl.store(p_s + 13, tl.sum(tl.where(valid, b_kl, 0.0), axis=0))
-
-
-@triton.jit
-def policy_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr,
-    lp_ptr, ent_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, stat_ptr,
-    pm_ptr, pl_ptr, ps_ptr, pt_ptr,
-    N, V, H, stride_xn, stride_xh, stride_wv, stride_wh, scale, ignore_index, tiles_per_split,
-    alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
-    TEACHER: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, KD: tl.constexpr,
-    HAS_REF: tl.constexpr, ENT_BONUS: tl.constexpr, HAS_TW: tl.constexpr, HAS_KDW: tl.constexpr,
-    NSTAT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_nb = tl.cdiv(N, BN)
-    i_s = i_pid // num_nb
-    i_n = i_pid % num_nb
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    b_y = tl.load(y_ptr + o_n, mask=m_n, other=ignore_index)
-    valid = m_n & (b_y != ignore_index)
-    v_lo = i_s * tiles_per_split * BV
-    v_hi = tl.minimum(v_lo + tiles_per_split * BV, V)
-    b_m = tl.full((BN,), float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros((BN,), dtype=tl.float32)
-    b_s = tl.zeros((BN,), dtype=tl.float32)
-    b_t = tl.zeros((BN,), dtype=tl.float32)
-    if tl.sum(valid.to(tl.int32), axis=0) > 0:
-        b_m, b_l, b_s, b_t = scan_vocab(x_ptr, w_ptr, b_ptr, b_y, o_n, valid, v_lo, v_hi, H, stride_xn,
-                                        stride_xh, stride_wv, stride_wh, scale, HAS_BIAS, ENTROPY,
-                                        BN, BV, BH, DOT_PRECISION, UPCAST)
-    if SPLIT == 1:
-        b_lse, b_ez, b_lp, b_ent = finish_row(b_m, b_l, b_s, b_t, b_y, valid, V)
-        tl.store(lp_ptr + o_n, b_lp, mask=m_n)
-        tl.store(lse_ptr + o_n, b_lse, mask=m_n)
-        if ENTROPY:
-            tl.store(ent_ptr + o_n, b_ent, mask=m_n)
-            tl.store(ez_ptr + o_n, b_ez, mask=m_n)
-        policy_epilogue(b_lp, b_ent, valid, o_n, i_n,
-                        adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
-                        alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
-                        TEACHER, HAS_CLAMP, HAS_DUAL, KD, HAS_REF, ENTROPY, ENT_BONUS, HAS_TW, HAS_KDW, NSTAT,
-                        m_n)
-    else:
-        tl.store(pm_ptr + i_s * N + o_n, b_m, mask=m_n)
-        tl.store(pl_ptr + i_s * N + o_n, b_l, mask=m_n)
-        tl.store(ps_ptr + i_s * N + o_n, b_s, mask=m_n)
-        tl.store(pt_ptr + i_s * N + o_n, b_t, mask=m_n)
-
-
-@triton.jit
-def policy_combine_kernel(
-    y_ptr, adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr,
-    lp_ptr, ent_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, stat_ptr,
-    pm_ptr, pl_ptr, ps_ptr, pt_ptr,
-    N, V, ignore_index,
-    alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
-    ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
-    TEACHER: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_DUAL: tl.constexpr, KD: tl.constexpr,
-    HAS_REF: tl.constexpr, ENT_BONUS: tl.constexpr, HAS_TW: tl.constexpr, HAS_KDW: tl.constexpr,
-    NSTAT: tl.constexpr, BN: tl.constexpr,
-):
-    i_n = tl.program_id(0).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    b_y = tl.load(y_ptr + o_n, mask=m_n, other=ignore_index)
-    valid = m_n & (b_y != ignore_index)
-    b_m, b_l, b_s, b_t = combine_splits(pm_ptr, pl_ptr, ps_ptr, pt_ptr, o_n, m_n, N, SPLIT, BN)
-    b_lse, b_ez, b_lp, b_ent = finish_row(b_m, b_l, b_s, b_t, b_y, valid, V)
-    tl.store(lp_ptr + o_n, b_lp, mask=m_n)
-    tl.store(lse_ptr + o_n, b_lse, mask=m_n)
-    if ENTROPY:
-        tl.store(ent_ptr + o_n, b_ent, mask=m_n)
-        tl.store(ez_ptr + o_n, b_ez, mask=m_n)
-    policy_epilogue(b_lp, b_ent, valid, o_n, i_n,
-                    adv_ptr, old_ptr, teach_ptr, ref_ptr, tw_ptr, kdw_ptr, glp_ptr, gent_ptr, stat_ptr,
-                    alpha, eps_low, eps_high, clamp_c, dual_c, kd_coef, ref_coef, ent_coef, log_a, log_1ma,
-                    TEACHER, HAS_CLAMP, HAS_DUAL, KD, HAS_REF, ENTROPY, ENT_BONUS, HAS_TW, HAS_KDW, NSTAT,
-                    m_n)
