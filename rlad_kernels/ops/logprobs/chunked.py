@@ -29,23 +29,39 @@ class ChunkSizes:
 CHUNKS = ChunkSizes()
 
 
-def _tile_logits(xc, weight, bias, s0, s1, scale, cdt):
-    z = xc @ weight[s0:s1].to(cdt).T
-    if bias is not None:
-        z = z + bias[s0:s1].to(cdt)
-    return z * scale
+class _Head:
+    """The lm_head in compute dtype with the logit scale folded into the inputs:
+    z = (x s) W^T + b s. ``neg_inf`` tells whether -inf logits can occur (a masking bias), the
+    only case where ``0 * -inf`` must be guarded in the entropy terms."""
+
+    def __init__(self, weight, bias, scale, cdt):
+        self.weight, self.scale, self.cdt = weight, scale, cdt
+        self.bias = bias.to(cdt) * scale if bias is not None else None
+        self.neg_inf = bool(torch.isneginf(self.bias).any()) if self.bias is not None else False
+
+    def w(self, s0, s1):
+        return self.weight[s0:s1].to(self.cdt)
+
+    def tile(self, xs, s0, s1):
+        if self.bias is None:
+            return xs @ self.w(s0, s1).T
+        return torch.addmm(self.bias[s0:s1], xs, self.w(s0, s1).T)
+
+    def target(self, xs, yc):
+        zt = (xs * self.weight.index_select(0, yc).to(self.cdt)).sum(-1)
+        return zt + self.bias.index_select(0, yc) if self.bias is not None else zt
 
 
-def _target_logits(xc, weight, bias, yc, scale, cdt):
-    zt = (xc * weight.index_select(0, yc).to(cdt)).sum(-1)
-    if bias is not None:
-        zt = zt + bias.index_select(0, yc).to(cdt)
-    return zt * scale
+def _mul_safe(a, b, guard):
+    """a * b, with 0 where a == 0 when ``guard`` (0 * -inf on masked logits)."""
+    out = a * b
+    return torch.where(a == 0, torch.zeros((), dtype=out.dtype, device=out.device), out) if guard else out
 
 
 def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHUNKS):
     """Per-token ``lse``, target logit and (optionally) ``E_p[z]`` and entropy for compacted valid rows."""
     cdt = compute_dtype(xv.dtype)
+    head = _Head(weight, bias, scale, cdt)
     Nv, V = xv.shape[0], weight.shape[0]
     lse = torch.empty(Nv, dtype=cdt, device=xv.device)
     ez = torch.empty(Nv, dtype=cdt, device=xv.device) if want_ez else None
@@ -55,19 +71,20 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHU
     zero = torch.zeros((), dtype=cdt, device=xv.device)
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
-        xc = xv[c0:c1].to(cdt)
+        xs = xv[c0:c1].to(cdt) * scale
         m = torch.full((c1 - c0,), float("-inf"), dtype=cdt, device=xv.device)
         l = torch.zeros_like(m)
         sz = torch.zeros_like(m)
         for s0 in range(0, V, chunks.vocab):
-            z = _tile_logits(xc, weight, bias, s0, min(s0 + chunks.vocab, V), scale, cdt)
+            z = head.tile(xs, s0, min(s0 + chunks.vocab, V))
             m_new = torch.maximum(m, z.amax(dim=1))
             m_safe = torch.where(m_new == neg_inf, zero, m_new)  # all -inf so far: avoid -inf - -inf
             rescale = torch.exp(m - m_safe)
-            e = torch.exp(z - m_safe[:, None])
+            zs = z.sub_(m_safe[:, None])
+            e = torch.exp(zs)
             if want_ez:  # sum e * (z - m), re-referenced to the new max (no large cancellations)
                 sz = rescale * (sz + torch.where(l > 0, (m - m_safe) * l, zero))
-                sz = sz + torch.where(e == 0, zero, e * (z - m_safe[:, None])).sum(1)
+                sz = sz + _mul_safe(e, zs, head.neg_inf).sum(1)
             l = l * rescale + e.sum(1)
             m = m_new
         m_safe = torch.where(m == neg_inf, zero, m)
@@ -75,7 +92,7 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHU
         if want_ez:
             ez[c0:c1] = m_safe + sz / l
             ent[c0:c1] = torch.log(l) - sz / l
-        zt[c0:c1] = _target_logits(xc, weight, bias, yv[c0:c1], scale, cdt)
+        zt[c0:c1] = head.target(xs, yv[c0:c1])
     return lse, zt, ez, ent
 
 
@@ -86,8 +103,8 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
     d logp / dz_j = onehot_j - p_j ;  d entropy / dz_j = -p_j (z_j - E_p[z]).
     """
     cdt = compute_dtype(x.dtype)
+    head = _Head(weight, bias, scale, cdt)
     Nv, V = x.shape[0], weight.shape[0]
-    zero = torch.zeros((), dtype=cdt, device=x.device)
     dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=cdt, device=x.device) if need_dw else None
     db = torch.zeros(V, dtype=cdt, device=x.device) if need_db else None
@@ -96,18 +113,20 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = x[c0:c1].to(cdt)
+        xs = xc * scale
         glc, lsec = g_lp[c0:c1], lse[c0:c1]
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            z = _tile_logits(xc, weight, bias, s0, s1, scale, cdt)
-            p = torch.exp(z - lsec[:, None])
-            dz = -glc[:, None] * p
-            if g_ent is not None:
-                dz = dz - g_ent[c0:c1, None] * torch.where(p == 0, zero, p * (z - ez[c0:c1, None]))
+            d = head.tile(xs, s0, s1).sub_(lsec[:, None])  # z - lse
+            if g_ent is None:
+                dz = d.exp_().mul_(-glc[:, None])  # -g p
+            else:  # -p (g + h (z - E_p[z])), with z - E_p[z] = (z - lse) + (lse - E_p[z])
+                q = (d + (lsec - ez[c0:c1])[:, None]).mul_(g_ent[c0:c1, None]).add_(glc[:, None])
+                dz = _mul_safe(d.exp_(), q, head.neg_inf).neg_()
             if need_dx:
-                dx[c0:c1] += dz @ weight[s0:s1].to(cdt)
+                dx[c0:c1].addmm_(dz, head.w(s0, s1))
             if need_dw:
-                dw[s0:s1] += dz.T @ xc
+                dw[s0:s1].addmm_(dz.T, xc)
             if need_db:
                 db[s0:s1] += dz.sum(0)
         yc = y[c0:c1]
