@@ -3,14 +3,10 @@
 Forward: one launch (plus a tiny combine launch when the vocabulary is split across programs
 to fill the GPU at small N). Stored for backward: ``lse`` and ``E_p[z]`` per token (O(N)).
 
-Backward (no N x V buffer, no float32 V x H buffer):
-  * dX: for each chunk of ``C`` tokens, ``dlogits_kernel`` writes the chunk's logit gradient
-    ``[C, V]`` into a scratch buffer and ``dX[chunk] = dl @ W`` (one GEMM over the whole
-    vocabulary, float32 accumulation inside the GEMM);
-  * dW, db: for each slice of ``S`` vocabulary rows, the kernel writes ``[N, S]`` and
-    ``dW[slice] = dl.T @ X`` (one GEMM over all tokens), ``db[slice] = dl.sum(0)``.
-  ``C`` and ``S`` follow from ``TritonConfig.scratch_bytes``. Each pass recomputes the logits,
-  so a step costs 10*N*H*V FLOPs when both dX and dW are needed (6 when only one is).
+Backward: ``dlogits_kernel`` recomputes logit tiles into a bounded scratch buffer and
+``ops/scratch_backward.py`` turns them into dX (per token chunk) and dW / db (per vocabulary
+slice) with GEMMs: no N x V buffer, no float32 V x H buffer, 10*N*H*V FLOPs when both dX and
+dW are needed (6 when only one is).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ import torch
 import triton
 
 from ...utils.dispatch import triton_interpreting
+from ..scratch_backward import scratch_backward
 from . import kernels as K
 
 
@@ -194,44 +191,15 @@ def backward_grads(x, w, b, y, lse, ez, g_lp, g_ent, scale, ignore_index, need_d
                    cfg: Optional[TritonConfig] = None):
     """dX [N, H] (x.dtype), dW [V, H] (w.dtype), db [V] (b.dtype) for upstream per-token g_lp, g_ent."""
     cfg = cfg or get_config()
-    N, H = x.shape
-    V = w.shape[0]
-    elt = x.element_size()
     g_lp = g_lp.contiguous().float()
     g_ent = g_ent.contiguous().float() if g_ent is not None else None
-    dx = dw = db = None
-    if need_dx:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        rows = max(cfg.bwd_block_n, (cfg.scratch_bytes // (V * elt)) // cfg.bwd_block_n * cfg.bwd_block_n)
-        rows = max(1, min(rows, N))
-        scratch = torch.empty((rows, V), dtype=x.dtype, device=x.device) if N else None
-        for r0 in range(0, N, rows):
-            r = min(rows, N - r0)
-            _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, scratch, r0, r, 0, V, scale, ignore_index, cfg)
-            torch.mm(scratch[:r], w, out=dx[r0:r0 + r])
-    if need_dw or need_db:
-        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
-        db = torch.empty(V, dtype=torch.float32, device=x.device) if need_db else None
-        if N == 0:
-            if dw is not None:
-                dw.zero_()
-            if db is not None:
-                db.zero_()
-        else:
-            cols = max(cfg.bwd_block_v, (cfg.scratch_bytes // (N * elt)) // cfg.bwd_block_v * cfg.bwd_block_v)
-            cols = min(cols, V)
-            scratch = torch.empty((N, cols), dtype=x.dtype, device=x.device)
-            for c0 in range(0, V, cols):
-                c = min(cols, V - c0)
-                view = scratch[:, :c]
-                _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, view, 0, N, c0, c, scale, ignore_index, cfg)
-                if need_dw:
-                    torch.mm(view.t(), x, out=dw[c0:c0 + c])
-                if need_db:
-                    torch.sum(view, dim=0, dtype=torch.float32, out=db[c0:c0 + c])
-        if db is not None:
-            db = db.to(b.dtype)
-    return dx, dw, db
+
+    def fill(dl, row0, n_rows, col0, n_cols):
+        _launch_dlogits(x, w, b, y, lse, ez, g_lp, g_ent, dl, row0, n_rows, col0, n_cols, scale, ignore_index, cfg)
+
+    return scratch_backward(x, w, b.dtype if b is not None else None, fill, need_dx=need_dx, need_dw=need_dw,
+                            need_db=need_db, scratch_bytes=cfg.scratch_bytes, row_align=cfg.bwd_block_n,
+                            col_align=cfg.bwd_block_v)
 
 
 class TritonLogprobs(torch.autograd.Function):
