@@ -5,6 +5,7 @@ hidden states and the lm_head weight without materializing the ``[tokens x vocab
 """
 
 from .modules import LinearLogprobs, LinearPolicyLoss
+from .ops.divergence.api import linear_divergence
 from .ops.logprobs.api import linear_logprobs
 from .ops.logprobs.triton_impl import TritonConfig, triton_config
 from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "linear_logprobs",
     "linear_policy_loss",
+    "linear_divergence",
     "PolicyLossConfig",
     "PolicyLossOutput",
     "LinearLogprobs",

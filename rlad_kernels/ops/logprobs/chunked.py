@@ -29,7 +29,7 @@ class ChunkSizes:
 CHUNKS = ChunkSizes()
 
 
-class _Head:
+class ScaledHead:
     """The lm_head in compute dtype with the logit scale folded into the inputs:
     z = (x s) W^T + b s. ``neg_inf`` tells whether -inf logits can occur (a masking bias), the
     only case where ``0 * -inf`` must be guarded in the entropy terms."""
@@ -52,7 +52,7 @@ class _Head:
         return zt + self.bias.index_select(0, yc) if self.bias is not None else zt
 
 
-def _mul_safe(a, b, guard):
+def mul_safe(a, b, guard):
     """a * b, with 0 where a == 0 when ``guard`` (0 * -inf on masked logits)."""
     out = a * b
     return torch.where(a == 0, torch.zeros((), dtype=out.dtype, device=out.device), out) if guard else out
@@ -61,7 +61,7 @@ def _mul_safe(a, b, guard):
 def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHUNKS):
     """Per-token ``lse``, target logit and (optionally) ``E_p[z]`` and entropy for compacted valid rows."""
     cdt = compute_dtype(xv.dtype)
-    head = _Head(weight, bias, scale, cdt)
+    head = ScaledHead(weight, bias, scale, cdt)
     Nv, V = xv.shape[0], weight.shape[0]
     lse = torch.empty(Nv, dtype=cdt, device=xv.device)
     ez = torch.empty(Nv, dtype=cdt, device=xv.device) if want_ez else None
@@ -84,7 +84,7 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHU
             e = torch.exp(zs)
             if want_ez:  # sum e * (z - m), re-referenced to the new max (no large cancellations)
                 sz = rescale * (sz + torch.where(l > 0, (m - m_safe) * l, zero))
-                sz = sz + _mul_safe(e, zs, head.neg_inf).sum(1)
+                sz = sz + mul_safe(e, zs, head.neg_inf).sum(1)
             l = l * rescale + e.sum(1)
             m = m_new
         m_safe = torch.where(m == neg_inf, zero, m)
@@ -103,7 +103,7 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
     d logp / dz_j = onehot_j - p_j ;  d entropy / dz_j = -p_j (z_j - E_p[z]).
     """
     cdt = compute_dtype(x.dtype)
-    head = _Head(weight, bias, scale, cdt)
+    head = ScaledHead(weight, bias, scale, cdt)
     Nv, V = x.shape[0], weight.shape[0]
     dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=cdt, device=x.device) if need_dw else None
@@ -122,7 +122,7 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
                 dz = d.exp_().mul_(-glc[:, None])  # -g p
             else:  # -p (g + h (z - E_p[z])), with z - E_p[z] = (z - lse) + (lse - E_p[z])
                 q = (d + (lsec - ez[c0:c1])[:, None]).mul_(g_ent[c0:c1, None]).add_(glc[:, None])
-                dz = _mul_safe(d.exp_(), q, head.neg_inf).neg_()
+                dz = mul_safe(d.exp_(), q, head.neg_inf).neg_()
             if need_dx:
                 dx[c0:c1].addmm_(dz, head.w(s0, s1))
             if need_dw:

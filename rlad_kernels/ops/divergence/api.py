@@ -1,0 +1,135 @@
+"""Public entry point: ``linear_divergence``."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ...utils.dispatch import resolve_impl
+from ...utils.validation import check_choice, check_float_param, check_linear_inputs, check_token_tensor
+from ..policy_loss.api import _normalizer
+from .chunked import FKL, JSD, RKL, ChunkedDivergence
+from .naive import KINDS, linear_divergence_naive
+from .triton_impl import divergence_triton
+
+REDUCTIONS = ("none", "sum", "mean")
+_CODES = {"reverse_kl": RKL, "forward_kl": FKL, "jsd": JSD}
+
+
+def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, impl: str):
+    """Per-token divergence [N] of flattened, validated inputs (0 where ``valid`` is False)."""
+    if kind == "jsd" and beta in (0.0, 1.0):  # GKD's endpoints: forward / reverse KL
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    with torch.autocast(hs.device.type, enabled=False):
+        if impl == "naive":
+            D = linear_divergence_naive(hs, ws, ht, wt, kind=kind, beta=beta, temperature=temperature,
+                                        student_bias=bs, teacher_bias=bt)
+            return torch.where(valid, D, torch.zeros_like(D))
+        fn = ChunkedDivergence.apply if impl == "torch" else divergence_triton
+        return fn(hs, ws, bs, ht, wt, bt, valid, _CODES[kind], float(beta), 1.0 / float(temperature))
+
+
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, student_shape, V) -> None:
+    check_linear_inputs(teacher_hidden, teacher_weight, teacher_bias, hidden_name="teacher_hidden",
+                        weight_name="teacher_weight", bias_name="teacher_bias")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(student_shape):
+        raise ValueError(f"teacher_hidden has token shape {tuple(teacher_hidden.shape[:-1])} but student_hidden has "
+                         f"{tuple(student_shape)}; both must hold the same tokens")
+    if teacher_weight.shape[0] < V:
+        raise ValueError(f"teacher vocabulary ({teacher_weight.shape[0]}) is smaller than the student's ({V}); "
+                         f"teacher and student must share a tokenizer (a padded, larger teacher vocabulary is fine)")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but the teacher is frozen (no gradient flows into it); "
+                             f"pass {name}.detach() or compute it under torch.no_grad()")
+
+
+def linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    normalizer: Union[None, float, torch.Tensor] = None,
+    reduction: str = "mean",
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Full-vocabulary divergence between the student's and the teacher's next-token distributions.
+
+    ``p_s = softmax((student_hidden @ student_weight.T + student_bias) / temperature)``, ``p_t``
+    likewise from the teacher; neither ``[N, V]`` logits tensor is materialized (except by
+    ``impl="naive"``).
+
+    Args:
+        student_hidden: ``[..., H_s]``; student_weight ``[V, H_s]``.
+        teacher_hidden: ``[..., H_t]`` for the same tokens; teacher_weight ``[V_t, H_t]`` with
+            ``V_t >= V``: a padded teacher vocabulary is cut to its first V columns and
+            renormalized. Teacher tensors must not require grad.
+        kind: ``"reverse_kl"`` KL(p_s || p_t), ``"forward_kl"`` KL(p_t || p_s), or ``"jsd"``:
+            ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = beta p_t + (1 - beta) p_s``;
+            ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (special-cased, as in GKD).
+        temperature: divides both logits (> 0).
+        mask: ``[...]`` bool, False positions contribute 0 (default: all tokens).
+        token_weights: ``[...]`` per-token weights ``w_t`` (default 1).
+        normalizer: divides the weighted sum; default ``sum_t w_t`` over unmasked tokens for
+            ``"mean"`` and 1 for ``"sum"``. A number or scalar tensor, treated as a constant.
+        reduction: ``"none"`` -> per-token ``[...]``; ``"sum"`` / ``"mean"`` -> scalar
+            ``sum_t w_t D_t / normalizer``.
+        impl: ``"triton"``, ``"torch"`` (vocab-chunked) or ``"naive"``; default by device.
+
+    Returns float32 (float64 for float64 inputs with torch/naive), differentiable w.r.t.
+    ``student_hidden``, ``student_weight`` and ``student_bias``.
+    """
+    check_linear_inputs(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+                        weight_name="student_weight", bias_name="student_bias")
+    V = student_weight.shape[0]
+    shape = student_hidden.shape[:-1]
+    check_teacher(teacher_hidden, teacher_weight, teacher_bias, shape, V)
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
+                         f"{student_hidden.device}")
+    check_choice("kind", kind, KINDS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_float_param("beta", beta, low=0.0, high=1.0)
+    check_float_param("temperature", temperature, positive=True)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor (True = token counts)")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the tokens have shape {tuple(shape)}")
+        if mask.device != student_hidden.device:
+            raise ValueError(f"mask is on {mask.device} but student_hidden is on {student_hidden.device}")
+    check_token_tensor("token_weights", token_weights, shape, student_hidden.device)
+    norm = _normalizer(normalizer, student_hidden.device)
+    impl = resolve_impl(impl, student_hidden.device)
+
+    hs, ws, bs, ht, wt, bt = student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    dev = hs.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hs, ws, ht, wt = hs.to(dt), ws.to(dt), ht.to(dt), wt.to(dt)
+        bs = bs.to(dt) if bs is not None else None
+        bt = bt.to(dt) if bt is not None else None
+    valid = (mask if mask is not None else torch.ones(shape, dtype=torch.bool, device=hs.device)).reshape(-1)
+    D = divergence_2d(hs.reshape(-1, hs.shape[-1]).contiguous(), ws, bs, ht.reshape(-1, ht.shape[-1]).contiguous(),
+                      wt, bt, valid, kind, float(beta), float(temperature), impl)
+    if reduction == "none":
+        return D.reshape(shape)
+    zero = torch.zeros((), dtype=D.dtype, device=D.device)
+    w = token_weights.detach().reshape(-1).to(D.dtype) if token_weights is not None else torch.ones_like(D)
+    total = torch.where(valid, w * D, zero).sum()
+    if norm is None:
+        if reduction == "sum":
+            return total
+        wsum = torch.where(valid, w, zero).sum()
+        norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    return total / norm.to(D.dtype)

@@ -1,0 +1,166 @@
+"""Vocab-chunked PyTorch teacher-student divergences (the CPU default). Math in ``README.md``.
+
+Token x vocabulary tiles of both logits; per token only ``lse_s``, ``lse_t`` and one auxiliary
+value (the KL itself for reverse KL, ``KL(p_s || M)`` for JSD) are kept for the backward,
+which recomputes both tiles. KL kinds take one pass with online statistics; JSD needs both
+log-normalizers before its mixture exists, so its forward takes two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..logprobs.chunked import CHUNKS, ChunkSizes, ScaledHead, mul_safe
+from ..logprobs.naive import compute_dtype
+
+RKL, FKL, JSD = 0, 1, 2
+
+
+def _shift(m, zero, neg_inf):
+    return torch.where(m == neg_inf, zero, m)
+
+
+def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, chunks: ChunkSizes = CHUNKS):
+    """Per-token (D, lse_s, lse_t, aux) for compacted rows xs [Nv, Hs], xt [Nv, Ht]."""
+    cdt = compute_dtype(xs.dtype)
+    hs, ht = ScaledHead(ws, bs, scale, cdt), ScaledHead(wt, bt, scale, cdt)
+    guard = hs.neg_inf or ht.neg_inf
+    Nv, V = xs.shape[0], ws.shape[0]
+    f = dict(dtype=cdt, device=xs.device)
+    D, lse_s, lse_t = torch.empty(Nv, **f), torch.empty(Nv, **f), torch.empty(Nv, **f)
+    aux = torch.empty(Nv, **f) if kind != FKL else None
+    neg_inf = torch.tensor(float("-inf"), **f)
+    zero = torch.zeros((), **f)
+    for c0 in range(0, Nv, chunks.tokens):
+        c1 = min(c0 + chunks.tokens, Nv)
+        xcs, xct = xs[c0:c1].to(cdt) * scale, xt[c0:c1].to(cdt) * scale
+        m_s = torch.full((c1 - c0,), float("-inf"), **f)
+        m_t, l_s, l_t, A = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
+        for s0 in range(0, V, chunks.vocab):
+            s1 = min(s0 + chunks.vocab, V)
+            zs, zt = hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1)
+            ms_new, mt_new = torch.maximum(m_s, zs.amax(1)), torch.maximum(m_t, zt.amax(1))
+            sh_s, sh_t = _shift(ms_new, zero, neg_inf), _shift(mt_new, zero, neg_inf)
+            r_s, r_t = torch.exp(m_s - sh_s), torch.exp(m_t - sh_t)
+            us, ut = zs.sub_(sh_s[:, None]), zt.sub_(sh_t[:, None])  # logits minus their shifts
+            if kind != JSD:  # A = sum e^(u - sh_u) ((u - sh_u) - (v - sh_v)), u the first argument of the KL
+                if kind == RKL:
+                    u, v, l_u, r_u, d_sh = us, ut, l_s, r_s, (_shift(m_s, zero, neg_inf) - sh_s) - (
+                        _shift(m_t, zero, neg_inf) - sh_t)
+                else:
+                    u, v, l_u, r_u, d_sh = ut, us, l_t, r_t, (_shift(m_t, zero, neg_inf) - sh_t) - (
+                        _shift(m_s, zero, neg_inf) - sh_s)
+                e_u = torch.exp(u)
+                A = r_u * (A + d_sh * l_u) + mul_safe(e_u, u - v, guard).sum(1)
+                if kind == RKL:
+                    l_s = l_s * r_s + e_u.sum(1)
+                    l_t = l_t * r_t + torch.exp(ut).sum(1)
+                else:
+                    l_t = l_t * r_t + e_u.sum(1)
+                    l_s = l_s * r_s + torch.exp(us).sum(1)
+            else:
+                l_s = l_s * r_s + torch.exp(us).sum(1)
+                l_t = l_t * r_t + torch.exp(ut).sum(1)
+            m_s, m_t = ms_new, mt_new
+        log_ls, log_lt = torch.log(l_s), torch.log(l_t)
+        lse_s[c0:c1] = _shift(m_s, zero, neg_inf) + log_ls
+        lse_t[c0:c1] = _shift(m_t, zero, neg_inf) + log_lt
+        if kind == RKL:
+            D[c0:c1] = A / l_s - log_ls + log_lt
+            aux[c0:c1] = D[c0:c1]
+        elif kind == FKL:
+            D[c0:c1] = A / l_t - log_lt + log_ls
+        else:
+            d, k = _jsd_sums(xcs, xct, hs, ht, lse_s[c0:c1], lse_t[c0:c1], beta, V, chunks, guard)
+            D[c0:c1], aux[c0:c1] = d, k
+    return D, lse_s, lse_t, aux
+
+
+def _jsd_terms(zs, zt, lse_s, lse_t, beta):
+    """log p, log q, log M and p for one tile."""
+    lp, lq = zs - lse_s[:, None], zt - lse_t[:, None]
+    lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
+    return lp, lq, lm
+
+
+def _jsd_sums(xcs, xct, hs, ht, lse_s, lse_t, beta, V, chunks, guard):
+    """Second pass: D = beta KL(q||M) + (1-beta) KL(p||M) and k = KL(p||M)."""
+    D = torch.zeros_like(lse_s)
+    k = torch.zeros_like(lse_s)
+    for s0 in range(0, V, chunks.vocab):
+        s1 = min(s0 + chunks.vocab, V)
+        lp, lq, lm = _jsd_terms(hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1), lse_s, lse_t, beta)
+        kp = mul_safe(lp.exp(), lp - lm, True).sum(1)
+        kq = mul_safe(lq.exp(), lq - lm, True).sum(1)
+        D += beta * kq + (1.0 - beta) * kp
+        k += kp
+    return D, k
+
+
+def div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g, kind, beta, scale, need_dx, need_dw, need_db,
+              chunks: ChunkSizes = CHUNKS):
+    """Gradients w.r.t. the student's xs, ws, bs for upstream per-token g (compacted rows):
+    reverse KL p (log p - log q - KL); forward KL p - q; JSD (1 - beta) p (log p - log M - KL(p||M))."""
+    cdt = compute_dtype(xs.dtype)
+    hs, ht = ScaledHead(ws, bs, scale, cdt), ScaledHead(wt, bt, scale, cdt)
+    guard = hs.neg_inf or ht.neg_inf
+    Nv, V = xs.shape[0], ws.shape[0]
+    dx = torch.zeros(xs.shape, dtype=cdt, device=xs.device) if need_dx else None
+    dw = torch.zeros(ws.shape, dtype=cdt, device=xs.device) if need_dw else None
+    db = torch.zeros(V, dtype=cdt, device=xs.device) if need_db else None
+    g = g.to(cdt) * scale  # gradient w.r.t. the unscaled student logits
+    for c0 in range(0, Nv, chunks.tokens):
+        c1 = min(c0 + chunks.tokens, Nv)
+        xc = xs[c0:c1].to(cdt)
+        xcs, xct = xc * scale, xt[c0:c1].to(cdt) * scale
+        gc, ls, lt = g[c0:c1, None], lse_s[c0:c1], lse_t[c0:c1]
+        for s0 in range(0, V, chunks.vocab):
+            s1 = min(s0 + chunks.vocab, V)
+            zs, zt = hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1)
+            if kind == FKL:
+                dz = (zs.sub_(ls[:, None]).exp_() - zt.sub_(lt[:, None]).exp_()).mul_(gc)
+            elif kind == RKL:
+                lp = zs.sub_(ls[:, None])
+                dz = mul_safe(lp.exp(), lp - zt.sub_(lt[:, None]) - aux[c0:c1, None], guard).mul_(gc)
+            else:
+                lp, lq, lm = _jsd_terms(zs, zt, ls, lt, beta)
+                dz = mul_safe(lp.exp(), lp - lm - aux[c0:c1, None], True).mul_(gc * (1.0 - beta))
+            if need_dx:
+                dx[c0:c1].addmm_(dz, hs.w(s0, s1))
+            if need_dw:
+                dw[s0:s1].addmm_(dz.T, xc)
+            if need_db:
+                db[s0:s1] += dz.sum(0)
+    return dx, dw, db
+
+
+class ChunkedDivergence(torch.autograd.Function):
+    """Per-token divergence [N] over 2-D inputs; rows where ``valid`` is False give 0."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, scale: float):
+        idx = valid.nonzero().squeeze(1)
+        xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
+        D, lse_s, lse_t, aux = div_forward(xs, ws, bs, xt, wt, bt, kind, beta, scale)
+        out = torch.zeros(hs.shape[0], dtype=D.dtype, device=hs.device)
+        out.index_copy_(0, idx, D)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, idx, lse_s, lse_t, aux)
+        ctx.kind, ctx.beta, ctx.scale = kind, beta, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hs, ws, bs, ht, wt, bt, idx, lse_s, lse_t, aux = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bs is not None and ctx.needs_input_grad[2]
+        xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
+        dxv, dw, db = div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g.index_select(0, idx), ctx.kind,
+                                ctx.beta, ctx.scale, need_dx, need_dw, need_db)
+        dx = None
+        if need_dx:
+            dx = torch.zeros_like(hs)
+            dx.index_copy_(0, idx, dxv.to(hs.dtype))
+        return (dx, dw.to(ws.dtype) if need_dw else None, db.to(bs.dtype) if need_db else None,
+                None, None, None, None, None, None, None)
