@@ -168,3 +168,87 @@ def test_returned_logp_matches_linear_logprobs(impl, small_chunks, device):
     torch.testing.assert_close(out.logp, lp, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.entropy, ent, rtol=0, atol=1e-6)
     assert not out.logp.requires_grad
+
+
+# ---------------------------------------------------------------- kd_estimator="full" (exact reverse KL)
+def _teacher(N, V, Ht=27, Vt=None, seed=21, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ht = torch.randn(N, Ht, generator=g)
+    wt = torch.randn(Vt or V + 6, Ht, generator=g) * (2.0 / Ht ** 0.5)
+    bt = torch.randn(Vt or V + 6, generator=g) * 0.3
+    return ht.to(device=device, dtype=dtype), wt.to(device=device, dtype=dtype), bt.to(device=device, dtype=dtype)
+
+
+def test_full_kd_matches_hand_computation(device):
+    """loss = TRRD part + kd_coef * sum_t w_t kd_t KL_t(p_s || p_t) / sum_t w_t, all in float64,
+    with KL from materialized log-softmaxes (not from the library's divergence op)."""
+    hidden, weight, b, targets, tok = branch_inputs(N=41, V=97, seed=13)
+    ht, wt, bt = _teacher(41, 97, device=device)
+    h64, w64, b64 = (x.double() for x in (hidden, weight, b))
+    ht64, wt64, bt64 = (x.double() for x in (ht, wt, bt))
+    T, V = 0.8, 97
+    cfg = PolicyLossConfig(alpha=0.5, kd_estimator="full", kd_coef=0.3)
+    h = h64.clone().requires_grad_()
+    out = linear_policy_loss(h, w64, targets, tok["advantages"].double(), tok["old_logp"].double(),
+                             token_weights=tok["token_weights"].double(), kd_weights=tok["kd_weights"].double(),
+                             bias=b64, temperature=T, config=cfg, impl="naive", teacher_hidden=ht64,
+                             teacher_weight=wt64, teacher_bias=bt64)
+    out.loss.backward()
+    # by hand
+    hh = h64.clone().requires_grad_()
+    ls = torch.log_softmax((hh @ w64.T + b64) / T, -1)
+    lt = torch.log_softmax((ht64 @ wt64[:V].T + bt64[:V]) / T, -1)
+    valid = targets != -100
+    lp_t = lt.gather(-1, targets.clamp_min(0)[:, None])[:, 0]
+    base = linear_policy_loss(hh, w64, targets, tok["advantages"].double(), tok["old_logp"].double(),
+                              teacher_logp=lp_t.detach(), token_weights=tok["token_weights"].double(), bias=b64,
+                              temperature=T, config=PolicyLossConfig(alpha=0.5), impl="naive").loss
+    kl = (ls.exp() * (ls - lt)).sum(-1)
+    w = tok["token_weights"].double() * valid
+    expected = base + 0.3 * (w * tok["kd_weights"].double() * kl).sum() / w.sum()
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(h.grad, hh.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(out.metrics["kd_mean"], kl[valid].mean().float(), rtol=1e-6, atol=0)
+    assert out.metrics["teacher_gap"] != 0  # the ratio used the teacher log-probs derived from its hidden states
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_full_kd_impls_match_reference(impl, small_chunks, device):
+    hidden, weight, b, targets, tok = branch_inputs(N=41, V=97, seed=15)
+    ht, wt, bt = _teacher(41, 97, device=device)
+    cfg = PolicyLossConfig(alpha=0.7, kd_estimator="full", kd_coef=0.5, entropy_coef=0.01)
+
+    def run(impl_, cast):
+        h = cast(hidden).clone().requires_grad_()
+        w = cast(weight).clone().requires_grad_()
+        out = linear_policy_loss(h, w, targets, cast(tok["advantages"]), cast(tok["old_logp"]),
+                                 kd_weights=cast(tok["kd_weights"]), bias=cast(b), temperature=0.9, config=cfg,
+                                 impl=impl_, teacher_hidden=cast(ht), teacher_weight=cast(wt), teacher_bias=cast(bt))
+        out.loss.backward()
+        return out, h.grad, w.grad
+
+    out, dh, dw = run(impl, lambda x: x)
+    ref, rh, rw = run("naive", lambda x: x.double())
+    assert_rel(out.loss, ref.loss, 1e-5, "loss")
+    _assert_rows(dh, rh, 1e-4, "d_hidden")
+    assert_rel(dw, rw, 1e-5, "d_weight")
+    for k in ref.metrics:
+        torch.testing.assert_close(out.metrics[k].double(), ref.metrics[k].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_full_kd_errors(device):
+    hidden, weight, b, targets, tok = branch_inputs(N=20, V=60, seed=17)
+    ht, wt, bt = _teacher(20, 60, device=device)
+    cfg = PolicyLossConfig(alpha=1.0, kd_estimator="full", kd_coef=0.1)
+    args = (hidden, weight, targets, tok["advantages"], tok["old_logp"])
+    with pytest.raises(ValueError, match="kd_estimator='full' needs teacher_hidden and teacher_weight"):
+        linear_policy_loss(*args, teacher_logp=tok["teacher_logp"], config=cfg)
+    with pytest.raises(ValueError, match="pass teacher_hidden and teacher_weight together"):
+        linear_policy_loss(*args, teacher_hidden=ht, config=cfg)
+    with pytest.raises(ValueError, match="teacher vocabulary \\(50\\) is smaller"):
+        linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt[:50], config=cfg)
+    with pytest.raises(ValueError, match="teacher_weight requires grad"):
+        linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt.clone().requires_grad_(), config=cfg)
+    with pytest.raises(ValueError, match="logit_scale=1 only"):
+        linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt, config=cfg, logit_scale=2.0)

@@ -129,3 +129,18 @@ def check_token_tensor(name: str, t, shape: torch.Size, device: torch.device, *,
     if no_grad and t.requires_grad:
         raise ValueError(f"{name} requires grad, but it is a constant of the loss (no gradient flows "
                          f"into it); pass {name}.detach()")
+
+
+def as_normalizer(normalizer, device: torch.device) -> Optional[torch.Tensor]:
+    """None, a positive number or a 1-element float tensor -> None or a detached float32 scalar."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or not normalizer.is_floating_point():
+            raise ValueError(f"normalizer must be a number or a 1-element float tensor, got shape "
+                             f"{tuple(normalizer.shape)} dtype {normalizer.dtype}")
+        if normalizer.device != device:
+            raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {device}")
+        return normalizer.detach().reshape(()).float()
+    check_float_param("normalizer", normalizer, positive=True)
+    return torch.tensor(float(normalizer), dtype=torch.float32, device=device)

@@ -7,8 +7,8 @@ from typing import Optional, Union
 import torch
 
 from ...utils.dispatch import resolve_impl
-from ...utils.validation import check_choice, check_float_param, check_linear_inputs, check_token_tensor
-from ..policy_loss.api import _normalizer
+from ...utils.validation import (as_normalizer, check_choice, check_float_param, check_linear_inputs,
+                                 check_token_tensor)
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive
 from .triton_impl import divergence_triton
@@ -109,7 +109,7 @@ def linear_divergence(
         if mask.device != student_hidden.device:
             raise ValueError(f"mask is on {mask.device} but student_hidden is on {student_hidden.device}")
     check_token_tensor("token_weights", token_weights, shape, student_hidden.device)
-    norm = _normalizer(normalizer, student_hidden.device)
+    norm = as_normalizer(normalizer, student_hidden.device)
     impl = resolve_impl(impl, student_hidden.device)
 
     hs, ws, bs, ht, wt, bt = student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..logprobs.chunked import CHUNKS, ChunkSizes, ScaledHead, mul_safe
+from ..logprobs.chunked import CHUNKS, ChunkSizes, ScaledHead, accumulate_tile, mul_safe
 from ..logprobs.naive import compute_dtype
 
 RKL, FKL, JSD = 0, 1, 2
@@ -127,12 +127,7 @@ def div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g, kind, beta, scale, n
             else:
                 lp, lq, lm = _jsd_terms(zs, zt, ls, lt, beta)
                 dz = mul_safe(lp.exp(), lp - lm - aux[c0:c1, None], True).mul_(gc * (1.0 - beta))
-            if need_dx:
-                dx[c0:c1].addmm_(dz, hs.w(s0, s1))
-            if need_dw:
-                dw[s0:s1].addmm_(dz.T, xc)
-            if need_db:
-                db[s0:s1] += dz.sum(0)
+            accumulate_tile(dz, xc, hs, c0, c1, s0, s1, dx, dw, db)
     return dx, dw, db
 
 

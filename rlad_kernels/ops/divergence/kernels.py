@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..logprobs.kernels import logits_tile
+from ..logprobs.kernels import logits_tile, region_tile, token_split
 
 RKL: tl.constexpr = tl.constexpr(0)
 FKL: tl.constexpr = tl.constexpr(1)
@@ -55,15 +55,8 @@ def div_stats_kernel(
     KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_nb = tl.cdiv(N, BN)
-    i_s = i_pid // num_nb
-    i_n = i_pid % num_nb
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
+    i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
     valid = m_n & (tl.load(valid_ptr + o_n, mask=m_n, other=0) != 0)
-    v_lo = i_s * tiles_per_split * BV
-    v_hi = tl.minimum(v_lo + tiles_per_split * BV, V)
     b_ms = tl.full((BN,), float("-inf"), dtype=tl.float32)
     b_mt = tl.full((BN,), float("-inf"), dtype=tl.float32)
     b_ls = tl.zeros((BN,), dtype=tl.float32)
@@ -126,17 +119,10 @@ def jsd_sums_kernel(
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """D = beta KL(q || M) + (1 - beta) KL(p || M) and k = KL(p || M), per split."""
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_nb = tl.cdiv(N, BN)
-    i_s = i_pid // num_nb
-    i_n = i_pid % num_nb
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
+    i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
     valid = m_n & (tl.load(valid_ptr + o_n, mask=m_n, other=0) != 0)
     b_lses = tl.load(lses_ptr + o_n, mask=valid, other=0.0)
     b_lset = tl.load(lset_ptr + o_n, mask=valid, other=0.0)
-    v_lo = i_s * tiles_per_split * BV
-    v_hi = tl.minimum(v_lo + tiles_per_split * BV, V)
     b_d = tl.zeros((BN,), dtype=tl.float32)
     b_k = tl.zeros((BN,), dtype=tl.float32)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
@@ -164,20 +150,7 @@ def div_dlogits_kernel(
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dl = scale * g * { p (log p - log q - KL) | p - q | (1 - beta) p (log p - log M - KL(p||M)) }."""
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_r = tl.cdiv(n_rows, BN)
-    num_c = tl.cdiv(n_cols, BV)
-    i_grp = i_pid // (GROUP * num_c)
-    first_r = i_grp * GROUP
-    size_r = tl.minimum(num_r - first_r, GROUP)
-    i_r = first_r + (i_pid % (GROUP * num_c)) % size_r
-    i_c = (i_pid % (GROUP * num_c)) // size_r
-    o_r = i_r * BN + tl.arange(0, BN)
-    m_r = o_r < n_rows
-    o_n = row0 + o_r
-    o_c = i_c * BV + tl.arange(0, BV)
-    m_c = o_c < n_cols
-    o_v = col0 + o_c
+    o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
     valid = m_r & (tl.load(valid_ptr + o_n, mask=m_r, other=0) != 0)
     b_g = tl.load(g_ptr + o_n, mask=valid, other=0.0)
     active = valid & (b_g != 0.0)

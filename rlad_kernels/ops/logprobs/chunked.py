@@ -58,6 +58,16 @@ def mul_safe(a, b, guard):
     return torch.where(a == 0, torch.zeros((), dtype=out.dtype, device=out.device), out) if guard else out
 
 
+def accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db):
+    """Add one tile's logit gradient dz [c1-c0, s1-s0] into dX, dW, db (each may be None)."""
+    if dx is not None:
+        dx[c0:c1].addmm_(dz, head.w(s0, s1))
+    if dw is not None:
+        dw[s0:s1].addmm_(dz.T, xc)
+    if db is not None:
+        db[s0:s1] += dz.sum(0)
+
+
 def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHUNKS):
     """Per-token ``lse``, target logit and (optionally) ``E_p[z]`` and entropy for compacted valid rows."""
     cdt = compute_dtype(xv.dtype)
@@ -123,12 +133,7 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
             else:  # -p (g + h (z - E_p[z])), with z - E_p[z] = (z - lse) + (lse - E_p[z])
                 q = (d + (lsec - ez[c0:c1])[:, None]).mul_(g_ent[c0:c1, None]).add_(glc[:, None])
                 dz = mul_safe(d.exp_(), q, head.neg_inf).neg_()
-            if need_dx:
-                dx[c0:c1].addmm_(dz, head.w(s0, s1))
-            if need_dw:
-                dw[s0:s1].addmm_(dz.T, xc)
-            if need_db:
-                db[s0:s1] += dz.sum(0)
+            accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db)
         yc = y[c0:c1]
         if need_dx:  # the one-hot part of d logp / dz
             dx[c0:c1] += glc[:, None] * weight.index_select(0, yc).to(cdt)

@@ -54,6 +54,38 @@ def logits_tile(x_ptr, w_ptr, b_ptr, o_n, m_x, o_v, m_v, H, stride_xn, stride_xh
 
 
 @triton.jit
+def token_split(N, V, tiles_per_split, BN: tl.constexpr, BV: tl.constexpr):
+    """Program -> (split, token block) of a forward grid, and the block's rows and vocab range.
+    Programs running together share a vocab split, so they stream the same W tiles (L2 reuse)."""
+    i_pid = tl.program_id(0).to(tl.int64)
+    num_nb = tl.cdiv(N, BN)
+    i_s = i_pid // num_nb
+    i_n = i_pid % num_nb
+    o_n = i_n * BN + tl.arange(0, BN)
+    v_lo = i_s * tiles_per_split * BV
+    v_hi = tl.minimum(v_lo + tiles_per_split * BV, V)
+    return i_s, i_n, o_n, o_n < N, v_lo, v_hi
+
+
+@triton.jit
+def region_tile(row0, n_rows, col0, n_cols, GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    """Program -> one BN x BV tile of a backward region (rows row0.., columns col0..), in grouped
+    order: GROUP row blocks sweep the columns together, sharing W tiles in L2. Returns local row
+    offsets/mask, global token ids, local column offsets/mask, global vocab ids."""
+    i_pid = tl.program_id(0).to(tl.int64)
+    num_r = tl.cdiv(n_rows, BN)
+    num_c = tl.cdiv(n_cols, BV)
+    i_grp = i_pid // (GROUP * num_c)
+    first_r = i_grp * GROUP
+    size_r = tl.minimum(num_r - first_r, GROUP)
+    i_r = first_r + (i_pid % (GROUP * num_c)) % size_r
+    i_c = (i_pid % (GROUP * num_c)) // size_r
+    o_r = i_r * BN + tl.arange(0, BN)
+    o_c = i_c * BV + tl.arange(0, BV)
+    return o_r, o_r < n_rows, row0 + o_r, o_c, o_c < n_cols, col0 + o_c
+
+
+@triton.jit
 def scan_vocab(x_ptr, w_ptr, b_ptr, b_y, o_n, m_x, v_lo, v_hi, H, stride_xn, stride_xh, stride_wv,
                stride_wh, scale, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BN: tl.constexpr,
                BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -159,17 +191,9 @@ def lm_head_fwd_kernel(
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Programs running together share a vocab split, so they stream the same W tiles (L2 reuse).
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_nb = tl.cdiv(N, BN)
-    i_s = i_pid // num_nb
-    i_n = i_pid % num_nb
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < N
+    i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
     b_y = tl.load(y_ptr + o_n, mask=m_n, other=ignore_index)
     valid = m_n & (b_y != ignore_index)
-    v_lo = i_s * tiles_per_split * BV
-    v_hi = tl.minimum(v_lo + tiles_per_split * BV, V)
     b_m = tl.full((BN,), float("-inf"), dtype=tl.float32)
     b_l = tl.zeros((BN,), dtype=tl.float32)
     b_s = tl.zeros((BN,), dtype=tl.float32)
@@ -226,21 +250,7 @@ def dlogits_kernel(
 ):
     """dl[r, c] = scale * (g_lp (onehot - p) - g_ent p (z - E_p[z])) for rows row0 + r, columns
     col0 + c of the logits; rows that are ignored or have zero upstream gradient give 0."""
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_r = tl.cdiv(n_rows, BN)
-    num_c = tl.cdiv(n_cols, BV)
-    # grouped order: GROUP row blocks sweep the columns together, sharing W tiles in L2
-    i_grp = i_pid // (GROUP * num_c)
-    first_r = i_grp * GROUP
-    size_r = tl.minimum(num_r - first_r, GROUP)
-    i_r = first_r + (i_pid % (GROUP * num_c)) % size_r
-    i_c = (i_pid % (GROUP * num_c)) // size_r
-    o_r = i_r * BN + tl.arange(0, BN)
-    m_r = o_r < n_rows
-    o_n = row0 + o_r
-    o_c = i_c * BV + tl.arange(0, BV)
-    m_c = o_c < n_cols
-    o_v = col0 + o_c
+    o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
     b_y = tl.load(y_ptr + o_n, mask=m_r, other=ignore_index)
     valid = m_r & (b_y != ignore_index)
     b_glp = tl.load(glp_ptr + o_n, mask=valid, other=0.0)

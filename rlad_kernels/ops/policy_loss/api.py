@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Union
 
 import torch
 
-from ...utils.validation import check_float_param, check_token_tensor
-from ..logprobs.api import logprobs_2d, prepare_linear
+from ...utils.validation import as_normalizer, check_token_tensor
+from ..divergence.api import check_teacher, divergence_2d
+from ..logprobs.api import linear_logprobs, logprobs_2d, prepare_linear
+from ..logprobs.naive import compute_dtype
 from .config import PolicyLossConfig
-from .math import finalize_metrics, policy_token_loss, reduce_token_stats
+from .math import STAT_INDEX, finalize_metrics, policy_token_loss, reduce_token_stats
 from .triton_impl import policy_loss_triton
 
 _TOKEN_INPUTS = ("advantages", "old_logp", "teacher_logp", "ref_logp", "token_weights", "kd_weights")
@@ -25,20 +27,6 @@ class PolicyLossOutput:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     logp: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
-
-
-def _normalizer(normalizer, device) -> Optional[torch.Tensor]:
-    if normalizer is None:
-        return None
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1 or not normalizer.is_floating_point():
-            raise ValueError(f"normalizer must be a number or a 1-element float tensor, got shape "
-                             f"{tuple(normalizer.shape)} dtype {normalizer.dtype}")
-        if normalizer.device != device:
-            raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {device}")
-        return normalizer.detach().reshape(()).float()
-    check_float_param("normalizer", normalizer, positive=True)
-    return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
 
 
 def linear_policy_loss(
@@ -59,6 +47,9 @@ def linear_policy_loss(
     ignore_index: int = -100,
     config: Optional[PolicyLossConfig] = None,
     impl: Optional[str] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
 ) -> PolicyLossOutput:
     """Clipped, advantage-weighted policy loss (TRRD, GRPO/PPO-clip, KDRL) from hidden states.
 
@@ -79,6 +70,13 @@ def linear_policy_loss(
             micro-batches or ranks. Treated as a constant.
         config: :class:`PolicyLossConfig` (default: TRRD alpha=0.5, eps 0.2/0.2, clamp 1.0).
         impl: ``"triton"``, ``"torch"`` or ``"naive"``; default triton on CUDA, torch otherwise.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's final hidden states
+            ``[..., H_t]`` and lm_head ``[V_t, H_t]`` (``V_t >= V``; a padded vocabulary is cut to
+            V), detached. Required by ``kd_estimator="full"``, whose KD term is the exact
+            reverse KL ``KL(p_student || p_teacher)`` over the whole vocabulary at every valid
+            position (see :func:`rlad_kernels.linear_divergence`; same temperature, and
+            ``logit_scale`` must be 1). When ``teacher_logp`` is not given, it is computed
+            from them (teacher log-prob of ``targets``) for the TRRD ratio and the metrics.
 
     All per-token inputs are constants of the loss (they must not require grad). Returns a
     :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. hidden, weight and bias.
@@ -91,37 +89,88 @@ def linear_policy_loss(
                  token_weights=token_weights, kd_weights=kd_weights)
     for name in _TOKEN_INPUTS:
         check_token_tensor(name, given[name], li.shape, hidden.device, required=name in ("advantages", "old_logp"))
-    if cfg.kd_estimator is not None and teacher_logp is None:
+    full_kd = cfg.kd_estimator == "full"
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("pass teacher_hidden and teacher_weight together")
+    if teacher_hidden is not None:
+        check_teacher(teacher_hidden, teacher_weight, teacher_bias, li.shape, li.weight.shape[0])
+        if teacher_hidden.device != hidden.device:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but hidden is on {hidden.device}")
+    if full_kd and teacher_hidden is None:
+        raise ValueError("kd_estimator='full' needs teacher_hidden and teacher_weight (the exact reverse KL "
+                         "is computed over the teacher's whole vocabulary)")
+    if full_kd and logit_scale != 1.0:
+        raise ValueError("kd_estimator='full' supports logit_scale=1 only (the divergence scales student and "
+                         "teacher logits by the same temperature)")
+    if cfg.kd_estimator is not None and teacher_logp is None and teacher_hidden is None:
         raise ValueError(f"kd_estimator={cfg.kd_estimator!r} needs teacher_logp (the KD term is a "
                          f"divergence to the teacher); pass teacher_logp or set kd_estimator=None")
     if cfg.ref_kl_coef != 0.0 and ref_logp is None:
         raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs ref_logp; pass ref_logp or set ref_kl_coef=0")
     if kd_weights is not None and cfg.kd_estimator is None:
         raise ValueError("kd_weights given but kd_estimator is None; set kd_estimator or drop kd_weights")
-    norm = _normalizer(normalizer, hidden.device)
-    has_teacher, has_ref = teacher_logp is not None, ref_logp is not None
+    norm = as_normalizer(normalizer, hidden.device)
+    if teacher_logp is None and teacher_hidden is not None:
+        V = li.weight.shape[0]
+        with torch.no_grad():
+            given["teacher_logp"] = linear_logprobs(
+                teacher_hidden, teacher_weight[:V], targets,
+                bias=teacher_bias[:V] if teacher_bias is not None else None, temperature=temperature,
+                ignore_index=ignore_index, impl=li.impl)
 
-    if li.impl == "triton":
-        tok = {k: (v.detach().reshape(-1).float().contiguous() if v is not None else None)
-               for k, v in given.items()}
-        with torch.autocast(hidden.device.type, enabled=False):
-            loss, sums, lp, ent = policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg,
-                                                     li.scale, ignore_index)
-    else:
-        lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)
-        tok = {k: (v.detach().reshape(-1).to(lp.dtype) if v is not None else None) for k, v in given.items()}
-        valid = li.targets != ignore_index
-        loss_t, stats = policy_token_loss(lp, tok["advantages"], tok["old_logp"], cfg,
-                                          teacher_logp=tok["teacher_logp"], ref_logp=tok["ref_logp"],
-                                          entropy=ent, kd_weights=tok["kd_weights"])
-        w = tok["token_weights"] if tok["token_weights"] is not None else torch.ones_like(lp)
-        sums = reduce_token_stats(loss_t, stats, w, valid)
+    valid = li.targets != ignore_index
+    if full_kd:  # the policy part without KD, then the exact KL term with the same normalizer
+        cdt = compute_dtype(li.hidden.dtype)
+        w = given["token_weights"]
+        w = w.detach().reshape(-1).to(cdt) if w is not None else torch.ones(valid.shape, dtype=cdt, device=hidden.device)
         if norm is None:
-            wsum = sums[1]
+            wsum = torch.where(valid, w, torch.zeros_like(w)).sum()
             norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
-        loss = sums[0] / norm.to(sums.dtype)
-        lp, ent = lp.detach(), (ent.detach() if ent is not None else None)
-    metrics = finalize_metrics(sums, cfg, has_teacher=has_teacher, has_ref=has_ref,
+        loss, sums, lp, ent = _policy_core(li, given, replace(cfg, kd_estimator=None), norm, ignore_index)
+        kl = _full_reverse_kl(li, teacher_hidden, teacher_weight, teacher_bias, valid, temperature)
+        kdw = given["kd_weights"]
+        kdw = kdw.detach().reshape(-1).to(kl.dtype) if kdw is not None else torch.ones_like(kl)
+        kd_sum = torch.where(valid, w.to(kl.dtype) * kdw * kl, torch.zeros_like(kl)).sum()
+        loss = loss + cfg.kd_coef * kd_sum / norm.to(kl.dtype)
+        sums = sums.detach().clone()
+        sums[STAT_INDEX["kd"]] = kl.detach().sum().to(sums.dtype)
+    else:
+        loss, sums, lp, ent = _policy_core(li, given, cfg, norm, ignore_index)
+    metrics = finalize_metrics(sums, cfg, has_teacher=given["teacher_logp"] is not None, has_ref=ref_logp is not None,
                                has_entropy=cfg.needs_entropy)
     return PolicyLossOutput(loss=loss, metrics=metrics, logp=lp.reshape(li.shape),
                             entropy=ent.reshape(li.shape) if ent is not None else None)
+
+
+def _full_reverse_kl(li, teacher_hidden, teacher_weight, teacher_bias, valid, temperature):
+    ht, wt, bt = teacher_hidden, teacher_weight, teacher_bias
+    dev = li.hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        ht, wt = ht.to(dt), wt.to(dt)
+        bt = bt.to(dt) if bt is not None else None
+    return divergence_2d(li.hidden, li.weight, li.bias, ht.reshape(-1, ht.shape[-1]).contiguous(), wt, bt, valid,
+                         "reverse_kl", 0.5, float(temperature), li.impl)
+
+
+def _policy_core(li, given, cfg, norm, ignore_index):
+    """(loss, STAT_FIELDS sums, logp [N], entropy [N] | None) for one implementation."""
+    if li.impl == "triton":
+        tok = {k: (v.detach().reshape(-1).float().contiguous() if v is not None else None)
+               for k, v in given.items()}
+        with torch.autocast(li.hidden.device.type, enabled=False):
+            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
+                                      ignore_index)
+    lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)
+    tok = {k: (v.detach().reshape(-1).to(lp.dtype) if v is not None else None) for k, v in given.items()}
+    valid = li.targets != ignore_index
+    loss_t, stats = policy_token_loss(lp, tok["advantages"], tok["old_logp"], cfg,
+                                      teacher_logp=tok["teacher_logp"], ref_logp=tok["ref_logp"],
+                                      entropy=ent, kd_weights=tok["kd_weights"])
+    w = tok["token_weights"] if tok["token_weights"] is not None else torch.ones_like(lp)
+    sums = reduce_token_stats(loss_t, stats, w, valid)
+    if norm is None:
+        wsum = sums[1]
+        norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+    loss = sums[0] / norm.to(sums.dtype)
+    return loss, sums, lp.detach(), (ent.detach() if ent is not None else None)

@@ -8,7 +8,7 @@ from typing import Optional
 from ...utils.validation import check_choice, check_float_param
 
 MIXTURES = ("geometric", "arithmetic")
-KD_ESTIMATORS = (None, "k1", "k2", "k3")
+KD_ESTIMATORS = (None, "k1", "k2", "k3", "full")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class PolicyLossConfig:
           + kd_coef * kd_weight * KD(lp_T - lp)        if kd_estimator is set (KDRL; needs teacher_logp)
           - entropy_coef * entropy                     if entropy_coef != 0
 
-    with ``k3(x) = exp(x) - x - 1`` and KD ``k1 = -R``, ``k2 = R**2 / 2``, ``k3 = exp(R) - R - 1``.
+    with ``k3(x) = exp(x) - x - 1`` and KD ``k1 = -R``, ``k2 = R**2 / 2``, ``k3 = exp(R) - R - 1``
+    (``R = lp_T - lp``, sampled-token estimators of KL(student || teacher)), or ``"full"``: the
+    exact reverse KL over the whole vocabulary, from the teacher's hidden states and lm_head.
     KDRL is GRPO plus a KD term: set ``alpha=1.0`` with ``kd_estimator`` so the ratio stays the GRPO one.
 
     Fields:
@@ -43,7 +45,8 @@ class PolicyLossConfig:
         teacher_clamp: bound ``c > 0`` on ``|lp - lp_T|`` in the geometric TRRD ratio, or None.
         dual_clip: dual-clip constant (> 1) bounding the loss of A < 0 tokens, or None.
         mixture: "geometric" (RLAD) or "arithmetic".
-        kd_estimator: None, "k1", "k2" or "k3": sampled-token reverse-KL estimator of KDRL.
+        kd_estimator: None, "k1", "k2", "k3" (sampled-token reverse-KL estimators of KDRL) or
+            "full" (exact reverse KL; the call then needs teacher_hidden and teacher_weight).
         kd_coef: weight of the KD term (>= 0).
         ref_kl_coef: weight of the k3 KL to a reference policy (>= 0; needs ref_logp when > 0).
         entropy_coef: entropy bonus weight (the loss subtracts ``entropy_coef * entropy``).
