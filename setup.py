@@ -17,14 +17,19 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rlad_kernels", "rlad_kernels.*", "rlad", "rlad.*"]),
-    package_data={"rlad_kernels": ["ops/*/README.md"]},
+    package_data={"rlad_kernels": ["ops/*/README.md"], "rlad": ["assets/tokenizer/*"]},
     install_requires=[
         # install the CPU or CUDA build of torch you want first; this range accepts 2.4 and later
         "torch>=2.4",
         "triton>=3.0",
         "transformers>=4.45",
+        "tokenizers>=0.19",
         "numpy",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
+    entry_points={"console_scripts": ["rlad=rlad.cli:main"]},
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.5"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "matplotlib>=3.7"],

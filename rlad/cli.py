@@ -1,0 +1,115 @@
+"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+def _train(args) -> int:
+    from .config import config_from_args
+    from .train import train
+
+    cfg = config_from_args(args)
+    train(cfg)
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .evaluate import evaluate
+    from .models import load_model
+    from .report import markdown_table
+    from .tasks import get_task
+    from .tokenizer import load_tokenizer
+    from .train import progress, resolve_device
+
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.tokenizer or (args.model if not args.model.startswith(("preset:", "config:")) else None))
+    model = load_model(args.model, tok, device=device).eval()
+    task = get_task(args.task, args.reward)
+    levels = args.levels or list(task.levels)
+    examples = task.sample(random.Random(args.seed + 1_000_003), args.prompts, levels)
+    bar = progress(args.quiet, total=len(examples), desc="eval")
+    res = evaluate(model, tok, task, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
+                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, progress=bar)
+    bar.close()
+    metrics = [k for k in res if "/" not in k]
+    rows = [(f"level {lv}", *(res.get(f"{m}/L{lv}", float("nan")) for m in metrics)) for lv in sorted(set(levels))]
+    rows.append(("all", *(res[m] for m in metrics)))
+    print(markdown_table(["", *metrics], rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_arguments
+
+    p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
+                                "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,eval}")
+
+    d = sub.add_parser("demo", help="train a small teacher, distill a smaller student with RLAD (CPU, minutes)")
+    d.add_argument("--out-dir", default="runs/demo", help="where models, metrics and plots go (default: runs/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a student (rlad, grpo, kdrl, opd, sft)",
+                       description="Settings come from the defaults, then --config YAML, then these flags.")
+    t.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_config_arguments(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")
+    e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")
+    e.add_argument("--task", default="arithmetic", help="knights, arithmetic, echo or jsonl:<path>")
+    e.add_argument("--reward", default="exact", help="reward for jsonl tasks")
+    e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: all)")
+    e.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--prompt-template", default="{prompt}\n")
+    e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars and log lines describe the run
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rlad {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlad {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

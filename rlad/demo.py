@@ -1,0 +1,143 @@
+"""The built-in demo: train a small teacher, then distill a smaller student with RLAD, on CPU.
+
+1. Teacher: a 0.8M-parameter Llama-style model learns the arithmetic task (level 1) by
+   supervised fine-tuning on generated worked solutions that end in the checkable ``#### 12``.
+2. Student: a 0.1M-parameter model is warmed up on a mixed-style corpus: the same worked
+   solutions, but most of them end in prose ("..., so the answer is 12") that the verifier
+   cannot read, as a small model distilled from heterogeneous data often does. This is the
+   "before" row: it often knows the sum but rarely states it in the checkable form.
+3. RLAD: the student samples its own solutions, gets the rule-based reward, and its PPO ratio
+   is anchored to the geometric mixture of its old policy and the teacher (TRRD). Reward and
+   teacher agree on the checkable form, so the student moves to it while keeping its
+   arithmetic; the table shows greedy accuracy and mean@4 (sampled) before and after.
+
+Everything is generated on the fly (no download); models, metrics and plots land in
+``out_dir``. ``rlad demo`` runs it; it takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from rlad_kernels import linear_logprobs
+
+from .config import TrainConfig
+from .evaluate import evaluate
+from .models import decoder_hidden, lm_head, load_model
+from .report import markdown_table
+from .rollout import from_pairs
+from .tasks import ANSWER_MARK, Example, Task, get_task
+from .tokenizer import load_tokenizer
+from .train import progress, train
+
+TEMPLATE = "{prompt}\n"
+
+
+class ProseStyle(Task):
+    """``task``'s examples, with a fraction of the worked solutions ending in prose instead of
+    ``#### answer`` (the warm-up corpus of the demo's student)."""
+
+    def __init__(self, task: Task, prose_fraction: float):
+        self.task, self.prose_fraction = task, prose_fraction
+        self.name, self.levels = f"{task.name}-prose", task.levels
+
+    def make(self, rng: random.Random, level: int) -> Example:
+        ex = self.task.make(rng, level)
+        if rng.random() < self.prose_fraction:
+            ex.solution = ex.solution.replace(f"{ANSWER_MARK} ", "so the answer is ")
+        return ex
+
+
+def sft_on_solutions(model, tok, task: Task, levels: Sequence[int], *, steps: int, batch: int, lr: float, seed: int,
+                     desc: str, quiet: bool = False) -> float:
+    """Supervised fine-tuning on the task's worked solutions (token-mean NLL through the fused op).
+    Returns the last loss."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
+    device = next(model.parameters()).device
+    model.train()
+    bar = progress(quiet, total=steps, desc=desc)
+    loss_v = float("nan")
+    for _ in range(steps):
+        exs = task.sample(rng, batch, levels)
+        roll = from_pairs(tok, exs, [e.solution for e in exs], None, template=TEMPLATE, device=device)
+        h = decoder_hidden(model, roll.input_ids, roll.attention_mask, roll.position_ids)[:, :-1]
+        w, b = lm_head(model)
+        lp = linear_logprobs(h, w, roll.targets, bias=b)
+        loss = -lp.sum() / roll.response_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_v = float(loss.detach())
+        bar.update(1)
+        bar.set_postfix(nll=f"{loss_v:.3f}")
+    bar.close()
+    print(f"{desc}: {steps} steps, final NLL {loss_v:.4f}", flush=True)
+    return loss_v
+
+
+def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_steps: int = 40,
+             teacher_steps: int = 500, warmup_steps: int = 300, prose_fraction: float = 0.6) -> Dict:
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = load_tokenizer()
+    task = get_task("arithmetic")
+    levels = [1]
+    n_eval, k = 200, 4
+    eval_set = task.sample(random.Random(seed + 1_000_003), n_eval, levels)
+
+    def score_model(model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2_000_003)
+            return evaluate(model, tok, task, eval_set, template=TEMPLATE, max_new_tokens=32, samples=k)
+
+    print(f"[1/3] teacher: supervised fine-tuning on worked solutions ({teacher_steps} steps)", flush=True)
+    teacher = load_model("preset:tiny-teacher", tok, seed=seed + 1)
+    sft_on_solutions(teacher, tok, task, levels, steps=teacher_steps, batch=64, lr=3e-3, seed=seed + 11,
+                     desc="teacher SFT", quiet=quiet)
+    teacher.save_pretrained(out / "teacher")
+    tok.save_pretrained(out / "teacher")
+    teacher_res = score_model(teacher)
+
+    print(f"[2/3] student: warm-up on a mixed-style corpus ({warmup_steps} steps; {prose_fraction:.0%} of the "
+          f"solutions end in prose the verifier cannot read)", flush=True)
+    student = load_model("preset:tiny-student", tok, seed=seed + 2)
+    sft_on_solutions(student, tok, ProseStyle(task, prose_fraction), levels, steps=warmup_steps, batch=64, lr=3e-3,
+                     seed=seed + 12, desc="student warm-up", quiet=quiet)
+    student.save_pretrained(out / "student_init")
+    tok.save_pretrained(out / "student_init")
+
+    print(f"[3/3] RLAD: {rl_steps} steps of TRRD (alpha 0.5) with the teacher", flush=True)
+    cfg = TrainConfig(out_dir=str(out / "rlad"), seed=seed, student=str(out / "student_init"),
+                      teacher=str(out / "teacher"), algo="rlad", task="arithmetic", levels=levels, steps=rl_steps,
+                      prompts_per_step=16, group_size=8, max_new_tokens=32, lr=3e-4, warmup_steps=5, schedule="cosine",
+                      alpha=0.5,
+                      mini_batches=1, eval_every=10, eval_prompts=n_eval, eval_samples=k, save_every=0,
+                      quiet=quiet)
+    summary = train(cfg)
+    before, after = summary["start"], summary["final"]
+
+    def params(m):
+        return f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+
+    rows = [("student before RLAD", params(student), before["accuracy"], before[f"mean@{k}"]),
+            ("student after RLAD", params(student), after["accuracy"], after[f"mean@{k}"]),
+            ("teacher", params(teacher), teacher_res["accuracy"], teacher_res[f"mean@{k}"])]
+    table = markdown_table(["model", "params", "greedy accuracy", f"mean@{k} (T=1)"], rows)
+    minutes = (time.perf_counter() - t_start) / 60
+    text = (f"Held-out accuracy on {n_eval} arithmetic problems (level 1):\n\n{table}\n\n"
+            f"plots: {summary['plots']}\nmetrics: {out / 'rlad' / 'metrics.jsonl'}\n"
+            f"student checkpoint: {summary['checkpoint']}/model\nwall time: {minutes:.1f} min")
+    (out / "demo.md").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    return {"before": before, "after": after, "teacher": teacher_res, "minutes": minutes}

@@ -1,0 +1,90 @@
+"""Student, teacher and reference models: any ``transformers`` causal LM.
+
+A model is named by a local path or hub id (``from_pretrained``), a JSON config file
+(``config:path.json``, random init) or a built-in preset (``preset:<name>``, random init;
+the demo and the tests use these). The fused ops take the decoder's final hidden states and
+``get_output_embeddings().weight``; nothing here runs the model's full-logits forward.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+
+# Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
+PRESETS = {
+    "tiny-teacher": (128, 4, 4, 2, 384),
+    "tiny-student": (64, 2, 4, 2, 192),
+    "micro": (32, 1, 2, 1, 64),
+}
+
+
+def preset_config(name: str, vocab_size: int, max_positions: int = 1024):
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    hidden, layers, heads, kv, inter = PRESETS[name]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def load_model(spec: str, tokenizer, *, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 0):
+    """A causal LM from a path / hub id, ``config:<file.json>`` or ``preset:<name>``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.startswith("preset:") or spec.startswith("config:"):
+        if spec.startswith("preset:"):
+            config = preset_config(spec[len("preset:"):], len(tokenizer))
+        else:
+            path = spec[len("config:"):]
+            try:
+                with open(path) as f:
+                    config = AutoConfig.for_model(**json.load(f))
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot read model config {path!r}: {e}") from e
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device)
+
+
+def lm_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); rlad needs a causal LM")
+    return head.weight, getattr(head, "bias", None)
+
+
+def decoder_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Final hidden states [B, L, H] of the decoder (after its final norm), no logits."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: str = "teacher") -> None:
+    """Student and teacher must score the same token ids. A teacher with a padded (larger) lm_head
+    is fine; a smaller one, or a different tokenizer, is refused."""
+    vs = lm_head(student)[0].shape[0]
+    vt = lm_head(teacher)[0].shape[0]
+    n = len(tokenizer)
+    if vs < n:
+        raise ValueError(f"the student's lm_head has {vs} rows but the tokenizer has {n} tokens")
+    if vt < vs:
+        raise ValueError(f"the {role}'s vocabulary ({vt}) is smaller than the student's ({vs}): they do not "
+                         f"share a tokenizer; distillation needs the same token ids on both sides")
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the {role}'s tokenizer differs from the student's; distillation needs the same "
+                         f"token ids on both sides")

@@ -1,0 +1,126 @@
+"""Metrics as JSONL, the per-step log line, PNG plots and the summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+# metric -> (log-line label, format); the log line shows those present, in this order
+LOG_LINE = (
+    ("reward", "reward", "{:.3f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("response_len", "len", "{:.1f}"),
+    ("loss", "loss", "{:+.4f}"),
+    ("clip_frac_pos", "clip+", "{:.3f}"),
+    ("clip_frac_neg", "clip-", "{:.3f}"),
+    ("ratio_mean", "ratio", "{:.3f}"),
+    ("teacher_clamp_frac", "clamp", "{:.3f}"),
+    ("teacher_gap", "gap", "{:+.3f}"),
+    ("entropy_mean", "ent", "{:.3f}"),
+    ("kd_mean", "kd", "{:.4f}"),
+    ("divergence", "div", "{:.4f}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+)
+
+
+def log_line(step: int, total: int, m: Dict[str, float]) -> str:
+    parts = [f"step {step:>{len(str(total))}d}/{total}"]
+    for key, label, fmt in LOG_LINE:
+        if key in m and m[key] is not None and math.isfinite(m[key]):
+            parts.append(f"{label} {fmt.format(m[key])}")
+    if m.get("nan_skips"):
+        parts.append(f"nan-skips {int(m['nan_skips'])}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Append-only JSONL; ``rewind(step)`` drops records past a resumed checkpoint."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: Dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def records(self) -> List[Dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+        return out
+
+    def rewind(self, step: int) -> None:
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+
+PANELS = (
+    ("reward / accuracy", ("reward", "accuracy")),
+    ("held-out accuracy", ("eval/accuracy",)),
+    ("loss", ("loss",)),
+    ("clip fractions", ("clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac")),
+    ("entropy", ("entropy_mean",)),
+    ("response length", ("response_len",)),
+    ("teacher", ("teacher_gap", "kd_mean", "divergence")),
+    ("ratio", ("ratio_mean",)),
+)
+
+
+def plot(records: Sequence[Dict], path, title: str = "") -> Optional[Path]:
+    """One PNG with a panel per metric group present in the records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name, keys in PANELS:
+        series = {}
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None and math.isfinite(r[k])]
+            if pts:
+                series[k] = pts
+        if series:
+            panels.append((name, series))
+    if not panels:
+        return None
+    cols = 2
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels):
+        for k, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=k)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    def cell(x):
+        return f"{x:.3f}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

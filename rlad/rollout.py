@@ -1,0 +1,171 @@
+"""Rollouts: G sampled responses per prompt, rewards, and per-token scoring with the fused op.
+
+Sequences are ``[bos] prompt-template response [eos]`` with prompts left-padded (as
+``generate`` wants them) and responses right-padded. ``targets[b, j]`` is the token at
+``j + 1`` when it belongs to the response (including its EOS), else -100, so every per-token
+tensor has shape ``[B, L - 1]`` and lines up with ``hidden[:, :-1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from rlad_kernels import linear_logprobs
+
+from .models import decoder_hidden, lm_head
+from .tasks import Example, Task
+
+IGNORE = -100
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor        # [B, L]
+    attention_mask: torch.Tensor   # [B, L]
+    position_ids: torch.Tensor     # [B, L]
+    targets: torch.Tensor          # [B, L-1], IGNORE outside responses
+    examples: List[Example]        # one per group (B / G)
+    texts: List[str]               # decoded responses
+    rewards: torch.Tensor          # [B]
+    group_size: int
+    old_logp: Optional[torch.Tensor] = None      # [B, L-1]
+    teacher_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None    # [B]
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.targets != IGNORE
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """Rows ``idx`` (a micro-batch); per-group fields are kept whole."""
+        def s(t):
+            return t[idx] if isinstance(t, torch.Tensor) else t
+        return Rollout(s(self.input_ids), s(self.attention_mask), s(self.position_ids), s(self.targets),
+                       self.examples, [self.texts[i] for i in idx.tolist()], s(self.rewards), self.group_size,
+                       s(self.old_logp), s(self.teacher_logp), s(self.ref_logp), s(self.advantages),
+                       {k: s(v) for k, v in self.extras.items()})
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = [template.format(prompt=p) for p in prompts]
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = [bos + ids for ids in enc]
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, P - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def assemble(prompt_ids, prompt_mask, response_ids, eos_id: int, pad_id: int):
+    """Join left-padded prompts [B, P] with responses [B, T] (cut after their first EOS)."""
+    B, P = prompt_ids.shape
+    T = response_ids.shape[1]
+    is_eos = response_ids == eos_id
+    # a response keeps its tokens up to and including the first EOS
+    before_eos = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() == 0
+    resp_mask = before_eos.long()
+    response_ids = torch.where(before_eos, response_ids, torch.full_like(response_ids, pad_id))
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+    targets = torch.full((B, P + T - 1), IGNORE, dtype=torch.long, device=prompt_ids.device)
+    targets[:, P - 1:] = torch.where(before_eos, response_ids, torch.full_like(response_ids, IGNORE))
+    return input_ids, attention_mask, targets
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group_size: int, temperature: float,
+             top_p: float, max_new_tokens: int, template: str, greedy: bool = False) -> Rollout:
+    """Sample ``group_size`` responses per example (greedy: one each) and score them with the task."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
+    G = 1 if greedy else group_size
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         num_return_sequences=G, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **kw)
+    model.train(was_training)
+    P = prompt_ids.shape[1]
+    prompt_ids = prompt_ids.repeat_interleave(G, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(G, dim=0)
+    response = out[:, P:]
+    if response.shape[1] == 0:  # max_new_tokens reached nothing (cannot happen with max_new_tokens >= 1)
+        raise RuntimeError("generate returned no new tokens")
+    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, response, tokenizer.eos_token_id,
+                                                  tokenizer.pad_token_id)
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+             for r, m in zip(response, attention_mask[:, P:])]
+    rewards = torch.tensor([task.reward(examples[i // G], t) for i, t in enumerate(texts)], dtype=torch.float32,
+                           device=device)
+    return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G)
+
+
+@torch.no_grad()
+def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_rows: Optional[int] = None,
+          impl: Optional[str] = None) -> torch.Tensor:
+    """Per-token log-probs [B, L-1] (float32) of the rollout's response tokens under ``model``.
+
+    ``head_rows`` cuts a padded lm_head to the student's vocabulary (a teacher scoring student
+    tokens normalizes over the same V columns as the student)."""
+    weight, bias = lm_head(model)
+    if head_rows is not None:
+        weight = weight[:head_rows]
+        bias = bias[:head_rows] if bias is not None else None
+    out = torch.zeros(roll.targets.shape, dtype=torch.float32, device=roll.targets.device)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(roll), micro_batch):
+        sl = slice(i, i + micro_batch)
+        h = decoder_hidden(model, roll.input_ids[sl], roll.attention_mask[sl], roll.position_ids[sl])
+        out[sl] = linear_logprobs(h[:, :-1], weight, roll.targets[sl], bias=bias, temperature=temperature,
+                                  impl=impl).float()
+    model.train(was_training)
+    return out
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = True) -> torch.Tensor:
+    """GRPO: (R - mean_G R) / (std_G R + 1e-6) per group (std_norm=False: Dr. GRPO, no division)."""
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if std_norm:
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-6)
+    return adv.reshape(-1)
+
+
+def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str], task: Optional[Task], *,
+               template: str, device) -> Rollout:
+    """A batch of given (prompt, response) pairs, e.g. solutions to train on with SFT."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    T = max(len(r) for r in rows)
+    resp = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, resp.to(device), tokenizer.eos_token_id,
+                                                  tokenizer.pad_token_id)
+    rewards = torch.tensor([task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses)],
+                           dtype=torch.float32, device=device)
+    return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), list(responses),
+                   rewards, 1)

@@ -1,0 +1,48 @@
+"""Arithmetic with a short chain of thought, and a trivial echo task for quick learning tests."""
+
+from __future__ import annotations
+
+import random
+
+from .base import ANSWER_MARK, Example, Task
+
+
+class Arithmetic(Task):
+    """Level L (1..5): L + 1 operands joined by + and -; operands below 10 at level 1, below 100 above.
+
+    The worked solution folds left one operation at a time: ``12+35=47, 47-8=39 #### 39``.
+    """
+
+    name = "arithmetic"
+    levels = (1, 2, 3, 4, 5)
+
+    def make(self, rng: random.Random, level: int) -> Example:
+        hi = 10 if level == 1 else 100
+        nums = [rng.randrange(hi) for _ in range(level + 1)]
+        ops = [rng.choice("+-") for _ in range(level)]
+        expr = str(nums[0]) + "".join(f"{o}{x}" for o, x in zip(ops, nums[1:]))
+        acc, steps = nums[0], []
+        for o, x in zip(ops, nums[1:]):
+            new = acc + x if o == "+" else acc - x
+            steps.append(f"{acc}{o}{x}={new}")
+            acc = new
+        return Example(prompt=f"Compute {expr}.", answer=str(acc), level=level,
+                       solution=f"{', '.join(steps)} {ANSWER_MARK} {acc}", meta={"expr": expr})
+
+    def check(self, example: Example, answer: str) -> bool:
+        try:
+            return int(answer.strip().rstrip(".")) == int(example.answer)
+        except ValueError:
+            return False
+
+
+class Echo(Task):
+    """Level L: repeat an L-digit number. Trivial on purpose: a tiny model learns it in seconds,
+    which makes it the task of the quick learning tests."""
+
+    name = "echo"
+    levels = (1, 2, 3)
+
+    def make(self, rng: random.Random, level: int) -> Example:
+        x = "".join(rng.choice("0123456789") for _ in range(level))
+        return Example(prompt=f"Echo {x}.", answer=x, level=level, solution=f"{ANSWER_MARK} {x}")

@@ -1,0 +1,59 @@
+"""Verifiable tasks: a generator of prompts with known answers, and a rule-based reward.
+
+Every response is expected to end with ``#### <answer>``; the reward is 1 when the extracted
+answer matches the reference (task-specific normalization), else 0.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+ANSWER_MARK = "####"
+
+
+@dataclass
+class Example:
+    """One problem. ``solution`` is a worked solution ending with ``#### answer`` (for SFT)."""
+
+    prompt: str
+    answer: str
+    level: int = 0
+    solution: Optional[str] = None
+    meta: Dict = field(default_factory=dict)
+
+
+def extract_answer(response: str) -> Optional[str]:
+    """The text after the last ``####`` on its line, stripped; None when there is no marker."""
+    if ANSWER_MARK not in response:
+        return None
+    tail = response.rsplit(ANSWER_MARK, 1)[1]
+    return tail.strip().splitlines()[0].strip() if tail.strip() else ""
+
+
+class Task(ABC):
+    """Base class: subclasses set ``name``, ``levels`` and implement ``make`` (and ``check``)."""
+
+    name: str = "task"
+    levels: Sequence[int] = (0,)
+
+    @abstractmethod
+    def make(self, rng: random.Random, level: int) -> Example:
+        """One example of difficulty ``level``, drawn with ``rng``."""
+
+    def check(self, example: Example, answer: str) -> bool:
+        return answer.strip() == example.answer.strip()
+
+    def reward(self, example: Example, response: str) -> float:
+        answer = extract_answer(response)
+        return 1.0 if answer is not None and self.check(example, answer) else 0.0
+
+    def sample(self, rng: random.Random, n: int, levels: Optional[Sequence[int]] = None) -> List[Example]:
+        """n examples, levels drawn uniformly from ``levels`` (default: all of the task's)."""
+        levels = list(levels) if levels else list(self.levels)
+        bad = [lv for lv in levels if lv not in self.levels]
+        if bad:
+            raise ValueError(f"task {self.name!r} has levels {list(self.levels)}, got {bad}")
+        return [self.make(rng, rng.choice(levels)) for _ in range(n)]

@@ -1,0 +1,383 @@
+"""The rlad training loop: RL-aware distillation (RLAD / TRRD) and its baselines, top to bottom.
+
+Each step:
+  1. draw ``prompts_per_step`` problems from the task;
+  2. sample ``group_size`` responses per prompt from the student (Hugging Face ``generate``) and
+     score them with the task's rule-based reward;
+  3. group advantages ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO);
+  4. per-token log-probs of the sampled tokens under the old student, the teacher and the
+     reference model, with the fused op (no ``[tokens x vocab]`` logits);
+  5. ``ppo_epochs`` passes of ``mini_batches`` optimizer steps with the algorithm's loss,
+     gradient accumulation over micro-batches with one global normalizer;
+  6. log, evaluate, checkpoint (atomically).
+
+Algorithms (``--algo``), each a few lines in ``micro_loss``:
+  rlad  TRRD: the PPO ratio anchored to pi_old^alpha * pi_teacher^(1 - alpha)
+  grpo  plain GRPO / PPO-clip
+  kdrl  GRPO + beta_t * KD(student || teacher), k1/k2/k3 on sampled tokens or the exact
+        full-vocabulary reverse KL; beta linearly annealed; no KD on rewarded responses
+  opd   on-policy distillation: full-vocabulary JSD_beta / reverse KL on student samples, or
+        the sampled-token form with per-token advantage -(lp - lp_teacher)
+  sft   offline distillation: NLL on teacher solutions, kept only when correct
+
+Simplifications: one process (scale out with torchrun/FSDP2 around the same loss), the
+teacher and reference run in the same process, sampling and training use the same weights
+(no separate inference engine), and the old policy's log-probs are recomputed by the trainer.
+
+    rlad train --algo rlad --teacher preset:tiny-teacher --task arithmetic --steps 50
+    rlad train --config run.yaml --lr 5e-5          # YAML, then flag overrides
+    rlad train --config run.yaml --resume true      # continue after a crash
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .evaluate import evaluate
+from .models import check_vocab, decoder_hidden, lm_head, load_model
+from .report import MetricsLog, log_line, markdown_table, plot
+from .rollout import IGNORE, Rollout, from_pairs, generate, group_advantages, score
+from .tasks import get_task
+from .tokenizer import load_tokenizer
+
+FAULT_KILL_STEP = "RLAD_FAULT_KILL_STEP"  # test hook: SIGKILL this process during that step's update
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config: device={spec!r} but CUDA is not available; use device=cpu or auto")
+    return dev
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def progress(quiet: bool, **kw):
+    """A progress bar on a terminal; nothing when ``quiet`` or when the output is not a terminal
+    (log files get the per-step lines instead)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kw)
+
+
+def tokenizer_for(cfg: TrainConfig):
+    spec = cfg.tokenizer
+    if spec is None and not cfg.student.startswith(("preset:", "config:")):
+        spec = cfg.student
+    return load_tokenizer(spec)
+
+
+def frozen(model):
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    def f(i: int) -> float:
+        if cfg.warmup_steps and i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (i - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return f
+
+
+def kd_coef(cfg: TrainConfig, step: int) -> float:
+    """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min)."""
+    return max(cfg.kd_beta - cfg.kd_beta_decay * step, cfg.kd_beta_min)
+
+
+def policy_config(cfg: TrainConfig, step: int) -> PolicyLossConfig:
+    common = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, teacher_clamp=cfg.teacher_clamp,
+                  dual_clip=cfg.dual_clip, mixture=cfg.mixture, ref_kl_coef=cfg.ref_kl_coef,
+                  entropy_coef=cfg.entropy_coef)
+    if cfg.algo == "rlad":
+        return PolicyLossConfig(alpha=cfg.alpha, **common)
+    if cfg.algo == "kdrl":
+        return PolicyLossConfig(alpha=1.0, kd_estimator=cfg.kd_estimator, kd_coef=kd_coef(cfg, step), **common)
+    return PolicyLossConfig(alpha=1.0, **common)  # grpo, opd (sampled)
+
+
+# ----------------------------------------------------------------------------- rollouts
+def collect(cfg, student, teacher, ref, tok, task, examples, sft_pool, step) -> Rollout:
+    """The step's batch: sampled responses with rewards, advantages and per-token log-probs."""
+    V = lm_head(student)[0].shape[0]
+    if cfg.algo == "sft":  # offline distillation: the teacher's correct solutions, drawn from the pool
+        picks = [sft_pool[i] for i in torch.randint(len(sft_pool), (cfg.prompts_per_step,)).tolist()]
+        roll = from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.prompt_template,
+                          device=next(student.parameters()).device)
+        return roll
+    roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
+                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+    kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size)
+    needs_ratio = cfg.algo != "opd" or cfg.opd_kind == "sampled"
+    if needs_ratio:
+        roll.old_logp = score(student, roll, **kw)
+    if cfg.algo in ("rlad", "kdrl") or (cfg.algo == "opd" and cfg.opd_kind == "sampled"):
+        roll.teacher_logp = score(teacher, roll, head_rows=V, **kw)
+    if ref is not None:
+        roll.ref_logp = score(ref, roll, **kw)
+    roll.advantages = group_advantages(roll.rewards, cfg.group_size, cfg.adv_std_norm)
+    if cfg.algo == "opd" and cfg.opd_kind == "sampled":  # reverse KL per token as the advantage
+        roll.extras["token_adv"] = torch.where(roll.response_mask, roll.teacher_logp - roll.old_logp, 0.0)
+    if cfg.algo == "kdrl":
+        keep = (roll.rewards < 1.0) if cfg.kd_reward_mask else torch.ones_like(roll.rewards, dtype=torch.bool)
+        roll.extras["kd_weights"] = keep.float()[:, None].expand(roll.targets.shape).contiguous()
+    return roll
+
+
+def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
+    """Offline distillation data: the teacher samples solutions; only correct ones are kept."""
+    rng = random.Random(seed)
+    examples = task.sample(rng, cfg.sft_prompts, levels)
+    pool = []
+    bar = progress(cfg.quiet, total=len(examples), desc="teacher solutions", leave=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(examples), cfg.prompts_per_step):
+            chunk = examples[i:i + cfg.prompts_per_step]
+            roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
+                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+            pool += [(chunk[j // roll.group_size], text) for j, text in enumerate(roll.texts)
+                     if roll.rewards[j] >= 1.0]
+            bar.update(len(chunk))
+    bar.close()
+    if not pool:
+        raise RuntimeError("sft: the teacher solved none of the prompts, so there is nothing to distill; "
+                           "check the teacher, the task and max_new_tokens")
+    return pool
+
+
+# ----------------------------------------------------------------------------- the loss
+def micro_loss(cfg, student, teacher, mb: Rollout, normalizer, token_weights, step: int, V: int):
+    """The algorithm's loss on one micro-batch, already divided by the global normalizer."""
+    h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+    weight, bias = lm_head(student)
+    targets = mb.targets
+
+    def teacher_hidden():
+        with torch.no_grad():
+            ht = decoder_hidden(teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+        wt, bt = lm_head(teacher)
+        return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
+
+    if cfg.algo == "sft":
+        lp = linear_logprobs(h, weight, targets, bias=bias)
+        w = token_weights if token_weights is not None else 1.0
+        loss = -(lp * w).sum() / normalizer
+        return loss, {"nll": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
+    if cfg.algo == "opd" and cfg.opd_kind != "sampled":
+        ht, wt, bt = teacher_hidden()
+        kind, beta = ("jsd", cfg.opd_beta) if cfg.opd_kind == "jsd" else ("reverse_kl", 0.5)
+        loss = linear_divergence(h, weight, ht, wt, kind=kind, beta=beta, temperature=cfg.temperature,
+                                 student_bias=bias, teacher_bias=bt, mask=mb.response_mask,
+                                 token_weights=token_weights, normalizer=normalizer, reduction="mean")
+        return loss, {"divergence": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
+    # policy-gradient family: rlad, grpo, kdrl, opd (sampled)
+    if "token_adv" in mb.extras:
+        adv = mb.extras["token_adv"]
+    else:
+        adv = mb.advantages[:, None].expand(targets.shape)
+    kw = {}
+    pcfg = policy_config(cfg, step)
+    if pcfg.kd_estimator == "full":
+        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden()))
+    out = linear_policy_loss(h, weight, targets, adv, mb.old_logp,
+                             teacher_logp=mb.teacher_logp if cfg.algo in ("rlad", "kdrl") else None,
+                             ref_logp=mb.ref_logp, token_weights=token_weights,
+                             kd_weights=mb.extras.get("kd_weights"), normalizer=normalizer, bias=bias,
+                             temperature=cfg.temperature, config=pcfg, **kw)
+    return out.loss, {k: float(v) for k, v in out.metrics.items()}
+
+
+def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
+    """(normalizer, token weights [B, L-1] | None) of one optimizer step over rows ``idx``:
+    global over all of its micro-batches, so accumulation gives the full batch's gradient."""
+    mask = roll.response_mask
+    if cfg.aggregation == "token_mean":
+        return mask[idx].sum().clamp_min(1).float(), None
+    count = torch.tensor(float(len(idx)), device=mask.device)
+    if cfg.aggregation == "seq_mean":  # every sequence weighs 1/|o_i|; the weights cover all rows
+        per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
+        return count, per_seq.expand(roll.targets.shape)
+    return count * cfg.max_new_tokens, None
+
+
+def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp, state) -> Dict[str, float]:
+    """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
+    gradient skips the optimizer step (counted in ``state['nan_skips']``)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    V = lm_head(student)[0].shape[0]
+    stats = defaultdict(list)
+    fault = os.environ.get(FAULT_KILL_STEP)
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(len(roll), device=roll.input_ids.device)
+        for mini in perm.chunk(cfg.mini_batches):
+            norm, tw = normalizer_for(cfg, roll, mini)
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=norm.device)
+            for micro in mini.split(cfg.micro_batch_size):
+                with amp():
+                    loss, m = micro_loss(cfg, student, teacher, roll.select(micro), norm,
+                                         tw[micro] if tw is not None else None, step, V)
+                loss.backward()
+                total = total + loss.detach()
+                for k, v in m.items():
+                    stats[k].append(v)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not (torch.isfinite(total) and torch.isfinite(gnorm)):
+                optimizer.zero_grad(set_to_none=True)
+                state["nan_skips"] += 1
+                print(f"step {step}: non-finite loss ({float(total):.4g}) or gradient norm ({float(gnorm):.4g}); "
+                      f"optimizer step skipped ({state['nan_skips']} so far)", flush=True)
+                continue
+            optimizer.step()
+            scheduler.step()
+            stats["loss"].append(float(total))
+            stats["grad_norm"].append(float(gnorm))
+            if fault is not None and int(fault) == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: TrainConfig) -> Dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    amp = autocast_for(cfg, device)
+    torch.manual_seed(cfg.seed)
+    data_rng = random.Random(cfg.seed)
+
+    tok = tokenizer_for(cfg)
+    task = get_task(cfg.task, cfg.reward)
+    levels = list(cfg.levels) or list(task.levels)
+    student = load_model(cfg.student, tok, device=device, seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+    teacher = None
+    if cfg.teacher and cfg.algo != "grpo":
+        teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1))
+        check_vocab(student, teacher, tok)
+    ref = None
+    if cfg.ref_kl_coef > 0:
+        ref = frozen(load_model(cfg.ref, tok, device=device) if cfg.ref else copy.deepcopy(student))
+        check_vocab(student, ref, tok, role="reference model")
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg, cfg.steps * cfg.ppo_epochs * cfg.mini_batches))
+    eval_set = task.sample(random.Random(cfg.seed + 1_000_003), cfg.eval_prompts, levels)  # held out, fixed
+    sft_pool = build_sft_pool(cfg, teacher, tok, task, levels, cfg.seed + 7) if cfg.algo == "sft" else None
+
+    log = MetricsLog(out / "metrics.jsonl")
+    state = {"step": 0, "nan_skips": 0}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print(f"resume: no complete checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
+    if ckpt is not None:
+        saved = load_checkpoint(ckpt, student)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"], data_rng)
+        state.update(saved["state"])
+        changed = {k for k, v in saved["config"].items() if cfg.to_dict().get(k) != v} - {"resume", "quiet"}
+        if changed:
+            print(f"resume: settings differ from the checkpoint's: {sorted(changed)}", flush=True)
+        log.rewind(state["step"])
+        print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+    else:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if log.path.exists():
+            log.path.unlink()
+
+    def run_eval(step):
+        bar = progress(cfg.quiet, total=len(eval_set), desc="eval", leave=False)
+        # its own random stream, so evaluating (or not) never changes the training run
+        with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 2_000_003)
+            res = evaluate(student, tok, task, eval_set, template=cfg.prompt_template,
+                           max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
+                           temperature=cfg.temperature, top_p=cfg.top_p, progress=bar)
+        bar.close()
+        log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})
+        return res
+
+    if state["step"] == 0:
+        first = run_eval(0)
+        print(f"eval step 0: accuracy {first['accuracy']:.3f}", flush=True)
+    bar = progress(cfg.quiet, total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps")
+    for step in range(state["step"], cfg.steps):
+        t0 = time.perf_counter()
+        student.eval()
+        with amp():
+            roll = collect(cfg, student, teacher, ref, tok, task, task.sample(data_rng, cfg.prompts_per_step, levels),
+                           sft_pool, step)
+        t_roll = time.perf_counter() - t0
+        student.train()
+        m = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
+        dt = time.perf_counter() - t0
+        tokens = int(roll.response_mask.sum())
+        m.update(reward=float(roll.rewards.mean()), accuracy=float((roll.rewards >= 1).float().mean()),
+                 response_len=float(roll.lengths.float().mean()), lr=scheduler.get_last_lr()[0],
+                 tokens_per_s=tokens * (1 + cfg.ppo_epochs) / dt, rollout_s=t_roll, step_s=dt,
+                 nan_skips=state["nan_skips"])
+        if cfg.algo == "kdrl":
+            m["kd_coef"] = kd_coef(cfg, step)
+        state["step"] = step + 1
+        log.write({"step": step + 1, **m})
+        bar.write(log_line(step + 1, cfg.steps, m))
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.3f}")
+        last = step + 1 == cfg.steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) and not last:
+            res = run_eval(step + 1)
+            bar.write(f"eval step {step + 1}: accuracy {res['accuracy']:.3f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+            save_checkpoint(out, step + 1, student, tok, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(data_rng),
+                "state": dict(state), "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+    bar.close()
+
+    final = run_eval(cfg.steps)
+    records = log.records()
+    plot_path = plot(records, out / "curves.png", title=f"{cfg.algo} on {cfg.task}")
+    first = next((r for r in records if r.get("eval") and r["step"] == 0), None)
+    rows = [(k, first.get(f"eval/{k}") if first else "n/a", v) for k, v in final.items()]
+    table = markdown_table(["metric", "start", "end"], rows)
+    summary = {"algo": cfg.algo, "task": cfg.task, "steps": cfg.steps, "nan_skips": state["nan_skips"],
+               "final": final, "start": {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")},
+               "plots": str(plot_path) if plot_path else None,
+               "checkpoint": str(latest_checkpoint(out))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(f"# {cfg.algo} on {cfg.task}\n\n{table}\n")
+    print(f"\n{table}\n\nmetrics: {log.path}\nplots: {plot_path}\ncheckpoint: {summary['checkpoint']}", flush=True)
+    return summary

@@ -1,0 +1,83 @@
+"""Rollouts: the trainer's per-token log-probs are the sampler's, targets line up with tokens,
+evaluation metrics, and the ``rlad eval`` command."""
+
+import random
+from math import comb
+
+import pytest
+import torch
+
+from rlad.cli import main
+from rlad.evaluate import pass_at_k
+from rlad.models import load_model
+from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, score
+from rlad.tasks import Arithmetic
+from rlad.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_old_logprobs_equal_the_samplers(tok):
+    """Recomputed log-probs (fused op, same temperature) equal what ``generate`` sampled from."""
+    torch.manual_seed(0)
+    model = load_model("preset:tiny-student", tok, seed=3).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)  # a peaked distribution
+    exs = Arithmetic().sample(random.Random(5), 3, [1, 2])
+    ids, mask = encode_prompts(tok, [e.prompt for e in exs], "{prompt}\n", "cpu")
+    T = 0.7
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=T,
+                         top_p=1.0, top_k=0, num_return_sequences=2, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    P = ids.shape[1]
+    resp = out.sequences[:, P:]
+    sampler = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, resp[..., None])[..., 0]
+    inp, am, tg = assemble(ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), resp, tok.eos_token_id,
+                           tok.pad_token_id)
+    roll = Rollout(inp, am, positions(am), tg, exs, [""] * len(inp), torch.zeros(len(inp)), 2)
+    ours = score(model, roll, temperature=T, micro_batch=4)[:, P - 1:]
+    m = roll.response_mask[:, P - 1:]
+    assert m.sum() > 10
+    torch.testing.assert_close(ours[m], sampler[m], rtol=0, atol=1e-4)
+
+
+def test_assemble_cuts_at_eos_and_aligns_targets():
+    pad, eos = 0, 2
+    prompt = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    pmask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    resp = torch.tensor([[11, eos, 13], [14, 15, 16]])  # row 0 ends early; row 1 hits the length limit
+    ids, am, tg = assemble(prompt, pmask, resp, eos, pad)
+    assert ids.tolist() == [[pad, 5, 6, 11, eos, pad], [7, 8, 9, 14, 15, 16]]
+    assert am.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # targets[j] is the token at j + 1 when it is part of the response
+    assert tg.tolist() == [[IGNORE, IGNORE, 11, eos, IGNORE], [IGNORE, IGNORE, 14, 15, 16]]
+    assert positions(am).tolist() == [[0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5]]
+
+
+def test_from_pairs_scores_the_given_solution(tok):
+    ex = Arithmetic().make(random.Random(1), 2)
+    roll = from_pairs(tok, [ex], [ex.solution], Arithmetic(), template="{prompt}\n", device="cpu")
+    text = tok.decode(roll.input_ids[0][roll.response_mask[0].nonzero().flatten() + 1], skip_special_tokens=True)
+    assert text == ex.solution and roll.rewards.item() == 1.0
+
+
+def test_pass_at_k_matches_its_definition():
+    for n, c, k in [(10, 3, 1), (10, 3, 4), (8, 0, 2), (5, 5, 5), (6, 2, 5)]:
+        expected = 1 - comb(n - c, k) / comb(n, k) if n - c >= k else 1.0
+        assert abs(pass_at_k(n, c, k) - expected) < 1e-12
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+
+
+def test_eval_command(tmp_path, tok, capsys):
+    model = load_model("preset:micro", tok, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--levels", "1", "2", "--prompts", "6",
+               "--samples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "res.json"), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| level 1 |" in out and "| level 2 |" in out and "pass@2" in out
+    assert (tmp_path / "res.json").is_file()
