@@ -13,6 +13,7 @@ from ..logprobs.api import linear_logprobs, logprobs_2d, prepare_linear
 from ..logprobs.naive import compute_dtype
 from .config import PolicyLossConfig
 from .math import STAT_INDEX, finalize_metrics, policy_token_loss, reduce_token_stats
+from .chunked import policy_loss_chunked
 from .triton_impl import policy_loss_triton
 
 _TOKEN_INPUTS = ("advantages", "old_logp", "teacher_logp", "ref_logp", "token_weights", "kd_weights")
@@ -161,7 +162,12 @@ def _policy_core(li, given, cfg, norm, ignore_index):
         with torch.autocast(li.hidden.device.type, enabled=False):
             return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
                                       ignore_index)
-    lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)
+    if li.impl == "torch":
+        tok = {k: (v.detach().reshape(-1) if v is not None else None) for k, v in given.items()}
+        with torch.autocast(li.hidden.device.type, enabled=False):
+            return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
+                                       ignore_index)
+    lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)  # naive: autograd through materialized logits
     tok = {k: (v.detach().reshape(-1).to(lp.dtype) if v is not None else None) for k, v in given.items()}
     valid = li.targets != ignore_index
     loss_t, stats = policy_token_loss(lp, tok["advantages"], tok["old_logp"], cfg,

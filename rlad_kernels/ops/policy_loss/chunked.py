@@ -1,0 +1,124 @@
+"""Vocab-chunked PyTorch policy loss with the gradient formed in the forward pass.
+
+The loss is a scalar, so its gradient w.r.t. hidden / weight / bias is known up to the
+upstream scalar as soon as each token's log-prob is: for every chunk of C tokens this path
+computes the chunk's ``[C, V]`` logits once, the per-token loss and its derivatives (autograd
+through ``math.policy_token_loss``, the single definition of the math), and immediately the
+chunk's contributions to dX, dW and db. The backward only scales them by ``grad_output``.
+
+That is three GEMMs per token like the eager loss (no recompute), with O(N) + O(C x V) memory
+instead of O(N x V): dX and dW are the gradients themselves (float32 accumulation of dW when
+the weight is 16-bit). When no gradient is needed, only the loss and metrics are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..logprobs.chunked import ScaledHead, mul_safe
+from ..logprobs.naive import compute_dtype
+from .math import STAT_FIELDS, policy_token_loss, reduce_token_stats
+
+CHUNK_BYTES = 64 << 20  # one [C, V] logits block in the compute dtype
+
+
+class ChunkedPolicyLoss(torch.autograd.Function):
+    """Returns (loss, stat sums, logp [N], entropy [N] | None); only ``loss`` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tok, normalizer, cfg, scale: float, ignore_index: int):
+        cdt = compute_dtype(hidden.dtype)
+        N, V = hidden.shape[0], weight.shape[0]
+        dev = hidden.device
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grads = need_x or need_w or need_b
+        head = ScaledHead(weight, bias, scale, cdt)
+        idx = (targets != ignore_index).nonzero().squeeze(1)
+        Nv = idx.numel()
+        t = {k: (v.index_select(0, idx).to(cdt) if v is not None else None) for k, v in tok.items()}
+        w_all = t["token_weights"] if t["token_weights"] is not None else torch.ones(Nv, dtype=cdt, device=dev)
+        if normalizer is None:
+            wsum = w_all.sum()
+            normalizer = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+        norm = normalizer.to(cdt)
+        want_ent = cfg.needs_entropy
+        lp_v = torch.empty(Nv, dtype=cdt, device=dev)
+        ent_v = torch.empty(Nv, dtype=cdt, device=dev) if want_ent else None
+        dx = torch.zeros((N, hidden.shape[1]), dtype=cdt, device=dev) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=cdt, device=dev) if need_w else None
+        db = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
+        sums = None
+        C = max(1, CHUNK_BYTES // (V * torch.finfo(cdt).bits // 8))
+        W = head.w(0, V)
+        for c0 in range(0, Nv, C):
+            c1 = min(c0 + C, Nv)
+            rows = idx[c0:c1]
+            x = hidden.index_select(0, rows).to(cdt)
+            z = head.tile(x * scale, 0, V)                         # [C, V], the only logits block alive
+            lse = torch.logsumexp(z, dim=-1)
+            lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit is bad input, not certainty
+            yc = targets.index_select(0, rows)
+            lp = z.gather(-1, yc[:, None])[:, 0] - lse
+            zs = z.sub_(lse[:, None])                               # log p, in place
+            p = torch.exp(zs)
+            ent = -mul_safe(p, zs, head.neg_inf).sum(-1) if want_ent else None
+            # the per-token math, and its derivatives w.r.t. lp and entropy, by autograd
+            sl = slice(c0, c1)
+            with torch.enable_grad():
+                lp_l = lp.detach().requires_grad_(grads)
+                ent_l = ent.detach().requires_grad_(grads and cfg.entropy_coef != 0.0) if ent is not None else None
+                loss_t, stats = policy_token_loss(lp_l, t["advantages"][sl], t["old_logp"][sl], cfg,
+                                                  teacher_logp=_part(t["teacher_logp"], sl),
+                                                  ref_logp=_part(t["ref_logp"], sl), entropy=ent_l,
+                                                  kd_weights=_part(t["kd_weights"], sl))
+                valid = torch.ones_like(lp, dtype=torch.bool)
+                part = reduce_token_stats(loss_t, stats, w_all[sl], valid)
+                if grads:
+                    wanted = [lp_l] + ([ent_l] if ent_l is not None and ent_l.requires_grad else [])
+                    g = torch.autograd.grad(part[0], wanted)
+            sums = part.detach() if sums is None else sums + part.detach()
+            lp_v[sl] = lp.detach()
+            if ent_v is not None:
+                ent_v[sl] = ent
+            if not grads:
+                continue
+            g_lp = g[0] / norm * scale                               # w.r.t. the unscaled logits
+            dz = p.mul_(-g_lp[:, None])                              # -g p (p is reused in place)
+            dz.scatter_add_(1, yc[:, None], g_lp[:, None])           # + g onehot
+            if len(g) > 1:                                           # entropy: -h p (z - E_p[z]) = -h p (log p + H)
+                g_e = (g[1] / norm * scale)[:, None]
+                dz.sub_(mul_safe(torch.exp(zs), zs + ent[:, None], head.neg_inf) * g_e)
+            if need_x:
+                dx.index_copy_(0, rows, dz @ W)
+            if need_w:
+                dw.addmm_(dz.T, x)
+            if need_b:
+                db += dz.sum(0)
+        if sums is None:  # no valid token
+            sums = torch.zeros(len(STAT_FIELDS), dtype=cdt, device=dev)
+        loss = sums[0] / norm
+        lp_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, lp_v)
+        ent_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, ent_v) if want_ent else None
+        ctx.save_for_backward(dx, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(sums, lp_out, *([ent_out] if ent_out is not None else []))
+        return loss, sums, lp_out, ent_out
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
+        dx, dw, db = ctx.saved_tensors
+        hd, wd, bd = ctx.dtypes
+        scale = g_loss
+
+        def out(t, dt):
+            return (t * scale.to(t.dtype)).to(dt) if t is not None else None
+        return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None
+
+
+def _part(t, sl):
+    return t[sl] if t is not None else None
+
+
+def policy_loss_chunked(x, w, b, y, tok, normalizer, cfg, scale, ignore_index):
+    return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, scale, ignore_index)
