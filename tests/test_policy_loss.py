@@ -253,3 +253,19 @@ def test_full_kd_errors(device):
         linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt.clone().requires_grad_(), config=cfg)
     with pytest.raises(ValueError, match="logit_scale=1 only"):
         linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt, config=cfg, logit_scale=2.0)
+
+
+def test_torch_backward_runs_once(device):
+    """The torch policy path forms its gradients in the forward: a second backward of the same
+    graph is refused rather than silently scaling them twice."""
+    hidden, weight, b, targets, tok = branch_inputs(N=16, seed=19)
+    w = weight.clone().requires_grad_()
+    out = linear_policy_loss(hidden, w, targets, tok["advantages"], tok["old_logp"], impl="torch")
+    (2.0 * out.loss).backward(retain_graph=True)
+    w64 = weight.double().requires_grad_()
+    ref = linear_policy_loss(hidden.double(), w64, targets, tok["advantages"].double(), tok["old_logp"].double(),
+                             impl="naive")
+    (2.0 * ref.loss).backward()
+    assert_rel(w.grad, w64.grad, 1e-5, "d_weight scaled by the upstream gradient")
+    with pytest.raises(RuntimeError, match="backward can run once per forward"):
+        out.loss.backward()

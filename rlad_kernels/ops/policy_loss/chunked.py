@@ -107,12 +107,17 @@ class ChunkedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
+        # the gradients were formed in the forward; scale them in place (no second V x H buffer),
+        # which is why this backward can run only once per forward
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the torch policy loss forms its gradients in the forward pass, so its backward can "
+                               "run once per forward; recompute the loss instead of backward(retain_graph=True)")
+        ctx.consumed = True
         dx, dw, db = ctx.saved_tensors
         hd, wd, bd = ctx.dtypes
-        scale = g_loss
 
         def out(t, dt):
-            return (t * scale.to(t.dtype)).to(dt) if t is not None else None
+            return t.mul_(g_loss.to(t.dtype)).to(dt) if t is not None else None
         return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None
 
 
