@@ -32,7 +32,7 @@ setup(
     entry_points={"console_scripts": ["rlad=rlad.cli:main"]},
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "liger-kernel>=0.5"],
-        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "matplotlib>=3.7"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.5", "cut-cross-entropy>=25.1"],
         "gpu": ["flash-attn>=2.6"],
     },
     classifiers=[

@@ -1,0 +1,12 @@
+"""Benchmark `linear_divergence (generalized JSD)` against the other providers.
+
+    python benchmarks/bench_divergence.py                      # DESIGN section 5 shapes on a GPU, small ones on a CPU
+    python benchmarks/bench_divergence.py --N 8192 --V 151936 --providers rlad-triton liger-grpo
+"""
+
+import sys
+
+from run import main
+
+if __name__ == "__main__":
+    sys.exit(main("divergence"))

@@ -1,0 +1,258 @@
+"""Shared benchmark harness: realistic inputs, timing, memory, long-format CSV rows, plots.
+
+Inputs are peaked like a trained LM's next-token distributions: the lm_head rows are scaled so
+a row's softmax has an entropy of a few nats (plain randn hidden states and weights give a
+nearly uniform distribution over the whole vocabulary, which flatters designs that skip
+near-zero gradient tiles less and designs that do not skip them more), and the targets are
+*sampled* from that softmax, as rollout tokens are. Per-token policy inputs: old log-probs
+near the current ones, teacher log-probs further away, advantages from a standard normal.
+
+Timing: ``triton.testing.do_bench`` (median and 20/80 quantiles) on CUDA; on CPU the same
+quantiles over wall-clock repetitions. Memory on CUDA: peak allocated during the call, as an
+increment over what was allocated before (the CCE way) and as an absolute peak (the Liger
+way). Modes: ``fwd`` (the loss with grad enabled), ``bwd`` (``loss.backward(retain_graph=True)``
+of an existing graph), ``full`` (both).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+CSV_FIELDS = ["date", "commit", "device", "torch", "triton", "op", "provider", "mode", "N", "H", "V", "H_t",
+              "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "mem_inc_mib", "mem_peak_mib", "status", "note"]
+MODES = ("fwd", "bwd", "full")
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why (it is written to the CSV)."""
+
+
+@dataclass
+class Shape:
+    N: int
+    H: int
+    V: int
+    H_t: Optional[int] = None
+    dtype: torch.dtype = torch.bfloat16
+    seq_len: int = 1024  # tokens per sequence, for providers that want [B, T, H]
+
+    @property
+    def label(self) -> str:
+        return f"N={self.N} H={self.H} V={self.V}" + (f" H_t={self.H_t}" if self.H_t else "")
+
+
+@dataclass
+class Provider:
+    name: str
+    make: Callable[[Dict[str, torch.Tensor]], Callable[[], torch.Tensor]]  # inputs -> closure returning a loss
+    note: str = ""
+    grads_in_forward: bool = False  # computes gradients inside its forward: no separate backward to time
+    leaves: List[str] = field(default_factory=lambda: ["hidden", "weight"])
+
+
+def env_info(device: torch.device) -> Dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = "none"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "commit": commit,
+            "device": name, "torch": torch.__version__, "triton": tv}
+
+
+def _peaked_weight(V: int, H: int, gen: torch.Generator, spread: float = 8.0) -> torch.Tensor:
+    return torch.randn(V, H, generator=gen) * (spread / math.sqrt(H))
+
+
+@torch.no_grad()
+def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int = 1024):
+    out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for i in range(0, hidden.shape[0], chunk):
+        p = torch.softmax(hidden[i:i + chunk].float() @ weight.float().T, dim=-1)
+        out[i:i + chunk] = torch.multinomial(p.cpu(), 1, generator=gen)[:, 0].to(hidden.device)
+    return out
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    to = dict(device=device, dtype=shape.dtype)
+    hidden = torch.randn(shape.N, shape.H, generator=gen)
+    weight = _peaked_weight(shape.V, shape.H, gen)
+    inputs = {"hidden": hidden.to(**to), "weight": weight.to(**to)}
+    inputs["targets"] = _sample_targets(inputs["hidden"], inputs["weight"], gen)
+    lp = torch.full((shape.N,), -1.0)
+    inputs["advantages"] = torch.randn(shape.N, generator=gen).to(device)
+    inputs["old_logp"] = (lp + 0.1 * torch.randn(shape.N, generator=gen)).to(device)
+    inputs["teacher_logp"] = (lp + torch.randn(shape.N, generator=gen)).to(device)
+    if shape.H_t:
+        inputs["teacher_hidden"] = torch.randn(shape.N, shape.H_t, generator=gen).to(**to)
+        inputs["teacher_weight"] = _peaked_weight(shape.V, shape.H_t, gen).to(**to)
+    return inputs
+
+
+def _quantiles(fn: Callable[[], None], device: torch.device, reps: int, grad_to_none=None):
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+        return p50, p20, p80
+    times = []
+    fn()  # warm-up
+    for _ in range(reps):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def flops(op: str, shape: Shape, mode: str) -> float:
+    """FLOPs the numbers are normalized to: the GEMM work of the op, 2NHV forward and 4NHV
+    backward (6NHV for fwd+bwd), so designs that recompute pay visibly."""
+    fwd = 2 * shape.N * shape.H * shape.V
+    bwd = 4 * shape.N * shape.H * shape.V
+    if op == "divergence" and shape.H_t:
+        fwd += 2 * shape.N * shape.H_t * shape.V  # the teacher's logits are part of the forward
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def run(op: str, provider: Provider, shape: Shape, inputs: Dict[str, torch.Tensor], modes: Iterable[str],
+        device: torch.device, reps: int = 5) -> List[Dict]:
+    """Rows for one provider at one shape; a provider that cannot run yields rows that say why."""
+    rows = []
+    base = dict(op=op, provider=provider.name, N=shape.N, H=shape.H, V=shape.V, H_t=shape.H_t or "",
+                dtype=str(shape.dtype).replace("torch.", ""), note=provider.note)
+    leaves = []
+    for name in provider.leaves:
+        t = inputs[name].detach().requires_grad_()
+        inputs = dict(inputs, **{name: t})
+        leaves.append(t)
+    try:
+        closure = provider.make(inputs)
+    except Unavailable as e:
+        return [dict(base, mode=m, status="unavailable", note=str(e)) for m in modes]
+    for mode in modes:
+        row = dict(base, mode=mode)
+        if mode == "bwd" and provider.grads_in_forward:
+            rows.append(dict(row, status="n/a", note="gradients are computed in the forward; see fwd and full"))
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            if mode == "fwd":
+                fn = closure
+            elif mode == "bwd":
+                y = closure()
+                fn = lambda: y.backward(retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: closure().backward()  # noqa: E731
+            fn()  # compile / warm up outside the measurement
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+                row["mem_inc_mib"] = round((peak - before) / 2**20, 1)
+                row["mem_peak_mib"] = round(peak / 2**20, 1)
+            p50, p20, p80 = _quantiles(fn, device, reps, grad_to_none=leaves)
+            row.update(ms_p50=round(p50, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3),
+                       tflops=float(f"{flops(op, shape, mode) / (p50 * 1e-3) / 1e12:.4g}"), status="ok")
+        except Unavailable as e:
+            row.update(status="unavailable", note=str(e))
+        except torch.OutOfMemoryError as e:  # eager providers at large N
+            row.update(status="oom", note=str(e).splitlines()[0][:120])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - a provider's failure is a result, not a crash of the sweep
+            row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        finally:
+            for t in leaves:
+                t.grad = None
+        rows.append(row)
+    return rows
+
+
+def append_csv(rows: List[Dict], env: Dict[str, str], path: Path = RESULTS / "bench.csv") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, env.get(k, "")) for k in CSV_FIELDS})
+    return path
+
+
+def print_rows(rows: List[Dict]) -> None:
+    for r in rows:
+        if r.get("status") == "ok":
+            mem = f"{r['mem_inc_mib']:>9} MiB" if "mem_inc_mib" in r else ""
+            print(f"  {r['provider']:<22} {r['mode']:<5} {r['ms_p50']:>10.2f} ms  {r['tflops']:>7.1f} TF/s {mem}")
+        else:
+            print(f"  {r['provider']:<22} {r['mode']:<5} {r['status']}: {r.get('note', '')}")
+
+
+def plot(csv_path: Path = RESULTS / "bench.csv", out_dir: Path = RESULTS) -> List[Path]:
+    """Time and incremental memory vs N, one line per provider, one figure per (op, V, mode, device)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["V"], r["mode"], r["device"]), []).append(r)
+    paths = []
+    for (op, V, mode, dev), rs in sorted(groups.items()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        for prov in sorted({r["provider"] for r in rs}):
+            pts = sorted((int(r["N"]), float(r["ms_p50"]), r["mem_inc_mib"]) for r in rs if r["provider"] == prov)
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            mem = [(p[0], float(p[2])) for p in pts if p[2] not in ("", None)]
+            if mem:
+                axes[1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=prov)
+        axes[0].set(title=f"{op} {mode}: time", xlabel="tokens N", ylabel="ms (median)", xscale="log", yscale="log")
+        axes[1].set(title="incremental peak memory", xlabel="tokens N", ylabel="MiB", xscale="log", yscale="log")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle(f"V={V} on {dev}", fontsize=9)
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() else "_" for c in dev)[:40]
+        p = out_dir / f"{op}_V{V}_{mode}_{safe}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths

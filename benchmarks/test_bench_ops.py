@@ -1,0 +1,49 @@
+"""pytest-benchmark suite at small shapes; runs anywhere, CPU included:
+
+    pytest benchmarks/ --benchmark-only
+
+One fwd+bwd benchmark per (op, provider). A provider that cannot run on this machine is
+reported as skipped with its reason, never dropped silently. The large-shape sweeps with CSV
+output are the bench_*.py scripts.
+"""
+
+import pytest
+import torch
+
+from harness import Shape, Unavailable, make_inputs
+from providers import PROVIDERS
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPE = Shape(N=512, H=128, V=4096, H_t=160, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32,
+              seq_len=256)
+CASES = [(op, p.name) for op in PROVIDERS for p in PROVIDERS[op](SHAPE.seq_len)]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_inputs(SHAPE, DEVICE)
+
+
+@pytest.mark.parametrize("op,name", CASES, ids=[f"{op}-{name}" for op, name in CASES])
+def test_fwd_bwd(benchmark, inputs, op, name):
+    prov = {p.name: p for p in PROVIDERS[op](SHAPE.seq_len)}[name]
+    x = dict(inputs)
+    leaves = []
+    for key in prov.leaves:
+        x[key] = x[key].detach().requires_grad_()
+        leaves.append(x[key])
+    try:
+        closure = prov.make(x)
+    except Unavailable as e:
+        pytest.skip(f"{name}: {e}")
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        closure().backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = op
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
