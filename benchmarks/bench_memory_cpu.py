@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         rows.append(dict(base, ms_p50=round(m["ms"], 1), mem_inc_mib=round(m["inc_mib"], 1),
                          mem_peak_mib=round(m["peak_mib"], 1), status="ok",
                          note=f"CPU peak RSS (VmHWM) over {m['base_mib']:.0f} MiB of inputs; one run"))
-        print(f"  {p:<14} {m['ms']:>9.0f} ms   +{m['inc_mib']:>8.1f} MiB over the inputs (peak {m['peak_mib']:.0f} MiB)")
+        print(f"  {p:<14} {m['ms']:>9.0f} ms   +{m['inc_mib']:>8.1f} MiB over the inputs "
+              f"(peak {m['peak_mib']:.0f} MiB)")
     if not args.no_csv:
         print(f"appended {len(rows)} rows to {append_csv(rows, env)}")
     return 0

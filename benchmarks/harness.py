@@ -75,7 +75,10 @@ def env_info(device: torch.device) -> Dict[str, str]:
         tv = triton.__version__
     except Exception:  # pragma: no cover
         tv = "none"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "commit": commit,
             "device": name, "torch": torch.__version__, "triton": tv}
 

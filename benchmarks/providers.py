@@ -114,7 +114,8 @@ def logprob_providers(seq_len: int) -> List[Provider]:
     def upstream(x):
         gen = torch.Generator().manual_seed(1)
         n = x["hidden"].shape[0]
-        return torch.randn(n, generator=gen).to(x["hidden"].device), torch.randn(n, generator=gen).to(x["hidden"].device)
+        dev = x["hidden"].device
+        return torch.randn(n, generator=gen).to(dev), torch.randn(n, generator=gen).to(dev)
 
     def ours(impl):
         def make(x):

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
 
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
 
@@ -23,18 +28,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g)
-    # scaled so each row's softmax is peaked (a few dominant tokens), as in a trained LM
-    weight = torch.randn(v, h, generator=g) * (6.0 / h ** 0.5)
-    targets = torch.randint(0, v, (n,), generator=g)
-    lp = torch.full((n,), -1.0)
-    adv = torch.randn(n, generator=g)
-    old = lp + 0.1 * torch.randn(n, generator=g)
-    teacher = lp + torch.randn(n, generator=g)
-    to = dict(device=device)
-    return (hidden.to(device=device, dtype=dtype).requires_grad_(), weight.to(device=device, dtype=dtype).requires_grad_(),
-            targets.to(**to), adv.to(**to), old.to(**to), teacher.to(**to))
+    """Peaked, sampled inputs from the benchmark harness, with hidden and weight as leaves."""
+    x = harness.make_inputs(harness.Shape(N=n, H=h, V=v, dtype=dtype), torch.device(device), seed)
+    return (x["hidden"].requires_grad_(), x["weight"].requires_grad_(), x["targets"], x["advantages"],
+            x["old_logp"], x["teacher_logp"])
 
 
 def step(op, impl, inputs):

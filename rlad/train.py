@@ -41,7 +41,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -52,7 +52,7 @@ from .config import TrainConfig
 from .evaluate import evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model
 from .report import MetricsLog, log_line, markdown_table, plot
-from .rollout import IGNORE, Rollout, from_pairs, generate, group_advantages, score
+from .rollout import Rollout, from_pairs, generate, group_advantages, score
 from .tasks import get_task
 from .tokenizer import load_tokenizer
 

@@ -117,6 +117,6 @@ class TritonDivergence(torch.autograd.Function):
 
 
 def divergence_triton(hs, ws, bs, ht, wt, bt, valid, kind, beta, scale):
-    check_triton_dtypes(hs, ws)
-    check_triton_dtypes(ht, wt)
+    check_triton_dtypes(hs, ws, "student_")
+    check_triton_dtypes(ht, wt, "teacher_")
     return TritonDivergence.apply(hs, ws, bs, ht, wt, bt, valid, kind, beta, scale)

@@ -78,9 +78,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def check_triton_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+def check_triton_dtypes(hidden: torch.Tensor, weight: torch.Tensor, prefix: str = "") -> None:
     ok = (torch.float32, torch.bfloat16, torch.float16)
-    for name, t in (("hidden", hidden), ("weight", weight)):
+    for name, t in ((prefix + "hidden", hidden), (prefix + "weight", weight)):
         if t.dtype not in ok:
             raise TypeError(f"impl='triton' supports float32/bfloat16/float16 {name}, got {t.dtype}; "
                             f"use impl='torch' or impl='naive' for {t.dtype}")

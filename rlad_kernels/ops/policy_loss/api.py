@@ -123,7 +123,8 @@ def linear_policy_loss(
     if full_kd:  # the policy part without KD, then the exact KL term with the same normalizer
         cdt = compute_dtype(li.hidden.dtype)
         w = given["token_weights"]
-        w = w.detach().reshape(-1).to(cdt) if w is not None else torch.ones(valid.shape, dtype=cdt, device=hidden.device)
+        w = (w.detach().reshape(-1).to(cdt) if w is not None
+             else torch.ones(valid.shape, dtype=cdt, device=hidden.device))
         if norm is None:
             wsum = torch.where(valid, w, torch.zeros_like(w)).sum()
             norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
