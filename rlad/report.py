@@ -13,6 +13,7 @@ LOG_LINE = (
     ("accuracy", "acc", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
     ("loss", "loss", "{:+.4f}"),
+    ("nll", "nll", "{:.4f}"),
     ("clip_frac_pos", "clip+", "{:.3f}"),
     ("clip_frac_neg", "clip-", "{:.3f}"),
     ("ratio_mean", "ratio", "{:.3f}"),

@@ -167,8 +167,8 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
             bar.update(len(chunk))
     bar.close()
     if not pool:
-        raise RuntimeError("sft: the teacher solved none of the prompts, so there is nothing to distill; "
-                           "check the teacher, the task and max_new_tokens")
+        raise ValueError("sft: the teacher solved none of the prompts, so there is nothing to distill; "
+                         "check the teacher, the task and max_new_tokens")
     return pool
 
 
@@ -346,8 +346,9 @@ def train(cfg: TrainConfig) -> Dict:
         m = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
         dt = time.perf_counter() - t0
         tokens = int(roll.response_mask.sum())
-        m.update(reward=float(roll.rewards.mean()), accuracy=float((roll.rewards >= 1).float().mean()),
-                 response_len=float(roll.lengths.float().mean()), lr=scheduler.get_last_lr()[0],
+        if cfg.algo != "sft":  # sft trains on the teacher's correct solutions: their reward is 1 by construction
+            m.update(reward=float(roll.rewards.mean()), accuracy=float((roll.rewards >= 1).float().mean()))
+        m.update(response_len=float(roll.lengths.float().mean()), lr=scheduler.get_last_lr()[0],
                  tokens_per_s=tokens * (1 + cfg.ppo_epochs) / dt, rollout_s=t_roll, step_s=dt,
                  nan_skips=state["nan_skips"])
         if cfg.algo == "kdrl":

@@ -72,10 +72,11 @@ def triton_config(**kwargs):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs follow torch's matmul precision setting (tf32 only if the user allowed it)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """float32 inputs follow torch's matmul precision setting (tf32 only if the user allowed it);
+    16-bit inputs take Triton's default (the setting only concerns float32 operands)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def check_triton_dtypes(hidden: torch.Tensor, weight: torch.Tensor, prefix: str = "") -> None:
