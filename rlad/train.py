@@ -357,7 +357,7 @@ def train(cfg: TrainConfig) -> Dict:
         log.write({"step": step + 1, **m})
         bar.write(log_line(step + 1, cfg.steps, m))
         bar.update(1)
-        bar.set_postfix(reward=f"{m['reward']:.3f}")
+        bar.set_postfix({k: f"{m[k]:.3f}" for k in ("reward", "nll", "divergence") if k in m})
         last = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) and not last:
             res = run_eval(step + 1)
