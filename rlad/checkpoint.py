@@ -94,6 +94,7 @@ def load_checkpoint(path, model) -> Dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path / "model", dtype=next(model.parameters()).dtype)
-    model.load_state_dict(loaded.state_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(path / "model")
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.state_dict().items()})
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)

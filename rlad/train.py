@@ -278,17 +278,20 @@ def train(cfg: TrainConfig) -> Dict:
     tok = tokenizer_for(cfg)
     task = get_task(cfg.task, cfg.reward)
     levels = list(cfg.levels) or list(task.levels)
-    student = load_model(cfg.student, tok, device=device, seed=cfg.seed)
+    # trained parameters in float32 (bf16 autocast on GPU); frozen models in bf16 on GPU
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = load_model(cfg.student, tok, device=device, seed=cfg.seed, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.train()
     teacher = None
     if cfg.teacher and cfg.algo != "grpo":
-        teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1))
+        teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1, dtype=frozen_dtype))
         check_vocab(student, teacher, tok)
     ref = None
     if cfg.ref_kl_coef > 0:
-        ref = frozen(load_model(cfg.ref, tok, device=device) if cfg.ref else copy.deepcopy(student))
+        ref = frozen(load_model(cfg.ref, tok, device=device, dtype=frozen_dtype) if cfg.ref
+                     else copy.deepcopy(student).to(frozen_dtype))
         check_vocab(student, ref, tok, role="reference model")
 
     params = [p for p in student.parameters() if p.requires_grad]
