@@ -173,7 +173,7 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
 
 
 # ----------------------------------------------------------------------------- the loss
-def micro_loss(cfg, student, teacher, mb: Rollout, normalizer, token_weights, step: int, V: int):
+def micro_loss(cfg, student, teacher, mb: Rollout, normalizer, token_weights, step: int):
     """The algorithm's loss on one micro-batch, already divided by the global normalizer."""
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
     weight, bias = lm_head(student)
@@ -231,7 +231,6 @@ def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int
     """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
     gradient skips the optimizer step (counted in ``state['nan_skips']``)."""
     params = [p for p in student.parameters() if p.requires_grad]
-    V = lm_head(student)[0].shape[0]
     stats = defaultdict(list)
     fault = os.environ.get(FAULT_KILL_STEP)
     for _ in range(cfg.ppo_epochs):
@@ -243,7 +242,7 @@ def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int
             for micro in mini.split(cfg.micro_batch_size):
                 with amp():
                     loss, m = micro_loss(cfg, student, teacher, roll.select(micro), norm,
-                                         tw[micro] if tw is not None else None, step, V)
+                                         tw[micro] if tw is not None else None, step)
                 loss.backward()
                 total = total + loss.detach()
                 for k, v in m.items():

@@ -131,6 +131,12 @@ def check_token_tensor(name: str, t, shape: torch.Size, device: torch.device, *,
                          f"into it); pass {name}.detach()")
 
 
+def token_mean_normalizer(weight_sum: torch.Tensor) -> torch.Tensor:
+    """The default normalizer: the sum of token weights over valid tokens, or 1 when there are
+    none (an all-ignored batch then gives loss 0, not 0 / 0)."""
+    return torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+
+
 def as_normalizer(normalizer, device: torch.device) -> Optional[torch.Tensor]:
     """None, a positive number or a 1-element float tensor -> None or a detached float32 scalar."""
     if normalizer is None:

@@ -8,7 +8,7 @@ import torch
 
 from ...utils.dispatch import resolve_impl
 from ...utils.validation import (as_normalizer, check_choice, check_float_param, check_linear_inputs,
-                                 check_token_tensor)
+                                 check_token_tensor, token_mean_normalizer)
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive
 from .triton_impl import divergence_triton
@@ -130,6 +130,5 @@ def linear_divergence(
     if norm is None:
         if reduction == "sum":
             return total
-        wsum = torch.where(valid, w, zero).sum()
-        norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+        norm = token_mean_normalizer(torch.where(valid, w, zero).sum())
     return total / norm.to(D.dtype)

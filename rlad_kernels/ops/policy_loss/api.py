@@ -7,7 +7,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ...utils.validation import as_normalizer, check_token_tensor
+from ...utils.validation import as_normalizer, check_token_tensor, token_mean_normalizer
 from ..divergence.api import check_teacher, divergence_2d
 from ..logprobs.api import linear_logprobs, logprobs_2d, prepare_linear
 from ..logprobs.naive import compute_dtype
@@ -126,8 +126,7 @@ def linear_policy_loss(
         w = (w.detach().reshape(-1).to(cdt) if w is not None
              else torch.ones(valid.shape, dtype=cdt, device=hidden.device))
         if norm is None:
-            wsum = torch.where(valid, w, torch.zeros_like(w)).sum()
-            norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+            norm = token_mean_normalizer(torch.where(valid, w, torch.zeros_like(w)).sum())
         loss, sums, lp, ent = _policy_core(li, given, replace(cfg, kd_estimator=None), norm, ignore_index)
         kl = _full_reverse_kl(li, teacher_hidden, teacher_weight, teacher_bias, valid, temperature)
         kdw = given["kd_weights"]
@@ -177,7 +176,6 @@ def _policy_core(li, given, cfg, norm, ignore_index):
     w = tok["token_weights"] if tok["token_weights"] is not None else torch.ones_like(lp)
     sums = reduce_token_stats(loss_t, stats, w, valid)
     if norm is None:
-        wsum = sums[1]
-        norm = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+        norm = token_mean_normalizer(sums[1])
     loss = sums[0] / norm.to(sums.dtype)
     return loss, sums, lp.detach(), (ent.detach() if ent is not None else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ...utils.validation import token_mean_normalizer
 from ..logprobs.chunked import ScaledHead, mul_safe
 from ..logprobs.naive import compute_dtype
 from .math import STAT_FIELDS, policy_token_loss, reduce_token_stats
@@ -39,8 +40,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         t = {k: (v.index_select(0, idx).to(cdt) if v is not None else None) for k, v in tok.items()}
         w_all = t["token_weights"] if t["token_weights"] is not None else torch.ones(Nv, dtype=cdt, device=dev)
         if normalizer is None:
-            wsum = w_all.sum()
-            normalizer = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+            normalizer = token_mean_normalizer(w_all.sum())
         norm = normalizer.to(cdt)
         want_ent = cfg.needs_entropy
         lp_v = torch.empty(Nv, dtype=cdt, device=dev)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ...utils.validation import token_mean_normalizer
 from ..logprobs.triton_impl import Epilogue, backward_grads, check_triton_dtypes, forward_stats
 from .config import PolicyLossConfig
 from .math import STAT_FIELDS
@@ -54,8 +55,7 @@ class TritonPolicyLoss(torch.autograd.Function):
         glp = epi.pointers["glp_ptr"]
         gent = epi.pointers["gent_ptr"] if epi.flags["ENT_BONUS"] else None
         if normalizer is None:
-            wsum = sums[1]
-            normalizer = torch.where(wsum > 0, wsum, torch.ones_like(wsum))
+            normalizer = token_mean_normalizer(sums[1])
         loss = sums[0] / normalizer
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ez, glp, gent, normalizer)
         ctx.scale, ctx.ignore_index = scale, ignore_index
