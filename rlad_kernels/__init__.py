@@ -7,7 +7,7 @@ hidden states and the lm_head weight without materializing the ``[tokens x vocab
 from .modules import LinearLogprobs, LinearPolicyLoss
 from .ops.divergence.api import linear_divergence
 from .ops.logprobs.api import linear_logprobs
-from .ops.logprobs.triton_impl import TritonConfig, triton_config
+from .ops.common.launch import TritonConfig, triton_config
 from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
 from .ops.policy_loss.config import PolicyLossConfig
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -18,7 +16,7 @@ class LinearLogprobs(nn.Module):
     (and entropy); see :func:`rlad_kernels.linear_logprobs`."""
 
     def __init__(self, *, temperature: float = 1.0, logit_scale: float = 1.0, ignore_index: int = -100,
-                 return_entropy: bool = False, impl: Optional[str] = None):
+                 return_entropy: bool = False, impl: str | None = None):
         super().__init__()
         check_float_param("temperature", temperature, positive=True)
         check_float_param("logit_scale", logit_scale, positive=True)
@@ -26,7 +24,7 @@ class LinearLogprobs(nn.Module):
         self.return_entropy, self.impl = return_entropy, impl
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: Optional[torch.Tensor] = None):
+                bias: torch.Tensor | None = None):
         return linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
                                logit_scale=self.logit_scale, ignore_index=self.ignore_index,
                                return_entropy=self.return_entropy, impl=self.impl)
@@ -37,11 +35,19 @@ class LinearLogprobs(nn.Module):
 
 
 class LinearPolicyLoss(nn.Module):
-    """``LinearPolicyLoss(config)(hidden, weight, targets, advantages, old_logp, **per_token)``;
-    see :func:`rlad_kernels.linear_policy_loss`."""
+    """``LinearPolicyLoss(config)(hidden, weight, targets, advantages, old_logp, **inputs)``;
+    see :func:`rlad_kernels.linear_policy_loss`.
 
-    def __init__(self, config: Optional[PolicyLossConfig] = None, *, temperature: float = 1.0,
-                 logit_scale: float = 1.0, ignore_index: int = -100, impl: Optional[str] = None):
+    The module stores the settings (``config``, ``temperature``, ``logit_scale``,
+    ``ignore_index``, ``impl``); ``forward`` takes the tensors: every keyword argument of
+    ``linear_policy_loss`` that is not a setting (``teacher_logp``, ``ref_logp``,
+    ``token_weights``, ``kd_weights``, ``normalizer``, ``bias``, ``teacher_hidden``,
+    ``teacher_weight``, ``teacher_bias``) passes through unchanged."""
+
+    SETTINGS = ("config", "temperature", "logit_scale", "ignore_index", "impl")
+
+    def __init__(self, config: PolicyLossConfig | None = None, *, temperature: float = 1.0,
+                 logit_scale: float = 1.0, ignore_index: int = -100, impl: str | None = None):
         super().__init__()
         check_float_param("temperature", temperature, positive=True)
         check_float_param("logit_scale", logit_scale, positive=True)
@@ -49,13 +55,15 @@ class LinearPolicyLoss(nn.Module):
         self.temperature, self.logit_scale, self.ignore_index, self.impl = (
             temperature, logit_scale, ignore_index, impl)
 
-    def forward(self, hidden, weight, targets, advantages, old_logp, *, teacher_logp=None, ref_logp=None,
-                token_weights=None, kd_weights=None, normalizer=None, bias=None) -> PolicyLossOutput:
-        return linear_policy_loss(hidden, weight, targets, advantages, old_logp, teacher_logp=teacher_logp,
-                                  ref_logp=ref_logp, token_weights=token_weights, kd_weights=kd_weights,
-                                  normalizer=normalizer, bias=bias, temperature=self.temperature,
-                                  logit_scale=self.logit_scale, ignore_index=self.ignore_index,
-                                  config=self.config, impl=self.impl)
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+                old_logp: torch.Tensor, **inputs) -> PolicyLossOutput:
+        settings = sorted(set(inputs) & set(self.SETTINGS))
+        if settings:
+            raise TypeError(f"{settings} are settings of the module; pass them to LinearPolicyLoss(...), "
+                            f"not to forward")
+        return linear_policy_loss(hidden, weight, targets, advantages, old_logp, temperature=self.temperature,
+                                  logit_scale=self.logit_scale, ignore_index=self.ignore_index, config=self.config,
+                                  impl=self.impl, **inputs)
 
     def extra_repr(self) -> str:
         return f"{self.config}, temperature={self.temperature}, impl={self.impl}"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import assert_rel
 from rlad_kernels import linear_divergence, triton_config
-from rlad_kernels.ops.logprobs.chunked import CHUNKS
+from rlad_kernels.ops.common.chunked import CHUNKS
 
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.15), ("jsd", 0.9)]
 TOL = {torch.float32: dict(fwd=5e-6, grad=2e-5), torch.bfloat16: dict(fwd=5e-6, grad=1e-2)}

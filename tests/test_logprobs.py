@@ -11,7 +11,7 @@ import torch
 
 from helpers import assert_rel, make_lm_inputs
 from rlad_kernels import linear_logprobs, triton_config
-from rlad_kernels.ops.logprobs.chunked import CHUNKS
+from rlad_kernels.ops.common.chunked import CHUNKS
 
 SHAPES = [(1, 17, 37), (37, 45, 203), (70, 33, 129)]
 # relative error bounds vs the float64 reference: float32 inputs are computed in float32;

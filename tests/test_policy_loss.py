@@ -13,7 +13,7 @@ import torch
 
 from helpers import assert_rel, make_lm_inputs
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss, triton_config
-from rlad_kernels.ops.logprobs.chunked import CHUNKS
+from rlad_kernels.ops.common.chunked import CHUNKS
 
 CONFIGS = {
     "trrd": PolicyLossConfig(),

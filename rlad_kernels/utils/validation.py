@@ -150,3 +150,24 @@ def as_normalizer(normalizer, device: torch.device) -> Optional[torch.Tensor]:
         return normalizer.detach().reshape(()).float()
     check_float_param("normalizer", normalizer, positive=True)
     return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
+
+
+def check_teacher(teacher_hidden, teacher_weight, teacher_bias, student_shape, V: int, device: torch.device) -> None:
+    """The teacher's final hidden states ``[..., H_t]`` for the student's tokens and its lm_head
+    ``[V_t, H_t]`` with ``V_t >= V``, frozen, on the student's device."""
+    check_linear_inputs(teacher_hidden, teacher_weight, teacher_bias, hidden_name="teacher_hidden",
+                        weight_name="teacher_weight", bias_name="teacher_bias")
+    if tuple(teacher_hidden.shape[:-1]) != tuple(student_shape):
+        raise ValueError(f"teacher_hidden has token shape {tuple(teacher_hidden.shape[:-1])} but student_hidden has "
+                         f"{tuple(student_shape)}; both must hold the same tokens")
+    if teacher_weight.shape[0] < V:
+        raise ValueError(f"teacher vocabulary ({teacher_weight.shape[0]}) is smaller than the student's ({V}); "
+                         f"teacher and student must share a tokenizer (a padded, larger teacher vocabulary is fine)")
+    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but the teacher is frozen (no gradient flows into it); "
+                             f"pass {name}.detach() or compute it under torch.no_grad()")
+    if teacher_hidden.device != device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but the student's hidden states are on "
+                         f"{device}")

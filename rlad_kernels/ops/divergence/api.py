@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from ...utils.dispatch import resolve_impl
-from ...utils.validation import (as_normalizer, check_choice, check_float_param, check_linear_inputs,
+from ...utils.validation import (as_normalizer, check_choice, check_float_param, check_linear_inputs, check_teacher,
                                  check_token_tensor, token_mean_normalizer)
+from ..common.inputs import autocast_cast, rows
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive
 from .triton_impl import divergence_triton
@@ -30,22 +29,6 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
         return fn(hs, ws, bs, ht, wt, bt, valid, _CODES[kind], float(beta), 1.0 / float(temperature))
 
 
-def check_teacher(teacher_hidden, teacher_weight, teacher_bias, student_shape, V) -> None:
-    check_linear_inputs(teacher_hidden, teacher_weight, teacher_bias, hidden_name="teacher_hidden",
-                        weight_name="teacher_weight", bias_name="teacher_bias")
-    if tuple(teacher_hidden.shape[:-1]) != tuple(student_shape):
-        raise ValueError(f"teacher_hidden has token shape {tuple(teacher_hidden.shape[:-1])} but student_hidden has "
-                         f"{tuple(student_shape)}; both must hold the same tokens")
-    if teacher_weight.shape[0] < V:
-        raise ValueError(f"teacher vocabulary ({teacher_weight.shape[0]}) is smaller than the student's ({V}); "
-                         f"teacher and student must share a tokenizer (a padded, larger teacher vocabulary is fine)")
-    for name, t in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias)):
-        if t is not None and t.requires_grad:
-            raise ValueError(f"{name} requires grad, but the teacher is frozen (no gradient flows into it); "
-                             f"pass {name}.detach() or compute it under torch.no_grad()")
-
-
 def linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -55,13 +38,13 @@ def linear_divergence(
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
-    student_bias: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    token_weights: Optional[torch.Tensor] = None,
-    normalizer: Union[None, float, torch.Tensor] = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
     reduction: str = "mean",
-    impl: Optional[str] = None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary divergence between the student's and the teacher's next-token distributions.
 
@@ -93,10 +76,7 @@ def linear_divergence(
                         weight_name="student_weight", bias_name="student_bias")
     V = student_weight.shape[0]
     shape = student_hidden.shape[:-1]
-    check_teacher(teacher_hidden, teacher_weight, teacher_bias, shape, V)
-    if teacher_hidden.device != student_hidden.device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on "
-                         f"{student_hidden.device}")
+    check_teacher(teacher_hidden, teacher_weight, teacher_bias, shape, V, student_hidden.device)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
     check_float_param("beta", beta, low=0.0, high=1.0)
@@ -112,16 +92,10 @@ def linear_divergence(
     norm = as_normalizer(normalizer, student_hidden.device)
     impl = resolve_impl(impl, student_hidden.device)
 
-    hs, ws, bs, ht, wt, bt = student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
-    dev = hs.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        hs, ws, ht, wt = hs.to(dt), ws.to(dt), ht.to(dt), wt.to(dt)
-        bs = bs.to(dt) if bs is not None else None
-        bt = bt.to(dt) if bt is not None else None
+    hs, ws, bs, ht, wt, bt = autocast_cast(student_hidden.device.type, student_hidden, student_weight, student_bias,
+                                           teacher_hidden, teacher_weight, teacher_bias)
     valid = (mask if mask is not None else torch.ones(shape, dtype=torch.bool, device=hs.device)).reshape(-1)
-    D = divergence_2d(hs.reshape(-1, hs.shape[-1]).contiguous(), ws, bs, ht.reshape(-1, ht.shape[-1]).contiguous(),
-                      wt, bt, valid, kind, float(beta), float(temperature), impl)
+    D = divergence_2d(rows(hs), ws, bs, rows(ht), wt, bt, valid, kind, float(beta), float(temperature), impl)
     if reduction == "none":
         return D.reshape(shape)
     zero = torch.zeros((), dtype=D.dtype, device=D.device)

@@ -8,18 +8,12 @@ log-normalizers before its mixture exists, so its forward takes two.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..logprobs.chunked import CHUNKS, ChunkSizes, ScaledHead, accumulate_tile, mul_safe
-from ..logprobs.naive import compute_dtype
+from ..common.chunked import CHUNKS, ChunkSizes, ScaledHead, accumulate_tile, mul_safe, online_max, rescale_moment, shift
+from ..common.numerics import compute_dtype, log_weights
 
-RKL, FKL, JSD = 0, 1, 2
-
-
-def _shift(m, zero, neg_inf):
-    return torch.where(m == neg_inf, zero, m)
+RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes
 
 
 def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, chunks: ChunkSizes = CHUNKS):
@@ -31,8 +25,6 @@ def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, ch
     f = dict(dtype=cdt, device=xs.device)
     D, lse_s, lse_t = torch.empty(Nv, **f), torch.empty(Nv, **f), torch.empty(Nv, **f)
     aux = torch.empty(Nv, **f) if kind != FKL else None
-    neg_inf = torch.tensor(float("-inf"), **f)
-    zero = torch.zeros((), **f)
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xcs, xct = xs[c0:c1].to(cdt) * scale, xt[c0:c1].to(cdt) * scale
@@ -40,33 +32,21 @@ def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, ch
         m_t, l_s, l_t, A = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            zs, zt = hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1)
-            ms_new, mt_new = torch.maximum(m_s, zs.amax(1)), torch.maximum(m_t, zt.amax(1))
-            sh_s, sh_t = _shift(ms_new, zero, neg_inf), _shift(mt_new, zero, neg_inf)
-            r_s, r_t = torch.exp(m_s - sh_s), torch.exp(m_t - sh_t)
-            us, ut = zs.sub_(sh_s[:, None]), zt.sub_(sh_t[:, None])  # logits minus their shifts
-            if kind != JSD:  # A = sum e^(u - sh_u) ((u - sh_u) - (v - sh_v)), u the first argument of the KL
-                if kind == RKL:
-                    u, v, l_u, r_u, d_sh = us, ut, l_s, r_s, (_shift(m_s, zero, neg_inf) - sh_s) - (
-                        _shift(m_t, zero, neg_inf) - sh_t)
-                else:
-                    u, v, l_u, r_u, d_sh = ut, us, l_t, r_t, (_shift(m_t, zero, neg_inf) - sh_t) - (
-                        _shift(m_s, zero, neg_inf) - sh_s)
-                e_u = torch.exp(u)
-                A = r_u * (A + d_sh * l_u) + mul_safe(e_u, u - v, guard).sum(1)
-                if kind == RKL:
-                    l_s = l_s * r_s + e_u.sum(1)
-                    l_t = l_t * r_t + torch.exp(ut).sum(1)
-                else:
-                    l_t = l_t * r_t + e_u.sum(1)
-                    l_s = l_s * r_s + torch.exp(us).sum(1)
-            else:
-                l_s = l_s * r_s + torch.exp(us).sum(1)
-                l_t = l_t * r_t + torch.exp(ut).sum(1)
+            ms_new, sh_s, r_s, us = online_max(m_s, hs.tile(xcs, s0, s1))  # logits minus their shifts
+            mt_new, sh_t, r_t, ut = online_max(m_t, ht.tile(xct, s0, s1))
+            e_s, e_t = torch.exp(us), torch.exp(ut)
+            d_s, d_t = shift(m_s) - sh_s, shift(m_t) - sh_t
+            # A = sum e^(u - sh_u) ((u - sh_u) - (v - sh_v)), u the first argument of the KL
+            if kind == RKL:
+                A = rescale_moment(A, r_s, d_s - d_t, l_s) + mul_safe(e_s, us - ut, guard).sum(1)
+            elif kind == FKL:
+                A = rescale_moment(A, r_t, d_t - d_s, l_t) + mul_safe(e_t, ut - us, guard).sum(1)
+            l_s = l_s * r_s + e_s.sum(1)
+            l_t = l_t * r_t + e_t.sum(1)
             m_s, m_t = ms_new, mt_new
         log_ls, log_lt = torch.log(l_s), torch.log(l_t)
-        lse_s[c0:c1] = _shift(m_s, zero, neg_inf) + log_ls
-        lse_t[c0:c1] = _shift(m_t, zero, neg_inf) + log_lt
+        lse_s[c0:c1] = shift(m_s) + log_ls
+        lse_t[c0:c1] = shift(m_t) + log_lt
         if kind == RKL:
             D[c0:c1] = A / l_s - log_ls + log_lt
             aux[c0:c1] = D[c0:c1]
@@ -81,8 +61,8 @@ def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, ch
 def _jsd_terms(zs, zt, lse_s, lse_t, beta):
     """log p, log q, log M and p for one tile."""
     lp, lq = zs - lse_s[:, None], zt - lse_t[:, None]
-    lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
-    return lp, lq, lm
+    log_b, log_1mb = log_weights(beta)
+    return lp, lq, torch.logaddexp(lq + log_b, lp + log_1mb)
 
 
 def _jsd_sums(xcs, xct, hs, ht, lse_s, lse_t, beta, V, chunks, guard):

@@ -6,10 +6,11 @@ is cut at the student's V). Per token, only O(1) statistics leave the kernels:
 
 * ``div_stats_kernel``: per (token block, vocab split), online max / sum-exp of both logits
   and, for the KL kinds, the moment ``A = sum e^(u - sh_u) ((u - sh_u) - (v - sh_v))`` with
-  ``u`` the first argument of the KL; the host merges splits (see README.md).
+  ``u`` the first argument of the KL; with one split it finishes the rows (``lse_s``,
+  ``lse_t``, the KL), otherwise ``div_combine_kernel`` merges the partials and finishes them.
 * ``jsd_sums_kernel``: second pass of the JSD, once both log-normalizers are known.
 * ``div_dlogits_kernel``: recomputes both tiles of a region and writes the gradient w.r.t.
-  the raw student logits into a scratch buffer (``ops/scratch_backward.py`` does the GEMMs).
+  the raw student logits into a scratch buffer (``common/scratch_backward.py`` does the GEMMs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..logprobs.kernels import logits_tile, region_tile, token_split
+from ..common.tiles import (logaddexp, logits_tile, mul_safe, online_max, region_tile, rescale_moment, row_block,
+                            shift, split_max, split_part, store_region, token_split)
 
 RKL: tl.constexpr = tl.constexpr(0)
 FKL: tl.constexpr = tl.constexpr(1)
@@ -25,38 +27,41 @@ JSD: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def _shift(m):
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _mul_safe(a, b):
-    # 0 where a == 0 (0 * -inf on masked logits), NaN still propagates through b
-    return tl.where(a == 0, 0.0, a * b)
-
-
-@triton.jit
-def _pair_tiles(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, o_n, m_x, o_v, m_v, HS, HT,
-                s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale,
-                HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    b_zs = logits_tile(xs_ptr, ws_ptr, bs_ptr, o_n, m_x, o_v, m_v, HS, s_xs_n, s_xs_h, s_ws_v, s_ws_h,
-                       scale, HAS_BS, BN, BV, BH, DOT_PRECISION, UPCAST)
-    b_zt = logits_tile(xt_ptr, wt_ptr, bt_ptr, o_n, m_x, o_v, m_v, HT, s_xt_n, s_xt_h, s_wt_v, s_wt_h,
-                       scale, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
+def pair_tiles(hs, ht, HS, HT, o_n, m_x, o_v, m_v, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+               BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """The student's and the teacher's logit tiles over the same rows and vocabulary columns."""
+    b_zs = logits_tile(hs, HS, o_n, m_x, o_v, m_v, HAS_BS, BN, BV, BH, DOT_PRECISION, UPCAST)
+    b_zt = logits_tile(ht, HT, o_n, m_x, o_v, m_v, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
     return b_zs, b_zt
 
 
 @triton.jit
+def load_valid(valid_ptr, o_n, m_n):
+    return m_n & (tl.load(valid_ptr + o_n, mask=m_n, other=0) != 0)
+
+
+@triton.jit
+def finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND: tl.constexpr):
+    """lse_s, lse_t and, for the KL kinds, the divergence (rows that are not valid hold garbage)."""
+    b_log_ls = tl.log(b_ls)
+    b_log_lt = tl.log(b_lt)
+    tl.store(rows.lse_s + o_n, shift(b_ms) + b_log_ls, mask=m_n)
+    tl.store(rows.lse_t + o_n, shift(b_mt) + b_log_lt, mask=m_n)
+    if KIND == RKL:
+        tl.store(rows.d + o_n, b_a / b_ls - b_log_ls + b_log_lt, mask=m_n)
+    elif KIND == FKL:
+        tl.store(rows.d + o_n, b_a / b_lt - b_log_lt + b_log_ls, mask=m_n)
+
+
+@triton.jit
 def div_stats_kernel(
-    xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, valid_ptr,
-    ms_ptr, ls_ptr, mt_ptr, lt_ptr, a_ptr,       # partials [SPLIT, N]
-    N, V, HS, HT, s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale, tiles_per_split,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    hs, ht, valid_ptr, rows, parts, N, V, HS, HT, tiles_per_split,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SPLIT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
-    valid = m_n & (tl.load(valid_ptr + o_n, mask=m_n, other=0) != 0)
+    valid = load_valid(valid_ptr, o_n, m_n)
     b_ms = tl.full((BN,), float("-inf"), dtype=tl.float32)
     b_mt = tl.full((BN,), float("-inf"), dtype=tl.float32)
     b_ls = tl.zeros((BN,), dtype=tl.float32)
@@ -66,61 +71,76 @@ def div_stats_kernel(
         for v0 in range(v_lo, v_hi, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < v_hi
-            b_zs, b_zt = _pair_tiles(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, o_n, valid, o_v, m_v, HS, HT,
-                                     s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale,
-                                     HAS_BS, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
-            b_ms_new = tl.maximum(b_ms, tl.max(b_zs, axis=1))
-            b_mt_new = tl.maximum(b_mt, tl.max(b_zt, axis=1))
-            b_shs = _shift(b_ms_new)
-            b_sht = _shift(b_mt_new)
-            b_rs = tl.exp(b_ms - b_shs)
-            b_rt = tl.exp(b_mt - b_sht)
-            b_us = b_zs - b_shs[:, None]
-            b_ut = b_zt - b_sht[:, None]
+            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, BN, BV, BH,
+                                    DOT_PRECISION, UPCAST)
+            b_ms_new, b_shs, b_rs, b_us = online_max(b_ms, b_zs)
+            b_mt_new, b_sht, b_rt, b_ut = online_max(b_mt, b_zt)
             b_es = tl.exp(b_us)
             b_et = tl.exp(b_ut)
+            b_ds = shift(b_ms) - b_shs
+            b_dt = shift(b_mt) - b_sht
             if KIND == RKL:
-                b_dsh = (_shift(b_ms) - b_shs) - (_shift(b_mt) - b_sht)
-                b_a = b_rs * (b_a + b_dsh * b_ls) + tl.sum(_mul_safe(b_es, b_us - b_ut), axis=1)
+                b_a = rescale_moment(b_a, b_rs, b_ds - b_dt, b_ls) + tl.sum(mul_safe(b_es, b_us - b_ut), axis=1)
             elif KIND == FKL:
-                b_dsh = (_shift(b_mt) - b_sht) - (_shift(b_ms) - b_shs)
-                b_a = b_rt * (b_a + b_dsh * b_lt) + tl.sum(_mul_safe(b_et, b_ut - b_us), axis=1)
+                b_a = rescale_moment(b_a, b_rt, b_dt - b_ds, b_lt) + tl.sum(mul_safe(b_et, b_ut - b_us), axis=1)
             b_ls = b_ls * b_rs + tl.sum(b_es, axis=1)
             b_lt = b_lt * b_rt + tl.sum(b_et, axis=1)
             b_ms = b_ms_new
             b_mt = b_mt_new
-    o_p = i_s * N + o_n
-    tl.store(ms_ptr + o_p, b_ms, mask=m_n)
-    tl.store(ls_ptr + o_p, b_ls, mask=m_n)
-    tl.store(mt_ptr + o_p, b_mt, mask=m_n)
-    tl.store(lt_ptr + o_p, b_lt, mask=m_n)
-    if KIND != JSD:
-        tl.store(a_ptr + o_p, b_a, mask=m_n)
+    if SPLIT == 1:
+        finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
+    else:
+        o_p = i_s * N + o_n
+        tl.store(parts.ms + o_p, b_ms, mask=m_n)
+        tl.store(parts.ls + o_p, b_ls, mask=m_n)
+        tl.store(parts.mt + o_p, b_mt, mask=m_n)
+        tl.store(parts.lt + o_p, b_lt, mask=m_n)
+        tl.store(parts.a + o_p, b_a, mask=m_n)
 
 
 @triton.jit
-def _jsd_tile(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb):
+def div_combine_kernel(rows, parts, N, KIND: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+    """Second launch when the vocabulary was split: merge partials (README.md, 'Splits'), finish the rows."""
+    i_n, o_n, m_n = row_block(N, BN)
+    b_ms = split_max(parts.ms, o_n, m_n, N, SPLIT, BN)
+    b_mt = split_max(parts.mt, o_n, m_n, N, SPLIT, BN)
+    b_shs = shift(b_ms)
+    b_sht = shift(b_mt)
+    b_ls = tl.zeros((BN,), dtype=tl.float32)
+    b_lt = tl.zeros((BN,), dtype=tl.float32)
+    b_a = tl.zeros((BN,), dtype=tl.float32)
+    for i in range(SPLIT):
+        b_lsi, b_rsi, b_dsi = split_part(parts.ms, parts.ls, i, o_n, m_n, N, b_shs)
+        b_lti, b_rti, b_dti = split_part(parts.mt, parts.lt, i, o_n, m_n, N, b_sht)
+        if KIND != JSD:
+            b_ai = tl.load(parts.a + i * N + o_n, mask=m_n, other=0.0)
+            if KIND == RKL:
+                b_a += rescale_moment(b_ai, b_rsi, b_dsi - b_dti, b_lsi)
+            else:
+                b_a += rescale_moment(b_ai, b_rti, b_dti - b_dsi, b_lti)
+        b_ls += b_rsi * b_lsi
+        b_lt += b_rti * b_lti
+    finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
+
+
+@triton.jit
+def jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb):
+    """log p, log q and log M = log(beta q + (1 - beta) p) of one tile."""
     b_lp = b_zs - b_lses[:, None]
     b_lq = b_zt - b_lset[:, None]
-    b_u = b_lq + log_b
-    b_w = b_lp + log_1mb
-    b_mx = _shift(tl.maximum(b_u, b_w))
-    b_lm = b_mx + tl.log(tl.exp(b_u - b_mx) + tl.exp(b_w - b_mx))
-    return b_lp, b_lq, b_lm
+    return b_lp, b_lq, logaddexp(b_lq + log_b, b_lp + log_1mb)
 
 
 @triton.jit
 def jsd_sums_kernel(
-    xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, valid_ptr, lses_ptr, lset_ptr,
-    d_ptr, k_ptr,                                 # partials [SPLIT, N]
-    N, V, HS, HT, s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale, tiles_per_split,
-    beta, log_b, log_1mb,
+    hs, ht, valid_ptr, lses_ptr, lset_ptr, d_ptr, k_ptr,        # d, k: partials [SPLIT, N]
+    N, V, HS, HT, tiles_per_split, beta, log_b, log_1mb,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """D = beta KL(q || M) + (1 - beta) KL(p || M) and k = KL(p || M), per split."""
     i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
-    valid = m_n & (tl.load(valid_ptr + o_n, mask=m_n, other=0) != 0)
+    valid = load_valid(valid_ptr, o_n, m_n)
     b_lses = tl.load(lses_ptr + o_n, mask=valid, other=0.0)
     b_lset = tl.load(lset_ptr + o_n, mask=valid, other=0.0)
     b_d = tl.zeros((BN,), dtype=tl.float32)
@@ -129,12 +149,11 @@ def jsd_sums_kernel(
         for v0 in range(v_lo, v_hi, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < v_hi
-            b_zs, b_zt = _pair_tiles(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, o_n, valid, o_v, m_v, HS, HT,
-                                     s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale,
-                                     HAS_BS, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
-            b_lp, b_lq, b_lm = _jsd_tile(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
-            b_kp = tl.sum(_mul_safe(tl.exp(b_lp), b_lp - b_lm), axis=1)
-            b_kq = tl.sum(_mul_safe(tl.exp(b_lq), b_lq - b_lm), axis=1)
+            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, BN, BV, BH,
+                                    DOT_PRECISION, UPCAST)
+            b_lp, b_lq, b_lm = jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
+            b_kp = tl.sum(mul_safe(tl.exp(b_lp), b_lp - b_lm), axis=1)
+            b_kq = tl.sum(mul_safe(tl.exp(b_lq), b_lq - b_lm), axis=1)
             b_d += beta * b_kq + (1.0 - beta) * b_kp
             b_k += b_kp
     tl.store(d_ptr + i_s * N + o_n, b_d, mask=m_n)
@@ -143,22 +162,20 @@ def jsd_sums_kernel(
 
 @triton.jit
 def div_dlogits_kernel(
-    xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, valid_ptr, lses_ptr, lset_ptr, aux_ptr, g_ptr, dl_ptr,
-    row0, n_rows, col0, n_cols, HS, HT, s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h,
-    stride_dr, stride_dc, scale, beta, log_b, log_1mb,
+    hs, ht, valid_ptr, lses_ptr, lset_ptr, aux_ptr, g_ptr, dl_ptr,
+    row0, n_rows, col0, n_cols, HS, HT, stride_dr, stride_dc, beta, log_b, log_1mb,
     KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dl = scale * g * { p (log p - log q - KL) | p - q | (1 - beta) p (log p - log M - KL(p||M)) }."""
     o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
-    valid = m_r & (tl.load(valid_ptr + o_n, mask=m_r, other=0) != 0)
+    valid = load_valid(valid_ptr, o_n, m_r)
     b_g = tl.load(g_ptr + o_n, mask=valid, other=0.0)
     active = valid & (b_g != 0.0)
     b_dl = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.sum(active.to(tl.int32), axis=0) > 0:
-        b_zs, b_zt = _pair_tiles(xs_ptr, ws_ptr, bs_ptr, xt_ptr, wt_ptr, bt_ptr, o_n, active, o_v, m_c,
-                                 HS, HT, s_xs_n, s_xs_h, s_ws_v, s_ws_h, s_xt_n, s_xt_h, s_wt_v, s_wt_h, scale,
-                                 HAS_BS, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
+        b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, active, o_v, m_c, HAS_BS, HAS_BT, BN, BV, BH,
+                                DOT_PRECISION, UPCAST)
         # inactive rows: lse = +inf makes p = q = 0 there
         b_lses = tl.load(lses_ptr + o_n, mask=active, other=float("inf"))
         b_lset = tl.load(lset_ptr + o_n, mask=active, other=float("inf"))
@@ -167,11 +184,10 @@ def div_dlogits_kernel(
         elif KIND == RKL:
             b_aux = tl.load(aux_ptr + o_n, mask=active, other=0.0)
             b_lp = b_zs - b_lses[:, None]
-            b_dl = _mul_safe(tl.exp(b_lp), b_lp - (b_zt - b_lset[:, None]) - b_aux[:, None])
+            b_dl = mul_safe(tl.exp(b_lp), b_lp - (b_zt - b_lset[:, None]) - b_aux[:, None])
         else:
             b_aux = tl.load(aux_ptr + o_n, mask=active, other=0.0)
-            b_lp, b_lq, b_lm = _jsd_tile(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
-            b_dl = (1.0 - beta) * _mul_safe(tl.exp(b_lp), b_lp - b_lm - b_aux[:, None])
-        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * (b_g * scale)[:, None], 0.0)
-    tl.store(dl_ptr + o_r[:, None] * stride_dr + o_c[None, :] * stride_dc,
-             b_dl.to(dl_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+            b_lp, b_lq, b_lm = jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
+            b_dl = (1.0 - beta) * mul_safe(tl.exp(b_lp), b_lp - b_lm - b_aux[:, None])
+        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * (b_g * hs.scale)[:, None], 0.0)
+    store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc)

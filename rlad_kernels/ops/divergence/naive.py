@@ -5,12 +5,9 @@ float64 for float64 inputs, float32 otherwise; gradients from autograd.
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 
-from ..logprobs.naive import compute_dtype
+from ..common.numerics import compute_dtype, log_weights
 
 KINDS = ("reverse_kl", "forward_kl", "jsd")
 
@@ -29,8 +26,8 @@ def _kl(logp_a, logp_b):
 
 
 def linear_divergence_naive(student_hidden, student_weight, teacher_hidden, teacher_weight, *, kind="reverse_kl",
-                            beta=0.5, temperature=1.0, student_bias: Optional[torch.Tensor] = None,
-                            teacher_bias: Optional[torch.Tensor] = None):
+                            beta=0.5, temperature=1.0, student_bias: torch.Tensor | None = None,
+                            teacher_bias: torch.Tensor | None = None):
     """Per-token divergence ``[...]`` between softmax(student logits) and softmax(teacher logits),
     both over the student's V columns (a padded teacher vocabulary is cut to V and renormalized).
 
@@ -51,6 +48,7 @@ def linear_divergence_naive(student_hidden, student_weight, teacher_hidden, teac
     if kind == "forward_kl":
         return _kl(lt, ls)
     if kind == "jsd":
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        log_b, log_1mb = log_weights(beta)
+        lm = torch.logaddexp(lt + log_b, ls + log_1mb)
         return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
     raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(map(repr, KINDS))}")

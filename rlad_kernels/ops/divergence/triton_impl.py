@@ -1,48 +1,34 @@
-"""Host side of the Triton divergence kernels: launches, split merging, autograd op."""
+"""Host side of ``linear_divergence`` on Triton: launches and the autograd op."""
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import triton
 
-from ...utils.dispatch import triton_interpreting
-from ..logprobs.triton_impl import check_triton_dtypes, choose_split, dot_precision, get_config
-from ..scratch_backward import scratch_backward
-from . import kernels as K
-from .chunked import FKL, JSD, RKL
+from ..common.launch import check_triton_dtypes, get_config, head, scan_plan, tiles
+from ..common.numerics import log_weights
+from ..common.scratch_backward import scratch_backward
+from .kernels import JSD, div_combine_kernel, div_dlogits_kernel, div_stats_kernel, jsd_sums_kernel
 
 
-def _shift(m):
-    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+class DivRows(NamedTuple):
+    """Per-token results [N] float32: both log-normalizers and the KL (unused for JSD)."""
+
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    d: torch.Tensor
 
 
-def merge_splits(ms, ls, mt, lt, a, kind: int):
-    """Merge [SPLIT, N] partial statistics -> (lse_s, lse_t, D | None) (README.md, 'Splits')."""
-    m_s, m_t = ms.amax(0), mt.amax(0)
-    sh_s, sh_t = _shift(m_s), _shift(m_t)
-    r_s, r_t = torch.exp(ms - sh_s), torch.exp(mt - sh_t)
-    l_s, l_t = (r_s * ls).sum(0), (r_t * lt).sum(0)
-    log_ls, log_lt = torch.log(l_s), torch.log(l_t)
-    D = None
-    if kind == RKL:
-        A = (r_s * (a + ((_shift(ms) - sh_s) - (_shift(mt) - sh_t)) * ls)).sum(0)
-        D = A / l_s - log_ls + log_lt
-    elif kind == FKL:
-        A = (r_t * (a + ((_shift(mt) - sh_t) - (_shift(ms) - sh_s)) * lt)).sum(0)
-        D = A / l_t - log_lt + log_ls
-    return sh_s + log_ls, sh_t + log_lt, D
+class DivPartials(NamedTuple):
+    """Per-split statistics [SPLIT, N] float32 of both distributions and the KL moment."""
 
-
-def _geometry(xs, ws, xt, wt):
-    return dict(HS=xs.shape[1], HT=xt.shape[1], s_xs_n=xs.stride(0), s_xs_h=xs.stride(1), s_ws_v=ws.stride(0),
-                s_ws_h=ws.stride(1), s_xt_n=xt.stride(0), s_xt_h=xt.stride(1), s_wt_v=wt.stride(0),
-                s_wt_h=wt.stride(1))
-
-
-def _jsd_logs(beta):
-    return math.log(beta) if beta > 0 else -math.inf, math.log1p(-beta) if beta < 1 else -math.inf
+    ms: torch.Tensor
+    ls: torch.Tensor
+    mt: torch.Tensor
+    lt: torch.Tensor
+    a: torch.Tensor
 
 
 def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale: float):
@@ -50,41 +36,44 @@ def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale:
     cfg = get_config()
     N, V = xs.shape[0], ws.shape[0]
     f32 = dict(dtype=torch.float32, device=xs.device)
-    split, per = choose_split(N, V, xs.device, cfg)
-    ms, ls, mt, lt, a = (torch.empty((split, N), **f32) for _ in range(5))
-    grid = (triton.cdiv(N, cfg.block_n) * split,)
-    common = dict(N=N, V=V, **_geometry(xs, ws, xt, wt), scale=scale, tiles_per_split=per,
-                  HAS_BS=bs is not None, HAS_BT=bt is not None, BN=cfg.block_n, BV=cfg.block_v, BH=cfg.block_h,
-                  DOT_PRECISION=dot_precision(xs.dtype), UPCAST=triton_interpreting(),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    ptrs = (xs, ws, bs if bs is not None else xs, xt, wt, bt if bt is not None else xt, valid_u8)
-    K.div_stats_kernel[grid](*ptrs, ms, ls, mt, lt, a, KIND=kind, **common)
-    lse_s, lse_t, D = merge_splits(ms, ls, mt, lt, a, kind)
-    aux = D
+    plan = scan_plan(N, V, xs.device, cfg)
+    rows = DivRows(*(torch.empty(N, **f32) for _ in range(3)))
+    if plan.split > 1:
+        parts = DivPartials(*(torch.empty((plan.split, N), **f32) for _ in range(5)))
+    else:
+        parts = DivPartials(*([rows.d] * 5))  # unused
+    grid = (triton.cdiv(N, cfg.block_n) * plan.split,)
+    heads = (head(xs, ws, bs, scale), head(xt, wt, bt, scale), valid_u8)
+    common = dict(N=N, V=V, HS=xs.shape[1], HT=xt.shape[1], tiles_per_split=plan.tiles_per_split,
+                  HAS_BS=bs is not None, HAS_BT=bt is not None, **tiles(xs.dtype, cfg))
+    div_stats_kernel[grid](*heads, rows, parts, KIND=kind, SPLIT=plan.split, **common)
+    if plan.split > 1:
+        div_combine_kernel[(plan.blocks,)](rows, parts, N=N, KIND=kind, SPLIT=plan.split, BN=cfg.epilogue_block)
+    D = aux = rows.d
     if kind == JSD:
-        dp, kp = torch.empty((split, N), **f32), torch.empty((split, N), **f32)
-        log_b, log_1mb = _jsd_logs(beta)
-        K.jsd_sums_kernel[grid](*ptrs, lse_s, lse_t, dp, kp, beta=beta, log_b=log_b, log_1mb=log_1mb, **common)
+        dp, kp = torch.empty((plan.split, N), **f32), torch.empty((plan.split, N), **f32)
+        log_b, log_1mb = log_weights(beta)
+        jsd_sums_kernel[grid](*heads, rows.lse_s, rows.lse_t, dp, kp, beta=beta, log_b=log_b, log_1mb=log_1mb,
+                              **common)
         D, aux = dp.sum(0), kp.sum(0)
-    return D, lse_s, lse_t, aux
+    return D, rows.lse_s, rows.lse_t, aux
 
 
 def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, lse_s, lse_t, aux, g, kind, beta, scale, need_dx, need_dw,
                  need_db):
     cfg = get_config()
     g = g.contiguous().float()
-    log_b, log_1mb = _jsd_logs(beta)
+    log_b, log_1mb = log_weights(beta)
+    heads = (head(xs, ws, bs, scale), head(xt, wt, bt, scale))
+    t = tiles(xs.dtype, cfg, backward=True)
 
     def fill(dl, row0, n_rows, col0, n_cols):
         grid = (triton.cdiv(n_rows, cfg.bwd_block_n) * triton.cdiv(n_cols, cfg.bwd_block_v),)
-        K.div_dlogits_kernel[grid](
-            xs, ws, bs if bs is not None else xs, xt, wt, bt if bt is not None else xt, valid_u8, lse_s, lse_t,
-            aux if aux is not None else lse_s, g, dl, row0, n_rows, col0, n_cols, **_geometry(xs, ws, xt, wt),
-            stride_dr=dl.stride(0), stride_dc=dl.stride(1), scale=scale, beta=beta, log_b=log_b, log_1mb=log_1mb,
-            KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, GROUP=cfg.group,
-            BN=cfg.bwd_block_n, BV=cfg.bwd_block_v, BH=cfg.bwd_block_h,
-            DOT_PRECISION=dot_precision(xs.dtype), UPCAST=triton_interpreting(),
-            num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages,
+        div_dlogits_kernel[grid](
+            *heads, valid_u8, lse_s, lse_t, aux if aux is not None else lse_s, g, dl, row0, n_rows, col0, n_cols,
+            HS=xs.shape[1], HT=xt.shape[1], stride_dr=dl.stride(0), stride_dc=dl.stride(1), beta=beta,
+            log_b=log_b, log_1mb=log_1mb, KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
+            GROUP=cfg.group, **t,
         )
 
     return scratch_backward(xs, ws, bs.dtype if bs is not None else None, fill, need_dx=need_dx, need_dw=need_dw,

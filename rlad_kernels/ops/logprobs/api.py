@@ -2,51 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from ...utils.dispatch import resolve_impl
-from ...utils.validation import check_float_param, check_linear_inputs, check_targets
+from ..common.inputs import LinearInputs, prepare_linear
 from .chunked import linear_logprobs_chunked
 from .naive import linear_logprobs_naive
 from .triton_impl import linear_logprobs_triton
-
-
-@dataclass
-class LinearInputs:
-    """Validated, flattened inputs of a fused lm_head op."""
-
-    hidden: torch.Tensor        # [N, H], contiguous
-    weight: torch.Tensor        # [V, H]
-    bias: Optional[torch.Tensor]
-    targets: torch.Tensor       # [N] int64
-    scale: float                # logit_scale / temperature
-    shape: torch.Size           # leading shape of the inputs (targets.shape)
-    impl: str
-
-
-def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl) -> LinearInputs:
-    check_linear_inputs(hidden, weight, bias)
-    check_float_param("temperature", temperature, positive=True)
-    check_float_param("logit_scale", logit_scale, positive=True)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
-    impl = resolve_impl(impl, hidden.device)
-    if torch.is_autocast_enabled(hidden.device.type):  # compute in the autocast dtype, as F.linear would
-        dt = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    H = hidden.shape[-1]
-    return LinearInputs(
-        hidden=hidden.reshape(-1, H).contiguous(),
-        weight=weight,
-        bias=bias,
-        targets=targets.reshape(-1).to(torch.long).contiguous(),
-        scale=float(logit_scale) / float(temperature),
-        shape=targets.shape,
-        impl=impl,
-    )
 
 
 def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
@@ -65,8 +26,8 @@ def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0, logit_scale: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False, impl: Optional[str] = None):
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False, impl: str | None = None):
     """Per-token log-probabilities (and entropies) of ``targets`` under ``softmax(logits)``.
 
     ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``, never materialized

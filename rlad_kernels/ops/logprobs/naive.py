@@ -6,17 +6,13 @@ from autograd. Use it to check the other implementations, never for large N x V.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..common.numerics import compute_dtype
 
 
 def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0,
                           logit_scale: float = 1.0, ignore_index: int = -100,
                           return_entropy: bool = False):
     """``hidden [..., H]``, ``weight [V, H]``, ``targets [...]`` -> ``logp [...]`` (+ ``entropy [...]``).

@@ -1,22 +1,27 @@
-"""Public entry point: ``linear_policy_loss`` (TRRD / GRPO / KDRL from hidden states)."""
+"""Public entry point: ``linear_policy_loss`` (TRRD / GRPO / KDRL from hidden states).
+
+Composes two other public APIs (the one exception to "an op imports only from common"):
+``linear_logprobs`` scores the teacher's log-prob of the sampled tokens when only its hidden
+states are given, and serves the naive reference; ``linear_divergence`` gives the exact
+reverse KL of ``kd_estimator="full"``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Union
 
 import torch
 
-from ...utils.validation import as_normalizer, check_token_tensor, token_mean_normalizer
-from ..divergence.api import check_teacher, divergence_2d
-from ..logprobs.api import linear_logprobs, logprobs_2d, prepare_linear
-from ..logprobs.naive import compute_dtype
-from .config import PolicyLossConfig
-from .math import STAT_INDEX, finalize_metrics, policy_token_loss, reduce_token_stats
+from ...utils.validation import as_normalizer, check_teacher, check_token_tensor, token_mean_normalizer
+from ..common.inputs import LinearInputs, prepare_linear
+from ..common.numerics import compute_dtype
+from ..divergence.api import linear_divergence
+from ..logprobs.api import linear_logprobs
 from .chunked import policy_loss_chunked
+from .config import PolicyLossConfig
+from .math import (REQUIRED_INPUTS, STAT_INDEX, TokenInputs, finalize_metrics, policy_token_loss, reduce_token_stats,
+                   used_inputs)
 from .triton_impl import policy_loss_triton
-
-_TOKEN_INPUTS = ("advantages", "old_logp", "teacher_logp", "ref_logp", "token_weights", "kd_weights")
 
 
 @dataclass
@@ -25,9 +30,9 @@ class PolicyLossOutput:
     ``logp`` / ``entropy``: detached per-token values (shape of ``targets``), for logging or reuse."""
 
     loss: torch.Tensor
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
-    logp: Optional[torch.Tensor] = None
-    entropy: Optional[torch.Tensor] = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 def linear_policy_loss(
@@ -37,20 +42,20 @@ def linear_policy_loss(
     advantages: torch.Tensor,
     old_logp: torch.Tensor,
     *,
-    teacher_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    token_weights: Optional[torch.Tensor] = None,
-    kd_weights: Optional[torch.Tensor] = None,
-    normalizer: Union[None, float, torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
+    teacher_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    kd_weights: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     ignore_index: int = -100,
-    config: Optional[PolicyLossConfig] = None,
-    impl: Optional[str] = None,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
-    teacher_bias: Optional[torch.Tensor] = None,
+    config: PolicyLossConfig | None = None,
+    impl: str | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Clipped, advantage-weighted policy loss (TRRD, GRPO/PPO-clip, KDRL) from hidden states.
 
@@ -86,17 +91,15 @@ def linear_policy_loss(
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
     li = prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl)
-    given = dict(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp, ref_logp=ref_logp,
-                 token_weights=token_weights, kd_weights=kd_weights)
-    for name in _TOKEN_INPUTS:
-        check_token_tensor(name, given[name], li.shape, hidden.device, required=name in ("advantages", "old_logp"))
+    tok = TokenInputs(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp, ref_logp=ref_logp,
+                      token_weights=token_weights, kd_weights=kd_weights)
+    for name, t in zip(TokenInputs._fields, tok):
+        check_token_tensor(name, t, li.shape, hidden.device, required=name in REQUIRED_INPUTS)
     full_kd = cfg.kd_estimator == "full"
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("pass teacher_hidden and teacher_weight together")
     if teacher_hidden is not None:
-        check_teacher(teacher_hidden, teacher_weight, teacher_bias, li.shape, li.weight.shape[0])
-        if teacher_hidden.device != hidden.device:
-            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but hidden is on {hidden.device}")
+        check_teacher(teacher_hidden, teacher_weight, teacher_bias, li.shape, li.weight.shape[0], hidden.device)
     if full_kd and teacher_hidden is None:
         raise ValueError("kd_estimator='full' needs teacher_hidden and teacher_weight (the exact reverse KL "
                          "is computed over the teacher's whole vocabulary)")
@@ -114,66 +117,56 @@ def linear_policy_loss(
     if teacher_logp is None and teacher_hidden is not None:
         V = li.weight.shape[0]
         with torch.no_grad():
-            given["teacher_logp"] = linear_logprobs(
+            tok = tok._replace(teacher_logp=linear_logprobs(
                 teacher_hidden, teacher_weight[:V], targets,
                 bias=teacher_bias[:V] if teacher_bias is not None else None, temperature=temperature,
-                ignore_index=ignore_index, impl=li.impl)
+                ignore_index=ignore_index, impl=li.impl))
+    tok = tok.map(lambda t: t.detach().reshape(-1))
 
     valid = li.targets != ignore_index
     if full_kd:  # the policy part without KD, then the exact KL term with the same normalizer
+        core_cfg = replace(cfg, kd_estimator=None)
         cdt = compute_dtype(li.hidden.dtype)
-        w = given["token_weights"]
-        w = (w.detach().reshape(-1).to(cdt) if w is not None
+        w = (tok.token_weights.to(cdt) if tok.token_weights is not None
              else torch.ones(valid.shape, dtype=cdt, device=hidden.device))
         if norm is None:
             norm = token_mean_normalizer(torch.where(valid, w, torch.zeros_like(w)).sum())
-        loss, sums, lp, ent = _policy_core(li, given, replace(cfg, kd_estimator=None), norm, ignore_index)
-        kl = _full_reverse_kl(li, teacher_hidden, teacher_weight, teacher_bias, valid, temperature)
-        kdw = given["kd_weights"]
-        kdw = kdw.detach().reshape(-1).to(kl.dtype) if kdw is not None else torch.ones_like(kl)
+        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, core_cfg), core_cfg, norm, ignore_index)
+        kl = linear_divergence(hidden, weight, teacher_hidden, teacher_weight, kind="reverse_kl",
+                               temperature=temperature, student_bias=bias, teacher_bias=teacher_bias,
+                               mask=valid.reshape(li.shape), reduction="none", impl=li.impl).reshape(-1)
+        kdw = tok.kd_weights.to(kl.dtype) if tok.kd_weights is not None else torch.ones_like(kl)
         kd_sum = torch.where(valid, w.to(kl.dtype) * kdw * kl, torch.zeros_like(kl)).sum()
         loss = loss + cfg.kd_coef * kd_sum / norm.to(kl.dtype)
         sums = sums.detach().clone()
         sums[STAT_INDEX["kd"]] = kl.detach().sum().to(sums.dtype)
     else:
-        loss, sums, lp, ent = _policy_core(li, given, cfg, norm, ignore_index)
-    metrics = finalize_metrics(sums, cfg, has_teacher=given["teacher_logp"] is not None, has_ref=ref_logp is not None,
+        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, cfg), cfg, norm, ignore_index)
+    metrics = finalize_metrics(sums, cfg, has_teacher=tok.teacher_logp is not None, has_ref=ref_logp is not None,
                                has_entropy=cfg.needs_entropy)
     return PolicyLossOutput(loss=loss, metrics=metrics, logp=lp.reshape(li.shape),
                             entropy=ent.reshape(li.shape) if ent is not None else None)
 
 
-def _full_reverse_kl(li, teacher_hidden, teacher_weight, teacher_bias, valid, temperature):
-    ht, wt, bt = teacher_hidden, teacher_weight, teacher_bias
-    dev = li.hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        ht, wt = ht.to(dt), wt.to(dt)
-        bt = bt.to(dt) if bt is not None else None
-    return divergence_2d(li.hidden, li.weight, li.bias, ht.reshape(-1, ht.shape[-1]).contiguous(), wt, bt, valid,
-                         "reverse_kl", 0.5, float(temperature), li.impl)
-
-
-def _policy_core(li, given, cfg, norm, ignore_index):
-    """(loss, STAT_FIELDS sums, logp [N], entropy [N] | None) for one implementation."""
+def _policy_core(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm, ignore_index: int):
+    """(loss, STAT_FIELDS sums, logp [N], entropy [N] | None) of one implementation;
+    ``tok``: the used per-token inputs, flattened to [N] and detached."""
     if li.impl == "triton":
-        tok = {k: (v.detach().reshape(-1).float().contiguous() if v is not None else None)
-               for k, v in given.items()}
         with torch.autocast(li.hidden.device.type, enabled=False):
-            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
-                                      ignore_index)
+            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets,
+                                      tok.map(lambda t: t.float().contiguous()), norm, cfg, li.scale, ignore_index)
     if li.impl == "torch":
-        tok = {k: (v.detach().reshape(-1) if v is not None else None) for k, v in given.items()}
         with torch.autocast(li.hidden.device.type, enabled=False):
             return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
                                        ignore_index)
-    lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)  # naive: autograd through materialized logits
-    tok = {k: (v.detach().reshape(-1).to(lp.dtype) if v is not None else None) for k, v in given.items()}
+    # naive: autograd through the reference log-probs (materialized logits) and the torch math
+    out = linear_logprobs(li.hidden, li.weight, li.targets, bias=li.bias, logit_scale=li.scale,
+                          ignore_index=ignore_index, return_entropy=cfg.needs_entropy, impl="naive")
+    lp, ent = out if cfg.needs_entropy else (out, None)
+    tok = tok.map(lambda t: t.to(lp.dtype))
     valid = li.targets != ignore_index
-    loss_t, stats = policy_token_loss(lp, tok["advantages"], tok["old_logp"], cfg,
-                                      teacher_logp=tok["teacher_logp"], ref_logp=tok["ref_logp"],
-                                      entropy=ent, kd_weights=tok["kd_weights"])
-    w = tok["token_weights"] if tok["token_weights"] is not None else torch.ones_like(lp)
+    loss_t, stats = policy_token_loss(lp, tok, cfg, entropy=ent)
+    w = tok.token_weights if tok.token_weights is not None else torch.ones_like(lp)
     sums = reduce_token_stats(loss_t, stats, w, valid)
     if norm is None:
         norm = token_mean_normalizer(sums[1])

@@ -9,6 +9,7 @@ chunk's contributions to dX, dW and db. The backward only scales them by ``grad_
 That is three GEMMs per token like the eager loss (no recompute), with O(N) + O(C x V) memory
 instead of O(N x V): dX and dW are the gradients themselves (float32 accumulation of dW when
 the weight is 16-bit). When no gradient is needed, only the loss and metrics are computed.
+C follows from ``CHUNKS.block_bytes``.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from __future__ import annotations
 import torch
 
 from ...utils.validation import token_mean_normalizer
-from ..logprobs.chunked import ScaledHead, mul_safe
-from ..logprobs.naive import compute_dtype
-from .math import STAT_FIELDS, policy_token_loss, reduce_token_stats
-
-CHUNK_BYTES = 64 << 20  # one [C, V] logits block in the compute dtype
+from ..common.chunked import CHUNKS, ScaledHead, mul_safe, softmax_dlogits_
+from ..common.numerics import compute_dtype
+from .math import STAT_FIELDS, TokenInputs, policy_token_loss, reduce_token_stats
 
 
 class ChunkedPolicyLoss(torch.autograd.Function):
     """Returns (loss, stat sums, logp [N], entropy [N] | None); only ``loss`` is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tok, normalizer, cfg, scale: float, ignore_index: int):
+    def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer, cfg, scale: float,
+                ignore_index: int):
         cdt = compute_dtype(hidden.dtype)
         N, V = hidden.shape[0], weight.shape[0]
         dev = hidden.device
@@ -37,8 +37,8 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         head = ScaledHead(weight, bias, scale, cdt)
         idx = (targets != ignore_index).nonzero().squeeze(1)
         Nv = idx.numel()
-        t = {k: (v.index_select(0, idx).to(cdt) if v is not None else None) for k, v in tok.items()}
-        w_all = t["token_weights"] if t["token_weights"] is not None else torch.ones(Nv, dtype=cdt, device=dev)
+        t = tok.map(lambda v: v.index_select(0, idx).to(cdt))     # valid tokens only
+        w_all = t.token_weights if t.token_weights is not None else torch.ones(Nv, dtype=cdt, device=dev)
         if normalizer is None:
             normalizer = token_mean_normalizer(w_all.sum())
         norm = normalizer.to(cdt)
@@ -49,7 +49,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=cdt, device=dev) if need_w else None
         db = torch.zeros(V, dtype=cdt, device=dev) if need_b else None
         sums = None
-        C = max(1, CHUNK_BYTES // (V * torch.finfo(cdt).bits // 8))
+        C = max(1, CHUNKS.block_bytes // (V * torch.finfo(cdt).bits // 8))
         W = head.w(0, V)
         for c0 in range(0, Nv, C):
             c1 = min(c0 + C, Nv)
@@ -60,35 +60,29 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit is bad input, not certainty
             yc = targets.index_select(0, rows)
             lp = z.gather(-1, yc[:, None])[:, 0] - lse
-            zs = z.sub_(lse[:, None])                               # log p, in place
-            p = torch.exp(zs)
-            ent = -mul_safe(p, zs, head.neg_inf).sum(-1) if want_ent else None
+            logp = z.sub_(lse[:, None])                             # log p, in place
+            p = torch.exp(logp)
+            ent = -mul_safe(p, logp, head.neg_inf).sum(-1) if want_ent else None
             # the per-token math, and its derivatives w.r.t. lp and entropy, by autograd
-            sl = slice(c0, c1)
+            part_tok = t.map(lambda v: v[c0:c1])
             with torch.enable_grad():
                 lp_l = lp.detach().requires_grad_(grads)
                 ent_l = ent.detach().requires_grad_(grads and cfg.entropy_coef != 0.0) if ent is not None else None
-                loss_t, stats = policy_token_loss(lp_l, t["advantages"][sl], t["old_logp"][sl], cfg,
-                                                  teacher_logp=_part(t["teacher_logp"], sl),
-                                                  ref_logp=_part(t["ref_logp"], sl), entropy=ent_l,
-                                                  kd_weights=_part(t["kd_weights"], sl))
-                valid = torch.ones_like(lp, dtype=torch.bool)
-                part = reduce_token_stats(loss_t, stats, w_all[sl], valid)
+                loss_t, stats = policy_token_loss(lp_l, part_tok, cfg, entropy=ent_l)
+                part = reduce_token_stats(loss_t, stats, w_all[c0:c1], torch.ones_like(lp, dtype=torch.bool))
                 if grads:
                     wanted = [lp_l] + ([ent_l] if ent_l is not None and ent_l.requires_grad else [])
                     g = torch.autograd.grad(part[0], wanted)
             sums = part.detach() if sums is None else sums + part.detach()
-            lp_v[sl] = lp.detach()
+            lp_v[c0:c1] = lp.detach()
             if ent_v is not None:
-                ent_v[sl] = ent
+                ent_v[c0:c1] = ent
             if not grads:
                 continue
             g_lp = g[0] / norm * scale                               # w.r.t. the unscaled logits
-            dz = p.mul_(-g_lp[:, None])                              # -g p (p is reused in place)
+            g_e = g[1] / norm * scale if len(g) > 1 else None
+            dz = softmax_dlogits_(logp, g_lp, g_e, ent, head.neg_inf, p=p)   # -p (g + h (log p + H))
             dz.scatter_add_(1, yc[:, None], g_lp[:, None])           # + g onehot
-            if len(g) > 1:                                           # entropy: -h p (z - E_p[z]) = -h p (log p + H)
-                g_e = (g[1] / norm * scale)[:, None]
-                dz.sub_(mul_safe(torch.exp(zs), zs + ent[:, None], head.neg_inf) * g_e)
             if need_x:
                 dx.index_copy_(0, rows, dz @ W)
             if need_w:
@@ -121,9 +115,6 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None
 
 
-def _part(t, sl):
-    return t[sl] if t is not None else None
-
-
-def policy_loss_chunked(x, w, b, y, tok, normalizer, cfg, scale, ignore_index):
+def policy_loss_chunked(x, w, b, y, tok: TokenInputs, normalizer, cfg, scale, ignore_index):
+    """``tok``: the used per-token inputs, flattened to [N]."""
     return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, scale, ignore_index)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from ...utils.validation import check_choice, check_float_param
 
@@ -56,10 +55,10 @@ class PolicyLossConfig:
     alpha: float = 0.5
     eps_low: float = 0.2
     eps_high: float = 0.2
-    teacher_clamp: Optional[float] = 1.0
-    dual_clip: Optional[float] = None
+    teacher_clamp: float | None = 1.0
+    dual_clip: float | None = None
     mixture: str = "geometric"
-    kd_estimator: Optional[str] = None
+    kd_estimator: str | None = None
     kd_coef: float = 0.0
     ref_kl_coef: float = 0.0
     entropy_coef: float = 0.0

@@ -1,18 +1,21 @@
 """The per-token policy-loss math (TRRD / GRPO / KDRL), written once in torch.
 
 ``policy_token_loss`` is what the torch and naive implementations differentiate with autograd.
-The Triton epilogue (``epilogue.py``) evaluates the same formulas with their analytic derivative;
+The Triton epilogue (``kernels.py``) evaluates the same formulas with their analytic derivative;
 the test suite checks the two agree on every branch (clip sides, teacher clamp, dual clip, KD
-estimators, ratio cap). The metric layout below is shared by all implementations.
+estimators, ratio cap). ``TokenInputs`` (the per-token constants) and ``STAT_FIELDS`` (the
+metric sums) are defined here once and used by every implementation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from collections import namedtuple
+from typing import NamedTuple
 
 import torch
 
+from ..common.numerics import log_weights
 from .config import PolicyLossConfig
 
 # Cap on log-ratios fed to exp(): r <= e^20 keeps r * A finite (no inf * 0 = NaN when A = 0).
@@ -36,25 +39,55 @@ STAT_FIELDS = (
     "ref_kl",         # sum of k3(lp_ref - lp)
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
+# The sums as a named tuple: the Triton epilogue builds one per token block and stores its fields in order.
+Stats = namedtuple("Stats", STAT_FIELDS)
 
 
-def policy_token_loss(
-    logp: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor,
-    cfg: PolicyLossConfig,
-    *,
-    teacher_logp: Optional[torch.Tensor] = None,
-    ref_logp: Optional[torch.Tensor] = None,
-    entropy: Optional[torch.Tensor] = None,
-    kd_weights: Optional[torch.Tensor] = None,
-):
+class TokenInputs(NamedTuple):
+    """The per-token constants of the policy loss, each shaped like ``targets`` (None when absent).
+
+    The same type carries them from the public function to every implementation: as tensors
+    here, flattened per implementation, and in the Triton launch both as float32 ``[N]``
+    pointers and as constexpr presence flags (``TokenInputs`` of bools). Adding a per-token
+    input means a field here, its term in ``policy_token_loss`` and in the Triton epilogue
+    (``kernels.py``), and its keyword in ``api.py``."""
+
+    advantages: torch.Tensor
+    old_logp: torch.Tensor
+    teacher_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    kd_weights: torch.Tensor | None = None
+
+    def map(self, fn) -> TokenInputs:
+        """``fn`` applied to every present input (absent ones stay None)."""
+        return TokenInputs(*(fn(t) if t is not None else None for t in self))
+
+    def present(self) -> TokenInputs:
+        """Which inputs are given, as a ``TokenInputs`` of bools."""
+        return TokenInputs(*(t is not None for t in self))
+
+
+REQUIRED_INPUTS = ("advantages", "old_logp")
+
+
+def used_inputs(tok: TokenInputs, cfg: PolicyLossConfig) -> TokenInputs:
+    """``tok`` without the inputs the loss ignores under ``cfg`` (the reference log-probs when
+    ``ref_kl_coef == 0``, the KD weights without a sampled-token KD estimator), so every
+    implementation sees the same inputs and checks the same ones for non-finite values."""
+    return tok._replace(ref_logp=tok.ref_logp if cfg.ref_kl_coef != 0.0 else None,
+                        kd_weights=tok.kd_weights if cfg.kd_estimator not in (None, "full") else None)
+
+
+def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfig,
+                      entropy: torch.Tensor | None = None):
     """Per-token loss ``L_t`` (differentiable in ``logp`` and ``entropy``) and per-token stats.
 
-    All inputs share one shape and dtype (the compute dtype). Returns ``(loss, stats)`` where
-    ``stats`` maps the per-token STAT_FIELDS entries (except the weight sums) to detached tensors.
+    All inputs share one shape and dtype (the compute dtype); ``tok`` holds only the inputs
+    the loss uses (``used_inputs``). Returns ``(loss, stats)`` where ``stats`` maps the
+    per-token STAT_FIELDS entries (except the weight sums) to detached tensors.
     """
-    A = advantages
+    A, old_logp, teacher_logp, ref_logp = tok.advantages, tok.old_logp, tok.teacher_logp, tok.ref_logp
     if teacher_logp is None:
         log_r = logp - old_logp
         clamp_active = torch.zeros_like(logp, dtype=torch.bool)
@@ -68,8 +101,7 @@ def policy_token_loss(
             d = torch.clamp(d, -c, c)
         log_r = cfg.alpha * (logp - old_logp) + (1.0 - cfg.alpha) * d
     else:  # arithmetic mixture: log m = logaddexp(log a + lp_old, log(1-a) + lp_T)
-        log_a = math.log(cfg.alpha) if cfg.alpha > 0 else -math.inf
-        log_1ma = math.log1p(-cfg.alpha) if cfg.alpha < 1 else -math.inf
+        log_a, log_1ma = log_weights(cfg.alpha)
         log_m = torch.logaddexp(old_logp + log_a, teacher_logp + log_1ma)
         log_r = logp - log_m
         clamp_active = torch.zeros_like(logp, dtype=torch.bool)
@@ -88,7 +120,7 @@ def policy_token_loss(
 
     zero = torch.zeros_like(logp)
     ref_kl = zero
-    if ref_logp is not None and cfg.ref_kl_coef != 0.0:
+    if ref_logp is not None:
         x = torch.clamp(ref_logp - logp, -LOG_RATIO_CAP, LOG_RATIO_CAP)
         ref_kl = torch.exp(x) - x - 1.0
         loss = loss + cfg.ref_kl_coef * ref_kl
@@ -105,7 +137,7 @@ def policy_token_loss(
             kd = torch.exp(Rc) - Rc - 1.0
         else:
             raise ValueError(f"unknown kd_estimator {cfg.kd_estimator!r}")
-        w = kd_weights if kd_weights is not None else 1.0
+        w = tok.kd_weights if tok.kd_weights is not None else 1.0
         loss = loss + cfg.kd_coef * w * kd
 
     if entropy is not None and cfg.entropy_coef != 0.0:
@@ -113,16 +145,10 @@ def policy_token_loss(
 
     # A non-finite input must not vanish into a clip, clamp or cap: such tokens give NaN loss and
     # NaN gradient (so a NaN step is visible and can be skipped, never silently finite).
-    consts = [A, old_logp]
-    if teacher_logp is not None:
-        consts.append(teacher_logp)
-    if ref_logp is not None and cfg.ref_kl_coef != 0.0:
-        consts.append(ref_logp)
-    if kd_weights is not None and cfg.kd_estimator is not None:
-        consts.append(kd_weights)
     bad = torch.zeros_like(clipped)
-    for c in consts:
-        bad = bad | ~torch.isfinite(c)
+    for c in (A, old_logp, teacher_logp, ref_logp, tok.kd_weights):  # token_weights scale the loss, not the math
+        if c is not None:
+            bad = bad | ~torch.isfinite(c)
     # multiply (not where): the selected NaN factor also makes d loss / d logp NaN for those tokens
     loss = loss * torch.where(bad, math.nan, 1.0)
 
@@ -142,7 +168,7 @@ def policy_token_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def reduce_token_stats(loss: torch.Tensor, stats: Dict[str, torch.Tensor], weights: torch.Tensor,
+def reduce_token_stats(loss: torch.Tensor, stats: dict[str, torch.Tensor], weights: torch.Tensor,
                        valid: torch.Tensor) -> torch.Tensor:
     """Sums over valid tokens in STAT_FIELDS order -> float32 [len(STAT_FIELDS)].
 
@@ -160,7 +186,7 @@ def reduce_token_stats(loss: torch.Tensor, stats: Dict[str, torch.Tensor], weigh
 
 
 def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: bool, has_ref: bool,
-                     has_entropy: bool) -> Dict[str, torch.Tensor]:
+                     has_entropy: bool) -> dict[str, torch.Tensor]:
     """Detached scalar metrics from the STAT_FIELDS sums (no host sync)."""
     s = {name: sums[i].detach().float() for i, name in enumerate(STAT_FIELDS)}
     one = torch.ones((), dtype=torch.float32, device=sums.device)

@@ -1,0 +1,101 @@
+"""Torch twins of the tile helpers, for the vocab-chunked ``impl="torch"`` paths (the CPU default).
+
+The same online statistics as the Triton kernels (``tiles.py``), tile by tile: O(N) + O(tile)
+memory, never ``N x V``. Each op's ``chunked.py`` composes these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChunkSizes:
+    """Tile shapes of the torch paths; tests shrink them to exercise every boundary."""
+
+    tokens: int = 1024               # token chunk of the log-prob and divergence tiles
+    vocab: int = 8192                # vocabulary chunk of those tiles
+    block_bytes: int = 64 << 20      # policy loss: one [C, V] logits block, in the compute dtype
+
+
+CHUNKS = ChunkSizes()
+
+
+class ScaledHead:
+    """The lm_head in compute dtype with the logit scale folded into the inputs:
+    ``z = (x s) W^T + b s``. ``neg_inf`` tells whether -inf logits can occur (a masking bias),
+    the only case where ``0 * -inf`` must be guarded in the entropy and KL terms."""
+
+    def __init__(self, weight, bias, scale, cdt):
+        self.weight, self.scale, self.cdt = weight, scale, cdt
+        self.bias = bias.to(cdt) * scale if bias is not None else None
+        self.neg_inf = bool(torch.isneginf(self.bias).any()) if self.bias is not None else False
+
+    def w(self, s0, s1):
+        return self.weight[s0:s1].to(self.cdt)
+
+    def tile(self, xs, s0, s1):
+        """Logits of the (already scaled) rows ``xs`` for vocabulary columns ``[s0, s1)``."""
+        if self.bias is None:
+            return xs @ self.w(s0, s1).T
+        return torch.addmm(self.bias[s0:s1], xs, self.w(s0, s1).T)
+
+    def target(self, xs, yc):
+        """The logit of each row's target id."""
+        zt = (xs * self.weight.index_select(0, yc).to(self.cdt)).sum(-1)
+        return zt + self.bias.index_select(0, yc) if self.bias is not None else zt
+
+
+def shift(m: torch.Tensor) -> torch.Tensor:
+    """A running max as a finite shift: 0 while the row has seen only -inf (the max identity)."""
+    return torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
+
+
+def mul_safe(a, b, guard: bool):
+    """a * b, with 0 where a == 0 when ``guard`` (0 * -inf on masked logits)."""
+    out = a * b
+    return torch.where(a == 0, torch.zeros((), dtype=out.dtype, device=out.device), out) if guard else out
+
+
+def online_max(m: torch.Tensor, z: torch.Tensor):
+    """One tile ``z [C, S]`` into a running row max ``m [C]``: returns ``(m', sh', r, u)`` with the
+    new max, its finite shift, the rescale ``exp(m - sh')`` of sums kept relative to the old
+    shift, and ``u = z - sh'`` (computed in place: ``z`` is consumed)."""
+    m_new = torch.maximum(m, z.amax(dim=1))
+    sh = shift(m_new)
+    return m_new, sh, torch.exp(m - sh), z.sub_(sh[:, None])
+
+
+def rescale_moment(a, r, d, l):
+    """Move a moment ``a = sum e^(u - sh) f`` to a new shift: ``r (a + d l)``, where ``d`` is the
+    change of the moment's reference and ``l`` the sum-exp it was weighted with. Rows with
+    ``l = 0`` (nothing seen yet) keep ``r a``. Used for tile updates and split merges alike."""
+    return r * (a + torch.where(l > 0, d * l, torch.zeros((), dtype=l.dtype, device=l.device)))
+
+
+def softmax_dlogits_(logp, g_lp, g_ent=None, ent=None, guard: bool = False, p=None):
+    """Gradient w.r.t. the logits of ``g_lp * log p_y + g_ent * entropy`` for one tile, without
+    the one-hot term of ``log p_y`` (the caller adds ``g_lp`` at the target column):
+
+        -p (g_lp + g_ent (log p + H))          (z - E_p[z] = log p + H)
+
+    ``logp [C, S]`` is the tile's ``z - lse`` and ``ent [C]`` the rows' entropy H; ``p`` may be
+    passed when already computed. Overwrites ``logp`` and ``p``."""
+    if g_ent is None:
+        p = logp.exp_() if p is None else p
+        return p.mul_(-g_lp[:, None])
+    p = torch.exp(logp) if p is None else p
+    q = logp.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
+    return mul_safe(p, q, guard).neg_()
+
+
+def accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db):
+    """Add one tile's logit gradient ``dz [c1-c0, s1-s0]`` into dX, dW, db (each may be None)."""
+    if dx is not None:
+        dx[c0:c1].addmm_(dz, head.w(s0, s1))
+    if dw is not None:
+        dw[s0:s1].addmm_(dz.T, xc)
+    if db is not None:
+        db[s0:s1] += dz.sum(0)

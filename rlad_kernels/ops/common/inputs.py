@@ -1,0 +1,57 @@
+"""Input preparation shared by the public functions: validation, autocast, flattening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...utils.dispatch import resolve_impl
+from ...utils.validation import check_float_param, check_linear_inputs, check_targets
+
+
+def autocast_cast(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast`` the fused ops compute in the autocast dtype, as ``F.linear``
+    would: cast every given tensor (``None`` passes through). Outside autocast, unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dt) if t is not None else None for t in tensors)
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., H]`` -> contiguous ``[N, H]``."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+@dataclass
+class LinearInputs:
+    """Validated, flattened inputs of a fused lm_head op."""
+
+    hidden: torch.Tensor        # [N, H], contiguous
+    weight: torch.Tensor        # [V, H]
+    bias: torch.Tensor | None   # [V]
+    targets: torch.Tensor       # [N] int64
+    scale: float                # logit_scale / temperature
+    shape: torch.Size           # leading shape of the inputs (targets.shape)
+    impl: str
+
+
+def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl) -> LinearInputs:
+    """Validate ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]``, ``bias [V]`` and the
+    logit scaling, resolve ``impl``, apply autocast and flatten."""
+    check_linear_inputs(hidden, weight, bias)
+    check_float_param("temperature", temperature, positive=True)
+    check_float_param("logit_scale", logit_scale, positive=True)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    impl = resolve_impl(impl, hidden.device)
+    hidden, weight, bias = autocast_cast(hidden.device.type, hidden, weight, bias)
+    return LinearInputs(
+        hidden=rows(hidden),
+        weight=weight,
+        bias=bias,
+        targets=targets.reshape(-1).to(torch.long).contiguous(),
+        scale=float(logit_scale) / float(temperature),
+        shape=targets.shape,
+        impl=impl,
+    )
