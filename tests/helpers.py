@@ -1,10 +1,19 @@
-"""Shared test utilities: deterministic inputs and relative error checks."""
+"""Shared test utilities: the device, tolerances, deterministic inputs and relative error checks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import DEVICE
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative error bounds (``rel_err``) against a float64 reference. float32 computation rounds at
+# ~6e-8 per operation, a few hundred of them per output; bfloat16 inputs give bfloat16
+# gradients, whose 8-bit mantissa rounds at ~4e-3.
+TOL = {torch.float32: dict(fwd=5e-6, grad=1e-5), torch.bfloat16: dict(fwd=5e-6, grad=1e-2)}
+
+# dtypes with readable test ids
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -41,3 +50,10 @@ def make_lm_inputs(N, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.2,
         targets[drop] = -100
     to = dict(device=device, dtype=dtype)
     return (hidden.to(**to), weight.to(**to), b.to(**to) if b is not None else None, targets.to(device))
+
+
+def kw_id(value):
+    """Test id of a keyword-argument dict (``alpha=1.5``); other values keep pytest's own id."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return None

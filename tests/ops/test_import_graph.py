@@ -91,9 +91,13 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_every_op_is_present():
+    """Each op: its public function (api), a reference, the torch path (chunked), its Triton kernels
+    and their host side. The policy loss's reference is its torch math (math.py) on the naive
+    log-probs of the public ``linear_logprobs``."""
     graph = import_graph()
     for op in OPS:
-        for part in ("api", "naive", "chunked", "kernels", "triton_impl"):
+        reference = "math" if op == "policy_loss" else "naive"
+        for part in ("api", reference, "chunked", "kernels", "triton_impl"):
             assert f"rlad_kernels.ops.{op}.{part}" in graph, f"ops/{op}/{part}.py is missing"
     assert any(layer(m) == "common" for m in graph)
 

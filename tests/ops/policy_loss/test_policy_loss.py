@@ -13,7 +13,7 @@ import torch
 
 from helpers import assert_rel, make_lm_inputs
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss, triton_config
-from rlad_kernels.ops.common.chunked import CHUNKS
+from rlad_kernels.ops.common.chunked import ScaledHead
 
 CONFIGS = {
     "trrd": PolicyLossConfig(),
@@ -27,12 +27,6 @@ CONFIGS = {
     "kdrl_k3_dual": PolicyLossConfig(alpha=1.0, kd_estimator="k3", kd_coef=0.1, dual_clip=2.0),
     "trrd_entropy_bonus": PolicyLossConfig(entropy_coef=-0.02, ref_kl_coef=0.1),
 }
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(CHUNKS, "tokens", 16)
-    monkeypatch.setattr(CHUNKS, "vocab", 40)
 
 
 def branch_inputs(N=97, H=31, V=131, dtype=torch.float32, seed=0, bias=True):
@@ -122,6 +116,25 @@ def test_triton_split_vocab_policy(split, device):
     assert_rel(out.loss, ref.loss, 1e-5, "loss")
     _assert_rows(dh, rh, 1e-4, "d_hidden")
     assert_rel(dw, rw, 1e-5, "d_weight")
+
+
+def test_torch_path_in_several_blocks(small_chunks, monkeypatch, device):
+    """The torch policy path takes the tokens in [C, V] blocks sized by CHUNKS.block_bytes; several
+    blocks (the last one ragged) give the one-block result."""
+    hidden, weight, b, targets, tok = branch_inputs()
+    rows = []
+    tile = ScaledHead.tile
+    monkeypatch.setattr(ScaledHead, "tile", lambda self, xs, s0, s1: rows.append(xs.shape[0]) or tile(self, xs, s0, s1))
+    out, dh, dw, db = _call("torch", "kdrl_k2_ref_ent", hidden, weight, b, targets, tok)
+    assert len(rows) >= 3 and rows[-1] < rows[0], rows
+    monkeypatch.setattr(small_chunks, "block_bytes", 64 << 20)
+    rows.clear()
+    one, oh, ow, ob = _call("torch", "kdrl_k2_ref_ent", hidden, weight, b, targets, tok)
+    assert len(rows) == 1
+    # the same float32 values, summed in another order
+    assert_rel(out.loss, one.loss, 1e-6, "loss")
+    for name, a, e in (("d_hidden", dh, oh), ("d_weight", dw, ow), ("d_bias", db, ob)):
+        assert_rel(a, e, 1e-6, name)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -4,7 +4,7 @@ degenerate batches (all tokens ignored, no tokens) give 0 without NaN."""
 import pytest
 import torch
 
-from helpers import make_lm_inputs
+from helpers import kw_id, make_lm_inputs
 from rlad_kernels import LinearLogprobs, LinearPolicyLoss, PolicyLossConfig, linear_logprobs, linear_policy_loss
 
 IMPLS = ["triton", "torch", "naive"]
@@ -136,7 +136,7 @@ def test_bad_logit_scale(inputs):
     (dict(kd_estimator="k4"), r"unknown PolicyLossConfig.kd_estimator 'k4'"),
     (dict(kd_coef=-1.0), r"kd_coef must be >= 0.0"),
     (dict(alpha="0.5"), r"alpha must be a Python int or float"),
-])
+], ids=kw_id)
 def test_bad_config(kw, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         PolicyLossConfig(**kw)
@@ -255,6 +255,30 @@ def test_module_wrappers(inputs):
     lp = LinearLogprobs(temperature=0.9, impl="torch")(hidden, weight, targets)
     assert torch.equal(lp, linear_logprobs(hidden, weight, targets, temperature=0.9, impl="torch"))
     assert "alpha=0.25" in repr(mod)
+
+
+def test_policy_module_passes_every_tensor_argument(inputs):
+    """The module's forward takes every tensor keyword of linear_policy_loss (the teacher's hidden
+    states and head included) and refuses the settings it stores."""
+    hidden, weight, b, targets, tok = inputs
+    g = torch.Generator().manual_seed(7)
+    ht = torch.randn(N, 24, generator=g).to(hidden.device)
+    wt = (torch.randn(V + 3, 24, generator=g) * 0.3).to(hidden.device)
+    bt = torch.randn(V + 3, generator=g).to(hidden.device)
+    cfg = PolicyLossConfig(alpha=1.0, kd_estimator="full", kd_coef=0.3)
+    tensors = dict(teacher_hidden=ht, teacher_weight=wt, teacher_bias=bt, bias=b,
+                   token_weights=torch.rand(N, generator=g).to(hidden.device) + 0.5,
+                   kd_weights=(torch.rand(N, generator=g) > 0.5).float().to(hidden.device), normalizer=7.0)
+    mod = LinearPolicyLoss(cfg, temperature=0.8, impl="torch")
+    out = mod(hidden, weight, targets, tok["advantages"], tok["old_logp"], **tensors)
+    ref = linear_policy_loss(hidden, weight, targets, tok["advantages"], tok["old_logp"], temperature=0.8,
+                             config=cfg, impl="torch", **tensors)
+    assert torch.equal(out.loss, ref.loss) and out.metrics.keys() == ref.metrics.keys()
+    assert out.metrics["kd_mean"] > 0  # the teacher's hidden states were used
+    with pytest.raises(TypeError, match=r"\['temperature'\] are settings of the module"):
+        mod(hidden, weight, targets, tok["advantages"], tok["old_logp"], temperature=1.0)
+    with pytest.raises(TypeError, match="teacher_logits"):
+        mod(hidden, weight, targets, tok["advantages"], tok["old_logp"], teacher_logits=ht)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -5,6 +5,9 @@ the library's code: logits, log-probs and entropy are recomputed here in float64
 differentiated with autograd through those logits. Every loss variant is checked for the loss
 value, the gradients (hidden, weight, bias) and the metrics, for impl naive / torch / triton.
 
+Every library call runs on the ``device`` fixture's device (the Triton cases on the GPU when
+there is one, in Triton's CPU interpreter otherwise); the reference stays on the CPU.
+
 Tolerances: float64 impls 1e-10 relative (loss, gradients); triton (float32 inputs vs the float64
 reference on the same float32 values) 1e-5 on the loss, 1e-4 on gradients (relative to the largest
 reference entry); metrics are float32 scalars, checked to 1e-5 relative.
@@ -137,26 +140,30 @@ CASES = {
 }
 
 
-def leaves(hidden, weight, bias, dtype):
-    return [t.detach().to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+def leaves(hidden, weight, bias, dtype, device="cpu"):
+    return [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in (hidden, weight, bias)]
 
 
 def rel(actual, expected):
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert not torch.isnan(a).any()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
 
 
 def run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer=None):
-    kw = {n: tok[n].to(h.dtype) for n in names}
-    return linear_policy_loss(h, w, targets, tok["advantages"].to(h.dtype), tok["old_logp"].to(h.dtype), bias=b,
-                              temperature=TEMP, config=cfg, impl=impl, normalizer=normalizer, **kw)
+    """The library on the leaves' device (the per-token inputs and targets follow them there)."""
+    t = dict(device=h.device, dtype=h.dtype)
+    kw = {n: tok[n].to(**t) for n in names}
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(h.device)
+    return linear_policy_loss(h, w, targets.to(h.device), tok["advantages"].to(**t), tok["old_logp"].to(**t),
+                              bias=b, temperature=TEMP, config=cfg, impl=impl, normalizer=normalizer, **kw)
 
 
 # ---------------------------------------------------------------------------- 1 + 2: loss, grads, metrics
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_loss_grads_metrics_match_reference(case, impl):
+def test_loss_grads_metrics_match_reference(case, impl, device, small_chunks):
     cfg_kw, names, extra = CASES[case]
     cfg = PolicyLossConfig(**cfg_kw)
     dtype = torch.float32 if impl == "triton" else torch.float64
@@ -173,14 +180,14 @@ def test_loss_grads_metrics_match_reference(case, impl):
     loss_ref, r, kx = ref_loss(lp, ent, valid, used, cfg, normalizer)
     loss_ref.backward()
 
-    h, w, b = leaves(hidden, weight, bias, dtype)
+    h, w, b = leaves(hidden, weight, bias, dtype, device)
     out = run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer)
     out.loss.backward()
     assert torch.isfinite(loss_ref)
     assert rel(out.loss, loss_ref) <= tol_loss, (case, impl, out.loss.item(), loss_ref.item())
     for name, got, want in (("hidden", h, rh), ("weight", w, rw), ("bias", b, rb)):
         assert rel(got.grad, want.grad) <= tol_grad, (case, impl, name, rel(got.grad, want.grad))
-    assert rel(out.logp[valid], lp[valid]) <= tol_loss
+    assert rel(out.logp.cpu()[valid], lp[valid]) <= tol_loss
 
     # metrics, from our own counts over valid tokens
     A, r, ent, lp = used["advantages"][valid], r.detach()[valid], ent.detach()[valid], lp.detach()[valid]
@@ -207,18 +214,18 @@ def test_loss_grads_metrics_match_reference(case, impl):
         assert n_clip_pos > 0 and n_clip_neg > 0 and 0 < want["teacher_clamp_frac"] < 1
     for key, val in want.items():
         assert key in out.metrics, (case, key, sorted(out.metrics))
-        got = out.metrics[key].double()
+        got = out.metrics[key].double().cpu()
         assert torch.isclose(got, val.double(), rtol=1e-5, atol=1e-6), (case, impl, key, got.item(), val.item())
 
 
 # ---------------------------------------------------------------------------- 3: properties
 @pytest.mark.parametrize("impl", IMPLS)
-def test_alpha_one_is_exactly_grpo(impl):
+def test_alpha_one_is_exactly_grpo(impl, device):
     dtype = torch.float32 if impl == "triton" else torch.float64
     hidden, weight, bias, targets, tok = make_case(101, dtype)
     results = []
     for names, cfg in (((), PolicyLossConfig()), (_TRRD, PolicyLossConfig(alpha=1.0))):
-        h, w, b = leaves(hidden, weight, bias, dtype)
+        h, w, b = leaves(hidden, weight, bias, dtype, device)
         out = run_lib(impl, h, w, b, targets, tok, names, cfg)
         out.loss.backward()
         results.append((out.loss.detach(), h.grad, w.grad, b.grad))
@@ -228,11 +235,11 @@ def test_alpha_one_is_exactly_grpo(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_zero_advantages_give_zero_gradient(impl):
+def test_zero_advantages_give_zero_gradient(impl, device):
     dtype = torch.float32 if impl == "triton" else torch.float64
     hidden, weight, bias, targets, tok = make_case(102, dtype)
     tok["advantages"].zero_()
-    h, w, b = leaves(hidden, weight, bias, dtype)
+    h, w, b = leaves(hidden, weight, bias, dtype, device)
     out = run_lib(impl, h, w, b, targets, tok, _TRRD, PolicyLossConfig(alpha=0.5))
     out.loss.backward()
     assert out.loss.item() == 0.0
@@ -283,12 +290,12 @@ def test_gradient_sign_and_clipped_tokens(alpha):
 
 # ---------------------------------------------------------------------------- 4: nothing valid
 @pytest.mark.parametrize("impl", IMPLS)
-def test_all_ignored_gives_zero(impl):
+def test_all_ignored_gives_zero(impl, device):
     dtype = torch.float32 if impl == "triton" else torch.float64
     hidden, weight, bias, targets, tok = make_case(104, dtype)
     targets = torch.full_like(targets, IGNORE)
     cfg = PolicyLossConfig(alpha=0.5, kd_estimator="k3", kd_coef=0.1, ref_kl_coef=0.05, entropy_coef=0.01)
-    h, w, b = leaves(hidden, weight, bias, dtype)
+    h, w, b = leaves(hidden, weight, bias, dtype, device)
     out = run_lib(impl, h, w, b, targets, tok, _TRRD + ("ref_logp", "kd_weights", "token_weights"), cfg)
     out.loss.backward()
     assert out.loss.item() == 0.0

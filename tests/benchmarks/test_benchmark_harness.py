@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
 from harness import CSV_FIELDS, Shape, append_csv, env_info, make_inputs, plot, run  # noqa: E402
 from providers import PROVIDERS  # noqa: E402

@@ -9,20 +9,10 @@ run in Triton's CPU interpreter here (TRITON_INTERPRET=1) and on the GPU when on
 import pytest
 import torch
 
-from helpers import assert_rel, make_lm_inputs
+from helpers import DTYPES, TOL, assert_rel, make_lm_inputs
 from rlad_kernels import linear_logprobs, triton_config
-from rlad_kernels.ops.common.chunked import CHUNKS
 
-SHAPES = [(1, 17, 37), (37, 45, 203), (70, 33, 129)]
-# relative error bounds vs the float64 reference: float32 inputs are computed in float32;
-# bfloat16 inputs give bfloat16 gradients (8-bit mantissa) -> looser gradient bound
-TOL = {torch.float32: dict(fwd=5e-6, grad=1e-5), torch.bfloat16: dict(fwd=5e-6, grad=1e-2)}
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(CHUNKS, "tokens", 16)
-    monkeypatch.setattr(CHUNKS, "vocab", 48)
+SHAPES = [pytest.param(s, id="N{}-H{}-V{}".format(*s)) for s in [(1, 17, 37), (37, 45, 203), (70, 33, 129)]]
 
 
 def _run(impl, hidden, weight, bias, targets, g_lp, g_ent, **kw):
@@ -49,8 +39,8 @@ def _check(out, ref, dtype, bias):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("impl", ["torch", "triton", "naive"])
 def test_matches_float64_reference(impl, shape, dtype, bias, small_chunks, device):
     N, H, V = shape
