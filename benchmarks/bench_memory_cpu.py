@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                             str(args.V)], capture_output=True, text=True)
         base = dict(op="policy", provider=p, mode="full", N=args.N, H=args.H, V=args.V, dtype="float32")
         if r.returncode != 0:
-            note = (r.stderr.strip().splitlines() or ["exit code %d" % r.returncode])[-1][:160]
+            note = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1][:160]
             rows.append(dict(base, status="error", note=note))
             print(f"  {p:<14} error: {note}")
             continue

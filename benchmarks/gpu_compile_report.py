@@ -131,9 +131,9 @@ def public_calls(dt: torch.dtype, N: int, H: int, V: int) -> dict:
 def flags_of(constexprs: dict) -> str:
     """The launch's option constexprs, compactly (tile sizes and precision left out)."""
     out = []
-    for path, v in sorted(constexprs.items(), key=lambda kv: str(kv[0])):
+    for _, v in sorted(constexprs.items(), key=lambda kv: str(kv[0])):
         if isinstance(v, tuple) and hasattr(v, "_fields"):
-            on = [f for f, x in zip(v._fields, v) if x not in (False, 0, None)]
+            on = [f for f, x in zip(v._fields, v, strict=True) if x not in (False, 0, None)]
             out.append(f"{type(v).__name__}({','.join(on)})")
     return " ".join(out)
 
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     N, H, V = map(int, args.shape.split(","))
     launches = record_launches(public_calls(DTYPES[args.dtype], N, H, V))
-    print(f"{len(launches)} distinct launches recorded ({args.dtype}, N,H,V = {N},{H},{V}, triton {triton.__version__})")
+    print(f"{len(launches)} distinct launches recorded ({args.dtype}, N,H,V = {N},{H},{V}, "
+          f"triton {triton.__version__})")
     rows, bad = compile_report(launches, [int(t) for t in args.targets.split(",")], args.dtype == "fp32")
     print(f"{len(rows)} compiled; " + ("no problems" if not bad else f"{bad} problem(s)"))
     return 1 if bad else 0

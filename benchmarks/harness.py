@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import math
 import os
 import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -45,7 +46,7 @@ class Shape:
     N: int
     H: int
     V: int
-    H_t: Optional[int] = None
+    H_t: int | None = None
     dtype: torch.dtype = torch.bfloat16
     seq_len: int = 1024  # tokens per sequence, for providers that want [B, T, H]
 
@@ -57,13 +58,13 @@ class Shape:
 @dataclass
 class Provider:
     name: str
-    make: Callable[[Dict[str, torch.Tensor]], Callable[[], torch.Tensor]]  # inputs -> closure returning a loss
+    make: Callable[[dict[str, torch.Tensor]], Callable[[], torch.Tensor]]  # inputs -> closure returning a loss
     note: str = ""
     grads_in_forward: bool = False  # computes gradients inside its forward: no separate backward to time
-    leaves: List[str] = field(default_factory=lambda: ["hidden", "weight"])
+    leaves: list[str] = field(default_factory=lambda: ["hidden", "weight"])
 
 
-def env_info(device: torch.device) -> Dict[str, str]:
+def env_info(device: torch.device) -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
@@ -96,7 +97,7 @@ def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Gener
     return out
 
 
-def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     to = dict(device=device, dtype=shape.dtype)
     hidden = torch.randn(shape.N, shape.H, generator=gen)
@@ -142,8 +143,8 @@ def flops(op: str, shape: Shape, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-def run(op: str, provider: Provider, shape: Shape, inputs: Dict[str, torch.Tensor], modes: Iterable[str],
-        device: torch.device, reps: int = 5) -> List[Dict]:
+def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tensor], modes: Iterable[str],
+        device: torch.device, reps: int = 5) -> list[dict]:
     """Rows for one provider at one shape; a provider that cannot run yields rows that say why."""
     rows = []
     base = dict(op=op, provider=provider.name, N=shape.N, H=shape.H, V=shape.V, H_t=shape.H_t or "",
@@ -169,8 +170,7 @@ def run(op: str, provider: Provider, shape: Shape, inputs: Dict[str, torch.Tenso
             if mode == "fwd":
                 fn = closure
             elif mode == "bwd":
-                y = closure()
-                fn = lambda: y.backward(retain_graph=True)  # noqa: E731
+                fn = functools.partial(closure().backward, retain_graph=True)
             else:
                 fn = lambda: closure().backward()  # noqa: E731
             fn()  # compile / warm up outside the measurement
@@ -201,7 +201,7 @@ def run(op: str, provider: Provider, shape: Shape, inputs: Dict[str, torch.Tenso
     return rows
 
 
-def append_csv(rows: List[Dict], env: Dict[str, str], path: Path = RESULTS / "bench.csv") -> Path:
+def append_csv(rows: list[dict], env: dict[str, str], path: Path = RESULTS / "bench.csv") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -213,7 +213,7 @@ def append_csv(rows: List[Dict], env: Dict[str, str], path: Path = RESULTS / "be
     return path
 
 
-def print_rows(rows: List[Dict]) -> None:
+def print_rows(rows: list[dict]) -> None:
     for r in rows:
         if r.get("status") == "ok":
             mem = f"{r['mem_inc_mib']:>9} MiB" if "mem_inc_mib" in r else ""
@@ -222,7 +222,7 @@ def print_rows(rows: List[Dict]) -> None:
             print(f"  {r['provider']:<22} {r['mode']:<5} {r['status']}: {r.get('note', '')}")
 
 
-def plot(csv_path: Path = RESULTS / "bench.csv", out_dir: Path = RESULTS) -> List[Path]:
+def plot(csv_path: Path = RESULTS / "bench.csv", out_dir: Path = RESULTS) -> list[Path]:
     """Time and incremental memory vs N, one line per provider, one figure per (op, V, mode, device)."""
     import matplotlib
 
@@ -231,7 +231,7 @@ def plot(csv_path: Path = RESULTS / "bench.csv", out_dir: Path = RESULTS) -> Lis
 
     with csv_path.open() as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
-    groups: Dict[tuple, List[Dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["op"], r["V"], r["mode"], r["device"]), []).append(r)
     paths = []

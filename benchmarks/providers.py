@@ -8,13 +8,13 @@ textbook materialized-logits computation (logits in the model dtype, then float3
 from __future__ import annotations
 
 import functools
-from typing import Dict, List
 
 import torch
 
-from harness import Provider, Unavailable
 from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
 from rlad_kernels.utils.dispatch import triton_interpreting
+
+from harness import Provider, Unavailable
 
 ALPHA, EPS, CLAMP, TEMP = 0.5, 0.2, 1.0, 1.0
 TRRD = PolicyLossConfig(alpha=ALPHA, eps_low=EPS, eps_high=EPS, teacher_clamp=CLAMP, compute_entropy=False)
@@ -59,7 +59,7 @@ def _eager_trrd(hidden, weight, targets, adv, old, teacher):
     return loss.mean()
 
 
-def policy_providers(seq_len: int) -> List[Provider]:
+def policy_providers(seq_len: int) -> list[Provider]:
     def ours(impl):
         def make(x):
             if impl == "triton":
@@ -110,7 +110,7 @@ def _eager_logprobs(hidden, weight, targets, g1, g2):
     return (lp * g1).sum() + (ent * g2).sum()
 
 
-def logprob_providers(seq_len: int) -> List[Provider]:
+def logprob_providers(seq_len: int) -> list[Provider]:
     def upstream(x):
         gen = torch.Generator().manual_seed(1)
         n = x["hidden"].shape[0]
@@ -175,7 +175,7 @@ def _eager_jsd(hs, ws, ht, wt):
     return (BETA * kl_t + (1 - BETA) * kl_s).mean()
 
 
-def divergence_providers(seq_len: int) -> List[Provider]:
+def divergence_providers(seq_len: int) -> list[Provider]:
     def ours(impl):
         def make(x):
             if impl == "triton":
@@ -207,6 +207,6 @@ def divergence_providers(seq_len: int) -> List[Provider]:
 PROVIDERS = {"policy": policy_providers, "logprobs": logprob_providers, "divergence": divergence_providers}
 
 
-@functools.lru_cache(maxsize=None)
-def provider_names(op: str) -> Dict[str, str]:
+@functools.cache
+def provider_names(op: str) -> dict[str, str]:
     return {p.name: p.note for p in PROVIDERS[op](1024)}

@@ -12,6 +12,7 @@ is separate; this is the quick check.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402
-
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
+
+import harness  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,7 +81,7 @@ def main(argv=None):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms = triton.testing.do_bench(lambda: step(args.op, impl, inputs), quantiles=[0.5])
+            ms = triton.testing.do_bench(functools.partial(step, args.op, impl, inputs), quantiles=[0.5])
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             print(f"{impl:<8} {ms:10.2f} {peak:10.1f} {diff}")
         else:

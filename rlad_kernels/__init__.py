@@ -5,9 +5,9 @@ hidden states and the lm_head weight without materializing the ``[tokens x vocab
 """
 
 from .modules import LinearLogprobs, LinearPolicyLoss
+from .ops.common.launch import TritonConfig, triton_config
 from .ops.divergence.api import linear_divergence
 from .ops.logprobs.api import linear_logprobs
-from .ops.common.launch import TritonConfig, triton_config
 from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
 from .ops.policy_loss.config import PolicyLossConfig
 

@@ -21,8 +21,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import DEVICE  # noqa: E402
 from rlad_kernels.ops.common.chunked import CHUNKS  # noqa: E402
+
+from helpers import DEVICE  # noqa: E402
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like

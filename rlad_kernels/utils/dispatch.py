@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -23,7 +22,7 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: Optional[str], device: torch.device) -> str:
+def resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl is None:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     check_choice("impl", impl, IMPLS)

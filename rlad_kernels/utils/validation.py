@@ -9,7 +9,7 @@ the GPU; on CPU they raise immediately.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ IMPLS = ("triton", "torch", "naive")
 
 
 def check_float_param(name: str, value, *, positive: bool = False, allow_none: bool = False,
-                      low: Optional[float] = None, high: Optional[float] = None,
+                      low: float | None = None, high: float | None = None,
                       low_open: bool = False, high_open: bool = False) -> None:
     """A finite Python number, optionally bounded. Raises ValueError/TypeError naming ``name``."""
     if value is None:
@@ -43,7 +43,7 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(repr(c) for c in choices)}")
 
 
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         *, hidden_name: str = "hidden", weight_name: str = "weight",
                         bias_name: str = "bias") -> None:
     """hidden [..., H], weight [V, H], bias [V] on one device, floating point."""
@@ -137,7 +137,7 @@ def token_mean_normalizer(weight_sum: torch.Tensor) -> torch.Tensor:
     return torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
 
 
-def as_normalizer(normalizer, device: torch.device) -> Optional[torch.Tensor]:
+def as_normalizer(normalizer, device: torch.device) -> torch.Tensor | None:
     """None, a positive number or a 1-element float tensor -> None or a detached float32 scalar."""
     if normalizer is None:
         return None

@@ -4,8 +4,9 @@ degenerate batches (all tokens ignored, no tokens) give 0 without NaN."""
 import pytest
 import torch
 
-from helpers import kw_id, make_lm_inputs
 from rlad_kernels import LinearLogprobs, LinearPolicyLoss, PolicyLossConfig, linear_logprobs, linear_policy_loss
+
+from helpers import kw_id, make_lm_inputs
 
 IMPLS = ["triton", "torch", "naive"]
 N, H, V = 12, 16, 40

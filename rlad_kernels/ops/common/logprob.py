@@ -24,8 +24,17 @@ import triton.language as tl
 
 from .launch import ScanPlan, TritonConfig, get_config, head, tiles
 from .scratch_backward import scratch_backward
-from .tiles import (logits_tile, mul_safe, online_max, region_tile, rescale_moment, shift, split_max, split_part,
-                    store_region)
+from .tiles import (
+    logits_tile,
+    mul_safe,
+    online_max,
+    region_tile,
+    rescale_moment,
+    shift,
+    split_max,
+    split_part,
+    store_region,
+)
 
 
 class Rows(NamedTuple):

@@ -15,12 +15,12 @@ is no float32 ``N x H`` or ``V x H`` buffer and nothing of size ``N x V``; C and
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 
-def scratch_backward(x: torch.Tensor, w: torch.Tensor, bias_dtype: Optional[torch.dtype],
+def scratch_backward(x: torch.Tensor, w: torch.Tensor, bias_dtype: torch.dtype | None,
                      fill: Callable[[torch.Tensor, int, int, int, int], None], *, need_dx: bool, need_dw: bool,
                      need_db: bool, scratch_bytes: int, row_align: int, col_align: int):
     """Returns (dX [N, H] x.dtype | None, dW [V, H] w.dtype | None, db [V] bias_dtype | None)."""

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from ...utils.dispatch import resolve_impl
-from ...utils.validation import (as_normalizer, check_choice, check_float_param, check_linear_inputs, check_teacher,
-                                 check_token_tensor, token_mean_normalizer)
+from ...utils.validation import (
+    as_normalizer,
+    check_choice,
+    check_float_param,
+    check_linear_inputs,
+    check_teacher,
+    check_token_tensor,
+    token_mean_normalizer,
+)
 from ..common.inputs import autocast_cast, rows
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ..common.chunked import CHUNKS, ChunkSizes, ScaledHead, accumulate_tile, mul_safe, online_max, rescale_moment, shift
+from ..common.chunked import (
+    CHUNKS,
+    ChunkSizes,
+    ScaledHead,
+    accumulate_tile,
+    mul_safe,
+    online_max,
+    rescale_moment,
+    shift,
+)
 from ..common.numerics import compute_dtype, log_weights
 
 RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes

@@ -18,8 +18,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.tiles import (logaddexp, logits_tile, mul_safe, online_max, region_tile, rescale_moment, row_block,
-                            shift, split_max, split_part, store_region, token_split)
+from ..common.tiles import (
+    logaddexp,
+    logits_tile,
+    mul_safe,
+    online_max,
+    region_tile,
+    rescale_moment,
+    row_block,
+    shift,
+    split_max,
+    split_part,
+    store_region,
+    token_split,
+)
 
 RKL: tl.constexpr = tl.constexpr(0)
 FKL: tl.constexpr = tl.constexpr(1)

@@ -14,8 +14,17 @@ from __future__ import annotations
 
 import torch
 
-from ..common.chunked import (CHUNKS, ChunkSizes, ScaledHead, accumulate_tile, mul_safe, online_max, rescale_moment,
-                              shift, softmax_dlogits_)
+from ..common.chunked import (
+    CHUNKS,
+    ChunkSizes,
+    ScaledHead,
+    accumulate_tile,
+    mul_safe,
+    online_max,
+    rescale_moment,
+    shift,
+    softmax_dlogits_,
+)
 from ..common.numerics import compute_dtype
 
 

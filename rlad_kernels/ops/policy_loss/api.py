@@ -19,8 +19,15 @@ from ..divergence.api import linear_divergence
 from ..logprobs.api import linear_logprobs
 from .chunked import policy_loss_chunked
 from .config import PolicyLossConfig
-from .math import (REQUIRED_INPUTS, STAT_INDEX, TokenInputs, finalize_metrics, policy_token_loss, reduce_token_stats,
-                   used_inputs)
+from .math import (
+    REQUIRED_INPUTS,
+    STAT_INDEX,
+    TokenInputs,
+    finalize_metrics,
+    policy_token_loss,
+    reduce_token_stats,
+    used_inputs,
+)
 from .triton_impl import policy_loss_triton
 
 
@@ -93,7 +100,7 @@ def linear_policy_loss(
     li = prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl)
     tok = TokenInputs(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp, ref_logp=ref_logp,
                       token_weights=token_weights, kd_weights=kd_weights)
-    for name, t in zip(TokenInputs._fields, tok):
+    for name, t in zip(TokenInputs._fields, tok, strict=True):
         check_token_tensor(name, t, li.shape, hidden.device, required=name in REQUIRED_INPUTS)
     full_kd = cfg.kd_estimator == "full"
     if (teacher_hidden is None) != (teacher_weight is None):

@@ -64,11 +64,10 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             p = torch.exp(logp)
             ent = -mul_safe(p, logp, head.neg_inf).sum(-1) if want_ent else None
             # the per-token math, and its derivatives w.r.t. lp and entropy, by autograd
-            part_tok = t.map(lambda v: v[c0:c1])
             with torch.enable_grad():
                 lp_l = lp.detach().requires_grad_(grads)
                 ent_l = ent.detach().requires_grad_(grads and cfg.entropy_coef != 0.0) if ent is not None else None
-                loss_t, stats = policy_token_loss(lp_l, part_tok, cfg, entropy=ent_l)
+                loss_t, stats = policy_token_loss(lp_l, t.select(slice(c0, c1)), cfg, entropy=ent_l)
                 part = reduce_token_stats(loss_t, stats, w_all[c0:c1], torch.ones_like(lp, dtype=torch.bool))
                 if grads:
                     wanted = [lp_l] + ([ent_l] if ent_l is not None and ent_l.requires_grad else [])

@@ -63,6 +63,10 @@ class TokenInputs(NamedTuple):
         """``fn`` applied to every present input (absent ones stay None)."""
         return TokenInputs(*(fn(t) if t is not None else None for t in self))
 
+    def select(self, index) -> TokenInputs:
+        """The same tokens' entries of every present input (``index``: a slice or index tensor)."""
+        return self.map(lambda t: t[index])
+
     def present(self) -> TokenInputs:
         """Which inputs are given, as a ``TokenInputs`` of bools."""
         return TokenInputs(*(t is not None for t in self))

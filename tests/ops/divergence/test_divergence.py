@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, TOL, assert_rel, kw_id
 from rlad_kernels import linear_divergence, triton_config
+
+from helpers import DTYPES, TOL, assert_rel, kw_id
 
 KINDS = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.15), ("jsd", 0.9)]
 # two logit tiles (student and teacher) per element: twice the float32 rounding of one
@@ -52,7 +53,7 @@ def test_matches_float64_reference(impl, kind, beta, dtype, small_chunks, device
     mask = pair[-1]
     assert out[0].dtype == torch.float32
     assert torch.all(out[0][~mask] == 0) and torch.all(out[0][mask] > 0)
-    for name, a, r in zip(["D", "d_hidden", "d_weight", "d_bias"], out, ref):
+    for name, a, r in zip(["D", "d_hidden", "d_weight", "d_bias"], out, ref, strict=True):
         assert_rel(a, r, TOL[dtype]["fwd"] if name == "D" else GRAD_TOL[dtype], name)
     assert torch.all(out[1][~mask] == 0)
 
@@ -65,7 +66,7 @@ def test_triton_splits_and_scratch_chunks(split, kind, beta, device):
     with triton_config(split_v=split, scratch_bytes=1):
         out = _run("triton", pair, kind, beta, g, temperature=1.3)
     ref = _ref(pair, kind, beta, g, temperature=1.3)
-    for name, a, r in zip(["D", "d_hidden", "d_weight", "d_bias"], out, ref):
+    for name, a, r in zip(["D", "d_hidden", "d_weight", "d_bias"], out, ref, strict=True):
         assert_rel(a, r, TOL[torch.float32]["fwd"] if name == "D" else GRAD_TOL[torch.float32], name)
 
 

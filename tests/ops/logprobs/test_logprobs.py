@@ -9,8 +9,9 @@ run in Triton's CPU interpreter here (TRITON_INTERPRET=1) and on the GPU when on
 import pytest
 import torch
 
-from helpers import DTYPES, TOL, assert_rel, make_lm_inputs
 from rlad_kernels import linear_logprobs, triton_config
+
+from helpers import DTYPES, TOL, assert_rel, make_lm_inputs
 
 SHAPES = [pytest.param(s, id="N{}-H{}-V{}".format(*s)) for s in [(1, 17, 37), (37, 45, 203), (70, 33, 129)]]
 
@@ -33,7 +34,7 @@ def _reference(hidden, weight, bias, targets, g_lp, g_ent, **kw):
 def _check(out, ref, dtype, bias):
     names = ["logp", "entropy", "d_hidden", "d_weight"] + (["d_bias"] if bias else [])
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
-    for name, a, r in zip(names, out, ref):
+    for name, a, r in zip(names, out, ref, strict=True):
         tol = TOL[dtype]["fwd" if name in ("logp", "entropy") else "grad"]
         assert_rel(a, r, tol, name)
 

@@ -114,7 +114,7 @@ def make_case(seed, dtype, *, cap=False):
     )
     if cap:  # log_r > 20 on a few tokens: A = 0 (0 * inf without the cap), A > 0, A < 0 (dual clip)
         valid_idx = (targets != IGNORE).nonzero().squeeze(-1)
-        for i, a, gap in zip(valid_idx[:3].tolist(), (0.0, 1.0, -1.5), (1000.0, 30.0, 25.0)):
+        for i, a, gap in zip(valid_idx[:3].tolist(), (0.0, 1.0, -1.5), (1000.0, 30.0, 25.0), strict=True):
             tok["advantages"][i] = a
             tok["old_logp"][i] = lp[i] - gap
     return hidden, weight, bias, targets, tok
@@ -229,7 +229,7 @@ def test_alpha_one_is_exactly_grpo(impl, device):
         out = run_lib(impl, h, w, b, targets, tok, names, cfg)
         out.loss.backward()
         results.append((out.loss.detach(), h.grad, w.grad, b.grad))
-    for x, y in zip(*results):
+    for x, y in zip(*results, strict=True):
         assert torch.equal(x, y), (impl, (x - y).abs().max().item())
     assert results[0][1].abs().max() > 0
 

@@ -11,9 +11,10 @@ row: a row's gradient is (dL/dlp_t) times d lp_t/d h_t, so one wrong per-token f
 import pytest
 import torch
 
-from helpers import assert_rel, make_lm_inputs
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss, triton_config
 from rlad_kernels.ops.common.chunked import ScaledHead
+
+from helpers import assert_rel, make_lm_inputs
 
 CONFIGS = {
     "trrd": PolicyLossConfig(),
