@@ -1,7 +1,7 @@
 """Benchmark `linear_divergence (generalized JSD)` against the other providers.
 
-    python benchmarks/bench_divergence.py                      # DESIGN section 5 shapes on a GPU, small ones on a CPU
-    python benchmarks/bench_divergence.py --N 8192 --V 151936 --providers rlad-triton liger-grpo
+    python benchmarks/bench_divergence.py   # the performance-bar shapes on a GPU (README.md), small ones on a CPU
+    python benchmarks/bench_divergence.py --N 8192 --V 151936 --providers rlad-triton liger-jsd
 """
 
 import sys

@@ -16,7 +16,8 @@ from harness import MODES, RESULTS, Shape, append_csv, env_info, make_inputs, pl
 from providers import PROVIDERS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# DESIGN section 5 on a GPU; small shapes elsewhere (the harness itself is what runs on a CPU)
+# the performance-bar shapes on a GPU (README.md: bf16, H=4096, V in {128256, 151936}, N in 8k..64k,
+# teacher H=5120); small shapes elsewhere (the harness itself is what runs on a CPU)
 GPU_DEFAULTS = dict(N=[8192, 16384, 32768, 65536], H=4096, V=[128256, 151936], H_t=5120, dtype="bf16")
 CPU_DEFAULTS = dict(N=[512, 1024, 2048], H=256, V=[8192], H_t=320, dtype="fp32")
 
