@@ -39,7 +39,6 @@ import random
 import signal
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict
 
@@ -53,48 +52,13 @@ from .evaluate import evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model
 from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
+from .runtime import autocast_for, frozen, progress, resolve_device, tokenizer_for
 from .tasks import get_task
-from .tokenizer import load_tokenizer
 
 FAULT_KILL_STEP = "RLAD_FAULT_KILL_STEP"  # test hook: SIGKILL this process during that step's update
 
 
 # ----------------------------------------------------------------------------- setup helpers
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config: device={spec!r} but CUDA is not available; use device=cpu or auto")
-    return dev
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def progress(quiet: bool, **kw):
-    """A progress bar on a terminal; nothing when ``quiet`` or when the output is not a terminal
-    (log files get the per-step lines instead)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kw)
-
-
-def tokenizer_for(cfg: TrainConfig):
-    spec = cfg.tokenizer
-    if spec is None and not cfg.student.startswith(("preset:", "config:")):
-        spec = cfg.student
-    return load_tokenizer(spec)
-
-
-def frozen(model):
-    model.requires_grad_(False)
-    return model.eval()
-
-
 def lr_lambda(cfg: TrainConfig, total: int):
     def f(i: int) -> float:
         if cfg.warmup_steps and i < cfg.warmup_steps:
@@ -270,11 +234,11 @@ def train(cfg: TrainConfig) -> Dict:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    amp = autocast_for(cfg, device)
+    amp = autocast_for(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)
 
-    tok = tokenizer_for(cfg)
+    tok = tokenizer_for(cfg.student, cfg.tokenizer)
     task = get_task(cfg.task, cfg.reward)
     levels = list(cfg.levels) or list(task.levels)
     # trained parameters in float32 (bf16 autocast on GPU); frozen models in bf16 on GPU
