@@ -8,12 +8,6 @@ import torch
 
 from rlad.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from rlad.models import load_model
-from rlad.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def _model(tok, seed):

@@ -12,12 +12,6 @@ from rlad.evaluate import pass_at_k
 from rlad.models import load_model
 from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, score
 from rlad.tasks import Arithmetic
-from rlad.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def test_old_logprobs_equal_the_samplers(tok):

@@ -14,35 +14,10 @@ import torch
 from helpers import assert_rel
 
 from rlad.config import TrainConfig
-from rlad.demo import ProseStyle, sft_on_solutions
 from rlad.models import load_model
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
-from rlad.tokenizer import load_tokenizer
 from rlad.train import FAULT_KILL_STEP, micro_loss, normalizer_for, train, update
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tok):
-    """A teacher that solves echo, and a student that knows the digits but writes half of its
-    answers in a form the verifier cannot read (so rewards are mixed and RL has signal)."""
-    root = tmp_path_factory.mktemp("models")
-    task = Echo()
-    teacher = load_model("preset:tiny-student", tok, seed=1)
-    sft_on_solutions(teacher, tok, task, [1], steps=300, batch=32, lr=3e-3, seed=3, desc="teacher", quiet=True)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    student = load_model("preset:tiny-student", tok, seed=2)
-    sft_on_solutions(student, tok, ProseStyle(task, 0.5), [1], steps=300, batch=32, lr=3e-3, seed=4,
-                     desc="student", quiet=True)
-    student.save_pretrained(root / "student")
-    tok.save_pretrained(root / "student")
-    return {"teacher": str(root / "teacher"), "student": str(root / "student")}
 
 
 def _cfg(tmp_path, models, **kw):
