@@ -9,7 +9,8 @@ Each step:
   4. advantages: per group ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO), or
      per token for opd sampled;
   5. ``ppo_epochs`` passes of ``mini_batches`` optimizer steps with the algorithm's loss,
-     gradient accumulation over micro-batches with one global normalizer;
+     gradient accumulation over micro-batches with one global normalizer; metrics stay on the
+     device until the step's log line;
   6. log, evaluate, checkpoint (atomically).
 
 Algorithms (``--algo``; ``rlad/algorithms.py`` has one row each: what it scores, its loss, its
@@ -123,11 +124,13 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
 
 # ----------------------------------------------------------------------------- the loss
 def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, token_weights, step: int):
-    """The algorithm's loss on one micro-batch, already divided by the global normalizer."""
+    """The algorithm's loss on one micro-batch, already divided by the global normalizer, and its
+    metrics as detached scalar tensors (no host sync)."""
     alg = cfg.algorithm
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
     weight, bias = lm_head(student)
     targets = mb.targets
+    tokens = mb.response_mask.sum().clamp_min(1)
 
     def teacher_hidden():
         with torch.no_grad():
@@ -139,14 +142,14 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
         lp = linear_logprobs(h, weight, targets, bias=bias)
         w = token_weights if token_weights is not None else 1.0
         loss = -(lp * w).sum() / normalizer
-        return loss, {"nll": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
+        return loss, {"nll": loss.detach() * normalizer / tokens}
     if alg.loss == DIVERGENCE:  # beta is JSD's (the other kinds ignore it)
         ht, wt, bt = teacher_hidden()
         loss = linear_divergence(h, weight, ht, wt, kind=alg.divergence, beta=cfg.opd_beta,
                                  temperature=cfg.temperature, student_bias=bias, teacher_bias=bt,
                                  mask=mb.response_mask, token_weights=token_weights, normalizer=normalizer,
                                  reduction="mean")
-        return loss, {"divergence": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
+        return loss, {"divergence": loss.detach() * normalizer / tokens}
     assert alg.loss == POLICY, alg
     pcfg = cfg.policy_config(step)
     kw = {}
@@ -156,7 +159,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
                              teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None,
                              ref_logp=mb.ref_logp, token_weights=token_weights, kd_weights=mb.kd_weights,
                              normalizer=normalizer, bias=bias, temperature=cfg.temperature, config=pcfg, **kw)
-    return out.loss, {k: float(v) for k, v in out.metrics.items()}
+    return out.loss, {k: v.detach() for k, v in out.metrics.items()}
 
 
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
@@ -173,9 +176,10 @@ def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
 
 
 def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp,
-           state) -> dict[str, float]:
+           state) -> dict[str, list[torch.Tensor]]:
     """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
-    gradient skips the optimizer step (counted in ``state['nan_skips']``)."""
+    gradient skips the optimizer step (counted in ``state['nan_skips']``). Returns the metrics'
+    values on device: one per micro-batch, and ``loss`` / ``grad_norm`` one per optimizer step."""
     params = [p for p in student.parameters() if p.requires_grad]
     stats = defaultdict(list)
     fault = os.environ.get(FAULT_KILL_STEP)
@@ -194,7 +198,8 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                 for k, v in m.items():
                     stats[k].append(v)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not (torch.isfinite(total) and torch.isfinite(gnorm)):
+            # the one host sync of an optimizer step: whether to skip it
+            if not bool(torch.isfinite(total) & torch.isfinite(gnorm)):
                 optimizer.zero_grad(set_to_none=True)
                 state["nan_skips"] += 1
                 print(f"step {step}: non-finite loss ({float(total):.4g}) or gradient norm ({float(gnorm):.4g}); "
@@ -202,11 +207,24 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                 continue
             optimizer.step()
             scheduler.step()
-            stats["loss"].append(float(total))
-            stats["grad_norm"].append(float(gnorm))
+            stats["loss"].append(total)
+            stats["grad_norm"].append(gnorm)
             if fault is not None and int(fault) == step:
                 os.kill(os.getpid(), signal.SIGKILL)
-    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+    return dict(stats)
+
+
+def host_metrics(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each metric's unweighted mean over its values, with one device-to-host transfer for them all."""
+    stats = {k: v for k, v in stats.items() if v}
+    if not stats:
+        return {}
+    flat = torch.stack([v.detach().double() for values in stats.values() for v in values]).tolist()
+    out, i = {}, 0
+    for k, values in stats.items():
+        out[k] = sum(flat[i:i + len(values)]) / len(values)
+        i += len(values)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -292,14 +310,14 @@ def train(cfg: TrainConfig) -> dict:
                            sft_pool)
         t_roll = time.perf_counter() - t0
         student.train()
-        m = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
-        dt = time.perf_counter() - t0
-        tokens = int(roll.response_mask.sum())
+        stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
+        stats.update(response_len=[roll.lengths.float().mean()], tokens=[roll.response_mask.sum()])
         if alg.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1 by construction
-            m.update(reward=float(roll.rewards.mean()), accuracy=float((roll.rewards >= 1).float().mean()))
-        m.update(response_len=float(roll.lengths.float().mean()), lr=scheduler.get_last_lr()[0],
-                 tokens_per_s=tokens * (1 + cfg.ppo_epochs) / dt, rollout_s=t_roll, step_s=dt,
-                 nan_skips=state["nan_skips"])
+            stats.update(reward=[roll.rewards.mean()], accuracy=[(roll.rewards >= 1).float().mean()])
+        m = host_metrics(stats)  # the step's metrics reach the host here, once
+        dt = time.perf_counter() - t0
+        m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,
+                 rollout_s=t_roll, step_s=dt, nan_skips=state["nan_skips"])
         if alg.kd:
             m["kd_coef"] = cfg.kd_coef(step)
         state["step"] = step + 1
