@@ -37,9 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -57,8 +55,6 @@ from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
 from .runtime import autocast_for, frozen, progress, resolve_device, tokenizer_for
 from .tasks import get_task
-
-FAULT_KILL_STEP = "RLAD_FAULT_KILL_STEP"  # test hook: SIGKILL this process during that step's update
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -182,7 +178,6 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
     values on device: one per micro-batch, and ``loss`` / ``grad_norm`` one per optimizer step."""
     params = [p for p in student.parameters() if p.requires_grad]
     stats = defaultdict(list)
-    fault = os.environ.get(FAULT_KILL_STEP)
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(roll), device=roll.input_ids.device)
         for mini in perm.chunk(cfg.mini_batches):
@@ -209,8 +204,6 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
             scheduler.step()
             stats["loss"].append(total)
             stats["grad_norm"].append(gnorm)
-            if fault is not None and int(fault) == step:
-                os.kill(os.getpid(), signal.SIGKILL)
     return dict(stats)
 
 
