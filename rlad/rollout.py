@@ -123,7 +123,7 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, response, tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-             for r, m in zip(response, attention_mask[:, P:])]
+             for r, m in zip(response, attention_mask[:, P:], strict=True)]
     rewards = torch.tensor([task.reward(examples[i // G], t) for i, t in enumerate(texts)], dtype=torch.float32,
                            device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G)
@@ -172,7 +172,7 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
         resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, resp.to(device), tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
-    rewards = torch.tensor([task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses)],
-                           dtype=torch.float32, device=device)
+    scores = [task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses, strict=True)]
+    rewards = torch.tensor(scores, dtype=torch.float32, device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), list(responses),
                    rewards, 1)

@@ -150,7 +150,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     pcfg = cfg.policy_config(step)
     kw = {}
     if pcfg.kd_estimator == "full":  # the exact reverse KL needs the teacher's hidden states and head
-        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden()))
+        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden(), strict=True))
     out = linear_policy_loss(h, weight, targets, mb.token_advantage(), mb.old_logp,
                              teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None,
                              ref_logp=mb.ref_logp, token_weights=token_weights, kd_weights=mb.kd_weights,

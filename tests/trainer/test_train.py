@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import assert_rel
 
 import rlad
@@ -119,7 +118,7 @@ def test_gradient_accumulation_is_exact(tmp_path, models, tok, aggregation, algo
     whole, parts = grads(8), grads(2)
     assert any(g.abs().sum() > 0 for g in whole)
     # float32 sums in a different order: equal up to rounding relative to each tensor's scale
-    for (name, _), a, b in zip(student.named_parameters(), whole, parts):
+    for (name, _), a, b in zip(student.named_parameters(), whole, parts, strict=True):
         assert_rel(b, a, 1e-5, name)
 
 
