@@ -55,7 +55,7 @@ ALGOS = [
 ]
 
 
-@pytest.mark.parametrize("kw", ALGOS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize("kw", ALGOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_every_algorithm_runs_two_steps(tmp_path, models, tok, kw):
     cfg = _cfg(tmp_path, models, **kw)
     summary = train(cfg)
