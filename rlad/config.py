@@ -16,12 +16,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-from rlad_kernels import PolicyLossConfig
-from rlad_kernels.ops.policy_loss.config import KD_ESTIMATORS
+from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
+
+# rlad_kernels (torch, triton) is imported inside the methods that validate or build a
+# PolicyLossConfig, so that reading the flags (`rlad train --help`) stays instant
+if TYPE_CHECKING:
+    from rlad_kernels import PolicyLossConfig
 
 # TrainConfig fields that are PolicyLossConfig options of the same name: PolicyLossConfig validates them
 POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "dual_clip", "mixture", "kd_estimator",
@@ -134,6 +136,8 @@ class TrainConfig:
         """The policy loss's options at ``step`` (None for an algorithm whose loss is not the policy
         loss): ``alpha`` with a TRRD ratio, else 1 (the PPO ratio); the KD term with the annealed
         ``kd_coef(step)`` for kdrl; the clip, clamp, mixture, reference-KL and entropy settings as set."""
+        from rlad_kernels import PolicyLossConfig
+
         alg = self.algorithm
         if alg.loss != POLICY:
             return None
@@ -144,6 +148,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        from rlad_kernels.ops.policy_loss.config import KD_ESTIMATORS
+
         def bad(name, msg):
             raise ValueError(f"config: {name}={getattr(self, name)!r}: {msg}")
 
@@ -198,6 +204,8 @@ class TrainConfig:
     def _check_policy_options(self, bad) -> None:
         """The TRRD / PPO options are PolicyLossConfig's and are validated by it (one definition of
         each rule); its error is reported against the TrainConfig field, with the field's help."""
+        from rlad_kernels import PolicyLossConfig
+
         options = {name: getattr(self, name) for name in POLICY_OPTIONS}
         try:
             PolicyLossConfig(**options)
