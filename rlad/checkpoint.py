@@ -14,7 +14,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -25,21 +25,21 @@ def checkpoint_dir(out_dir) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def rng_state(data_rng: random.Random) -> Dict[str, Any]:
+def rng_state(data_rng: random.Random) -> dict[str, Any]:
     state = {"python": data_rng.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: Dict[str, Any], data_rng: random.Random) -> None:
+def set_rng_state(state: dict[str, Any], data_rng: random.Random) -> None:
     data_rng.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: Dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int = 2) -> Path:
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -80,7 +80,7 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def latest_checkpoint(out_dir) -> Optional[Path]:
+def latest_checkpoint(out_dir) -> Path | None:
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return None
@@ -89,7 +89,7 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
     return done[-1][1] if done else None
 
 
-def load_checkpoint(path, model) -> Dict[str, Any]:
+def load_checkpoint(path, model) -> dict[str, Any]:
     """Load the model weights in place; return the trainer state (optimizer, scheduler, RNG, ...)."""
     from transformers import AutoModelForCausalLM
 

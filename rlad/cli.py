@@ -7,7 +7,6 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 
 def _demo(args) -> int:
@@ -32,13 +31,12 @@ def _eval(args) -> int:
     from .evaluate import evaluate
     from .models import load_model
     from .report import markdown_table
+    from .runtime import progress, resolve_device, tokenizer_for
     from .tasks import get_task
-    from .tokenizer import load_tokenizer
-    from .train import progress, resolve_device
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.tokenizer or (args.model if not args.model.startswith(("preset:", "config:")) else None))
+    tok = tokenizer_for(args.model, args.tokenizer)
     model = load_model(args.model, tok, device=device).eval()
     task = get_task(args.task, args.reward)
     levels = args.levels or list(task.levels)
@@ -96,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -13,15 +13,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
-ALGOS = ("rlad", "grpo", "kdrl", "opd", "sft")
-TEACHER_ALGOS = ("rlad", "kdrl", "opd", "sft")
+from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
+
+# rlad_kernels (torch, triton) is imported inside the methods that validate or build a
+# PolicyLossConfig, so that reading the flags (`rlad train --help`) stays instant
+if TYPE_CHECKING:
+    from rlad_kernels import PolicyLossConfig
+
+# TrainConfig fields that are PolicyLossConfig options of the same name: PolicyLossConfig validates them
+POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "dual_clip", "mixture", "kd_estimator",
+                  "ref_kl_coef", "entropy_coef")
+TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teacher))  # for the help text
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
-KD_ESTIMATORS = ("k1", "k2", "k3", "full")
-OPD_KINDS = ("jsd", "reverse_kl", "sampled")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -44,18 +52,18 @@ class TrainConfig:
 
     # models
     student: str = _f("preset:tiny-student", "student: path, hub id, config:<json> or preset:<name>", "models")
-    teacher: Optional[str] = _f(None, "teacher (rlad, kdrl, opd, sft): path, hub id, config:<json> or preset:<name>",
-                                "models")
-    ref: Optional[str] = _f(None, "reference model for ref_kl_coef (default: a frozen copy of the initial student)",
-                            "models")
-    tokenizer: Optional[str] = _f(None, "tokenizer path or hub id (default: the student's if it is a path or hub "
-                                        "id, else the built-in tokenizer)", "models")
+    teacher: str | None = _f(None, f"teacher ({', '.join(TEACHER_ALGOS)}): path, hub id, config:<json> or "
+                                   "preset:<name>", "models")
+    ref: str | None = _f(None, "reference model for ref_kl_coef (default: a frozen copy of the initial student)",
+                         "models")
+    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the student's if it is a path or hub "
+                                     "id, else the built-in tokenizer)", "models")
     prompt_template: str = _f("{prompt}\n", "how a prompt is shown to the model; must contain {prompt}", "models")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward (GPU memory)", "models")
 
     # task
     task: str = _f("arithmetic", "knights, arithmetic, echo, or jsonl:<path>", "task")
-    levels: List[int] = _f([], "difficulty levels to train on (default: all of the task's)", "task")
+    levels: list[int] = _f([], "difficulty levels to train on (default: all of the task's)", "task")
     reward: str = _f("exact", "for jsonl tasks: exact, numeric, contains or module:function", "task")
 
     # rollout
@@ -69,11 +77,12 @@ class TrainConfig:
     # algorithm
     algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",
                    "algorithm")
-    alpha: float = _f(0.5, "TRRD: weight of the old policy in the anchor pi_old^a pi_T^(1-a)", "algorithm")
+    alpha: float = _f(0.5, "TRRD: weight of the old policy in the anchor pi_old^a pi_T^(1-a) (1: GRPO, 0: fully "
+                           "teacher-anchored)", "algorithm")
     eps_low: float = _f(0.2, "clip range low: ratio >= 1 - eps_low", "algorithm")
     eps_high: float = _f(0.2, "clip range high: ratio <= 1 + eps_high", "algorithm")
-    teacher_clamp: Optional[float] = _f(1.0, "TRRD: clamp |lp - lp_teacher| (None: off)", "algorithm")
-    dual_clip: Optional[float] = _f(None, "dual clip constant (> 1) for A < 0 tokens (None: off)", "algorithm")
+    teacher_clamp: float | None = _f(1.0, "TRRD: clamp |lp - lp_teacher| (None: off)", "algorithm")
+    dual_clip: float | None = _f(None, "dual clip constant (> 1) for A < 0 tokens (None: off)", "algorithm")
     mixture: str = _f("geometric", "TRRD anchor: geometric (RLAD) or arithmetic", "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")
     aggregation: str = _f("token_mean", "token_mean (global over the batch), seq_mean, or constant", "algorithm")
@@ -86,13 +95,13 @@ class TrainConfig:
     kd_reward_mask: bool = _f(True, "kdrl: no KD on responses whose reward is 1 (reward-guided KD)", "algorithm")
     opd_kind: str = _f("jsd", "opd: jsd or reverse_kl (full vocabulary), or sampled (-(lp - lp_T) advantage)",
                        "algorithm")
-    opd_beta: float = _f(0.5, "opd: JSD beta (0 forward KL, 1 reverse KL)", "algorithm")
+    opd_beta: float = _f(0.5, "opd jsd: JSD beta (0 forward KL, 1 reverse KL)", "algorithm")
     sft_prompts: int = _f(256, "sft: prompts the teacher solves to build the offline dataset", "algorithm")
 
     # optimization
     lr: float = _f(1e-4, "AdamW learning rate", "optimization")
     weight_decay: float = _f(0.0, "AdamW weight decay", "optimization")
-    betas: List[float] = _f([0.9, 0.999], "AdamW betas", "optimization")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", "optimization")
     schedule: str = _f("constant", "learning-rate schedule after warmup: constant, linear or cosine", "optimization")
     warmup_steps: int = _f(0, "linear warmup, in optimizer steps", "optimization")
     grad_clip: float = _f(1.0, "max global gradient norm (0: off)", "optimization")
@@ -113,16 +122,45 @@ class TrainConfig:
     def __post_init__(self):
         self.validate()
 
+    # ------------------------------------------------------------------ the algorithm
+    @property
+    def algorithm(self) -> Algorithm:
+        """The row of ``rlad.algorithms`` for ``algo`` (and ``opd_kind``)."""
+        return find_algorithm(self.algo, self.opd_kind)
+
+    def kd_coef(self, step: int) -> float:
+        """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min)."""
+        return max(self.kd_beta - self.kd_beta_decay * step, self.kd_beta_min)
+
+    def policy_config(self, step: int) -> PolicyLossConfig | None:
+        """The policy loss's options at ``step`` (None for an algorithm whose loss is not the policy
+        loss): ``alpha`` with a TRRD ratio, else 1 (the PPO ratio); the KD term with the annealed
+        ``kd_coef(step)`` for kdrl; the clip, clamp, mixture, reference-KL and entropy settings as set."""
+        from rlad_kernels import PolicyLossConfig
+
+        alg = self.algorithm
+        if alg.loss != POLICY:
+            return None
+        shared = {name: getattr(self, name) for name in POLICY_OPTIONS if name not in ("alpha", "kd_estimator")}
+        return PolicyLossConfig(alpha=self.alpha if alg.trrd else 1.0,
+                                kd_estimator=self.kd_estimator if alg.kd else None,
+                                kd_coef=self.kd_coef(step) if alg.kd else 0.0, **shared)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        from rlad_kernels.ops.policy_loss.config import KD_ESTIMATORS
+
         def bad(name, msg):
             raise ValueError(f"config: {name}={getattr(self, name)!r}: {msg}")
 
         if self.algo not in ALGOS:
             bad("algo", f"unknown algorithm; choose one of {', '.join(ALGOS)}")
-        if self.algo in TEACHER_ALGOS and not self.teacher:
+        if self.opd_kind not in OPD_KINDS:
+            bad("opd_kind", f"choose one of {', '.join(OPD_KINDS)}")
+        alg = self.algorithm
+        if alg.needs_teacher and not self.teacher:
             bad("teacher", f"algo={self.algo!r} needs a teacher; set teacher=<path|hub id|preset:...> or use algo=grpo")
-        if self.group_size < 2 and self.algo != "sft":
+        if alg.batch == ROLLOUTS and self.group_size < 2:
             bad("group_size", "group advantages need at least 2 responses per prompt; set group_size >= 2")
         for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "mini_batches",
                      "micro_batch_size", "eval_prompts", "sft_prompts", "keep_checkpoints"):
@@ -137,30 +175,16 @@ class TrainConfig:
                 bad(name, "must be a positive number")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if not 0 <= self.alpha <= 1:
-            bad("alpha", "the TRRD mixture weight must be in [0, 1] (1 = GRPO, 0 = fully teacher-anchored)")
-        if not 0 <= self.eps_low < 1:
-            bad("eps_low", "must be in [0, 1)")
-        if self.eps_high < 0:
-            bad("eps_high", "must be >= 0")
-        if self.teacher_clamp is not None and self.teacher_clamp <= 0:
-            bad("teacher_clamp", "must be > 0, or None to disable the clamp")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            bad("dual_clip", "must be > 1, or None to disable")
-        if self.mixture not in ("geometric", "arithmetic"):
-            bad("mixture", "choose geometric or arithmetic")
+        self._check_policy_options(bad)
+        if self.kd_estimator is None:
+            bad("kd_estimator", f"choose one of {', '.join(e for e in KD_ESTIMATORS if e is not None)} (kdrl "
+                                f"always adds a KD term; algo=grpo has none)")
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}")
-        if self.kd_estimator not in KD_ESTIMATORS:
-            bad("kd_estimator", f"choose one of {', '.join(KD_ESTIMATORS)}")
-        if self.opd_kind not in OPD_KINDS:
-            bad("opd_kind", f"choose one of {', '.join(OPD_KINDS)}")
         if not 0 <= self.opd_beta <= 1:
             bad("opd_beta", "must be in [0, 1]")
         if self.kd_beta < 0 or self.kd_beta_min < 0 or self.kd_beta_decay < 0:
             bad("kd_beta", "kd_beta, kd_beta_min and kd_beta_decay must be >= 0")
-        if self.ref_kl_coef < 0:
-            bad("ref_kl_coef", "must be >= 0")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"choose one of {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
@@ -171,15 +195,32 @@ class TrainConfig:
             bad("betas", "two numbers in [0, 1)")
         if "{prompt}" not in self.prompt_template:
             bad("prompt_template", "must contain {prompt}")
-        batch = self.prompts_per_step * (1 if self.algo == "sft" else self.group_size)
+        batch = self.prompts_per_step * (self.group_size if alg.batch == ROLLOUTS else 1)
         if self.mini_batches > batch:
             bad("mini_batches", f"cannot split a batch of {batch} sequences into {self.mini_batches} mini-batches")
         if self.task.startswith("jsonl:") and not Path(self.task[len("jsonl:"):]).is_file():
             bad("task", "JSONL file not found")
 
+    def _check_policy_options(self, bad) -> None:
+        """The TRRD / PPO options are PolicyLossConfig's and are validated by it (one definition of
+        each rule); its error is reported against the TrainConfig field, with the field's help."""
+        from rlad_kernels import PolicyLossConfig
+
+        options = {name: getattr(self, name) for name in POLICY_OPTIONS}
+        try:
+            PolicyLossConfig(**options)
+        except (TypeError, ValueError) as err:
+            for name in POLICY_OPTIONS:  # the field whose value alone is refused
+                try:
+                    PolicyLossConfig(**{name: options[name]})
+                except (TypeError, ValueError) as own:
+                    help_ = next(f.metadata["help"] for f in fields(self) if f.name == name)
+                    bad(name, f"{str(own).replace('PolicyLossConfig.', '')} ({help_})")
+            raise ValueError(f"config: {options}: {err}") from None  # a rule across options
+
     # ------------------------------------------------------------------ sources
     @classmethod
-    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -187,7 +228,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path, overrides: Optional[Dict[str, Any]] = None) -> "TrainConfig":
+    def from_yaml(cls, path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         import yaml
 
         try:
@@ -202,10 +243,10 @@ class TrainConfig:
         values.update(overrides or {})
         return cls.from_dict(values, source=str(path))
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -226,9 +267,8 @@ def _parse_bool(s: str) -> bool:
 def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """One flag per TrainConfig field, grouped; an absent flag leaves no attribute (SUPPRESS), so
     only given flags override, including an explicit ``none``."""
+    casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     groups = {}
-    hints = {"int": int, "float": float, "str": str, "bool": _parse_bool,
-             "Optional[str]": _parse_optional(str), "Optional[float]": _parse_optional(float)}
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
@@ -236,18 +276,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = 
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
         flag = "--" + f.name.replace("_", "-")
-        t = str(f.type)
+        t = str(f.type)  # the annotation as written (postponed evaluation): "float | None", "list[int]", ...
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"{f.metadata['help']} (default: {default})"
-        if t.startswith("List["):
-            cast = int if "int" in t else float
-            groups[g].add_argument(flag, type=cast, nargs="+", default=argparse.SUPPRESS, help=help_, dest=f.name)
+        kw = dict(default=argparse.SUPPRESS, help=help_, dest=f.name)
+        if t.startswith("list[") and t.endswith("]"):
+            groups[g].add_argument(flag, type=casts[t[len("list["):-1]], nargs="+", **kw)
+        elif t.endswith(" | None"):
+            base = t[:-len(" | None")]
+            groups[g].add_argument(flag, type=_parse_optional(casts[base]), metavar=base.upper(), **kw)
         else:
-            groups[g].add_argument(flag, type=hints[t], default=argparse.SUPPRESS, help=help_, dest=f.name,
-                                   metavar=t.replace("Optional[", "").rstrip("]").upper())
+            groups[g].add_argument(flag, type=casts[t], metavar=t.upper(), **kw)
 
 
-def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     given = vars(args)
     overrides = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
     values = dict(base or {})

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Sequence
 
 import torch
 
@@ -31,9 +31,10 @@ from .evaluate import evaluate
 from .models import decoder_hidden, lm_head, load_model
 from .report import markdown_table
 from .rollout import from_pairs
+from .runtime import progress
 from .tasks import ANSWER_MARK, Example, Task, get_task
 from .tokenizer import load_tokenizer
-from .train import progress, train
+from .train import train
 
 TEMPLATE = "{prompt}\n"
 
@@ -85,7 +86,7 @@ def sft_on_solutions(model, tok, task: Task, levels: Sequence[int], *, steps: in
 
 
 def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_steps: int = 40,
-             teacher_steps: int = 500, warmup_steps: int = 300, prose_fraction: float = 0.6) -> Dict:
+             teacher_steps: int = 500, warmup_steps: int = 300, prose_fraction: float = 0.6) -> dict:
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from math import comb
-from typing import Dict, List, Sequence
 
 import torch
 
@@ -21,11 +21,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, template: str, max_new_tokens: int,
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 64,
-             progress=None) -> Dict[str, float]:
+             progress=None) -> dict[str, float]:
     """``accuracy`` (greedy), and with ``samples = k > 0`` also ``mean@k`` and ``pass@k``; each
     also per level as ``accuracy/L3`` etc."""
-    greedy: List[float] = []
-    sampled: List[List[float]] = []
+    greedy: list[float] = []
+    sampled: list[list[float]] = []
     for i in range(0, len(examples), batch_prompts):
         chunk = list(examples[i:i + batch_prompts])
         roll = generate(model, tokenizer, chunk, task, group_size=1, temperature=1.0, top_p=1.0,
@@ -40,7 +40,7 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
     by_level = defaultdict(list)
     for j, ex in enumerate(examples):
         by_level[ex.level].append(j)
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
 
     def add(name, values_of):
         out[name] = float(torch.tensor([values_of(j) for j in range(len(examples))]).mean())

@@ -9,7 +9,6 @@ the demo and the tests use these). The fused ops take the decoder's final hidden
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ def preset_config(name: str, vocab_size: int, max_positions: int = 1024):
                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def load_model(spec: str, tokenizer, *, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 0):
+def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0):
     """A causal LM from a path / hub id, ``config:<file.json>`` or ``preset:<name>``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,7 +59,7 @@ def load_model(spec: str, tokenizer, *, device="cpu", dtype: Optional[torch.dtyp
     return model.to(device)
 
 
-def lm_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); rlad needs a causal LM")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
 
 # metric -> (log-line label, format); the log line shows those present, in this order
 LOG_LINE = (
@@ -27,7 +27,7 @@ LOG_LINE = (
 )
 
 
-def log_line(step: int, total: int, m: Dict[str, float]) -> str:
+def log_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step:>{len(str(total))}d}/{total}"]
     for key, label, fmt in LOG_LINE:
         if key in m and m[key] is not None and math.isfinite(m[key]):
@@ -44,11 +44,11 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, record: Dict) -> None:
+    def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def records(self) -> List[Dict]:
+    def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
         out = []
@@ -79,7 +79,7 @@ PANELS = (
 )
 
 
-def plot(records: Sequence[Dict], path, title: str = "") -> Optional[Path]:
+def plot(records: Sequence[dict], path, title: str = "") -> Path | None:
     """One PNG with a panel per metric group present in the records."""
     import matplotlib
 
@@ -100,9 +100,9 @@ def plot(records: Sequence[Dict], path, title: str = "") -> Optional[Path]:
     cols = 2
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
-    for ax, (name, series) in zip(axes.flat, panels):
+    for ax, (name, series) in zip(axes.flat, panels, strict=False):  # a 2-column grid may have one more axis
         for k, pts in series.items():
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=k)
         ax.set_title(name)
         ax.set_xlabel("step")

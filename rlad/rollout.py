@@ -8,8 +8,8 @@ tensor has shape ``[B, L - 1]`` and lines up with ``hidden[:, :-1]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -23,19 +23,23 @@ IGNORE = -100
 
 @dataclass
 class Rollout:
+    """A batch of B = prompts x G sequences. Every tensor field is per row (dim 0 is B): ``select``
+    cuts them all."""
+
     input_ids: torch.Tensor        # [B, L]
     attention_mask: torch.Tensor   # [B, L]
     position_ids: torch.Tensor     # [B, L]
     targets: torch.Tensor          # [B, L-1], IGNORE outside responses
-    examples: List[Example]        # one per group (B / G)
-    texts: List[str]               # decoded responses
+    examples: list[Example]        # one per group (B / G)
+    texts: list[str]               # decoded responses
     rewards: torch.Tensor          # [B]
     group_size: int
-    old_logp: Optional[torch.Tensor] = None      # [B, L-1]
-    teacher_logp: Optional[torch.Tensor] = None
-    ref_logp: Optional[torch.Tensor] = None
-    advantages: Optional[torch.Tensor] = None    # [B]
-    extras: dict = field(default_factory=dict)
+    old_logp: torch.Tensor | None = None          # [B, L-1] log-probs of the targets under the old student
+    teacher_logp: torch.Tensor | None = None      # [B, L-1] ... under the teacher
+    ref_logp: torch.Tensor | None = None          # [B, L-1] ... under the reference model
+    advantages: torch.Tensor | None = None        # [B] one per response (group advantages)
+    token_advantages: torch.Tensor | None = None  # [B, L-1] per token; when set, used instead of ``advantages``
+    kd_weights: torch.Tensor | None = None        # [B, L-1] weight of the KD term per token (kdrl)
 
     @property
     def response_mask(self) -> torch.Tensor:
@@ -48,14 +52,17 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
-        """Rows ``idx`` (a micro-batch); per-group fields are kept whole."""
-        def s(t):
-            return t[idx] if isinstance(t, torch.Tensor) else t
-        return Rollout(s(self.input_ids), s(self.attention_mask), s(self.position_ids), s(self.targets),
-                       self.examples, [self.texts[i] for i in idx.tolist()], s(self.rewards), self.group_size,
-                       s(self.old_logp), s(self.teacher_logp), s(self.ref_logp), s(self.advantages),
-                       {k: s(v) for k, v in self.extras.items()})
+    def token_advantage(self) -> torch.Tensor:
+        """[B, L-1]: ``token_advantages`` if set, else each response's advantage on all of its positions."""
+        if self.token_advantages is not None:
+            return self.token_advantages
+        return self.advantages[:, None].expand(self.targets.shape)
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """Rows ``idx`` (a micro-batch): every tensor field and the texts; per-group fields are kept whole."""
+        rows = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, texts=[self.texts[i] for i in idx.tolist()], **rows)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,15 +123,15 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, response, tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-             for r, m in zip(response, attention_mask[:, P:])]
+             for r, m in zip(response, attention_mask[:, P:], strict=True)]
     rewards = torch.tensor([task.reward(examples[i // G], t) for i, t in enumerate(texts)], dtype=torch.float32,
                            device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G)
 
 
 @torch.no_grad()
-def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_rows: Optional[int] = None,
-          impl: Optional[str] = None) -> torch.Tensor:
+def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_rows: int | None = None,
+          impl: str | None = None) -> torch.Tensor:
     """Per-token log-probs [B, L-1] (float32) of the rollout's response tokens under ``model``.
 
     ``head_rows`` cuts a padded lm_head to the student's vocabulary (a teacher scoring student
@@ -154,7 +161,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = Tr
     return adv.reshape(-1)
 
 
-def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str], task: Optional[Task], *,
+def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str], task: Task | None, *,
                template: str, device) -> Rollout:
     """A batch of given (prompt, response) pairs, e.g. solutions to train on with SFT."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
@@ -165,7 +172,7 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
         resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, resp.to(device), tokenizer.eos_token_id,
                                                   tokenizer.pad_token_id)
-    rewards = torch.tensor([task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses)],
-                           dtype=torch.float32, device=device)
+    scores = [task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses, strict=True)]
+    rewards = torch.tensor(scores, dtype=torch.float32, device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), list(responses),
                    rewards, 1)

@@ -3,15 +3,18 @@
 Each step:
   1. draw ``prompts_per_step`` problems from the task;
   2. sample ``group_size`` responses per prompt from the student (Hugging Face ``generate``) and
-     score them with the task's rule-based reward;
-  3. group advantages ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO);
-  4. per-token log-probs of the sampled tokens under the old student, the teacher and the
-     reference model, with the fused op (no ``[tokens x vocab]`` logits);
+     score them with the task's rule-based reward (sft: draw the teacher's correct solutions);
+  3. per-token log-probs of the sampled tokens, as the algorithm needs them, under the old
+     student, the teacher and the reference model, with the fused op (no ``[tokens x vocab]`` logits);
+  4. advantages: per group ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO), or
+     per token for opd sampled;
   5. ``ppo_epochs`` passes of ``mini_batches`` optimizer steps with the algorithm's loss,
-     gradient accumulation over micro-batches with one global normalizer;
+     gradient accumulation over micro-batches with one global normalizer; metrics stay on the
+     device until the step's log line;
   6. log, evaluate, checkpoint (atomically).
 
-Algorithms (``--algo``), each a few lines in ``micro_loss``:
+Algorithms (``--algo``; ``rlad/algorithms.py`` has one row each: what it scores, its loss, its
+advantages; ``collect`` and ``micro_loss`` read the row):
   rlad  TRRD: the PPO ratio anchored to pi_old^alpha * pi_teacher^(1 - alpha)
   grpo  plain GRPO / PPO-clip
   kdrl  GRPO + beta_t * KD(student || teacher), k1/k2/k3 on sampled tokens or the exact
@@ -34,65 +37,24 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import signal
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict
 
 import torch
 
-from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
+from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
 
+from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluate import evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model
 from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
+from .runtime import autocast_for, frozen, progress, resolve_device, tokenizer_for
 from .tasks import get_task
-from .tokenizer import load_tokenizer
-
-FAULT_KILL_STEP = "RLAD_FAULT_KILL_STEP"  # test hook: SIGKILL this process during that step's update
-
-
-# ----------------------------------------------------------------------------- setup helpers
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config: device={spec!r} but CUDA is not available; use device=cpu or auto")
-    return dev
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def progress(quiet: bool, **kw):
-    """A progress bar on a terminal; nothing when ``quiet`` or when the output is not a terminal
-    (log files get the per-step lines instead)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kw)
-
-
-def tokenizer_for(cfg: TrainConfig):
-    spec = cfg.tokenizer
-    if spec is None and not cfg.student.startswith(("preset:", "config:")):
-        spec = cfg.student
-    return load_tokenizer(spec)
-
-
-def frozen(model):
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -106,47 +68,31 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
-def kd_coef(cfg: TrainConfig, step: int) -> float:
-    """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min)."""
-    return max(cfg.kd_beta - cfg.kd_beta_decay * step, cfg.kd_beta_min)
-
-
-def policy_config(cfg: TrainConfig, step: int) -> PolicyLossConfig:
-    common = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, teacher_clamp=cfg.teacher_clamp,
-                  dual_clip=cfg.dual_clip, mixture=cfg.mixture, ref_kl_coef=cfg.ref_kl_coef,
-                  entropy_coef=cfg.entropy_coef)
-    if cfg.algo == "rlad":
-        return PolicyLossConfig(alpha=cfg.alpha, **common)
-    if cfg.algo == "kdrl":
-        return PolicyLossConfig(alpha=1.0, kd_estimator=cfg.kd_estimator, kd_coef=kd_coef(cfg, step), **common)
-    return PolicyLossConfig(alpha=1.0, **common)  # grpo, opd (sampled)
-
-
 # ----------------------------------------------------------------------------- rollouts
-def collect(cfg, student, teacher, ref, tok, task, examples, sft_pool, step) -> Rollout:
-    """The step's batch: sampled responses with rewards, advantages and per-token log-probs."""
-    V = lm_head(student)[0].shape[0]
-    if cfg.algo == "sft":  # offline distillation: the teacher's correct solutions, drawn from the pool
+def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool) -> Rollout:
+    """The step's batch, as the algorithm's row says: sampled responses with rewards, the per-token
+    log-probs it scores, its advantages and KD weights; or teacher solutions drawn from the pool."""
+    alg = cfg.algorithm
+    if alg.batch == TEACHER_SOLUTIONS:  # offline distillation: the teacher's correct solutions, drawn from the pool
         picks = [sft_pool[i] for i in torch.randint(len(sft_pool), (cfg.prompts_per_step,)).tolist()]
-        roll = from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.prompt_template,
+        return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.prompt_template,
                           device=next(student.parameters()).device)
-        return roll
     roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size)
-    needs_ratio = cfg.algo != "opd" or cfg.opd_kind == "sampled"
-    if needs_ratio:
+    if alg.scores_old:
         roll.old_logp = score(student, roll, **kw)
-    if cfg.algo in ("rlad", "kdrl") or (cfg.algo == "opd" and cfg.opd_kind == "sampled"):
-        roll.teacher_logp = score(teacher, roll, head_rows=V, **kw)
+    if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
+        roll.teacher_logp = score(teacher, roll, head_rows=lm_head(student)[0].shape[0], **kw)
     if ref is not None:
         roll.ref_logp = score(ref, roll, **kw)
-    roll.advantages = group_advantages(roll.rewards, cfg.group_size, cfg.adv_std_norm)
-    if cfg.algo == "opd" and cfg.opd_kind == "sampled":  # reverse KL per token as the advantage
-        roll.extras["token_adv"] = torch.where(roll.response_mask, roll.teacher_logp - roll.old_logp, 0.0)
-    if cfg.algo == "kdrl":
+    if alg.advantages == GROUP:
+        roll.advantages = group_advantages(roll.rewards, cfg.group_size, cfg.adv_std_norm)
+    elif alg.advantages == TEACHER_LOG_RATIO:  # the sampled reverse KL, per token, as the advantage
+        roll.token_advantages = torch.where(roll.response_mask, roll.teacher_logp - roll.old_logp, 0.0)
+    if alg.kd:  # reward-guided KD: no KD term on the responses that got reward 1
         keep = (roll.rewards < 1.0) if cfg.kd_reward_mask else torch.ones_like(roll.rewards, dtype=torch.bool)
-        roll.extras["kd_weights"] = keep.float()[:, None].expand(roll.targets.shape).contiguous()
+        roll.kd_weights = keep.float()[:, None].expand(roll.targets.shape).contiguous()
     return roll
 
 
@@ -173,11 +119,14 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
 
 
 # ----------------------------------------------------------------------------- the loss
-def micro_loss(cfg, student, teacher, mb: Rollout, normalizer, token_weights, step: int):
-    """The algorithm's loss on one micro-batch, already divided by the global normalizer."""
+def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, token_weights, step: int):
+    """The algorithm's loss on one micro-batch, already divided by the global normalizer, and its
+    metrics as detached scalar tensors (no host sync)."""
+    alg = cfg.algorithm
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
     weight, bias = lm_head(student)
     targets = mb.targets
+    tokens = mb.response_mask.sum().clamp_min(1)
 
     def teacher_hidden():
         with torch.no_grad():
@@ -185,33 +134,28 @@ def micro_loss(cfg, student, teacher, mb: Rollout, normalizer, token_weights, st
         wt, bt = lm_head(teacher)
         return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
 
-    if cfg.algo == "sft":
+    if alg.loss == NLL:
         lp = linear_logprobs(h, weight, targets, bias=bias)
         w = token_weights if token_weights is not None else 1.0
         loss = -(lp * w).sum() / normalizer
-        return loss, {"nll": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
-    if cfg.algo == "opd" and cfg.opd_kind != "sampled":
+        return loss, {"nll": loss.detach() * normalizer / tokens}
+    if alg.loss == DIVERGENCE:  # beta is JSD's (the other kinds ignore it)
         ht, wt, bt = teacher_hidden()
-        kind, beta = ("jsd", cfg.opd_beta) if cfg.opd_kind == "jsd" else ("reverse_kl", 0.5)
-        loss = linear_divergence(h, weight, ht, wt, kind=kind, beta=beta, temperature=cfg.temperature,
-                                 student_bias=bias, teacher_bias=bt, mask=mb.response_mask,
-                                 token_weights=token_weights, normalizer=normalizer, reduction="mean")
-        return loss, {"divergence": float(loss.detach() * normalizer / max(1, int(mb.response_mask.sum())))}
-    # policy-gradient family: rlad, grpo, kdrl, opd (sampled)
-    if "token_adv" in mb.extras:
-        adv = mb.extras["token_adv"]
-    else:
-        adv = mb.advantages[:, None].expand(targets.shape)
+        loss = linear_divergence(h, weight, ht, wt, kind=alg.divergence, beta=cfg.opd_beta,
+                                 temperature=cfg.temperature, student_bias=bias, teacher_bias=bt,
+                                 mask=mb.response_mask, token_weights=token_weights, normalizer=normalizer,
+                                 reduction="mean")
+        return loss, {"divergence": loss.detach() * normalizer / tokens}
+    assert alg.loss == POLICY, alg
+    pcfg = cfg.policy_config(step)
     kw = {}
-    pcfg = policy_config(cfg, step)
-    if pcfg.kd_estimator == "full":
-        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden()))
-    out = linear_policy_loss(h, weight, targets, adv, mb.old_logp,
-                             teacher_logp=mb.teacher_logp if cfg.algo in ("rlad", "kdrl") else None,
-                             ref_logp=mb.ref_logp, token_weights=token_weights,
-                             kd_weights=mb.extras.get("kd_weights"), normalizer=normalizer, bias=bias,
-                             temperature=cfg.temperature, config=pcfg, **kw)
-    return out.loss, {k: float(v) for k, v in out.metrics.items()}
+    if pcfg.kd_estimator == "full":  # the exact reverse KL needs the teacher's hidden states and head
+        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden(), strict=True))
+    out = linear_policy_loss(h, weight, targets, mb.token_advantage(), mb.old_logp,
+                             teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None,
+                             ref_logp=mb.ref_logp, token_weights=token_weights, kd_weights=mb.kd_weights,
+                             normalizer=normalizer, bias=bias, temperature=cfg.temperature, config=pcfg, **kw)
+    return out.loss, {k: v.detach() for k, v in out.metrics.items()}
 
 
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
@@ -227,12 +171,13 @@ def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     return count * cfg.max_new_tokens, None
 
 
-def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp, state) -> Dict[str, float]:
+def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp,
+           state) -> dict[str, list[torch.Tensor]]:
     """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
-    gradient skips the optimizer step (counted in ``state['nan_skips']``)."""
+    gradient skips the optimizer step (counted in ``state['nan_skips']``). Returns the metrics'
+    values on device: one per micro-batch, and ``loss`` / ``grad_norm`` one per optimizer step."""
     params = [p for p in student.parameters() if p.requires_grad]
     stats = defaultdict(list)
-    fault = os.environ.get(FAULT_KILL_STEP)
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(roll), device=roll.input_ids.device)
         for mini in perm.chunk(cfg.mini_batches):
@@ -248,7 +193,8 @@ def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int
                 for k, v in m.items():
                     stats[k].append(v)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not (torch.isfinite(total) and torch.isfinite(gnorm)):
+            # the one host sync of an optimizer step: whether to skip it
+            if not bool(torch.isfinite(total) & torch.isfinite(gnorm)):
                 optimizer.zero_grad(set_to_none=True)
                 state["nan_skips"] += 1
                 print(f"step {step}: non-finite loss ({float(total):.4g}) or gradient norm ({float(gnorm):.4g}); "
@@ -256,25 +202,37 @@ def update(cfg, student, teacher, roll: Rollout, optimizer, scheduler, step: int
                 continue
             optimizer.step()
             scheduler.step()
-            stats["loss"].append(float(total))
-            stats["grad_norm"].append(float(gnorm))
-            if fault is not None and int(fault) == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+            stats["loss"].append(total)
+            stats["grad_norm"].append(gnorm)
+    return dict(stats)
+
+
+def host_metrics(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each metric's unweighted mean over its values, with one device-to-host transfer for them all."""
+    stats = {k: v for k, v in stats.items() if v}
+    if not stats:
+        return {}
+    flat = torch.stack([v.detach().double() for values in stats.values() for v in values]).tolist()
+    out, i = {}, 0
+    for k, values in stats.items():
+        out[k] = sum(flat[i:i + len(values)]) / len(values)
+        i += len(values)
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig) -> Dict:
+def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    amp = autocast_for(cfg, device)
+    amp = autocast_for(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)
 
-    tok = tokenizer_for(cfg)
+    alg = cfg.algorithm
+    tok = tokenizer_for(cfg.student, cfg.tokenizer)
     task = get_task(cfg.task, cfg.reward)
     levels = list(cfg.levels) or list(task.levels)
     # trained parameters in float32 (bf16 autocast on GPU); frozen models in bf16 on GPU
@@ -284,11 +242,11 @@ def train(cfg: TrainConfig) -> Dict:
         student.gradient_checkpointing_enable()
     student.train()
     teacher = None
-    if cfg.teacher and cfg.algo != "grpo":
+    if cfg.teacher and alg.needs_teacher:
         teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1, dtype=frozen_dtype))
         check_vocab(student, teacher, tok)
     ref = None
-    if cfg.ref_kl_coef > 0:
+    if cfg.ref_kl_coef > 0 and alg.loss == POLICY:  # the reference KL is a term of the policy loss
         ref = frozen(load_model(cfg.ref, tok, device=device, dtype=frozen_dtype) if cfg.ref
                      else copy.deepcopy(student).to(frozen_dtype))
         check_vocab(student, ref, tok, role="reference model")
@@ -298,7 +256,7 @@ def train(cfg: TrainConfig) -> Dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, cfg.steps * cfg.ppo_epochs * cfg.mini_batches))
     eval_set = task.sample(random.Random(cfg.seed + 1_000_003), cfg.eval_prompts, levels)  # held out, fixed
-    sft_pool = build_sft_pool(cfg, teacher, tok, task, levels, cfg.seed + 7) if cfg.algo == "sft" else None
+    sft_pool = build_sft_pool(cfg, teacher, tok, task, levels, cfg.seed + 7) if alg.batch == TEACHER_SOLUTIONS else None
 
     log = MetricsLog(out / "metrics.jsonl")
     state = {"step": 0, "nan_skips": 0}
@@ -342,19 +300,19 @@ def train(cfg: TrainConfig) -> Dict:
         student.eval()
         with amp():
             roll = collect(cfg, student, teacher, ref, tok, task, task.sample(data_rng, cfg.prompts_per_step, levels),
-                           sft_pool, step)
+                           sft_pool)
         t_roll = time.perf_counter() - t0
         student.train()
-        m = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
+        stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
+        stats.update(response_len=[roll.lengths.float().mean()], tokens=[roll.response_mask.sum()])
+        if alg.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1 by construction
+            stats.update(reward=[roll.rewards.mean()], accuracy=[(roll.rewards >= 1).float().mean()])
+        m = host_metrics(stats)  # the step's metrics reach the host here, once
         dt = time.perf_counter() - t0
-        tokens = int(roll.response_mask.sum())
-        if cfg.algo != "sft":  # sft trains on the teacher's correct solutions: their reward is 1 by construction
-            m.update(reward=float(roll.rewards.mean()), accuracy=float((roll.rewards >= 1).float().mean()))
-        m.update(response_len=float(roll.lengths.float().mean()), lr=scheduler.get_last_lr()[0],
-                 tokens_per_s=tokens * (1 + cfg.ppo_epochs) / dt, rollout_s=t_roll, step_s=dt,
-                 nan_skips=state["nan_skips"])
-        if cfg.algo == "kdrl":
-            m["kd_coef"] = kd_coef(cfg, step)
+        m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,
+                 rollout_s=t_roll, step_s=dt, nan_skips=state["nan_skips"])
+        if alg.kd:
+            m["kd_coef"] = cfg.kd_coef(step)
         state["step"] = step + 1
         log.write({"step": step + 1, **m})
         bar.write(log_line(step + 1, cfg.steps, m))

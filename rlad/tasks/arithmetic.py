@@ -20,9 +20,9 @@ class Arithmetic(Task):
         hi = 10 if level == 1 else 100
         nums = [rng.randrange(hi) for _ in range(level + 1)]
         ops = [rng.choice("+-") for _ in range(level)]
-        expr = str(nums[0]) + "".join(f"{o}{x}" for o, x in zip(ops, nums[1:]))
+        expr = str(nums[0]) + "".join(f"{o}{x}" for o, x in zip(ops, nums[1:], strict=True))
         acc, steps = nums[0], []
-        for o, x in zip(ops, nums[1:]):
+        for o, x in zip(ops, nums[1:], strict=True):
             new = acc + x if o == "+" else acc - x
             steps.append(f"{acc}{o}{x}={new}")
             acc = new

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 ANSWER_MARK = "####"
 
@@ -21,11 +21,11 @@ class Example:
     prompt: str
     answer: str
     level: int = 0
-    solution: Optional[str] = None
-    meta: Dict = field(default_factory=dict)
+    solution: str | None = None
+    meta: dict = field(default_factory=dict)
 
 
-def extract_answer(response: str) -> Optional[str]:
+def extract_answer(response: str) -> str | None:
     """The text after the last ``####`` on its line, stripped; None when there is no marker."""
     if ANSWER_MARK not in response:
         return None
@@ -50,7 +50,7 @@ class Task(ABC):
         answer = extract_answer(response)
         return 1.0 if answer is not None and self.check(example, answer) else 0.0
 
-    def sample(self, rng: random.Random, n: int, levels: Optional[Sequence[int]] = None) -> List[Example]:
+    def sample(self, rng: random.Random, n: int, levels: Sequence[int] | None = None) -> list[Example]:
         """n examples, levels drawn uniformly from ``levels`` (default: all of the task's)."""
         levels = list(levels) if levels else list(self.levels)
         bad = [lv for lv in levels if lv not in self.levels]

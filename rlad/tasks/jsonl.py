@@ -12,8 +12,8 @@ import importlib
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List
 
 from .base import Example, Task, extract_answer
 
@@ -55,7 +55,7 @@ def load_reward(spec: str) -> Callable[[str, str], float]:
     return f
 
 
-def read_jsonl(path) -> List[Example]:
+def read_jsonl(path) -> list[Example]:
     """Examples of a JSONL file; a malformed line raises ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():

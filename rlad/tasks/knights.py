@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
 
 from .base import ANSWER_MARK, Example, Task
 
@@ -32,10 +32,10 @@ class Op:
     """``kind`` in not / and / or / if / iff over one or two sub-statements."""
 
     kind: str
-    args: Tuple["Statement", ...]
+    args: tuple[Statement, ...]
 
 
-Statement = Union[Is, Op]
+Statement = Is | Op
 
 
 def evaluate(st: Statement, assignment: Sequence[bool]) -> bool:
@@ -70,7 +70,7 @@ def render(st: Statement, names: Sequence[str]) -> str:
     return f"{a[0]} if and only if {a[1]}"
 
 
-def solutions(statements: Sequence[Statement]) -> List[Tuple[bool, ...]]:
+def solutions(statements: Sequence[Statement]) -> list[tuple[bool, ...]]:
     """Every assignment (True = knight) under which each speaker's statement has their truth value."""
     n = len(statements)
     return [a for a in itertools.product((True, False), repeat=n)
@@ -99,13 +99,13 @@ def _sentence(text: str) -> str:
 
 
 def format_assignment(assignment: Sequence[bool], names: Sequence[str]) -> str:
-    return ", ".join(f"{nm} is a {'knight' if k else 'knave'}" for nm, k in zip(names, assignment))
+    return ", ".join(f"{nm} is a {'knight' if k else 'knave'}" for nm, k in zip(names, assignment, strict=True))
 
 
 _CLAIM = re.compile(r"\b([A-Za-z]+)\s+is\s+a\s+(knight|knave)\b", re.IGNORECASE)
 
 
-def parse_assignment(text: str, names: Sequence[str]) -> Optional[Tuple[bool, ...]]:
+def parse_assignment(text: str, names: Sequence[str]) -> tuple[bool, ...] | None:
     """Roles named in ``text`` for every person, or None if someone is missing or contradicted."""
     roles = {}
     lower = {nm.lower(): i for i, nm in enumerate(names)}

@@ -8,12 +8,6 @@ import torch
 
 from rlad.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from rlad.models import load_model
-from rlad.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def _model(tok, seed):
@@ -35,7 +29,7 @@ def test_round_trip_and_plain_transformers(tmp_path, tok):
     other = _model(tok, 2)
     assert not torch.equal(other.model.embed_tokens.weight, m.model.embed_tokens.weight)
     loaded = load_checkpoint(path, other)
-    for a, b in zip(m.state_dict().values(), other.state_dict().values()):
+    for a, b in zip(m.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     rng2 = random.Random(0)
     set_rng_state(loaded["rng"], rng2)

@@ -7,42 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import assert_rel
 
+import rlad
+from rlad.cli import main
 from rlad.config import TrainConfig
-from rlad.demo import ProseStyle, sft_on_solutions
 from rlad.models import load_model
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
-from rlad.tokenizer import load_tokenizer
-from rlad.train import FAULT_KILL_STEP, micro_loss, normalizer_for, train, update
+from rlad.train import micro_loss, normalizer_for, train, update
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tok):
-    """A teacher that solves echo, and a student that knows the digits but writes half of its
-    answers in a form the verifier cannot read (so rewards are mixed and RL has signal)."""
-    root = tmp_path_factory.mktemp("models")
-    task = Echo()
-    teacher = load_model("preset:tiny-student", tok, seed=1)
-    sft_on_solutions(teacher, tok, task, [1], steps=300, batch=32, lr=3e-3, seed=3, desc="teacher", quiet=True)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    student = load_model("preset:tiny-student", tok, seed=2)
-    sft_on_solutions(student, tok, ProseStyle(task, 0.5), [1], steps=300, batch=32, lr=3e-3, seed=4,
-                     desc="student", quiet=True)
-    student.save_pretrained(root / "student")
-    tok.save_pretrained(root / "student")
-    return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+REPO = str(Path(rlad.__file__).resolve().parents[1])
 
 
 def _cfg(tmp_path, models, **kw):
@@ -76,7 +55,7 @@ ALGOS = [
 ]
 
 
-@pytest.mark.parametrize("kw", ALGOS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+@pytest.mark.parametrize("kw", ALGOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_every_algorithm_runs_two_steps(tmp_path, models, tok, kw):
     cfg = _cfg(tmp_path, models, **kw)
     summary = train(cfg)
@@ -139,7 +118,7 @@ def test_gradient_accumulation_is_exact(tmp_path, models, tok, aggregation, algo
     whole, parts = grads(8), grads(2)
     assert any(g.abs().sum() > 0 for g in whole)
     # float32 sums in a different order: equal up to rounding relative to each tensor's scale
-    for (name, _), a, b in zip(student.named_parameters(), whole, parts):
+    for (name, _), a, b in zip(student.named_parameters(), whole, parts, strict=True):
         assert_rel(b, a, 1e-5, name)
 
 
@@ -174,34 +153,113 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path, models):
         train(cfg)
 
 
-def _cli(out_dir, models, extra_env=None, resume=False):
-    args = [sys.executable, "-m", "rlad.cli", "train", "--out-dir", str(out_dir), "--student", models["student"],
-            "--teacher", models["teacher"], "--algo", "rlad", "--task", "echo", "--levels", "1", "--steps", "5",
-            "--save-every", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
-            "--eval-prompts", "4", "--eval-every", "0", "--eval-samples", "2", "--threads", "1", "--quiet", "true",
-            "--mini-batches", "2", "--micro-batch-size", "4", "--resume", "true" if resume else "false"]
-    env = dict(os.environ)
-    env.pop(FAULT_KILL_STEP, None)
-    env.update(extra_env or {})
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+# Kill and resume. The fault is injected from here, not from a hook in rlad/train.py: the test
+# writes KILL_DRIVER, a script that wraps rlad.train.update so that in the given step the
+# scheduler step following the first optimizer step (where update moves on to the next
+# mini-batch) SIGKILLs its own process, and runs the real command line, rlad.cli.main, in a
+# subprocess. The uninterrupted run is a plain `python -m rlad.cli train` beside it. Both start
+# from scratch in fresh processes: a fresh start's random stream depends on the process (in this
+# one, tests/conftest.py's NaN-filling torch.empty makes transformers' from_pretrained draw from
+# it). The resumed run restores every random state from the checkpoint, so it runs
+# rlad.cli.main([... "--resume", "true"]) right here, once the killed run is dead, without paying
+# a process start-up (imports are most of a run's seconds).
+KILL_DRIVER = """\
+import os
+import signal
+import sys
+
+import rlad.train
+from rlad.cli import main
+
+kill_step = int(sys.argv[1])  # 1-based, as in the log lines
+real_update = rlad.train.update
 
 
-def test_kill_and_resume_reaches_the_same_parameters(tmp_path, models, tok):
-    straight = _cli(tmp_path / "straight", models)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+def update(cfg, student, teacher, roll, optimizer, scheduler, step, *args):
+    if step + 1 == kill_step:
+        scheduler_step = scheduler.step
 
-    killed = _cli(tmp_path / "killed", models, extra_env={FAULT_KILL_STEP: "3"})
-    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
-    ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert ckpts == ["step_000002"]  # died during step 4, after the step-2 checkpoint
+        def step_then_die():
+            scheduler_step()
+            print(f"SIGKILL in step {step + 1}, after optimizer step {scheduler.last_epoch}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    resumed = _cli(tmp_path / "killed", models, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+        scheduler.step = step_then_die
+    return real_update(cfg, student, teacher, roll, optimizer, scheduler, step, *args)
 
-    a = _weights(str(tmp_path / "straight" / "checkpoints" / "step_000005" / "model"), tok)
-    b = _weights(str(tmp_path / "killed" / "checkpoints" / "step_000005" / "model"), tok)
+
+rlad.train.update = update
+sys.exit(main(sys.argv[2:]))
+"""
+
+TIMING = ("tokens_per_s", "rollout_s", "step_s")  # wall-clock metrics: the only ones allowed to differ
+
+
+def _train_args(out_dir, models, resume=False):
+    return ["train", "--out-dir", str(out_dir), "--student", models["student"], "--teacher", models["teacher"],
+            "--algo", "rlad", "--task", "echo", "--levels", "1", "--steps", "5", "--save-every", "2",
+            "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--eval-prompts", "4",
+            "--eval-every", "0", "--eval-samples", "2", "--threads", "1", "--quiet", "true", "--mini-batches", "2",
+            "--micro-batch-size", "4", "--resume", "true" if resume else "false"]
+
+
+def _start(cmd, log):
+    """A subprocess importing this checkout's rlad (not an installed copy), output to ``log``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, *cmd], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(proc, log):
+    proc.wait(timeout=600)
+    log.seek(0)
+    return proc.returncode, log.read()
+
+
+def _untimed_records(out_dir):
+    with open(out_dir / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def test_kill_and_resume_reaches_the_same_parameters(tmp_path, models, tok, capsys):
+    """SIGKILL a real `rlad train` in the middle of step 4's update (after its first optimizer step;
+    the last checkpoint is step 2's), resume it: the final parameters, optimizer state and every
+    non-timing metric are bitwise those of an uninterrupted run."""
+    driver = tmp_path / "kill_driver.py"
+    driver.write_text(KILL_DRIVER)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    procs = []
+    try:
+        with open(tmp_path / "straight.log", "w+") as log_a, open(tmp_path / "killed.log", "w+") as log_b:
+            procs.append(proc_a := _start(["-m", "rlad.cli", *_train_args(straight, models)], log_a))
+            procs.append(proc_b := _start([str(driver), "4", *_train_args(killed, models)], log_b))
+            rc_b, out_b = _finish(proc_b, log_b)
+            assert rc_b == -signal.SIGKILL, (rc_b, out_b[-2000:])
+            assert "SIGKILL in step 4, after optimizer step 7" in out_b  # 3 steps x 2 mini-batches, then 1
+            ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step_"))
+            assert ckpts == ["step_000002"]  # died during step 4, after the step-2 checkpoint
+            assert [r["step"] for r in _untimed_records(killed) if not r.get("eval")] == [1, 2, 3]
+
+            capsys.readouterr()
+            assert main(_train_args(killed, models, resume=True)) == 0  # while the uninterrupted run goes on
+            out = capsys.readouterr().out
+            assert "resumed from" in out and "at step 2" in out
+            rc_a, out_a = _finish(proc_a, log_a)
+            assert rc_a == 0, out_a[-2000:]
+    finally:
+        for p in procs:  # a failed assertion leaves no process behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    a = _weights(str(straight / "checkpoints" / "step_000005" / "model"), tok)
+    b = _weights(str(killed / "checkpoints" / "step_000005" / "model"), tok)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = lambda d: [(r["step"], r["reward"]) for r in map(json.loads, open(d / "metrics.jsonl")) if "reward" in r]
-    assert steps(tmp_path / "straight") == steps(tmp_path / "killed")
+    opt_a, opt_b = (torch.load(d / "checkpoints" / "step_000005" / "trainer.pt", weights_only=False)["optimizer"]
+                    for d in (straight, killed))
+    for i, state in opt_a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, opt_b["state"][i][k]), (i, k)
+    # every record (steps 1..5, evaluations at 0 and 5): same values, timing aside
+    assert _untimed_records(straight) == _untimed_records(killed)

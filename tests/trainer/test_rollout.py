@@ -12,12 +12,6 @@ from rlad.evaluate import pass_at_k
 from rlad.models import load_model
 from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, score
 from rlad.tasks import Arithmetic
-from rlad.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def test_old_logprobs_equal_the_samplers(tok):
@@ -42,6 +36,30 @@ def test_old_logprobs_equal_the_samplers(tok):
     m = roll.response_mask[:, P - 1:]
     assert m.sum() > 10
     torch.testing.assert_close(ours[m], sampler[m], rtol=0, atol=1e-4)
+
+
+def test_select_cuts_every_per_row_field():
+    """A micro-batch keeps its rows of every tensor field (the typed per-token ones included), its
+    texts, and the per-group fields whole; unset fields stay unset."""
+    g = torch.Generator().manual_seed(0)
+    B, L = 6, 5
+    exs = Arithmetic().sample(random.Random(0), 3, [1])
+    ids = torch.randint(0, 50, (B, L), generator=g)
+    roll = Rollout(ids, torch.ones_like(ids), positions(torch.ones_like(ids)), ids[:, 1:].clone(), exs,
+                   [f"t{i}" for i in range(B)], torch.rand(B, generator=g), 2,
+                   old_logp=torch.randn(B, L - 1, generator=g), teacher_logp=torch.randn(B, L - 1, generator=g),
+                   advantages=torch.randn(B, generator=g), token_advantages=torch.randn(B, L - 1, generator=g),
+                   kd_weights=torch.rand(B, L - 1, generator=g))
+    idx = torch.tensor([4, 1, 2])
+    mb = roll.select(idx)
+    for name in ("input_ids", "attention_mask", "position_ids", "targets", "rewards", "old_logp", "teacher_logp",
+                 "advantages", "token_advantages", "kd_weights"):
+        assert torch.equal(getattr(mb, name), getattr(roll, name)[idx]), name
+    assert mb.ref_logp is None
+    assert mb.texts == ["t4", "t1", "t2"] and mb.examples is roll.examples and mb.group_size == 2
+    assert torch.equal(mb.token_advantage(), roll.token_advantages[idx])
+    mb.token_advantages = None  # without per-token advantages, each response's advantage on all its positions
+    assert torch.equal(mb.token_advantage(), roll.advantages[idx][:, None].expand(3, L - 1))
 
 
 def test_assemble_cuts_at_eos_and_aligns_targets():

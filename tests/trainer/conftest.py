@@ -1,0 +1,39 @@
+"""Fixtures shared by the trainer tests: the tokenizer, and a trained teacher / student pair
+(built once per session, ~8 s)."""
+
+import pytest
+import torch
+
+from rlad.demo import ProseStyle, sft_on_solutions
+from rlad.models import load_model
+from rlad.tasks import Echo
+from rlad.tokenizer import load_tokenizer
+
+# pytest imports every conftest.py outside a package under the one module name ``conftest``, so
+# loading this file replaces tests/conftest.py in sys.modules; tests/helpers.py does
+# ``from conftest import DEVICE``, hence the same name (same rule) here.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, tok):
+    """A teacher that solves echo, and a student that knows the digits but writes half of its
+    answers in a form the verifier cannot read (so rewards are mixed and RL has signal).
+    Paths to ``save_pretrained`` folders (with the tokenizer): tests load their own copies."""
+    root = tmp_path_factory.mktemp("models")
+    task = Echo()
+    teacher = load_model("preset:tiny-student", tok, seed=1)
+    sft_on_solutions(teacher, tok, task, [1], steps=300, batch=32, lr=3e-3, seed=3, desc="teacher", quiet=True)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    student = load_model("preset:tiny-student", tok, seed=2)
+    sft_on_solutions(student, tok, ProseStyle(task, 0.5), [1], steps=300, batch=32, lr=3e-3, seed=4,
+                     desc="student", quiet=True)
+    student.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    return {"teacher": str(root / "teacher"), "student": str(root / "student")}
