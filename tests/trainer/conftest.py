@@ -2,17 +2,11 @@
 (built once per session, ~8 s)."""
 
 import pytest
-import torch
 
 from rlad.demo import ProseStyle, sft_on_solutions
 from rlad.models import load_model
 from rlad.tasks import Echo
 from rlad.tokenizer import load_tokenizer
-
-# pytest imports every conftest.py outside a package under the one module name ``conftest``, so
-# loading this file replaces tests/conftest.py in sys.modules; tests/helpers.py does
-# ``from conftest import DEVICE``, hence the same name (same rule) here.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_rel
 
 import rlad
 from rlad.cli import main
@@ -20,6 +19,8 @@ from rlad.models import load_model
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
 from rlad.train import micro_loss, normalizer_for, train, update
+
+from helpers import assert_rel
 
 REPO = str(Path(rlad.__file__).resolve().parents[1])
 
