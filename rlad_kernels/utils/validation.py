@@ -138,7 +138,12 @@ def token_mean_normalizer(weight_sum: torch.Tensor) -> torch.Tensor:
 
 
 def as_normalizer(normalizer, device: torch.device) -> torch.Tensor | None:
-    """None, a positive number or a 1-element float tensor -> None or a detached float32 scalar."""
+    """None, a finite number > 0 or a 1-element float tensor -> None or a detached float32 scalar.
+
+    A tensor on the CPU is checked here (ValueError unless finite and > 0). On an accelerator
+    checking it would make the host wait for the device, so ``guard_normalizer`` turns a value
+    that is not finite and > 0 into NaN there instead: the loss and its gradient are NaN (a
+    trainer's non-finite check catches it), never silently flipped in sign or infinite."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
@@ -147,9 +152,21 @@ def as_normalizer(normalizer, device: torch.device) -> torch.Tensor | None:
                              f"{tuple(normalizer.shape)} dtype {normalizer.dtype}")
         if normalizer.device != device:
             raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {device}")
-        return normalizer.detach().reshape(()).float()
+        norm = normalizer.detach().reshape(()).float()
+        if norm.device.type != "cpu":
+            return guard_normalizer(norm)
+        value = float(norm)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"normalizer must be finite and > 0, got a tensor holding {value}; pass the count "
+                             f"(or sum of token weights) the loss is divided by")
+        return norm
     check_float_param("normalizer", normalizer, positive=True)
     return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
+
+
+def guard_normalizer(norm: torch.Tensor) -> torch.Tensor:
+    """The device-side check of a normalizer tensor: NaN unless finite and > 0 (no host sync)."""
+    return torch.where(torch.isfinite(norm) & (norm > 0), norm, torch.full_like(norm, float("nan")))
 
 
 def check_teacher(teacher_hidden, teacher_weight, teacher_bias, student_shape, V: int, device: torch.device) -> None:

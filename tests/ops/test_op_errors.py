@@ -4,7 +4,15 @@ degenerate batches (all tokens ignored, no tokens) give 0 without NaN."""
 import pytest
 import torch
 
-from rlad_kernels import LinearLogprobs, LinearPolicyLoss, PolicyLossConfig, linear_logprobs, linear_policy_loss
+from rlad_kernels import (
+    LinearLogprobs,
+    LinearPolicyLoss,
+    PolicyLossConfig,
+    linear_divergence,
+    linear_logprobs,
+    linear_policy_loss,
+)
+from rlad_kernels.utils.validation import guard_normalizer
 
 from helpers import kw_id, make_lm_inputs
 
@@ -178,6 +186,57 @@ def test_bad_normalizer(inputs):
         policy(inputs, normalizer=0)
     with pytest.raises(ValueError, match="normalizer must be a number or a 1-element float tensor"):
         policy(inputs, normalizer=torch.ones(2))
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, float("nan"), float("inf"), -float("inf")])
+def test_normalizer_tensor_must_be_finite_and_positive(inputs, value):
+    """A negative normalizer would flip the loss's sign, zero or NaN would hide in a division: on
+    the CPU the tensor is checked and refused; on an accelerator (no host sync) it becomes NaN."""
+    hidden = inputs[0]
+    norm = torch.tensor(value, device=hidden.device)
+    if hidden.device.type == "cpu":
+        with pytest.raises(ValueError, match="normalizer must be finite and > 0"):
+            policy(inputs, normalizer=norm)
+        with pytest.raises(ValueError, match="normalizer must be finite and > 0"):
+            linear_divergence(hidden, inputs[1], hidden, inputs[1], normalizer=norm)
+    else:
+        assert torch.isnan(policy(inputs, normalizer=norm).loss)
+    guarded = guard_normalizer(torch.tensor([value, 2.5]))
+    assert torch.isnan(guarded[0]) and guarded[1] == 2.5
+
+
+# op -> f(hidden, weight, targets, teacher_hidden, impl), a scalar
+ONCE = {
+    "logprobs": lambda h, w, y, ht, impl: linear_logprobs(h, w, y, impl=impl).sum(),
+    "logprobs+entropy": lambda h, w, y, ht, impl: sum(t.sum() for t in linear_logprobs(h, w, y, return_entropy=True,
+                                                                                       impl=impl)),
+    "policy": lambda h, w, y, ht, impl: linear_policy_loss(h, w, y, torch.ones_like(y, dtype=h.dtype),
+                                                           torch.full_like(y, -1.0, dtype=h.dtype), impl=impl).loss,
+    "jsd": lambda h, w, y, ht, impl: linear_divergence(h, w, ht, w.detach(), kind="jsd", impl=impl),
+}
+
+
+@pytest.mark.parametrize("op", list(ONCE))
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_double_backward_is_refused_clearly(inputs, op, impl):
+    """The fused backwards are not differentiable: a second derivative raises instead of coming out
+    wrong (impl="naive" differentiates twice through materialized logits)."""
+    hidden, weight, _, targets, _ = inputs
+    h = hidden.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ONCE[op](h, weight, targets, 0.5 * hidden, impl), h, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"computes first derivatives only .* needs impl='naive'"):
+        g.square().sum().backward()
+    # without create_graph the first derivative is plain, as before
+    (g,) = torch.autograd.grad(ONCE[op](h, weight, targets, 0.5 * hidden, impl), h)
+    assert not g.requires_grad and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("op", list(ONCE))
+def test_naive_double_backward_is_exact(inputs, op):
+    hidden, weight, _, targets, _ = inputs
+    h = hidden.double().clone().requires_grad_()
+    w, ht = weight.double(), 0.5 * hidden.double()
+    assert torch.autograd.gradgradcheck(lambda x: ONCE[op](x, w, targets, ht, "naive"), (h,))
 
 
 def test_config_type(inputs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.autograd import first_order_only
 from ..common.chunked import (
     CHUNKS,
     ChunkSizes,
@@ -135,6 +136,7 @@ class ChunkedDivergence(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("linear_divergence(impl='torch')")
     def backward(ctx, g):
         hs, ws, bs, ht, wt, bt, idx, lse_s, lse_t, aux = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

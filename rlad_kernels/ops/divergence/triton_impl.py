@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, head, scan_plan, tiles
 from ..common.numerics import log_weights
 from ..common.scratch_backward import scratch_backward
@@ -96,6 +97,7 @@ class TritonDivergence(torch.autograd.Function):
         return torch.where(valid, D, torch.zeros_like(D))
 
     @staticmethod
+    @first_order_only("linear_divergence(impl='triton')")
     def backward(ctx, g):
         hs, ws, bs, ht, wt, bt, valid_u8, lse_s, lse_t, aux = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

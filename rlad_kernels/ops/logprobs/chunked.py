@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.autograd import first_order_only
 from ..common.chunked import (
     CHUNKS,
     ChunkSizes,
@@ -117,6 +118,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @first_order_only("linear_logprobs(impl='torch')")
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, idx, yv, lse, ez = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import logprob_backward, logprob_forward
 from .kernels import logprobs_combine_kernel, logprobs_fwd_kernel
@@ -32,6 +33,7 @@ class TritonLogprobs(torch.autograd.Function):
         return lp, ent
 
     @staticmethod
+    @first_order_only("linear_logprobs(impl='triton')")
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, targets, lse, ez = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ...utils.validation import token_mean_normalizer
+from ..common.autograd import first_order_only
 from ..common.chunked import CHUNKS, ScaledHead, mul_safe, softmax_dlogits_
 from ..common.numerics import compute_dtype
 from .math import STAT_FIELDS, TokenInputs, policy_token_loss, reduce_token_stats
@@ -99,6 +100,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         return loss, sums, lp_out, ent_out
 
     @staticmethod
+    @first_order_only("linear_policy_loss(impl='torch')")
     def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
         # the gradients were formed in the forward; scale them in place (no second V x H buffer),
         # which is why this backward can run only once per forward

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...utils.validation import token_mean_normalizer
+from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import logprob_backward, logprob_forward
 from ..common.numerics import log_weights
@@ -64,6 +65,7 @@ class TritonPolicyLoss(torch.autograd.Function):
         return loss, sums, lp, ent
 
     @staticmethod
+    @first_order_only("linear_policy_loss(impl='triton')")
     def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
         hidden, weight, bias, targets, lse, ez, glp, gent, normalizer = ctx.saved_tensors
         factor = g_loss / normalizer
