@@ -31,38 +31,77 @@ class TritonConfig:
     bwd_block_h: int = 64
     bwd_num_warps: int = 8
     bwd_num_stages: int = 3
-    group: int = 8             # row blocks that sweep the columns together in dlogits
+    group: int = 8             # row blocks that sweep the columns together (dlogits, the dW GEMM)
     split_v: int | None = None     # vocab splits in the forward; None = enough programs to fill the GPU
     scratch_bytes: int = 64 << 20  # bound on the backward's logit-gradient scratch buffer
     epilogue_block: int = 128      # token block of the combine kernels
+    dw_block_m: int = 128      # the weight gradient's masked GEMM: vocab rows x hidden columns x token step
+    dw_block_n: int = 128
+    dw_block_k: int = 32
+    dw_num_warps: int = 8
+    dw_num_stages: int = 3
+    dw_split_k: int | None = None  # token splits of that GEMM; None = enough programs to fill the GPU
 
 
-_DEFAULT = TritonConfig()
+# The defaults, per GPU family and input dtype, chosen with benchmarks/gpu_compile_report.py so
+# that no launch spills registers or exceeds shared memory, and 16-bit launches use the
+# family's tensor-core instruction with pipelined (cp.async) loads. Why each one:
+# - 16-bit on sm_80 / sm_90: 64-token x 128-vocab tiles over 64-wide H steps, 8 warps, 3 stages:
+#   73 KB of shared memory (of 163 KB / 227 KB), at most ~200 registers, mma.sync / wgmma.
+#   Larger tiles push the entropy and KL moments (three live [BN, BV] fp32 tiles) past 255
+#   registers; smaller ones halve the MMA work per W tile loaded.
+# - 16-bit on sm_100: 128-token tiles (tcgen05's native M), 64-vocab, same H step: the default
+#   64 x 128 tile spills a few bytes at the 128 registers Triton allots per thread there.
+# - float32 (an fp32 dot: FMA, or TF32 when torch allows it): the operands live in registers, so
+#   the tiles shrink until nothing spills: 64 x 64 x 32 tiles with 8 warps and 2 stages on sm_80
+#   (forward, backward and the dW GEMM); on sm_90 and sm_100 a 32 x 64 x 32 forward with 4 warps
+#   (the 16-bit backward tiles fit there).
+_F16_80 = TritonConfig()
+_F32_80 = TritonConfig(block_n=64, block_v=64, block_h=32, num_stages=2, bwd_block_n=64, bwd_block_v=64,
+                       bwd_block_h=32, bwd_num_stages=2, dw_block_m=64, dw_block_n=64, dw_num_stages=2)
+_F16_100 = TritonConfig(block_n=128, block_v=64)
+_F32_90 = TritonConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=2)
+DEFAULTS = {(80, False): _F16_80, (80, True): _F32_80, (90, False): _F16_80, (90, True): _F32_90,
+            (100, False): _F16_100, (100, True): _F32_90}
 _INTERPRET_DEFAULT = TritonConfig(block_n=16, block_v=32, block_h=32, bwd_block_n=16, bwd_block_v=32,
-                                  bwd_block_h=32, epilogue_block=32)
-_override: TritonConfig | None = None
+                                  bwd_block_h=32, epilogue_block=32, dw_block_m=32, dw_block_n=32, dw_block_k=16)
+_overrides: dict = {}
 
 
-def get_config() -> TritonConfig:
-    if _override is not None:
-        return _override
-    return _INTERPRET_DEFAULT if triton_interpreting() else _DEFAULT
+def gpu_family(device: torch.device) -> int:
+    """80, 90 or 100: the configuration family of a CUDA device (sm_8x and the consumer sm_12x
+    take the sm_80 one). The compile report patches this to build configs for an absent GPU."""
+    if device is None or device.type != "cuda":
+        return 80
+    major, _ = torch.cuda.get_device_capability(device)
+    return {9: 90, 10: 100, 11: 100}.get(major, 80)
+
+
+def get_config(device: torch.device | None = None, dtype: torch.dtype | None = None) -> TritonConfig:
+    """The tile configuration of a launch on ``device`` with ``dtype`` inputs, with the fields set
+    by ``triton_config`` applied on top."""
+    if triton_interpreting():
+        base = _INTERPRET_DEFAULT
+    else:
+        base = DEFAULTS[(gpu_family(device), dtype == torch.float32)]
+    return replace(base, **_overrides) if _overrides else base
 
 
 @contextlib.contextmanager
 def triton_config(**kwargs):
-    """Temporarily override tile options, e.g. ``with triton_config(split_v=3): ...`` (tests, tuning)."""
-    global _override
+    """Temporarily override tile options, e.g. ``with triton_config(split_v=3): ...`` (tests, tuning).
+    The fields apply on top of every launch's per-device default; nested overrides merge."""
+    global _overrides
     names = {f.name for f in fields(TritonConfig)}
     unknown = set(kwargs) - names
     if unknown:
         raise TypeError(f"unknown TritonConfig fields {sorted(unknown)}; known: {sorted(names)}")
-    prev = _override
-    _override = replace(get_config(), **kwargs)
+    prev = _overrides
+    _overrides = {**prev, **kwargs}
     try:
-        yield _override
+        yield get_config()
     finally:
-        _override = prev
+        _overrides = prev
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -81,7 +120,7 @@ def check_triton_dtypes(hidden: torch.Tensor, weight: torch.Tensor, prefix: str 
                             f"use impl='torch' or impl='naive' for {t.dtype}")
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
@@ -104,7 +143,7 @@ def scan_plan(N: int, V: int, device: torch.device, cfg: TritonConfig) -> ScanPl
         split = max(1, min(cfg.split_v, tiles))
     else:
         blocks = max(1, triton.cdiv(N, cfg.block_n))
-        split = max(1, min(triton.cdiv(2 * _num_sms(device), blocks), tiles // 4 or 1))
+        split = max(1, min(triton.cdiv(2 * num_sms(device), blocks), tiles // 4 or 1))
     per = triton.cdiv(tiles, split)
     split = triton.cdiv(tiles, per)
     return ScanPlan(split, per, triton.cdiv(N, cfg.block_n if split == 1 else cfg.epilogue_block))

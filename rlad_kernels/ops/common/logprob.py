@@ -38,13 +38,15 @@ from .tiles import (
 
 
 class Rows(NamedTuple):
-    """Per-token outputs [N] float32: log-prob, log-sum-exp, entropy and E_p[z] (the last two
-    placeholders unless ENTROPY)."""
+    """Per-token outputs [N] float32: the log-prob, and what the backward needs: the row's
+    ``shift`` (its max logit, 0 for a row that saw none) and ``log_sum`` = log sum exp(z - shift),
+    so that log p = (z - shift) - log_sum is formed without subtracting two numbers of the size
+    of the logits, and the entropy (a placeholder unless ENTROPY)."""
 
     lp: torch.Tensor
-    lse: torch.Tensor
+    shift: torch.Tensor
+    log_sum: torch.Tensor
     ent: torch.Tensor
-    ez: torch.Tensor
 
 
 class Partials(NamedTuple):
@@ -117,32 +119,34 @@ def merge_partials(parts, o_n, m_n, N, SPLIT: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def finish_rows(rows, b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, V, ENTROPY: tl.constexpr):
-    """lse, logp (+ entropy, E_p[z]) of finished rows, stored and returned as (logp, entropy);
-    ignored rows give 0, valid rows with an id outside [0, V) give NaN."""
+    """logp (+ entropy) of finished rows and the backward's row statistics, stored; returns
+    (logp, entropy). Ignored rows give 0, valid rows with an id outside [0, V) give NaN. Every
+    quantity stays relative to the shift: logp = (t - shift) - log l, entropy = log l - s / l."""
     b_sh = shift(b_m)
     b_l = tl.where(valid, b_l, 1.0)  # skipped rows have l = 0
-    b_lse = b_sh + tl.log(b_l)
+    b_logl = tl.log(b_l)
     bad = valid & ((b_y < 0) | (b_y >= V))
-    b_lp = tl.where(bad, float("nan"), b_t - b_lse)
+    b_lp = tl.where(bad, float("nan"), (b_t - b_sh) - b_logl)
     b_lp = tl.where(valid, b_lp, 0.0)
-    b_ent = tl.where(valid, tl.log(b_l) - b_s / b_l, 0.0)
+    b_ent = tl.where(valid, b_logl - b_s / b_l, 0.0)
     tl.store(rows.lp + o_n, b_lp, mask=m_n)
-    tl.store(rows.lse + o_n, b_lse, mask=m_n)
+    tl.store(rows.shift + o_n, b_sh, mask=m_n)
+    tl.store(rows.log_sum + o_n, b_logl, mask=m_n)
     if ENTROPY:
         tl.store(rows.ent + o_n, b_ent, mask=m_n)
-        tl.store(rows.ez + o_n, b_sh + b_s / b_l, mask=m_n)
     return b_lp, b_ent
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row0", "n_rows", "col0", "n_cols"])
 def logprob_dlogits_kernel(
-    head, y_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dl_ptr,
+    head, y_ptr, shift_ptr, logsum_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
     row0, n_rows, col0, n_cols, H, stride_dr, stride_dc, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dl[r, c] = scale * (g_lp (onehot - p) - g_ent p (z - E_p[z])) for rows row0 + r, columns
-    col0 + c of the logits; rows that are ignored or have zero upstream gradient give 0."""
+    """dl[r, c] = scale * (g_lp (onehot - p) - g_ent p (log p + H)) for rows row0 + r, columns
+    col0 + c of the logits (z - E_p[z] = log p + H); rows that are ignored or have zero upstream
+    gradient give 0. log p = (z - shift) - log_sum, from the forward's row statistics."""
     o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
     b_y, valid = load_targets(y_ptr, o_n, m_r, ignore_index)
     b_glp = tl.load(glp_ptr + o_n, mask=valid, other=0.0)
@@ -153,13 +157,15 @@ def logprob_dlogits_kernel(
     b_dl = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.sum(active.to(tl.int32), axis=0) > 0:  # tiles with no gradient skip the GEMM
         b_z = logits_tile(head, H, o_n, active, o_v, m_c, HAS_BIAS, BN, BV, BH, DOT_PRECISION, UPCAST)
-        # inactive rows: lse = +inf makes p = 0 there (no overflow in exp)
-        b_lse = tl.load(lse_ptr + o_n, mask=active, other=float("inf"))
-        b_p = tl.exp(b_z - b_lse[:, None])
+        # inactive rows: log_sum = +inf makes log p = -inf and p = 0 there (no overflow in exp)
+        b_sh = tl.load(shift_ptr + o_n, mask=active, other=0.0)
+        b_logl = tl.load(logsum_ptr + o_n, mask=active, other=float("inf"))
+        b_logp = (b_z - b_sh[:, None]) - b_logl[:, None]
+        b_p = tl.exp(b_logp)
         b_dl = tl.where(o_v[None, :] == b_y[:, None], b_glp[:, None], 0.0) - b_glp[:, None] * b_p
         if HAS_GENT:
-            b_ez = tl.load(ez_ptr + o_n, mask=active, other=0.0)
-            b_dl -= b_gent[:, None] * mul_safe(b_p, b_z - b_ez[:, None])
+            b_ent = tl.load(ent_ptr + o_n, mask=active, other=0.0)
+            b_dl -= b_gent[:, None] * mul_safe(b_p, b_logp + b_ent[:, None])
         b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * head.scale, 0.0)
     store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc)
 
@@ -171,37 +177,36 @@ def logprob_forward(fwd_kernel, combine_kernel, x: torch.Tensor, w: torch.Tensor
     """Launch an op's forward kernels over ``x [N, H]``, ``w [V, H]``, ``y [N]``: ``fwd_kernel``
     scans the vocabulary (and finishes the rows when ``plan.split == 1``), ``combine_kernel``
     merges the splits and finishes them otherwise. ``extra`` holds the op's own kernel
-    arguments, passed to whichever kernel finishes the rows. Returns float32
-    ``(logp [N], entropy [N] | None, lse [N], E_p[z] [N] | None)``."""
+    arguments, passed to whichever kernel finishes the rows. Returns float32 ``Rows`` of [N]
+    tensors (``ent`` is None unless ``want_entropy``)."""
     N, H = x.shape
     V = w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
-    lp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    ent = torch.empty(N, **f32) if want_entropy else None
-    ez = torch.empty(N, **f32) if want_entropy else None
+    rows = Rows(*(torch.empty(N, **f32) for _ in range(3)), torch.empty(N, **f32) if want_entropy else None)
     if N == 0:
-        return lp, ent, lse, ez
-    rows = Rows(lp, lse, ent if ent is not None else lp, ez if ez is not None else lp)
+        return rows
+    out = rows._replace(ent=rows.ent if want_entropy else rows.lp)  # a placeholder pointer without entropy
     if plan.split > 1:
         parts = Partials(*(torch.empty((plan.split, N), **f32) for _ in range(4)))
     else:
-        parts = Partials(lp, lp, lp, lp)  # unused
+        parts = Partials(*[rows.lp] * 4)  # unused
     fwd_kernel[(triton.cdiv(N, cfg.block_n) * plan.split,)](
-        head(x, w, b, scale), y, rows, parts, N=N, V=V, H=H, ignore_index=ignore_index,
+        head(x, w, b, scale), y, out, parts, N=N, V=V, H=H, ignore_index=ignore_index,
         tiles_per_split=plan.tiles_per_split, HAS_BIAS=b is not None, ENTROPY=want_entropy, SPLIT=plan.split,
         **tiles(x.dtype, cfg), **extra,
     )
     if plan.split > 1:
-        combine_kernel[(plan.blocks,)](y, rows, parts, N=N, V=V, ignore_index=ignore_index, ENTROPY=want_entropy,
+        combine_kernel[(plan.blocks,)](y, out, parts, N=N, V=V, ignore_index=ignore_index, ENTROPY=want_entropy,
                                        SPLIT=plan.split, BN=cfg.epilogue_block, **extra)
-    return lp, ent, lse, ez
+    return rows
 
 
-def logprob_backward(x, w, b, y, lse, ez, g_lp, g_ent, scale: float, ignore_index: int, need_dx: bool,
+def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, scale: float, ignore_index: int, need_dx: bool,
                      need_dw: bool, need_db: bool, cfg: TritonConfig | None = None):
     """dX [N, H] (x.dtype), dW [V, H] (w.dtype), db [V] (b.dtype) for upstream per-token
-    ``g_lp`` (log-prob) and ``g_ent`` (entropy; needs ``ez``), each None when not needed."""
-    cfg = cfg or get_config()
+    ``g_lp`` (log-prob) and ``g_ent`` (entropy; needs ``rows.ent``), each None when not needed;
+    ``rows``: the forward's ``Rows``."""
+    cfg = cfg or get_config(x.device, x.dtype)
     g_lp = g_lp.contiguous().float()
     g_ent = g_ent.contiguous().float() if g_ent is not None else None
     hd = head(x, w, b, scale)
@@ -210,11 +215,12 @@ def logprob_backward(x, w, b, y, lse, ez, g_lp, g_ent, scale: float, ignore_inde
     def fill(dl, row0, n_rows, col0, n_cols):
         grid = (triton.cdiv(n_rows, cfg.bwd_block_n) * triton.cdiv(n_cols, cfg.bwd_block_v),)
         logprob_dlogits_kernel[grid](
-            hd, y, lse, ez if ez is not None else lse, g_lp, g_ent if g_ent is not None else g_lp, dl,
+            hd, y, rows.shift, rows.log_sum, rows.ent if rows.ent is not None else rows.lp, g_lp,
+            g_ent if g_ent is not None else g_lp, dl,
             row0, n_rows, col0, n_cols, x.shape[1], dl.stride(0), dl.stride(1), ignore_index,
             HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, GROUP=cfg.group, **t,
         )
 
-    return scratch_backward(x, w, b.dtype if b is not None else None, fill, need_dx=need_dx, need_dw=need_dw,
-                            need_db=need_db, scratch_bytes=cfg.scratch_bytes, row_align=cfg.bwd_block_n,
-                            col_align=cfg.bwd_block_v)
+    valid = (y != ignore_index).to(torch.uint8)
+    return scratch_backward(x, w, b.dtype if b is not None else None, fill, valid, cfg, need_dx=need_dx,
+                            need_dw=need_dw, need_db=need_db)

@@ -6,7 +6,8 @@ module turns the regions into parameter gradients with GEMMs over complete reduc
 
 * dX: for each chunk of C tokens, fill ``[C, V]`` (the whole vocabulary), ``dX[chunk] = dl @ W``;
 * dW, db: for each slice of S vocabulary rows, fill ``[N, S]`` (all tokens),
-  ``dW[slice] = dl.T @ X``, ``db[slice] = dl.sum(0)``.
+  ``dW[slice] = dl.T @ X`` over the valid rows only (``masked_gemm.py``: a NaN in an ignored
+  row of X never reaches dW), ``db[slice] = dl.sum(0)``.
 
 Each GEMM accumulates in float32 internally and writes its block of the gradient once, so there
 is no float32 ``N x H`` or ``V x H`` buffer and nothing of size ``N x V``; C and S follow from
@@ -19,12 +20,17 @@ from collections.abc import Callable
 
 import torch
 
+from .launch import TritonConfig
+from .masked_gemm import masked_tn_gemm
+
 
 def scratch_backward(x: torch.Tensor, w: torch.Tensor, bias_dtype: torch.dtype | None,
-                     fill: Callable[[torch.Tensor, int, int, int, int], None], *, need_dx: bool, need_dw: bool,
-                     need_db: bool, scratch_bytes: int, row_align: int, col_align: int):
-    """Returns (dX [N, H] x.dtype | None, dW [V, H] w.dtype | None, db [V] bias_dtype | None)."""
+                     fill: Callable[[torch.Tensor, int, int, int, int], None], valid: torch.Tensor,
+                     cfg: TritonConfig, *, need_dx: bool, need_dw: bool, need_db: bool):
+    """Returns (dX [N, H] x.dtype | None, dW [V, H] w.dtype | None, db [V] bias_dtype | None);
+    ``valid [N]`` (uint8) marks the rows that count; ``fill`` must write zeros on the others."""
     N, V = x.shape[0], w.shape[0]
+    scratch_bytes, row_align, col_align = cfg.scratch_bytes, cfg.bwd_block_n, cfg.bwd_block_v
     elt = x.element_size()
     dx = dw = db = None
     if need_dx:
@@ -48,7 +54,7 @@ def scratch_backward(x: torch.Tensor, w: torch.Tensor, bias_dtype: torch.dtype |
                 view = scratch[:, :c]
                 fill(view, 0, N, c0, c)
                 if need_dw:
-                    torch.mm(view.t(), x, out=dw[c0:c0 + c])
+                    masked_tn_gemm(view, x, valid, dw[c0:c0 + c], cfg)
                 if need_db:
                     torch.sum(view, dim=0, dtype=torch.float32, out=db[c0:c0 + c])
         if db is not None:

@@ -1,5 +1,9 @@
 """Triton device helpers shared by every op's kernels.
 
+Kernels built on these take token counts and region offsets (``N``, ``tiles_per_split``,
+``row0``...) with ``do_not_specialize``: they change every batch, and a value divisible by 16
+would otherwise compile another variant of the kernel for no better code.
+
 Vocabulary (fla style): ``i_`` program ids (int64), ``o_`` offsets, ``m_`` masks, ``b_`` block
 values, dims ``N H V``, blocks ``BN BV BH``. A ``head`` is a ``launch.Head``: pointers, strides
 and logit scale of one lm_head. The online statistics are derived in

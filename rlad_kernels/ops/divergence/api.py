@@ -28,7 +28,8 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
     if kind == "jsd" and beta in (0.0, 1.0):  # GKD's endpoints: forward / reverse KL
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
     with torch.autocast(hs.device.type, enabled=False):
-        if impl == "naive":
+        if impl == "naive":  # masked rows never enter the products (NaN padding cannot reach dW)
+            hs, ht = (torch.where(valid[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (hs, ht))
             D = linear_divergence_naive(hs, ws, ht, wt, kind=kind, beta=beta, temperature=temperature,
                                         student_bias=bs, teacher_bias=bt)
             return torch.where(valid, D, torch.zeros_like(D))

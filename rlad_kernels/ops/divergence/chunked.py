@@ -1,12 +1,15 @@
 """Vocab-chunked PyTorch teacher-student divergences (the CPU default). Math in ``README.md``.
 
-Token x vocabulary tiles of both logits; per token only ``lse_s``, ``lse_t`` and one auxiliary
-value (the KL itself for reverse KL, ``KL(p_s || M)`` for JSD) are kept for the backward,
-which recomputes both tiles. KL kinds take one pass with online statistics; JSD needs both
+Token x vocabulary tiles of both logits; per token only both distributions' shifts and
+log-sums (``Norms``: log p = (z - shift) - log_sum, no cancellation of two numbers of the size of
+the logits) and one auxiliary value (the KL itself for reverse KL, ``KL(p_s || M)`` for JSD)
+are kept for the backward, which recomputes both tiles. KL kinds take one pass with online statistics; JSD needs both
 log-normalizers before its mixture exists, so its forward takes two.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -26,14 +29,26 @@ from ..common.numerics import compute_dtype, log_weights
 RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes
 
 
+class Norms(NamedTuple):
+    """Per-row [N] normalizers of both distributions, kept for the backward (both paths): the
+    shift (the row's max logit, 0 when none) and log sum exp(z - shift); log p = (z_s - sh_s) -
+    logl_s, log q likewise."""
+
+    sh_s: torch.Tensor
+    logl_s: torch.Tensor
+    sh_t: torch.Tensor
+    logl_t: torch.Tensor
+
+
 def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, chunks: ChunkSizes = CHUNKS):
-    """Per-token (D, lse_s, lse_t, aux) for compacted rows xs [Nv, Hs], xt [Nv, Ht]."""
+    """Per-token (D, Norms, aux) for compacted rows xs [Nv, Hs], xt [Nv, Ht]."""
     cdt = compute_dtype(xs.dtype)
     hs, ht = ScaledHead(ws, bs, scale, cdt), ScaledHead(wt, bt, scale, cdt)
     guard = hs.neg_inf or ht.neg_inf
     Nv, V = xs.shape[0], ws.shape[0]
     f = dict(dtype=cdt, device=xs.device)
-    D, lse_s, lse_t = torch.empty(Nv, **f), torch.empty(Nv, **f), torch.empty(Nv, **f)
+    D = torch.empty(Nv, **f)
+    norms = Norms(*(torch.empty(Nv, **f) for _ in range(4)))
     aux = torch.empty(Nv, **f) if kind != FKL else None
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
@@ -55,33 +70,38 @@ def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, ch
             l_t = l_t * r_t + e_t.sum(1)
             m_s, m_t = ms_new, mt_new
         log_ls, log_lt = torch.log(l_s), torch.log(l_t)
-        lse_s[c0:c1] = shift(m_s) + log_ls
-        lse_t[c0:c1] = shift(m_t) + log_lt
+        for t, v in zip(norms, (shift(m_s), log_ls, shift(m_t), log_lt), strict=True):
+            t[c0:c1] = v
         if kind == RKL:
             D[c0:c1] = A / l_s - log_ls + log_lt
             aux[c0:c1] = D[c0:c1]
         elif kind == FKL:
             D[c0:c1] = A / l_t - log_lt + log_ls
         else:
-            d, k = _jsd_sums(xcs, xct, hs, ht, lse_s[c0:c1], lse_t[c0:c1], beta, V, chunks, guard)
+            d, k = _jsd_sums(xcs, xct, hs, ht, Norms(*(t[c0:c1] for t in norms)), beta, V, chunks)
             D[c0:c1], aux[c0:c1] = d, k
-    return D, lse_s, lse_t, aux
+    return D, norms, aux
 
 
-def _jsd_terms(zs, zt, lse_s, lse_t, beta):
-    """log p, log q, log M and p for one tile."""
-    lp, lq = zs - lse_s[:, None], zt - lse_t[:, None]
+def _log_probs(zs, zt, nc: Norms):
+    """log p and log q of one tile (consumes both tiles)."""
+    return zs.sub_(nc.sh_s[:, None]).sub_(nc.logl_s[:, None]), zt.sub_(nc.sh_t[:, None]).sub_(nc.logl_t[:, None])
+
+
+def _log_mixture(lp, lq, beta):
+    """log M = log(beta q + (1 - beta) p)."""
     log_b, log_1mb = log_weights(beta)
-    return lp, lq, torch.logaddexp(lq + log_b, lp + log_1mb)
+    return torch.logaddexp(lq + log_b, lp + log_1mb)
 
 
-def _jsd_sums(xcs, xct, hs, ht, lse_s, lse_t, beta, V, chunks, guard):
+def _jsd_sums(xcs, xct, hs, ht, nc: Norms, beta, V, chunks):
     """Second pass: D = beta KL(q||M) + (1-beta) KL(p||M) and k = KL(p||M)."""
-    D = torch.zeros_like(lse_s)
-    k = torch.zeros_like(lse_s)
+    D = torch.zeros_like(nc.sh_s)
+    k = torch.zeros_like(nc.sh_s)
     for s0 in range(0, V, chunks.vocab):
         s1 = min(s0 + chunks.vocab, V)
-        lp, lq, lm = _jsd_terms(hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1), lse_s, lse_t, beta)
+        lp, lq = _log_probs(hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1), nc)
+        lm = _log_mixture(lp, lq, beta)
         kp = mul_safe(lp.exp(), lp - lm, True).sum(1)
         kq = mul_safe(lq.exp(), lq - lm, True).sum(1)
         D += beta * kq + (1.0 - beta) * kp
@@ -89,7 +109,7 @@ def _jsd_sums(xcs, xct, hs, ht, lse_s, lse_t, beta, V, chunks, guard):
     return D, k
 
 
-def div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g, kind, beta, scale, need_dx, need_dw, need_db,
+def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, scale, need_dx, need_dw, need_db,
               chunks: ChunkSizes = CHUNKS):
     """Gradients w.r.t. the student's xs, ws, bs for upstream per-token g (compacted rows):
     reverse KL p (log p - log q - KL); forward KL p - q; JSD (1 - beta) p (log p - log M - KL(p||M))."""
@@ -105,17 +125,16 @@ def div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g, kind, beta, scale, n
         c1 = min(c0 + chunks.tokens, Nv)
         xc = xs[c0:c1].to(cdt)
         xcs, xct = xc * scale, xt[c0:c1].to(cdt) * scale
-        gc, ls, lt = g[c0:c1, None], lse_s[c0:c1], lse_t[c0:c1]
+        gc, nc = g[c0:c1, None], Norms(*(t[c0:c1] for t in norms))
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            zs, zt = hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1)
+            lp, lq = _log_probs(hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1), nc)
             if kind == FKL:
-                dz = (zs.sub_(ls[:, None]).exp_() - zt.sub_(lt[:, None]).exp_()).mul_(gc)
+                dz = (lp.exp_() - lq.exp_()).mul_(gc)
             elif kind == RKL:
-                lp = zs.sub_(ls[:, None])
-                dz = mul_safe(lp.exp(), lp - zt.sub_(lt[:, None]) - aux[c0:c1, None], guard).mul_(gc)
+                dz = mul_safe(lp.exp(), lp - lq - aux[c0:c1, None], guard).mul_(gc)
             else:
-                lp, lq, lm = _jsd_terms(zs, zt, ls, lt, beta)
+                lm = _log_mixture(lp, lq, beta)
                 dz = mul_safe(lp.exp(), lp - lm - aux[c0:c1, None], True).mul_(gc * (1.0 - beta))
             accumulate_tile(dz, xc, hs, c0, c1, s0, s1, dx, dw, db)
     return dx, dw, db
@@ -128,21 +147,21 @@ class ChunkedDivergence(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, scale: float):
         idx = valid.nonzero().squeeze(1)
         xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
-        D, lse_s, lse_t, aux = div_forward(xs, ws, bs, xt, wt, bt, kind, beta, scale)
+        D, norms, aux = div_forward(xs, ws, bs, xt, wt, bt, kind, beta, scale)
         out = torch.zeros(hs.shape[0], dtype=D.dtype, device=hs.device)
         out.index_copy_(0, idx, D)
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, idx, lse_s, lse_t, aux)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, idx, aux, *norms)
         ctx.kind, ctx.beta, ctx.scale = kind, beta, scale
         return out
 
     @staticmethod
     @first_order_only("linear_divergence(impl='torch')")
     def backward(ctx, g):
-        hs, ws, bs, ht, wt, bt, idx, lse_s, lse_t, aux = ctx.saved_tensors
+        hs, ws, bs, ht, wt, bt, idx, aux, *norms = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bs is not None and ctx.needs_input_grad[2]
         xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
-        dxv, dw, db = div_grads(xs, ws, bs, xt, wt, bt, lse_s, lse_t, aux, g.index_select(0, idx), ctx.kind,
+        dxv, dw, db = div_grads(xs, ws, bs, xt, wt, bt, Norms(*norms), aux, g.index_select(0, idx), ctx.kind,
                                 ctx.beta, ctx.scale, need_dx, need_dw, need_db)
         dx = None
         if need_dx:

@@ -6,8 +6,11 @@ is cut at the student's V). Per token, only O(1) statistics leave the kernels:
 
 * ``div_stats_kernel``: per (token block, vocab split), online max / sum-exp of both logits
   and, for the KL kinds, the moment ``A = sum e^(u - sh_u) ((u - sh_u) - (v - sh_v))`` with
-  ``u`` the first argument of the KL; with one split it finishes the rows (``lse_s``,
-  ``lse_t``, the KL), otherwise ``div_combine_kernel`` merges the partials and finishes them.
+  ``u`` the first argument of the KL; with one split it finishes the rows (each
+  distribution's shift and log-sum, the ``norms``, and the KL), otherwise
+  ``div_combine_kernel`` merges the partials and finishes them. log p and log q are always
+  re-formed as ``(z - shift) - log_sum``, never as ``z - lse`` (no cancellation of two numbers
+  of the size of the logits).
 * ``jsd_sums_kernel``: second pass of the JSD, once both log-normalizers are known.
 * ``div_dlogits_kernel``: recomputes both tiles of a region and writes the gradient w.r.t.
   the raw student logits into a scratch buffer (``common/scratch_backward.py`` does the GEMMs).
@@ -54,21 +57,35 @@ def load_valid(valid_ptr, o_n, m_n):
 
 
 @triton.jit
-def finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND: tl.constexpr):
-    """lse_s, lse_t and, for the KL kinds, the divergence (rows that are not valid hold garbage)."""
+def finish_div_rows(norms, d_ptr, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND: tl.constexpr):
+    """Both distributions' shift and log-sum and, for the KL kinds, the divergence (rows that are
+    not valid hold garbage)."""
     b_log_ls = tl.log(b_ls)
     b_log_lt = tl.log(b_lt)
-    tl.store(rows.lse_s + o_n, shift(b_ms) + b_log_ls, mask=m_n)
-    tl.store(rows.lse_t + o_n, shift(b_mt) + b_log_lt, mask=m_n)
+    tl.store(norms.sh_s + o_n, shift(b_ms), mask=m_n)
+    tl.store(norms.logl_s + o_n, b_log_ls, mask=m_n)
+    tl.store(norms.sh_t + o_n, shift(b_mt), mask=m_n)
+    tl.store(norms.logl_t + o_n, b_log_lt, mask=m_n)
     if KIND == RKL:
-        tl.store(rows.d + o_n, b_a / b_ls - b_log_ls + b_log_lt, mask=m_n)
+        tl.store(d_ptr + o_n, b_a / b_ls - b_log_ls + b_log_lt, mask=m_n)
     elif KIND == FKL:
-        tl.store(rows.d + o_n, b_a / b_lt - b_log_lt + b_log_ls, mask=m_n)
+        tl.store(d_ptr + o_n, b_a / b_lt - b_log_lt + b_log_ls, mask=m_n)
 
 
 @triton.jit
+def log_probs(b_zs, b_zt, norms, o_n, mask):
+    """log p and log q of one tile from the rows' shifts and log-sums; rows outside ``mask`` get
+    -inf (p = q = 0 there)."""
+    b_shs = tl.load(norms.sh_s + o_n, mask=mask, other=0.0)
+    b_logls = tl.load(norms.logl_s + o_n, mask=mask, other=float("inf"))
+    b_sht = tl.load(norms.sh_t + o_n, mask=mask, other=0.0)
+    b_loglt = tl.load(norms.logl_t + o_n, mask=mask, other=float("inf"))
+    return (b_zs - b_shs[:, None]) - b_logls[:, None], (b_zt - b_sht[:, None]) - b_loglt[:, None]
+
+
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def div_stats_kernel(
-    hs, ht, valid_ptr, rows, parts, N, V, HS, HT, tiles_per_split,
+    hs, ht, valid_ptr, norms, d_ptr, parts, N, V, HS, HT, tiles_per_split,
     KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SPLIT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -100,7 +117,7 @@ def div_stats_kernel(
             b_ms = b_ms_new
             b_mt = b_mt_new
     if SPLIT == 1:
-        finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
+        finish_div_rows(norms, d_ptr, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
     else:
         o_p = i_s * N + o_n
         tl.store(parts.ms + o_p, b_ms, mask=m_n)
@@ -110,8 +127,8 @@ def div_stats_kernel(
         tl.store(parts.a + o_p, b_a, mask=m_n)
 
 
-@triton.jit
-def div_combine_kernel(rows, parts, N, KIND: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+@triton.jit(do_not_specialize=["N"])
+def div_combine_kernel(norms, d_ptr, parts, N, KIND: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
     """Second launch when the vocabulary was split: merge partials (README.md, 'Splits'), finish the rows."""
     i_n, o_n, m_n = row_block(N, BN)
     b_ms = split_max(parts.ms, o_n, m_n, N, SPLIT, BN)
@@ -132,20 +149,18 @@ def div_combine_kernel(rows, parts, N, KIND: tl.constexpr, SPLIT: tl.constexpr, 
                 b_a += rescale_moment(b_ai, b_rti, b_dti - b_dsi, b_lti)
         b_ls += b_rsi * b_lsi
         b_lt += b_rti * b_lti
-    finish_div_rows(rows, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
+    finish_div_rows(norms, d_ptr, b_ms, b_ls, b_mt, b_lt, b_a, o_n, m_n, KIND)
 
 
 @triton.jit
-def jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb):
-    """log p, log q and log M = log(beta q + (1 - beta) p) of one tile."""
-    b_lp = b_zs - b_lses[:, None]
-    b_lq = b_zt - b_lset[:, None]
-    return b_lp, b_lq, logaddexp(b_lq + log_b, b_lp + log_1mb)
+def log_mixture(b_lp, b_lq, log_b, log_1mb):
+    """log M = log(beta q + (1 - beta) p)."""
+    return logaddexp(b_lq + log_b, b_lp + log_1mb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def jsd_sums_kernel(
-    hs, ht, valid_ptr, lses_ptr, lset_ptr, d_ptr, k_ptr,        # d, k: partials [SPLIT, N]
+    hs, ht, valid_ptr, norms, d_ptr, k_ptr,        # d, k: partials [SPLIT, N]
     N, V, HS, HT, tiles_per_split, beta, log_b, log_1mb,
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -153,8 +168,6 @@ def jsd_sums_kernel(
     """D = beta KL(q || M) + (1 - beta) KL(p || M) and k = KL(p || M), per split."""
     i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
     valid = load_valid(valid_ptr, o_n, m_n)
-    b_lses = tl.load(lses_ptr + o_n, mask=valid, other=0.0)
-    b_lset = tl.load(lset_ptr + o_n, mask=valid, other=0.0)
     b_d = tl.zeros((BN,), dtype=tl.float32)
     b_k = tl.zeros((BN,), dtype=tl.float32)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
@@ -163,7 +176,8 @@ def jsd_sums_kernel(
             m_v = o_v < v_hi
             b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, BN, BV, BH,
                                     DOT_PRECISION, UPCAST)
-            b_lp, b_lq, b_lm = jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
+            b_lp, b_lq = log_probs(b_zs, b_zt, norms, o_n, valid)
+            b_lm = log_mixture(b_lp, b_lq, log_b, log_1mb)
             b_kp = tl.sum(mul_safe(tl.exp(b_lp), b_lp - b_lm), axis=1)
             b_kq = tl.sum(mul_safe(tl.exp(b_lq), b_lq - b_lm), axis=1)
             b_d += beta * b_kq + (1.0 - beta) * b_kp
@@ -172,9 +186,9 @@ def jsd_sums_kernel(
     tl.store(k_ptr + i_s * N + o_n, b_k, mask=m_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row0", "n_rows", "col0", "n_cols"])
 def div_dlogits_kernel(
-    hs, ht, valid_ptr, lses_ptr, lset_ptr, aux_ptr, g_ptr, dl_ptr,
+    hs, ht, valid_ptr, norms, aux_ptr, g_ptr, dl_ptr,
     row0, n_rows, col0, n_cols, HS, HT, stride_dr, stride_dc, beta, log_b, log_1mb,
     KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -188,18 +202,15 @@ def div_dlogits_kernel(
     if tl.sum(active.to(tl.int32), axis=0) > 0:
         b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, active, o_v, m_c, HAS_BS, HAS_BT, BN, BV, BH,
                                 DOT_PRECISION, UPCAST)
-        # inactive rows: lse = +inf makes p = q = 0 there
-        b_lses = tl.load(lses_ptr + o_n, mask=active, other=float("inf"))
-        b_lset = tl.load(lset_ptr + o_n, mask=active, other=float("inf"))
+        b_lp, b_lq = log_probs(b_zs, b_zt, norms, o_n, active)  # inactive rows: p = q = 0
         if KIND == FKL:
-            b_dl = tl.exp(b_zs - b_lses[:, None]) - tl.exp(b_zt - b_lset[:, None])
+            b_dl = tl.exp(b_lp) - tl.exp(b_lq)
         elif KIND == RKL:
             b_aux = tl.load(aux_ptr + o_n, mask=active, other=0.0)
-            b_lp = b_zs - b_lses[:, None]
-            b_dl = mul_safe(tl.exp(b_lp), b_lp - (b_zt - b_lset[:, None]) - b_aux[:, None])
+            b_dl = mul_safe(tl.exp(b_lp), b_lp - b_lq - b_aux[:, None])
         else:
             b_aux = tl.load(aux_ptr + o_n, mask=active, other=0.0)
-            b_lp, b_lq, b_lm = jsd_logs(b_zs, b_zt, b_lses, b_lset, log_b, log_1mb)
+            b_lm = log_mixture(b_lp, b_lq, log_b, log_1mb)
             b_dl = (1.0 - beta) * mul_safe(tl.exp(b_lp), b_lp - b_lm - b_aux[:, None])
         b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * (b_g * hs.scale)[:, None], 0.0)
     store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc)

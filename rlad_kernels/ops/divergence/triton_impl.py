@@ -11,15 +11,8 @@ from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, head, scan_plan, tiles
 from ..common.numerics import log_weights
 from ..common.scratch_backward import scratch_backward
+from .chunked import Norms
 from .kernels import JSD, div_combine_kernel, div_dlogits_kernel, div_stats_kernel, jsd_sums_kernel
-
-
-class DivRows(NamedTuple):
-    """Per-token results [N] float32: both log-normalizers and the KL (unused for JSD)."""
-
-    lse_s: torch.Tensor
-    lse_t: torch.Tensor
-    d: torch.Tensor
 
 
 class DivPartials(NamedTuple):
@@ -33,36 +26,36 @@ class DivPartials(NamedTuple):
 
 
 def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale: float):
-    """Per-token (D, lse_s, lse_t, aux) float32 [N]; rows that are not valid hold garbage."""
-    cfg = get_config()
+    """Per-token (D, Norms, aux) float32 [N]; rows that are not valid hold garbage."""
+    cfg = get_config(xs.device, xs.dtype)
     N, V = xs.shape[0], ws.shape[0]
     f32 = dict(dtype=torch.float32, device=xs.device)
     plan = scan_plan(N, V, xs.device, cfg)
-    rows = DivRows(*(torch.empty(N, **f32) for _ in range(3)))
+    norms = Norms(*(torch.empty(N, **f32) for _ in range(4)))
+    d = torch.empty(N, **f32)
     if plan.split > 1:
         parts = DivPartials(*(torch.empty((plan.split, N), **f32) for _ in range(5)))
     else:
-        parts = DivPartials(*([rows.d] * 5))  # unused
+        parts = DivPartials(*([d] * 5))  # unused
     grid = (triton.cdiv(N, cfg.block_n) * plan.split,)
     heads = (head(xs, ws, bs, scale), head(xt, wt, bt, scale), valid_u8)
     common = dict(N=N, V=V, HS=xs.shape[1], HT=xt.shape[1], tiles_per_split=plan.tiles_per_split,
                   HAS_BS=bs is not None, HAS_BT=bt is not None, **tiles(xs.dtype, cfg))
-    div_stats_kernel[grid](*heads, rows, parts, KIND=kind, SPLIT=plan.split, **common)
+    div_stats_kernel[grid](*heads, norms, d, parts, KIND=kind, SPLIT=plan.split, **common)
     if plan.split > 1:
-        div_combine_kernel[(plan.blocks,)](rows, parts, N=N, KIND=kind, SPLIT=plan.split, BN=cfg.epilogue_block)
-    D = aux = rows.d
+        div_combine_kernel[(plan.blocks,)](norms, d, parts, N=N, KIND=kind, SPLIT=plan.split, BN=cfg.epilogue_block)
+    D = aux = d
     if kind == JSD:
         dp, kp = torch.empty((plan.split, N), **f32), torch.empty((plan.split, N), **f32)
         log_b, log_1mb = log_weights(beta)
-        jsd_sums_kernel[grid](*heads, rows.lse_s, rows.lse_t, dp, kp, beta=beta, log_b=log_b, log_1mb=log_1mb,
-                              **common)
+        jsd_sums_kernel[grid](*heads, norms, dp, kp, beta=beta, log_b=log_b, log_1mb=log_1mb, **common)
         D, aux = dp.sum(0), kp.sum(0)
-    return D, rows.lse_s, rows.lse_t, aux
+    return D, norms, aux
 
 
-def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, lse_s, lse_t, aux, g, kind, beta, scale, need_dx, need_dw,
+def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, norms: Norms, aux, g, kind, beta, scale, need_dx, need_dw,
                  need_db):
-    cfg = get_config()
+    cfg = get_config(xs.device, xs.dtype)
     g = g.contiguous().float()
     log_b, log_1mb = log_weights(beta)
     heads = (head(xs, ws, bs, scale), head(xt, wt, bt, scale))
@@ -71,15 +64,14 @@ def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, lse_s, lse_t, aux, g, kind, b
     def fill(dl, row0, n_rows, col0, n_cols):
         grid = (triton.cdiv(n_rows, cfg.bwd_block_n) * triton.cdiv(n_cols, cfg.bwd_block_v),)
         div_dlogits_kernel[grid](
-            *heads, valid_u8, lse_s, lse_t, aux if aux is not None else lse_s, g, dl, row0, n_rows, col0, n_cols,
+            *heads, valid_u8, norms, aux if aux is not None else norms.sh_s, g, dl, row0, n_rows, col0, n_cols,
             HS=xs.shape[1], HT=xt.shape[1], stride_dr=dl.stride(0), stride_dc=dl.stride(1), beta=beta,
             log_b=log_b, log_1mb=log_1mb, KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
             GROUP=cfg.group, **t,
         )
 
-    return scratch_backward(xs, ws, bs.dtype if bs is not None else None, fill, need_dx=need_dx, need_dw=need_dw,
-                            need_db=need_db, scratch_bytes=cfg.scratch_bytes, row_align=cfg.bwd_block_n,
-                            col_align=cfg.bwd_block_v)
+    return scratch_backward(xs, ws, bs.dtype if bs is not None else None, fill, valid_u8, cfg, need_dx=need_dx,
+                            need_dw=need_dw, need_db=need_db)
 
 
 class TritonDivergence(torch.autograd.Function):
@@ -89,20 +81,21 @@ class TritonDivergence(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, scale: float):
         valid_u8 = valid.to(torch.uint8).contiguous()
         if hs.shape[0] == 0:
-            D = lse_s = lse_t = aux = torch.zeros(0, dtype=torch.float32, device=hs.device)
+            D = aux = torch.zeros(0, dtype=torch.float32, device=hs.device)
+            norms = Norms(*[D] * 4)
         else:
-            D, lse_s, lse_t, aux = div_forward(hs, ws, bs, ht, wt, bt, valid_u8, kind, beta, scale)
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid_u8, lse_s, lse_t, aux)
+            D, norms, aux = div_forward(hs, ws, bs, ht, wt, bt, valid_u8, kind, beta, scale)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid_u8, aux, *norms)
         ctx.kind, ctx.beta, ctx.scale = kind, beta, scale
         return torch.where(valid, D, torch.zeros_like(D))
 
     @staticmethod
     @first_order_only("linear_divergence(impl='triton')")
     def backward(ctx, g):
-        hs, ws, bs, ht, wt, bt, valid_u8, lse_s, lse_t, aux = ctx.saved_tensors
+        hs, ws, bs, ht, wt, bt, valid_u8, aux, *norms = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bs is not None and ctx.needs_input_grad[2]
-        dx, dw, db = div_backward(hs, ws, bs, ht, wt, bt, valid_u8, lse_s, lse_t, aux, g, ctx.kind, ctx.beta,
+        dx, dw, db = div_backward(hs, ws, bs, ht, wt, bt, valid_u8, Norms(*norms), aux, g, ctx.kind, ctx.beta,
                                   ctx.scale, need_dx, need_dw, need_db)
         return dx, dw, db, None, None, None, None, None, None, None
 

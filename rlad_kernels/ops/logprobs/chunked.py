@@ -1,9 +1,10 @@
 """Vocab-chunked PyTorch implementation of the per-token log-prob op (the CPU default).
 
 Same contract as the Triton kernels, O(N) + O(chunk) memory: tokens are processed in
-``tokens`` x ``vocab`` tiles with an online log-sum-exp; only per-token statistics (lse, and
-E_p[z] for the entropy) are kept between forward and backward, and the backward recomputes
-each tile. Ignored tokens are dropped before any matmul. Math in ``README.md``.
+``tokens`` x ``vocab`` tiles with an online log-sum-exp; only per-token statistics (the row's
+shift and log-sum, and its entropy) are kept between forward and backward, and the backward
+recomputes each tile and re-forms log p relative to the shift. Ignored tokens are dropped
+before any matmul. Math in ``README.md``.
 
 Memory note: the weight gradient is accumulated in float32. With a float32 weight that buffer
 is the gradient itself; with a 16-bit weight it is one extra V x H float32 buffer (the Triton
@@ -29,15 +30,15 @@ from ..common.chunked import (
 from ..common.numerics import compute_dtype
 
 
-def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHUNKS):
-    """Per-token ``lse``, target logit and (optionally) ``E_p[z]`` and entropy for compacted valid rows."""
+def chunked_stats(xv, weight, bias, yv, scale, want_ent, chunks: ChunkSizes = CHUNKS):
+    """Per-token statistics of compacted valid rows: the shift (running max, 0 when none), the
+    log-sum relative to it, the log-prob of the target and (optionally) the entropy."""
     cdt = compute_dtype(xv.dtype)
     head = ScaledHead(weight, bias, scale, cdt)
     Nv, V = xv.shape[0], weight.shape[0]
     f = dict(dtype=cdt, device=xv.device)
-    lse, zt = torch.empty(Nv, **f), torch.empty(Nv, **f)
-    ez = torch.empty(Nv, **f) if want_ez else None
-    ent = torch.empty(Nv, **f) if want_ez else None
+    sh_out, logl_out, lp = torch.empty(Nv, **f), torch.empty(Nv, **f), torch.empty(Nv, **f)
+    ent = torch.empty(Nv, **f) if want_ent else None
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xs = xv[c0:c1].to(cdt) * scale
@@ -47,24 +48,25 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ez, chunks: ChunkSizes = CHU
         for s0 in range(0, V, chunks.vocab):
             m_new, sh, r, u = online_max(m, head.tile(xs, s0, min(s0 + chunks.vocab, V)))
             e = torch.exp(u)
-            if want_ez:  # sum e (z - m), kept relative to the running max (no large cancellations)
+            if want_ent:  # sum e (z - m), kept relative to the running max (no large cancellations)
                 s = rescale_moment(s, r, shift(m) - sh, l) + mul_safe(e, u, head.neg_inf).sum(1)
             l = l * r + e.sum(1)
             m = m_new
         sh = shift(m)
-        lse[c0:c1] = sh + torch.log(l)
-        if want_ez:
-            ez[c0:c1] = sh + s / l
-            ent[c0:c1] = torch.log(l) - s / l
-        zt[c0:c1] = head.target(xs, yv[c0:c1])
-    return lse, zt, ez, ent
+        logl = torch.log(l)
+        sh_out[c0:c1], logl_out[c0:c1] = sh, logl
+        lp[c0:c1] = (head.target(xs, yv[c0:c1]) - sh) - logl
+        if want_ent:
+            ent[c0:c1] = logl - s / l
+    return sh_out, logl_out, lp, ent
 
 
-def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need_dw, need_db,
+def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, scale, need_dx, need_dw, need_db,
                   chunks: ChunkSizes = CHUNKS):
-    """Gradients w.r.t. x [Nv, H], weight, bias for upstream per-token g_lp, g_ent (compacted rows).
+    """Gradients w.r.t. x [Nv, H], weight, bias for upstream per-token g_lp, g_ent (compacted rows);
+    ``sh``, ``logl``, ``ent``: the forward's statistics.
 
-    d logp / dz_j = onehot_j - p_j ;  d entropy / dz_j = -p_j (z_j - E_p[z]).
+    d logp / dz_j = onehot_j - p_j ;  d entropy / dz_j = -p_j (z_j - E_p[z]) = -p_j (log p_j + H).
     """
     cdt = compute_dtype(x.dtype)
     head = ScaledHead(weight, bias, scale, cdt)
@@ -74,16 +76,15 @@ def chunked_grads(x, weight, bias, y, lse, ez, g_lp, g_ent, scale, need_dx, need
     db = torch.zeros(V, dtype=cdt, device=x.device) if need_db else None
     g_lp = g_lp.to(cdt) * scale  # gradient w.r.t. the unscaled logits x @ w.T + b
     g_ent = g_ent.to(cdt) * scale if g_ent is not None else None
-    ent = lse - ez if g_ent is not None else None  # H = lse - E_p[z]
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = x[c0:c1].to(cdt)
         xs = xc * scale
-        glc, lsec = g_lp[c0:c1], lse[c0:c1]
+        glc, shc, loglc = g_lp[c0:c1], sh[c0:c1, None], logl[c0:c1, None]
         gec, entc = (g_ent[c0:c1], ent[c0:c1]) if g_ent is not None else (None, None)
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            logp = head.tile(xs, s0, s1).sub_(lsec[:, None])
+            logp = head.tile(xs, s0, s1).sub_(shc).sub_(loglc)
             dz = softmax_dlogits_(logp, glc, gec, entc, head.neg_inf)
             accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db)
         yc = y[c0:c1]
@@ -106,29 +107,30 @@ class ChunkedLogprobs(torch.autograd.Function):
         idx = (targets != ignore_index).nonzero().squeeze(1)
         xv = hidden.index_select(0, idx)
         yv = targets.index_select(0, idx)
-        lse, zt, ez, ent_v = chunked_stats(xv, weight, bias, yv, scale, want_entropy)
+        sh, logl, lp_v, ent_v = chunked_stats(xv, weight, bias, yv, scale, want_entropy)
         logp = torch.zeros(N, dtype=cdt, device=hidden.device)
-        logp.index_copy_(0, idx, zt - lse)
+        logp.index_copy_(0, idx, lp_v)
         ent = None
         if want_entropy:
             ent = torch.zeros(N, dtype=cdt, device=hidden.device)
             ent.index_copy_(0, idx, ent_v)
-        ctx.save_for_backward(hidden, weight, bias, idx, yv, lse, ez)
+        ctx.save_for_backward(hidden, weight, bias, idx, yv, sh, logl, ent_v)
         ctx.scale = scale
         return logp, ent
 
     @staticmethod
     @first_order_only("linear_logprobs(impl='torch')")
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, idx, yv, lse, ez = ctx.saved_tensors
+        hidden, weight, bias, idx, yv, sh, logl, ent = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
             bias is not None and ctx.needs_input_grad[2])
         if g_logp is None:
-            g_logp = torch.zeros(hidden.shape[0], dtype=lse.dtype, device=hidden.device)
+            g_logp = torch.zeros(hidden.shape[0], dtype=sh.dtype, device=hidden.device)
         g_lp = g_logp.index_select(0, idx)
-        g_e = g_ent.index_select(0, idx) if (g_ent is not None and ez is not None) else None
+        g_e = g_ent.index_select(0, idx) if (g_ent is not None and ent is not None) else None
         xv = hidden.index_select(0, idx)
-        dxv, dw, db = chunked_grads(xv, weight, bias, yv, lse, ez, g_lp, g_e, ctx.scale, need_dx, need_dw, need_db)
+        dxv, dw, db = chunked_grads(xv, weight, bias, yv, sh, logl, ent, g_lp, g_e, ctx.scale, need_dx, need_dw,
+                                    need_db)
         dx = None
         if need_dx:
             dx = torch.zeros_like(hidden)

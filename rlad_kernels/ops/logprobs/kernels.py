@@ -17,7 +17,7 @@ from ..common.logprob import finish_rows, load_targets, merge_partials, scan_row
 from ..common.tiles import row_block, token_split
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def logprobs_fwd_kernel(
     head, y_ptr, rows, parts, N, V, H, ignore_index, tiles_per_split,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
@@ -33,7 +33,7 @@ def logprobs_fwd_kernel(
         store_partials(parts, i_s, N, o_n, m_n, b_m, b_l, b_s, b_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def logprobs_combine_kernel(y_ptr, rows, parts, N, V, ignore_index, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
                             BN: tl.constexpr):
     """Second launch when the vocabulary was split: merge partials, then finish the rows."""

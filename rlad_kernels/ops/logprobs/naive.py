@@ -20,12 +20,14 @@ def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``; ignored positions give 0.
     """
     cdt = compute_dtype(hidden.dtype)
-    logits = hidden.to(cdt) @ weight.to(cdt).T
+    valid = targets != ignore_index
+    # ignored rows never enter the product: whatever they hold (NaN padding) cannot reach dW
+    hidden = torch.where(valid[..., None], hidden.to(cdt), torch.zeros((), dtype=cdt, device=hidden.device))
+    logits = hidden @ weight.to(cdt).T
     if bias is not None:
         logits = logits + bias.to(cdt)
     logits = logits * logit_scale / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))

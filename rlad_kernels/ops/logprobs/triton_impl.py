@@ -1,7 +1,8 @@
 """Host side of ``linear_logprobs`` on Triton: the autograd op over its kernels.
 
 Forward: one launch (plus a tiny combine launch when the vocabulary is split across programs
-to fill the GPU at small N). Stored for backward: ``lse`` and ``E_p[z]`` per token (O(N)).
+to fill the GPU at small N). Stored for backward, per token: the row's shift and log-sum (log p
+is re-formed relative to them) and the entropy (O(N)).
 
 Backward: the shared ``common/logprob.py: logprob_backward`` recomputes logit tiles into a
 bounded scratch buffer and turns them into dX (per token chunk) and dW / db (per vocabulary
@@ -15,7 +16,7 @@ import torch
 
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
-from ..common.logprob import logprob_backward, logprob_forward
+from ..common.logprob import Rows, logprob_backward, logprob_forward
 from .kernels import logprobs_combine_kernel, logprobs_fwd_kernel
 
 
@@ -24,26 +25,27 @@ class TritonLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale: float, ignore_index: int, want_entropy: bool):
-        cfg = get_config()
+        cfg = get_config(hidden.device, hidden.dtype)
         plan = scan_plan(hidden.shape[0], weight.shape[0], hidden.device, cfg)
-        lp, ent, lse, ez = logprob_forward(logprobs_fwd_kernel, logprobs_combine_kernel, hidden, weight, bias,
-                                           targets, scale, ignore_index, want_entropy, plan, cfg)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ez)
+        rows = logprob_forward(logprobs_fwd_kernel, logprobs_combine_kernel, hidden, weight, bias, targets, scale,
+                               ignore_index, want_entropy, plan, cfg)
+        ctx.save_for_backward(hidden, weight, bias, targets, *rows)
         ctx.scale, ctx.ignore_index = scale, ignore_index
-        return lp, ent
+        return rows.lp, rows.ent
 
     @staticmethod
     @first_order_only("linear_logprobs(impl='triton')")
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, ez = ctx.saved_tensors
+        hidden, weight, bias, targets, *saved = ctx.saved_tensors
+        rows = Rows(*saved)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        if ez is None:
+            g_logp = torch.zeros_like(rows.lp)
+        if rows.ent is None:
             g_ent = None
-        dx, dw, db = logprob_backward(hidden, weight, bias, targets, lse, ez, g_logp, g_ent, ctx.scale,
-                                      ctx.ignore_index, need_dx, need_dw, need_db)
+        dx, dw, db = logprob_backward(hidden, weight, bias, targets, rows, g_logp, g_ent, ctx.scale, ctx.ignore_index,
+                                      need_dx, need_dw, need_db)
         return dx, dw, db, None, None, None, None
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
-from ..common.chunked import CHUNKS, ScaledHead, mul_safe, softmax_dlogits_
+from ..common.chunked import CHUNKS, ScaledHead, mul_safe, shift, softmax_dlogits_
 from ..common.numerics import compute_dtype
 from .math import STAT_FIELDS, TokenInputs, policy_token_loss, reduce_token_stats
 
@@ -57,12 +57,15 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             rows = idx[c0:c1]
             x = hidden.index_select(0, rows).to(cdt)
             z = head.tile(x * scale, 0, V)                         # [C, V], the only logits block alive
-            lse = torch.logsumexp(z, dim=-1)
-            lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit is bad input, not certainty
-            yc = targets.index_select(0, rows)
-            lp = z.gather(-1, yc[:, None])[:, 0] - lse
-            logp = z.sub_(lse[:, None])                             # log p, in place
+            # log p = (z - max) - log sum exp(z - max), in place; relative to the max, so no
+            # cancellation of two numbers of the size of the logits (a +inf logit gives NaN)
+            logp = z.sub_(shift(z.amax(dim=-1))[:, None])
             p = torch.exp(logp)
+            total = p.sum(-1, keepdim=True)
+            logp.sub_(torch.log(total))
+            p.div_(total)
+            yc = targets.index_select(0, rows)
+            lp = logp.gather(-1, yc[:, None])[:, 0]
             ent = -mul_safe(p, logp, head.neg_inf).sum(-1) if want_ent else None
             # the per-token math, and its derivatives w.r.t. lp and entropy, by autograd
             with torch.enable_grad():

@@ -188,7 +188,7 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
         tl.store(out.stat + i_blk * len(sums) + i, sums[i])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def policy_fwd_kernel(
     head, y_ptr, rows, parts, tok, coef, out, N, V, H, ignore_index, tiles_per_split,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr, HAS: tl.constexpr, EPI: tl.constexpr,
@@ -205,7 +205,7 @@ def policy_fwd_kernel(
         store_partials(parts, i_s, N, o_n, m_n, b_m, b_l, b_s, b_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def policy_combine_kernel(y_ptr, rows, parts, tok, coef, out, N, V, ignore_index, ENTROPY: tl.constexpr,
                           SPLIT: tl.constexpr, HAS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr):
     """Second launch when the vocabulary was split: merge partials, finish the rows, run the epilogue."""

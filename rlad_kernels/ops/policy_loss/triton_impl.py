@@ -11,7 +11,7 @@ import torch
 from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
-from ..common.logprob import logprob_backward, logprob_forward
+from ..common.logprob import Rows, logprob_backward, logprob_forward
 from ..common.numerics import log_weights
 from .config import PolicyLossConfig
 from .kernels import EpilogueCoefs, EpilogueFlags, EpilogueOut, policy_combine_kernel, policy_fwd_kernel
@@ -47,33 +47,33 @@ class TritonPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer: torch.Tensor | None,
                 cfg: PolicyLossConfig, scale: float, ignore_index: int):
-        cfg_t = get_config()
+        cfg_t = get_config(hidden.device, hidden.dtype)
         N = hidden.shape[0]
         plan = scan_plan(N, weight.shape[0], hidden.device, cfg_t)
         epi = epilogue_args(tok, cfg, N, plan.blocks, hidden.device)
-        lp, ent, lse, ez = logprob_forward(policy_fwd_kernel, policy_combine_kernel, hidden, weight, bias, targets,
-                                           scale, ignore_index, cfg.needs_entropy, plan, cfg_t, **epi)
+        rows = logprob_forward(policy_fwd_kernel, policy_combine_kernel, hidden, weight, bias, targets, scale,
+                               ignore_index, cfg.needs_entropy, plan, cfg_t, **epi)
         out = epi["out"]
         sums = out.stat.sum(0)
         gent = out.gent if epi["EPI"].ENT_BONUS else None
         if normalizer is None:
             normalizer = token_mean_normalizer(sums[1])
         loss = sums[0] / normalizer
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ez, out.glp, gent, normalizer)
+        ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, *rows)
         ctx.scale, ctx.ignore_index = scale, ignore_index
-        ctx.mark_non_differentiable(sums, lp, *([ent] if ent is not None else []))
-        return loss, sums, lp, ent
+        ctx.mark_non_differentiable(sums, rows.lp, *([rows.ent] if rows.ent is not None else []))
+        return loss, sums, rows.lp, rows.ent
 
     @staticmethod
     @first_order_only("linear_policy_loss(impl='triton')")
     def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
-        hidden, weight, bias, targets, lse, ez, glp, gent, normalizer = ctx.saved_tensors
+        hidden, weight, bias, targets, glp, gent, normalizer, *saved = ctx.saved_tensors
         factor = g_loss / normalizer
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        dx, dw, db = logprob_backward(hidden, weight, bias, targets, lse, ez if gent is not None else None,
-                                      glp * factor, gent * factor if gent is not None else None, ctx.scale,
-                                      ctx.ignore_index, need_dx, need_dw, need_db)
+        dx, dw, db = logprob_backward(hidden, weight, bias, targets, Rows(*saved), glp * factor,
+                                      gent * factor if gent is not None else None, ctx.scale, ctx.ignore_index,
+                                      need_dx, need_dw, need_db)
         return dx, dw, db, None, None, None, None, None, None
 
 
