@@ -215,11 +215,12 @@ EPILOGUE_CASES = {
     "trrd-geometric-clamp": (dict(), ("tea",), False),
     "trrd-geometric-noclamp+entropy-bonus": (dict(teacher_clamp=None, entropy_coef=0.01), ("tea", "tw"), True),
     "trrd-arithmetic+dual": (dict(mixture="arithmetic", dual_clip=2.0), ("tea",), False),
-    "kdrl-k1+kdw": (dict(alpha=1.0, kd_estimator="k1", kd_coef=0.1), ("tea", "kdw"), False),
+    "kdrl-k1+kdw-noentropy": (dict(alpha=1.0, kd_estimator="k1", kd_coef=0.1, compute_entropy=False), ("tea", "kdw"),
+                              False),
     "kdrl-k2+ref": (dict(alpha=1.0, kd_estimator="k2", kd_coef=0.1, ref_kl_coef=0.1), ("tea", "ref"), True),
     "kdrl-k3+kdw+weights": (dict(alpha=1.0, kd_estimator="k3", kd_coef=0.1), ("tea", "kdw", "tw"), False),
     "trrd-arithmetic+k3+entropy-bonus": (dict(mixture="arithmetic", kd_estimator="k3", kd_coef=0.1,
-                                              entropy_coef=0.01, compute_entropy=False), ("tea",), False),
+                                              entropy_coef=0.01), ("tea",), False),
     "everything": (dict(dual_clip=3.0, kd_estimator="k2", kd_coef=0.1, ref_kl_coef=0.1, entropy_coef=0.01),
                    ("tea", "ref", "tw", "kdw"), True),
 }
@@ -234,7 +235,7 @@ def _policy(t: dict, cfg_kw: dict, given, bias: bool):
                                          config=rk.PolicyLossConfig(**cfg_kw), impl="triton", **kw).loss
 
 
-def variants(groups, dtypes, shape) -> dict:
+def variants(groups, dtypes, shape, arch: int) -> dict:
     """name -> (dtype name, thunk) for every public-op call of the chosen groups; each thunk runs
     the forward and the backward."""
     import rlad_kernels as rk
@@ -264,18 +265,18 @@ def variants(groups, dtypes, shape) -> dict:
         for name, case in EPILOGUE_CASES.items():
             calls[f"bf16 policy {name}"] = ("bf16", _backward(_policy(t, *case)))
         calls["bf16 policy everything split"] = ("bf16", _split(_policy(t, *EPILOGUE_CASES["everything"])))
-    if "autotune" in groups:
+    if "autotune" in groups:  # every candidate of the family's space, with the heaviest launches
         from rlad_kernels.ops.common.launch import AUTOTUNE_SPACE
 
-        for dn in ("bf16", "fp32"):
+        for dn in dtypes:
             t = _inputs(DTYPES[dn], N, H, V)
-            for i, cand in enumerate(AUTOTUNE_SPACE):
+            for i, cand in enumerate(AUTOTUNE_SPACE[(arch, dn == "fp32")]):
                 def run(t=t, cand=cand):
                     with rk.triton_config(**cand):
-                        _backward(_policy(t, *EPILOGUE_CASES["trrd-geometric-clamp"]))()
+                        _backward(_policy(t, *EPILOGUE_CASES["everything"]))()
                         _backward(lambda: rk.linear_divergence(t["x"], t["w"], t["xt"], t["wt"], kind="jsd",
                                                                impl="triton"))()
-                calls[f"{dn} autotune[{i}]"] = (dn, run)
+                calls[f"{dn} autotune[{i}] {cand}"] = (dn, run)
     return calls
 
 
@@ -458,7 +459,7 @@ def main(argv=None) -> int:
 
     for cc in archs:  # each family has its own tile configurations: record what the library launches there
         dtypes = args.dtypes
-        calls = variants(args.groups, dtypes, shape)
+        calls = variants(args.groups, dtypes, shape, cc)
         if args.calls:
             calls = {n: c for n, c in calls.items() if any(s in n for s in args.calls)}
         with rk.triton_config(**override):

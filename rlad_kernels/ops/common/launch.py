@@ -50,8 +50,9 @@ class TritonConfig:
 #   73 KB of shared memory (of 163 KB / 227 KB), at most ~200 registers, mma.sync / wgmma.
 #   Larger tiles push the entropy and KL moments (three live [BN, BV] fp32 tiles) past 255
 #   registers; smaller ones halve the MMA work per W tile loaded.
-# - 16-bit on sm_100: 128-token tiles (tcgen05's native M), 64-vocab, same H step: the default
-#   64 x 128 tile spills a few bytes at the 128 registers Triton allots per thread there.
+# - 16-bit on sm_100: 128-token tiles (tcgen05's native M) x 64 vocab over 32-wide H steps, 2
+#   stages: Triton allots 128 registers per thread there, and the sm_90 tile, or 3 stages, or a
+#   64-wide H step spill a few bytes in the policy epilogue or the JSD's second pass.
 # - float32 (an fp32 dot: FMA, or TF32 when torch allows it): the operands live in registers, so
 #   the tiles shrink until nothing spills: 64 x 64 x 32 tiles with 8 warps and 2 stages on sm_80
 #   (forward, backward and the dW GEMM); on sm_90 and sm_100 a 32 x 64 x 32 forward with 4 warps
@@ -59,10 +60,30 @@ class TritonConfig:
 _F16_80 = TritonConfig()
 _F32_80 = TritonConfig(block_n=64, block_v=64, block_h=32, num_stages=2, bwd_block_n=64, bwd_block_v=64,
                        bwd_block_h=32, bwd_num_stages=2, dw_block_m=64, dw_block_n=64, dw_num_stages=2)
-_F16_100 = TritonConfig(block_n=128, block_v=64)
+_F16_100 = TritonConfig(block_n=128, block_v=64, block_h=32, num_stages=2)
 _F32_90 = TritonConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=2)
 DEFAULTS = {(80, False): _F16_80, (80, True): _F32_80, (90, False): _F16_80, (90, True): _F32_90,
             (100, False): _F16_100, (100, True): _F32_90}
+
+# The opt-in autotune space (RLAD_AUTOTUNE=1, see autotune.py): per family and dtype, overrides
+# on top of the default (the first, empty one, is the default itself). Pruned ahead of time with
+# `benchmarks/gpu_compile_report.py --groups autotune`: a candidate that spilled or overflowed
+# shared memory on its architecture was dropped; the test suite compiles every one.
+# Dropped by the pruning (register spills): 128 x 128 and 64 x 256 forward tiles and a 128 x 128
+# backward tile on sm_80 (the divergence's two logit tiles), 64 x 256 and the 128 x 128 backward
+# on sm_90, 4 stages on sm_100, and wider float32 tiles everywhere.
+_SHARED = [{}, {"num_stages": 4, "bwd_num_stages": 4}, {"scratch_bytes": 256 << 20}, {"dw_block_k": 64},
+           {"dw_block_n": 256}]
+AUTOTUNE_SPACE = {
+    (80, False): _SHARED + [{"block_n": 128, "block_v": 64}, {"bwd_block_n": 128, "bwd_block_v": 64}],
+    (90, False): _SHARED + [{"block_n": 128, "block_v": 64}, {"block_n": 128, "block_v": 128},
+                            {"block_h": 128, "num_stages": 2}, {"bwd_block_n": 128, "bwd_block_v": 64}],
+    (100, False): [c for c in _SHARED if "num_stages" not in c] + [{"block_n": 64, "block_v": 128},
+                                                                   {"bwd_block_n": 128, "bwd_block_v": 128}],
+    (80, True): [{}, {"block_n": 32}, {"scratch_bytes": 256 << 20}],
+    (90, True): [{}, {"num_stages": 3, "bwd_num_stages": 3}, {"scratch_bytes": 256 << 20}],
+    (100, True): [{}, {"num_stages": 3, "bwd_num_stages": 3}, {"scratch_bytes": 256 << 20}],
+}
 _INTERPRET_DEFAULT = TritonConfig(block_n=16, block_v=32, block_h=32, bwd_block_n=16, bwd_block_v=32,
                                   bwd_block_h=32, epilogue_block=32, dw_block_m=32, dw_block_n=32, dw_block_k=16)
 _overrides: dict = {}

@@ -14,6 +14,7 @@ from ...utils.validation import (
     check_token_tensor,
     token_mean_normalizer,
 )
+from ..common import autotune
 from ..common.inputs import autocast_cast, rows
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive
@@ -33,8 +34,16 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
             D = linear_divergence_naive(hs, ws, ht, wt, kind=kind, beta=beta, temperature=temperature,
                                         student_bias=bs, teacher_bias=bt)
             return torch.where(valid, D, torch.zeros_like(D))
-        fn = ChunkedDivergence.apply if impl == "torch" else divergence_triton
-        return fn(hs, ws, bs, ht, wt, bt, valid, _CODES[kind], float(beta), 1.0 / float(temperature))
+        args = (ht, wt, bt, valid, _CODES[kind], float(beta), 1.0 / float(temperature))
+        if impl == "torch":
+            return ChunkedDivergence.apply(hs, ws, bs, *args)
+
+        def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
+            divergence_triton(hs.detach().requires_grad_(), ws.detach().requires_grad_(), bs, *args).sum().backward()
+
+        options = (bs is not None, bt is not None, kind, ht.shape[1])
+        with autotune.scope(impl, "divergence", hs, ws, options, tune_run):
+            return divergence_triton(hs, ws, bs, *args)
 
 
 def linear_divergence(

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ..common.autograd import first_order_only
-from ..common.launch import check_triton_dtypes, get_config, head, scan_plan, tiles
+from ..common.launch import TritonConfig, check_triton_dtypes, get_config, head, scan_plan, tiles
 from ..common.numerics import log_weights
 from ..common.scratch_backward import scratch_backward
 from .chunked import Norms
@@ -25,9 +25,8 @@ class DivPartials(NamedTuple):
     a: torch.Tensor
 
 
-def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale: float):
+def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale: float, cfg: TritonConfig):
     """Per-token (D, Norms, aux) float32 [N]; rows that are not valid hold garbage."""
-    cfg = get_config(xs.device, xs.dtype)
     N, V = xs.shape[0], ws.shape[0]
     f32 = dict(dtype=torch.float32, device=xs.device)
     plan = scan_plan(N, V, xs.device, cfg)
@@ -54,8 +53,7 @@ def div_forward(xs, ws, bs, xt, wt, bt, valid_u8, kind: int, beta: float, scale:
 
 
 def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, norms: Norms, aux, g, kind, beta, scale, need_dx, need_dw,
-                 need_db):
-    cfg = get_config(xs.device, xs.dtype)
+                 need_db, cfg: TritonConfig):
     g = g.contiguous().float()
     log_b, log_1mb = log_weights(beta)
     heads = (head(xs, ws, bs, scale), head(xt, wt, bt, scale))
@@ -80,11 +78,12 @@ class TritonDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, scale: float):
         valid_u8 = valid.to(torch.uint8).contiguous()
+        ctx.cfg = get_config(hs.device, hs.dtype)  # the backward tiles as the forward's
         if hs.shape[0] == 0:
             D = aux = torch.zeros(0, dtype=torch.float32, device=hs.device)
             norms = Norms(*[D] * 4)
         else:
-            D, norms, aux = div_forward(hs, ws, bs, ht, wt, bt, valid_u8, kind, beta, scale)
+            D, norms, aux = div_forward(hs, ws, bs, ht, wt, bt, valid_u8, kind, beta, scale, ctx.cfg)
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid_u8, aux, *norms)
         ctx.kind, ctx.beta, ctx.scale = kind, beta, scale
         return torch.where(valid, D, torch.zeros_like(D))
@@ -96,7 +95,7 @@ class TritonDivergence(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bs is not None and ctx.needs_input_grad[2]
         dx, dw, db = div_backward(hs, ws, bs, ht, wt, bt, valid_u8, Norms(*norms), aux, g, ctx.kind, ctx.beta,
-                                  ctx.scale, need_dx, need_dw, need_db)
+                                  ctx.scale, need_dx, need_dw, need_db, ctx.cfg)
         return dx, dw, db, None, None, None, None, None, None, None
 
 

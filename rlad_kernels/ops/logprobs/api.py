@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import autotune
 from ..common.inputs import LinearInputs, prepare_linear
 from .chunked import linear_logprobs_chunked
 from .naive import linear_logprobs_naive
@@ -21,8 +22,14 @@ def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
         if li.impl == "torch":
             return linear_logprobs_chunked(li.hidden, li.weight, li.bias, li.targets, li.scale, ignore_index,
                                            want_entropy)
-        return linear_logprobs_triton(li.hidden, li.weight, li.bias, li.targets, li.scale, ignore_index,
-                                      want_entropy)
+        def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
+            h, w = li.hidden.detach().requires_grad_(), li.weight.detach().requires_grad_()
+            lp, ent = linear_logprobs_triton(h, w, li.bias, li.targets, li.scale, ignore_index, want_entropy)
+            (lp.sum() + (ent.sum() if ent is not None else 0)).backward()
+
+        with autotune.scope(li.impl, "logprobs", li.hidden, li.weight, (li.bias is not None, want_entropy), tune_run):
+            return linear_logprobs_triton(li.hidden, li.weight, li.bias, li.targets, li.scale, ignore_index,
+                                          want_entropy)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

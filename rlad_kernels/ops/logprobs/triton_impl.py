@@ -30,7 +30,7 @@ class TritonLogprobs(torch.autograd.Function):
         rows = logprob_forward(logprobs_fwd_kernel, logprobs_combine_kernel, hidden, weight, bias, targets, scale,
                                ignore_index, want_entropy, plan, cfg)
         ctx.save_for_backward(hidden, weight, bias, targets, *rows)
-        ctx.scale, ctx.ignore_index = scale, ignore_index
+        ctx.scale, ctx.ignore_index, ctx.cfg = scale, ignore_index, cfg  # the backward tiles as the forward's
         return rows.lp, rows.ent
 
     @staticmethod
@@ -45,7 +45,7 @@ class TritonLogprobs(torch.autograd.Function):
         if rows.ent is None:
             g_ent = None
         dx, dw, db = logprob_backward(hidden, weight, bias, targets, rows, g_logp, g_ent, ctx.scale, ctx.ignore_index,
-                                      need_dx, need_dw, need_db)
+                                      need_dx, need_dw, need_db, ctx.cfg)
         return dx, dw, db, None, None, None, None
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ...utils.validation import as_normalizer, check_teacher, check_token_tensor, token_mean_normalizer
+from ..common import autotune
 from ..common.inputs import LinearInputs, prepare_linear
 from ..common.numerics import compute_dtype
 from ..divergence.api import linear_divergence
@@ -159,9 +160,17 @@ def _policy_core(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm
     """(loss, STAT_FIELDS sums, logp [N], entropy [N] | None) of one implementation;
     ``tok``: the used per-token inputs, flattened to [N] and detached."""
     if li.impl == "triton":
-        with torch.autocast(li.hidden.device.type, enabled=False):
-            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets,
-                                      tok.map(lambda t: t.float().contiguous()), norm, cfg, li.scale, ignore_index)
+        tok32 = tok.map(lambda t: t.float().contiguous())
+
+        def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
+            h, w = li.hidden.detach().requires_grad_(), li.weight.detach().requires_grad_()
+            policy_loss_triton(h, w, li.bias, li.targets, tok32, norm, cfg, li.scale, ignore_index)[0].backward()
+
+        options = (li.bias is not None, tok.present(), cfg)
+        with (torch.autocast(li.hidden.device.type, enabled=False),
+              autotune.scope(li.impl, "policy_loss", li.hidden, li.weight, options, tune_run)):
+            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok32, norm, cfg, li.scale,
+                                      ignore_index)
     if li.impl == "torch":
         with torch.autocast(li.hidden.device.type, enabled=False):
             return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,

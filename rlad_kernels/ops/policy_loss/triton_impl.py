@@ -60,7 +60,7 @@ class TritonPolicyLoss(torch.autograd.Function):
             normalizer = token_mean_normalizer(sums[1])
         loss = sums[0] / normalizer
         ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, *rows)
-        ctx.scale, ctx.ignore_index = scale, ignore_index
+        ctx.scale, ctx.ignore_index, ctx.cfg = scale, ignore_index, cfg_t  # the backward tiles as the forward's
         ctx.mark_non_differentiable(sums, rows.lp, *([rows.ent] if rows.ent is not None else []))
         return loss, sums, rows.lp, rows.ent
 
@@ -73,7 +73,7 @@ class TritonPolicyLoss(torch.autograd.Function):
         need_db = bias is not None and ctx.needs_input_grad[2]
         dx, dw, db = logprob_backward(hidden, weight, bias, targets, Rows(*saved), glp * factor,
                                       gent * factor if gent is not None else None, ctx.scale, ctx.ignore_index,
-                                      need_dx, need_dw, need_db)
+                                      need_dx, need_dw, need_db, ctx.cfg)
         return dx, dw, db, None, None, None, None, None, None
 
 
