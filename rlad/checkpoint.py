@@ -239,6 +239,12 @@ class Checkpoint:
     def load_weights(self, model) -> None:
         """Copy the weights into ``model`` in place, in the model's own dtypes."""
         own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(self.weights)), sorted(set(self.weights) - set(own))
+        mismatched = sorted(k for k in set(own) & set(self.weights) if own[k].shape != self.weights[k].shape)
+        if missing or unexpected or mismatched:
+            raise CheckpointError(f"{self.path}: its weights do not fit the model (missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}, other shapes {mismatched[:3]}); was it written for another "
+                                  f"student?")
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.weights.items()})
 
 

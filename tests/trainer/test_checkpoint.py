@@ -182,3 +182,13 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path, tok):
     save_checkpoint(tmp_path, 4, m, tok, {"state": {"step": 4}})
     path = save_checkpoint(tmp_path, 2, m, tok, {"state": {"step": 2}}, keep=1)
     assert path.is_dir()
+
+
+def test_weights_of_another_model_are_refused_in_one_line(tmp_path, tok):
+    from rlad.checkpoint import CheckpointError, read_checkpoint
+
+    path = save_checkpoint(tmp_path, 1, _model(tok, 1), tok, {"state": {"step": 1}})
+    bigger = load_model("preset:tiny-student", tok)
+    with pytest.raises(CheckpointError, match=r"step_000001: its weights do not fit the model \(missing .*other "
+                                              r"shapes .*\); was it written for another student\?"):
+        read_checkpoint(path).load_weights(bigger)
