@@ -270,6 +270,21 @@ def test_a_read_only_checkpoint_folder_is_reported_as_such(tmp_path, tok, monkey
     assert latest_checkpoint(tmp_path).name == "step_000001"
 
 
+def test_a_read_only_out_dir_is_refused_before_any_work(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    real = os.statvfs
+
+    def read_only(path):
+        st = real(path)
+        return os.statvfs_result((*st[:8], st.f_flag | os.ST_RDONLY, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", read_only)
+    with pytest.raises(ValueError, match=r"config: out_dir='.*run': cannot write in .* \(read-only or permission "
+                                         r"denied\); choose another out_dir"):
+        train(cfg)
+    assert not Path(cfg.out_dir).exists()
+
+
 def test_temporary_files_of_a_crash_are_removed_at_start(tiny_config, capsys):
     """A dead process's half-written checkpoint (named with a PID that is alive now, as after PID
     reuse or on another host), a half-written config and the old rewind's metrics.tmp: all gone
