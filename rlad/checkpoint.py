@@ -1,24 +1,47 @@
-"""Checkpoints that survive a crash: written to a temporary folder, then renamed into place.
+"""Checkpoints that survive a crash, and are verified before they are trusted.
 
 ``out_dir/checkpoints/step_000010/`` holds ``model/`` (``save_pretrained``: loadable by plain
 ``transformers``, with the tokenizer), ``trainer.pt`` (optimizer, scheduler, RNG states, step,
-loop state) and ``COMPLETE``. Only folders with ``COMPLETE`` count, so a checkpoint that was
-being written when the process died is never loaded.
+loop state, config) and ``COMPLETE``: a JSON manifest with the step, the run's config, and the
+size and SHA-256 of every other file. A checkpoint is written to a temporary folder, each file
+synced to disk, the manifest written last, and the folder renamed into place, so a folder named
+``step_*`` is complete unless something damaged it afterwards.
+
+Resuming (``load_latest``) verifies the newest checkpoint against its manifest and reads it whole
+into memory before anything is applied; a damaged one (a truncated or altered file, a missing
+``model/``, an empty or absent ``COMPLETE``) is reported with a warning, and the previous one is
+tried. Once a usable one is found, the damaged newer ones are moved to ``checkpoints/unusable/``
+(kept for inspection, never loaded or pruned). Checkpoints written before manifests existed
+(``COMPLETE`` holding only the step) still load: they are checked by reading them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _STEP = re.compile(r"^step_(\d{6,})$")
+MARKER = "COMPLETE"
+UNUSABLE = "unusable"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged or unreadable), or no usable checkpoint at all."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, read-only, ...); the previous ones are intact."""
 
 
 def checkpoint_dir(out_dir) -> Path:
@@ -39,31 +62,98 @@ def set_rng_state(state: dict[str, Any], data_rng: random.Random) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- writing
+def _digest(path: Path, sync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder`` (synced to disk on the way)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": _digest(p, sync=True)}
+    for d in {folder, *(p.parent for p in folder.rglob("*"))}:
+        _fsync_dir(d)
+    return files
+
+
+def _write_failure(final: Path, err: BaseException, free: int | None, previous: Path | None) -> str:
+    """One line: which checkpoint could not be written, why in plain words, and what is safe."""
+    codes = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    e: BaseException | None = err
+    reason = None
+    while e is not None and reason is None:
+        reason = codes.get(getattr(e, "errno", None))
+        e = e.__cause__ or e.__context__
+    if reason is None and free is not None and free < (1 << 20):
+        reason = f"the disk is full ({free} bytes free)"
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    detail = f"{type(err).__name__}: {first}"[:200]
+    reason = f"{reason} ({detail})" if reason else detail
+    kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+    return f"cannot write checkpoint {final}: {reason}{kept}; free space or fix the folder, then continue with " \
+           f"--resume true"
+
+
 def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoints/step_NNNNNN`` atomically (see the module docstring), then keep the
+    ``keep`` newest checkpoints up to this one. A failed write removes its temporary folder and
+    raises ``CheckpointWriteError`` naming the checkpoint and the cause; the previous ones are untouched."""
     root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    with open(tmp / "COMPLETE", "w") as f:
-        json.dump({"step": step}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # a re-run of the same step replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(root, keep)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        marker = {"step": step, "files": _manifest(tmp), "config": trainer_state.get("config")}
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same step replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except Exception as err:
+        try:
+            free = shutil.disk_usage(root if root.is_dir() else Path(out_dir)).free
+        except OSError:
+            free = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out_dir)
+        raise CheckpointWriteError(_write_failure(final, err, free, previous)) from err
+    _prune(root, keep, step)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, newest: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to step ``newest`` (the one just written); remove
+    the temporary folders of saves whose process is gone."""
     done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)))
-    for _, p in done[:-keep] if keep > 0 else []:
+    older = [p for s, p in done if s <= newest]
+    for p in older[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.iterdir():  # leftovers of interrupted saves
         if p.name.startswith(".step_") and ".tmp-" in p.name and not _alive(p.name.rsplit("-", 1)[-1]):
@@ -80,21 +170,148 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def latest_checkpoint(out_dir) -> Path | None:
+# ----------------------------------------------------------------------------- reading
+def checkpoints(out_dir) -> list[Path]:
+    """Every ``step_*`` folder, newest first (complete or not)."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
-        return None
-    done = sorted((int(m.group(1)), p) for p in root.iterdir()
-                  if (m := _STEP.match(p.name)) and (p / "COMPLETE").is_file() and (p / "trainer.pt").is_file())
-    return done[-1][1] if done else None
+        return []
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name))), reverse=True)
+    return [p for _, p in found]
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest checkpoint with a ``COMPLETE`` marker and a ``trainer.pt`` (not verified: see ``verify``)."""
+    return next((p for p in checkpoints(out_dir) if (p / MARKER).is_file() and (p / "trainer.pt").is_file()), None)
+
+
+def verify(path) -> dict[str, Any]:
+    """The checkpoint's manifest, after checking its files against it: presence and size, then
+    SHA-256. Raises ``CheckpointError`` naming the checkpoint and the first problem found."""
+    path = Path(path)
+
+    def bad(problem: str):
+        raise CheckpointError(f"{path}: {problem}")
+
+    if not path.is_dir():
+        bad("not a folder")
+    marker = path / MARKER
+    if not marker.is_file():
+        bad(f"no {MARKER} marker: an interrupted or damaged checkpoint")
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        bad(f"its {MARKER} marker is empty or not valid JSON")
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+        bad(f"its {MARKER} marker holds no step")
+    if path.name != f"step_{info['step']:06d}":
+        bad(f"its {MARKER} marker is for step {info['step']}")
+    files = info.get("files")
+    if files is None:  # written before manifests: check what can be checked without reading
+        for rel in ("model/config.json", "trainer.pt"):
+            if not (path / rel).is_file():
+                bad(f"{rel} is missing")
+        if not any((path / "model").glob("*.safetensors")):
+            bad("model/ holds no .safetensors weights")
+        return info
+    for rel, meta in files.items():
+        p = path / rel
+        if not p.is_file():
+            bad(f"{rel} is missing")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            bad(f"{rel} has {size} bytes, {meta['size']} were written (truncated or overwritten)")
+    for rel, meta in files.items():
+        if _digest(path / rel) != meta["sha256"]:
+            bad(f"{rel} is corrupted: its SHA-256 differs from the one recorded when it was written")
+    return info
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint read whole into memory: the model's weights and the trainer state."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+
+    def load_weights(self, model) -> None:
+        """Copy the weights into ``model`` in place, in the model's own dtypes."""
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(self.weights)), sorted(set(self.weights) - set(own))
+        mismatched = sorted(k for k in set(own) & set(self.weights) if own[k].shape != self.weights[k].shape)
+        if missing or unexpected or mismatched:
+            raise CheckpointError(f"{self.path}: its weights do not fit the model (missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}, other shapes {mismatched[:3]}); was it written for another "
+                                  f"student?")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.weights.items()})
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Verify the checkpoint, then read its weights and trainer state into memory (nothing is
+    applied: a checkpoint that fails half-way leaves the caller's model untouched)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    info = verify(path)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path / "model")
+        weights = loaded.state_dict()
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # any failure to read a damaged file
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path}: cannot be read: {type(e).__name__}: {first}"[:400]) from None
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("state"), dict):
+        raise CheckpointError(f"{path}: trainer.pt holds no trainer state")
+    return Checkpoint(path, info["step"], weights, trainer)
 
 
 def load_checkpoint(path, model) -> dict[str, Any]:
     """Load the model weights in place; return the trainer state (optimizer, scheduler, RNG, ...)."""
-    from transformers import AutoModelForCausalLM
+    ck = read_checkpoint(path)
+    ck.load_weights(model)
+    return ck.trainer
 
-    path = Path(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path / "model")
-    own = model.state_dict()
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in loaded.state_dict().items()})
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+def set_aside(path: Path) -> Path:
+    """Move an unusable checkpoint to ``checkpoints/unusable/`` (never loaded or pruned there)."""
+    dest_dir = path.parent / UNUSABLE
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / path.name, 1
+    while dest.exists():
+        n += 1
+        dest = dest_dir / f"{path.name}.{n}"
+    os.replace(path, dest)
+    return dest
+
+
+def load_latest(out_dir, check_config: Callable[[dict[str, Any], Path], None] | None = None) -> Checkpoint | None:
+    """The newest usable checkpoint of the run in ``out_dir``, read into memory; None when there
+    is none at all. Each damaged one is reported with a warning and the previous one is tried;
+    once one is usable, the damaged newer ones are set aside (``checkpoints/unusable/``). With
+    checkpoints but none usable, raises ``CheckpointError`` listing each one's problem.
+    ``check_config(config, path)`` may refuse a checkpoint's settings (its error propagates)."""
+    problems = []
+    for path in checkpoints(out_dir):
+        try:
+            info = verify(path)
+            if check_config is not None and isinstance(info.get("config"), dict):
+                check_config(info["config"], path)
+            ck = read_checkpoint(path)
+            if check_config is not None and not isinstance(info.get("config"), dict):  # an older checkpoint
+                check_config(ck.trainer.get("config") or {}, path)
+        except CheckpointError as err:
+            problems.append((path, err))
+            print(f"warning: checkpoint unusable: {err}; trying the previous one", flush=True)
+            continue
+        for bad, _ in problems:
+            moved = set_aside(bad)
+            print(f"warning: moved the unusable checkpoint {bad.name} to {moved}; resuming from {path.name}",
+                  flush=True)
+        return ck
+    if problems:
+        listed = "; ".join(str(err) for _, err in problems)
+        raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)} ({listed}); the run cannot be "
+                              f"continued: start it over with --overwrite true, or use another --out-dir")
+    return None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
-from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -28,19 +28,42 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
+    from .config import template_problem
     from .evaluate import evaluate
-    from .models import load_model
+    from .models import context_length, load_model, model_config
     from .report import markdown_table
+    from .rollout import check_context, prompt_lengths
     from .runtime import progress, resolve_device, tokenizer_for
     from .tasks import get_task
 
+    # everything checked before the model is loaded
+    for name in ("prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.samples < 0:
+        raise ValueError(f"--samples {args.samples}: must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0) or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature {args.temperature} / --top-p {args.top_p}: the temperature must be a "
+                         f"positive number and top-p in (0, 1]")
+    if (problem := template_problem(args.prompt_template)) is not None:
+        raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
     device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    if not args.model.startswith("preset:"):
+        model_config(args.model, None, role="--model")
     tok = tokenizer_for(args.model, args.tokenizer)
-    model = load_model(args.model, tok, device=device).eval()
-    task = get_task(args.task, args.reward)
+    task = get_task(args.task, args.reward, reward_timeout=args.reward_timeout, reward_errors="fail")
     levels = args.levels or list(task.levels)
+    unknown = [lv for lv in levels if lv not in task.levels]
+    if unknown:
+        raise ValueError(f"--levels {' '.join(map(str, levels))}: task {args.task!r} has levels "
+                         f"{list(task.levels)}, not {unknown}")
+    task.check_reward()
     examples = task.sample(random.Random(args.seed + 1_000_003), args.prompts, levels)
+    limit = context_length(model_config(args.model, tok, role="--model"))
+    check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], args.prompt_template),
+                  args.max_new_tokens, limit, what=f"the model {args.model!r}")
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, tok, device=device, role="--model").eval()
     bar = progress(args.quiet, total=len(examples), desc="eval")
     res = evaluate(model, tok, task, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
                    samples=args.samples, temperature=args.temperature, top_p=args.top_p, progress=bar)
@@ -50,7 +73,9 @@ def _eval(args) -> int:
     rows.append(("all", *(res[m] for m in metrics)))
     print(markdown_table(["", *metrics], rows))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        from .rundir import write_atomic
+
+        write_atomic(args.out, json.dumps(res, indent=2))
         print(f"wrote {args.out}")
     return 0
 
@@ -69,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     t = sub.add_parser("train", help="train a student (rlad, grpo, kdrl, opd, sft)",
-                       description="Settings come from the defaults, then --config YAML, then these flags.")
+                       description="Settings come from the defaults, then --config YAML, then these flags. Every "
+                       "setting, the output folder, the models, the data and the reward are checked before any "
+                       "work starts. An out-dir holding an earlier run is refused unless --resume true (continue "
+                       "it) or --overwrite true (delete it first); one trainer at a time per out-dir (rlad.lock).")
     t.add_argument("--config", help="YAML file of settings (flags override it)")
     add_config_arguments(t)
     t.set_defaults(func=_train)
@@ -78,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")
     e.add_argument("--task", default="arithmetic", help="knights, arithmetic, echo or jsonl:<path>")
     e.add_argument("--reward", default="exact", help="reward for jsonl tasks")
+    e.add_argument("--reward-timeout", type=float, default=60.0,
+                   help="seconds one call of a module:function reward may take (0: no limit)")
     e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: all)")
     e.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
@@ -101,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars and log lines describe the run
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, or a disk / permission problem: one line, no traceback
         print(f"rlad {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,11 @@ TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teache
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
+REWARD_ERRORS = ("fail", "zero")
+# settings that may change when a run is resumed: where and how it runs, not what it computes
+# (micro_batch_size and threads change float rounding only); steps too, with a constant schedule
+RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
+               "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "reward_timeout", "reward_errors")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -49,6 +55,9 @@ class TrainConfig:
     dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", "run")
     quiet: bool = _f(False, "no progress bars (log lines only)", "run")
+    overwrite: bool = _f(False, "start over in an out_dir that holds an earlier run: delete its config.json, "
+                                "metrics, checkpoints, summary and plots first (other files are left alone); without "
+                                "it, such an out_dir is refused unless resume=true", "run")
 
     # models
     student: str = _f("preset:tiny-student", "student: path, hub id, config:<json> or preset:<name>", "models")
@@ -65,6 +74,12 @@ class TrainConfig:
     task: str = _f("arithmetic", "knights, arithmetic, echo, or jsonl:<path>", "task")
     levels: list[int] = _f([], "difficulty levels to train on (default: all of the task's)", "task")
     reward: str = _f("exact", "for jsonl tasks: exact, numeric, contains or module:function", "task")
+    reward_timeout: float = _f(60.0, "seconds one call of a module:function reward may take; a longer call stops the "
+                                     "run with an error naming the reward and the example (0: no limit)", "task")
+    reward_errors: str = _f("fail", "a module:function reward that raises, or returns anything but a finite real "
+                                    "number in [-1000, 1000]: fail (stop the run with an error naming the reward, "
+                                    "the example and the value) or zero (score that response 0, count it in the "
+                                    "metrics as reward_errors, go on)", "task")
 
     # rollout
     steps: int = _f(50, "RL steps (one rollout batch each)", "rollout")
@@ -106,7 +121,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup, in optimizer steps", "optimization")
     grad_clip: float = _f(1.0, "max global gradient norm (0: off)", "optimization")
     ppo_epochs: int = _f(1, "passes over each rollout batch", "optimization")
-    mini_batches: int = _f(2, "optimizer steps per pass (the batch is split into this many)", "optimization")
+    mini_batches: int = _f(2, "optimizer steps per pass: the batch is split into exactly this many mini-batches "
+                              "(when they do not divide it, their sizes differ by one)", "optimization")
     micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)", "optimization")
 
     # evaluation
@@ -117,7 +133,10 @@ class TrainConfig:
     # checkpointing
     save_every: int = _f(10, "checkpoint every N steps (0: only at the end)", "checkpointing")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", "checkpointing")
-    resume: bool = _f(False, "continue from the latest complete checkpoint in out_dir", "checkpointing")
+    resume: bool = _f(False, "continue the run in out_dir from its latest usable checkpoint (a damaged one is "
+                             "skipped with a warning); with no checkpoint yet, start it", "checkpointing")
+    force_resume: bool = _f(False, "with resume: continue even though settings differ from the checkpoint's in "
+                                   "ways that change the run (those listed in the error)", "checkpointing")
 
     def __post_init__(self):
         self.validate()
@@ -148,11 +167,19 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Every rule that needs no file and no model: types (strict: no strings or booleans for
+        numbers, no NaN or infinity anywhere), ranges, choices, and the rules across settings. The
+        rules that read the disk (out_dir, model paths, the task's data, the context length) are
+        ``rlad.preflight``'s, also run before any work starts."""
         from rlad_kernels.ops.policy_loss.config import KD_ESTIMATORS
 
         def bad(name, msg):
-            raise ValueError(f"config: {name}={getattr(self, name)!r}: {msg}")
+            raise ConfigError(f"config: {name}={getattr(self, name)!r}: {msg}", name)
 
+        for f in fields(self):  # PolicyLossConfig checks the types of its own options (below)
+            problem = None if f.name in POLICY_OPTIONS else type_problem(getattr(self, f.name), str(f.type))
+            if problem:
+                bad(f.name, problem)
         if self.algo not in ALGOS:
             bad("algo", f"unknown algorithm; choose one of {', '.join(ALGOS)}")
         if self.opd_kind not in OPD_KINDS:
@@ -191,10 +218,21 @@ class TrainConfig:
             bad("dtype", f"choose one of {', '.join(DTYPES)}")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0 (0: no weight decay)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad("betas", "two numbers in [0, 1)")
-        if "{prompt}" not in self.prompt_template:
-            bad("prompt_template", "must contain {prompt}")
+        problem = template_problem(self.prompt_template)
+        if problem:
+            bad("prompt_template", problem)
+        if self.reward_timeout < 0:
+            bad("reward_timeout", "must be >= 0 seconds (0: no limit)")
+        if self.reward_errors not in REWARD_ERRORS:
+            bad("reward_errors", f"choose one of {', '.join(REWARD_ERRORS)}")
+        if self.resume and self.overwrite:
+            bad("overwrite", "resume=true continues the run in out_dir and overwrite=true deletes it: choose one")
+        if self.force_resume and not self.resume:
+            bad("force_resume", "only applies with resume=true")
         batch = self.prompts_per_step * (self.group_size if alg.batch == ROLLOUTS else 1)
         if self.mini_batches > batch:
             bad("mini_batches", f"cannot split a batch of {batch} sequences into {self.mini_batches} mini-batches")
@@ -216,7 +254,24 @@ class TrainConfig:
                 except (TypeError, ValueError) as own:
                     help_ = next(f.metadata["help"] for f in fields(self) if f.name == name)
                     bad(name, f"{str(own).replace('PolicyLossConfig.', '')} ({help_})")
-            raise ValueError(f"config: {options}: {err}") from None  # a rule across options
+            raise ConfigError(f"config: {options}: {err}", None) from None  # a rule across options
+
+    # ------------------------------------------------------------------ resuming
+    def resume_changes(self, saved: dict[str, Any]) -> list[str]:
+        """The settings of this config that differ from ``saved`` (the config a checkpoint was
+        written with) and change what the run computes, as ``"name: old -> new"``. Settings that
+        ``saved`` lacks (written before they existed) count as their defaults. ``RESUME_SAFE`` may
+        change; so may ``steps`` when neither run's schedule depends on it (constant after warmup)."""
+        changes = []
+        for f in fields(self):
+            old = saved.get(f.name, _default(f))
+            new = getattr(self, f.name)
+            if f.name in RESUME_SAFE or old == new:
+                continue
+            if f.name == "steps" and self.schedule == "constant" and saved.get("schedule", "constant") == "constant":
+                continue
+            changes.append(f"{f.name}: {old!r} -> {new!r}")
+        return changes
 
     # ------------------------------------------------------------------ sources
     @classmethod
@@ -224,30 +279,177 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; run `rlad train --help` for the list")
+            raise ConfigError(f"{source}: unknown setting(s) {unknown}; run `rlad train --help` for the list", None)
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        import yaml
-
+        """Settings from a YAML file, then ``overrides`` (the command line's flags). The file is read
+        strictly: UTF-8, no key given twice, ``1e-4`` is a number, and each value must have its
+        setting's type (a quoted ``"3"`` is not a number, ``"false"`` is not a boolean); an error
+        names the file and the line."""
+        overrides = overrides or {}
+        values, lines = read_yaml(path)
+        types = {f.name: str(f.type) for f in fields(cls)}
+        for name, value in values.items():
+            problem = type_problem(value, types[name]) if name in types else None  # even if a flag overrides it
+            if problem:
+                raise ConfigError(f"{path}:{lines[name]}: {name}: {value!r}: {problem}", name)
         try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ValueError(f"cannot read config file {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
-        values.update(overrides or {})
-        return cls.from_dict(values, source=str(path))
+            return cls.from_dict({**values, **overrides}, source=str(path))
+        except ConfigError as err:
+            if err.field in values and err.field not in overrides:  # the file's value: say where it is
+                raise ConfigError(f"{path}:{lines[err.field]}: {err}", err.field) from None
+            raise
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """An invalid setting; ``field`` is its name (None for a rule across settings)."""
+
+    def __init__(self, message: str, field: str | None):
+        super().__init__(message)
+        self.field = field
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a prompt template (``str.format`` with ``{prompt}`` as its only
+    field, literal braces doubled), or None."""
+    if "{prompt}" not in template:
+        return "must contain {prompt}"
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        return (f"{{prompt}} must be its only field, got {type(e).__name__}: {e}; write a literal brace as "
+                f"{{{{ or }}}}")
+    return None
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    for t, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"), (float, "a number"),
+                    (list, "a list"), (tuple, "a list"), (dict, "a mapping")):
+        if isinstance(value, t):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def type_problem(value, annotation: str) -> str | None:
+    """Why ``value`` does not have a TrainConfig field's type (the annotation as written: ``int``,
+    ``float | None``, ``list[int]``, ...), or None. Strict: a boolean is not a number, a string is
+    neither a number nor a boolean, and a float must be finite."""
+    if annotation.endswith(" | None"):
+        if value is None:
+            return None
+        annotation = annotation[:-len(" | None")]
+    if annotation.startswith("list["):
+        item = annotation[len("list["):-1]
+        example = "[3]" if item == "int" else "[0.9, 0.999]"
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list of {'integers' if item == 'int' else 'numbers'}, got {_kind(value)}; write " \
+                   f"it as {example}"
+        for i, v in enumerate(value):
+            problem = type_problem(v, item)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    quoted = isinstance(value, str) and value.strip() != ""
+    if annotation == "bool":
+        if isinstance(value, bool):
+            return None
+        return f"expected true or false, got {_kind(value)}" + ("; write it without quotes" if quoted else "")
+    if annotation == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        hint = ""
+        if quoted:
+            hint = "; write the number without quotes"
+        elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            hint = f"; write {int(value)}"
+        return f"expected an integer, got {_kind(value)}{hint}"
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {_kind(value)}" + ("; write the number without quotes" if quoted else "")
+        return None if math.isfinite(value) else f"must be a finite number, got {value}"
+    if annotation == "str":
+        return None if isinstance(value, str) else f"expected a string, got {_kind(value)}"
+    raise AssertionError(f"no type check for {annotation!r}")
+
+
+def read_yaml(path) -> tuple[dict[str, Any], dict[str, int]]:
+    """(settings, line of each setting) of a YAML file of settings, read strictly (see ``from_yaml``)."""
+    import yaml
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}", None) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
+                          None) from None
+    loader = _strict_loader()(text)
+    try:
+        node = loader.get_single_node()
+        values = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(f"{where}: invalid YAML: {e.problem}{context}", None) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}", None) from None
+    finally:
+        loader.dispose()
+    if values is None:  # an empty file
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level", None)
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{path}: setting names must be strings, got {bad_keys!r}", None)
+    return values, lines
+
+
+@functools.cache
+def _strict_loader():
+    """Built on first use, so that ``rlad train --help`` does not import yaml."""
+    import re
+
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 fixes: ``1e-4`` is a float (1.1 wants
+        ``1.0e-4``), and a key given twice in a mapping is an error (1.1 keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"{key.value!r} is given twice (first on line {seen[key.value]})",
+                            key.start_mark)
+                    seen[key.value] = key.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+    return StrictLoader
 
 
 def _parse_optional(cast):
@@ -277,7 +479,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = 
             groups[g] = parser.add_argument_group(g)
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)  # the annotation as written (postponed evaluation): "float | None", "list[int]", ...
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         help_ = f"{f.metadata['help']} (default: {default})"
         kw = dict(default=argparse.SUPPRESS, help=help_, dest=f.name)
         if t.startswith("list[") and t.endswith("]"):

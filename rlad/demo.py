@@ -12,7 +12,7 @@
    arithmetic; the table shows greedy accuracy and mean@4 (sampled) before and after.
 
 Everything is generated on the fly (no download); models, metrics and plots land in
-``out_dir``. ``rlad demo`` runs it; it takes a few minutes on 2 CPU cores.
+``out_dir`` (a re-run replaces them). ``rlad demo`` runs it; it takes a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_
                       prompts_per_step=16, group_size=8, max_new_tokens=32, lr=3e-4, warmup_steps=5, schedule="cosine",
                       alpha=0.5,
                       mini_batches=1, eval_every=10, eval_prompts=n_eval, eval_samples=k, save_every=0,
-                      quiet=quiet)
+                      quiet=quiet, overwrite=True)  # the demo rebuilds its folder: a re-run replaces the last one
     summary = train(cfg)
     before, after = summary["start"], summary["final"]
 

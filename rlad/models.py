@@ -9,6 +9,8 @@ the demo and the tests use these). The fused ops take the decoder's final hidden
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import torch
 
@@ -32,24 +34,68 @@ def preset_config(name: str, vocab_size: int, max_positions: int = 1024):
                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0):
+def _hub_id_like(spec: str) -> bool:
+    """``name`` or ``namespace/name``: what a Hugging Face Hub id looks like (a local path may too)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) is not None and ".." not in spec
+
+
+def model_config(spec: str, tokenizer, *, role: str = "model"):
+    """The ``transformers`` config of a model spec, without loading its weights: a one-line
+    ValueError naming ``role`` and the spec when it cannot be had (a local folder that does not
+    exist or holds no ``config.json``, a hub id that cannot be reached, an unreadable JSON)."""
+    from transformers import AutoConfig
+
+    if spec.startswith("preset:"):
+        return preset_config(spec[len("preset:"):], len(tokenizer))
+    if spec.startswith("config:"):
+        path = spec[len("config:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return AutoConfig.for_model(**json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{role}: cannot read model config {path!r}: {_one_line(e)}") from None
+    local = Path(spec)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"{role}: folder {spec!r} has no config.json: it is not a model saved with "
+                             f"save_pretrained")
+    elif local.exists():
+        raise ValueError(f"{role}: {spec!r} is a file; give the model's folder (the one with config.json)")
+    elif not _hub_id_like(spec):
+        raise ValueError(f"{role}: model folder {spec!r} not found")
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        where = "" if local.is_dir() else " (no such local folder, and not loadable as a Hugging Face Hub id)"
+        raise ValueError(f"{role}: cannot load {spec!r}{where}: {_one_line(e)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions cover (None when its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0,
+               role: str = "model"):
     """A causal LM from a path / hub id, ``config:<file.json>`` or ``preset:<name>``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if spec.startswith("preset:") or spec.startswith("config:"):
-        if spec.startswith("preset:"):
-            config = preset_config(spec[len("preset:"):], len(tokenizer))
-        else:
-            path = spec[len("config:"):]
-            try:
-                with open(path) as f:
-                    config = AutoConfig.for_model(**json.load(f))
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"cannot read model config {path!r}: {e}") from e
+        config = model_config(spec, tokenizer, role=role)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
     else:
+        model_config(spec, tokenizer, role=role)  # a clear error for a missing folder or an unreachable hub id
         model = AutoModelForCausalLM.from_pretrained(spec)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

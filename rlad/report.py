@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from .rundir import atomic_path
 
 # metric -> (log-line label, format); the log line shows those present, in this order
 LOG_LINE = (
@@ -34,19 +37,25 @@ def log_line(step: int, total: int, m: dict[str, float]) -> str:
             parts.append(f"{label} {fmt.format(m[key])}")
     if m.get("nan_skips"):
         parts.append(f"nan-skips {int(m['nan_skips'])}")
+    if m.get("reward_errors"):
+        parts.append(f"reward-errors {int(m['reward_errors'])}")
     return " | ".join(parts)
 
 
 class MetricsLog:
-    """Append-only JSONL; ``rewind(step)`` drops records past a resumed checkpoint."""
+    """Append-only JSONL, one record per line in step order; ``rewind(step)`` drops the records
+    past a resumed checkpoint by truncating the file in place (no copy: it works on a full disk)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e}: cannot append a record to {self.path}") from e
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
@@ -61,10 +70,31 @@ class MetricsLog:
         return out
 
     def rewind(self, step: int) -> None:
-        kept = [r for r in self.records() if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        tmp.replace(self.path)
+        """Keep the records up to ``step``: cut the file at the first record past it, or at a last
+        line a crash left without its newline."""
+        if not self.path.is_file():
+            return
+        keep = 0
+        with self.path.open("rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict) and record.get("step", 0) > step:
+                    break
+                keep += len(line)
+        try:
+            os.truncate(self.path, keep)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e}: cannot rewind {self.path} to step {step}") from e
+
+    def reset(self) -> None:
+        """Empty the log (a run that starts from step 0)."""
+        if self.path.is_file():
+            os.truncate(self.path, 0)
 
 
 PANELS = (
@@ -114,8 +144,11 @@ def plot(records: Sequence[dict], path, title: str = "") -> Path | None:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -8,6 +8,7 @@ tensor has shape ``[B, L - 1]`` and lines up with ``hidden[:, :-1]``.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
@@ -15,7 +16,7 @@ import torch
 
 from rlad_kernels import linear_logprobs
 
-from .models import decoder_hidden, lm_head
+from .models import context_length, decoder_hidden, lm_head
 from .tasks import Example, Task
 
 IGNORE = -100
@@ -70,11 +71,55 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    texts = [template.format(prompt=p) for p in prompts]
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+def special_texts(tokenizer) -> list[str]:
+    """The text of every special token (``<eos>``, ``<pad>``, chat markers, ...)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if decoder:
+        return [t.content for t in decoder.values() if t.special]
+    return list(tokenizer.all_special_tokens)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of user text (a prompt, a response): special-token text written in it stays
+    text (``split_special_tokens``), so data cannot inject an EOS, a pad or a chat marker."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompt(tokenizer, template: str, prompt: str) -> list[int]:
+    """``template.format(prompt=prompt)`` tokenized: special-token text in the template (a chat
+    marker) is the special token; in the prompt it stays text. A prompt without special-token
+    text is tokenized in one piece with its template (the template's joints merge as usual)."""
+    if not any(t in prompt for t in special_texts(tokenizer)):
+        return tokenizer(template.format(prompt=prompt), add_special_tokens=False)["input_ids"]
+    ids, fmt = [], string.Formatter()
+    for literal, field, spec, conversion in fmt.parse(template):  # validated: {prompt} is the only field
+        if literal:
+            ids += tokenizer(literal, add_special_tokens=False)["input_ids"]
+        if field is not None:
+            ids += encode_text(tokenizer, fmt.format_field(fmt.convert_field(prompt, conversion), spec or ""))
+    return ids
+
+
+def _encode_all(tokenizer, prompts: Sequence[str], template: str) -> list[list[int]]:
+    """``[bos] template(prompt)`` ids of each prompt (``encode_prompt``, batched)."""
+    specials = special_texts(tokenizer)
+    enc = tokenizer([template.format(prompt=p) for p in prompts], add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(prompts):
+        if any(t in p for t in specials):
+            enc[i] = encode_prompt(tokenizer, template, p)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    rows = [bos + ids for ids in enc]
+    return [bos + ids for ids in enc]
+
+
+def prompt_lengths(tokenizer, prompts: Sequence[str], template: str, chunk: int = 1024) -> list[int]:
+    """Tokens of each encoded prompt (``[bos] template(prompt)``), without building the batch."""
+    return [len(ids) for i in range(0, len(prompts), chunk)
+            for ids in _encode_all(tokenizer, prompts[i:i + chunk], template)]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[bos] template(prompt)`` ids and attention mask, [B, P]."""
+    rows = _encode_all(tokenizer, prompts, template)
     P = max(len(r) for r in rows)
     ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), P), dtype=torch.long)
@@ -82,6 +127,22 @@ def encode_prompts(tokenizer, prompts: Sequence[str], template: str, device) -> 
         ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, P - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def check_context(examples: Sequence[Example], lengths: Sequence[int], max_new_tokens: int, limit: int | None,
+                  what: str = "the model") -> None:
+    """Refuse prompts whose tokens (``lengths``) plus ``max_new_tokens`` exceed the positions the
+    model has (``limit``, from ``models.context_length``): past them a model fails with an
+    IndexError or silently extrapolates."""
+    if limit is None or not lengths:
+        return
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[i] + max_new_tokens > limit:
+        line = examples[i].meta.get("line")
+        where = f" (line {line})" if line is not None else ""
+        raise ValueError(f"max_new_tokens={max_new_tokens}: a prompt of {lengths[i]} tokens{where} plus the response "
+                         f"exceeds the {limit} positions of {what} (its config's max_position_embeddings or "
+                         f"n_positions): {examples[i].prompt[:60]!r}; lower max_new_tokens or shorten the prompts")
 
 
 def assemble(prompt_ids, prompt_mask, response_ids, eos_id: int, pad_id: int):
@@ -106,6 +167,7 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     """Sample ``group_size`` responses per example (greedy: one each) and score them with the task."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
+    check_context(examples, prompt_mask.sum(-1).tolist(), max_new_tokens, context_length(model.config))
     G = 1 if greedy else group_size
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
@@ -165,7 +227,7 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
                template: str, device) -> Rollout:
     """A batch of given (prompt, response) pairs, e.g. solutions to train on with SFT."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
-    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    rows = [encode_text(tokenizer, r) + [tokenizer.eos_token_id] for r in responses]
     T = max(len(r) for r in rows)
     resp = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):

@@ -52,7 +52,11 @@ def load_tokenizer(path=None):
     """A transformers tokenizer: the shipped one by default, else from a local path or hub id."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path or ASSET))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path or ASSET))
+    except (OSError, ValueError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"cannot load the tokenizer {str(path or ASSET)!r}: {first}") from None
     if tok.pad_token is None:  # many causal LMs ship without one; reuse EOS (left padding, masked anyway)
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

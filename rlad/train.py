@@ -11,7 +11,10 @@ Each step:
   5. ``ppo_epochs`` passes of ``mini_batches`` optimizer steps with the algorithm's loss,
      gradient accumulation over micro-batches with one global normalizer; metrics stay on the
      device until the step's log line;
-  6. log, evaluate, checkpoint (atomically).
+  6. log, evaluate, checkpoint (atomically, verified on resume).
+
+Before any of it, ``train`` checks every setting, the output folder, the models, the data and the
+reward (``rlad/preflight.py``), then locks the output folder for the run (``rlad/rundir.py``).
 
 Algorithms (``--algo``; ``rlad/algorithms.py`` has one row each: what it scores, its loss, its
 advantages; ``collect`` and ``micro_loss`` read the row):
@@ -47,14 +50,15 @@ import torch
 from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
 
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import Checkpoint, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluate import evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model
+from .preflight import Setup, preflight
 from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
-from .runtime import autocast_for, frozen, progress, resolve_device, tokenizer_for
-from .tasks import get_task
+from .rundir import RunDirError, RunLock, prepare, write_atomic
+from .runtime import autocast_for, frozen, progress
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -180,7 +184,7 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
     stats = defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(roll), device=roll.input_ids.device)
-        for mini in perm.chunk(cfg.mini_batches):
+        for mini in perm.tensor_split(cfg.mini_batches):  # exactly mini_batches, sizes differing by at most one
             norm, tw = normalizer_for(cfg, roll, mini)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=norm.device)
@@ -222,9 +226,65 @@ def host_metrics(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
+    """Run ``cfg`` in ``cfg.out_dir`` and return its summary. Every setting, the output folder,
+    the model specs, the task's data, the reward and the context length are checked before any
+    file is written or any model loaded; then the folder is locked for the run (one trainer at a
+    time), a crash's temporary files are removed, an earlier run there is refused unless resumed
+    (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
+    whose settings match (see ``resume_point``)."""
+    setup = preflight(cfg)
+    with RunLock(cfg.out_dir):
+        prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        start = resume_point(cfg) if cfg.resume else None
+        return run(cfg, setup, start)
+
+
+def resume_point(cfg: TrainConfig) -> Checkpoint | None:
+    """The checkpoint to continue from: the newest usable one (damaged ones are skipped with a
+    warning), read into memory. Its settings must match ``cfg`` except for the safe ones
+    (``RESUME_SAFE``) unless ``force_resume``; ``steps`` may not end before it. None when the run
+    has no checkpoint yet (it starts from step 0, if its config.json matches)."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+
+    def check(saved: dict, where: Path) -> None:
+        changes = cfg.resume_changes(saved)
+        if changes and not cfg.force_resume:
+            raise RunDirError(f"resume: settings differ from those {where} was written with, in ways that change the "
+                              f"run: {'; '.join(changes)}; resume with the same settings, or add --force-resume "
+                              f"true to continue with the new ones, or start a new run (--overwrite true or another "
+                              f"--out-dir)")
+        if changes:
+            print(f"warning: resume: continuing with changed settings (force_resume): {'; '.join(changes)}",
+                  flush=True)
+
+    ckpt = load_latest(out, check)
+    if ckpt is None:
+        if (out / "config.json").is_file():
+            try:
+                saved = json.loads((out / "config.json").read_text())
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict):
+                check(saved, out / "config.json")
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
+        return None
+    if ckpt.step > cfg.steps:
+        raise RunDirError(f"resume: config: steps={cfg.steps} ends before the checkpoint {ckpt.path} (step "
+                          f"{ckpt.step}); set steps >= {ckpt.step}")
+    return ckpt
+
+
+def _eval_order(key: str) -> tuple:
+    """``evaluate``'s order of its metrics: accuracy, mean@k, pass@k, each then per level."""
+    base, _, level = key.partition("/L")
+    rank = 0 if base == "accuracy" else 1 if base.startswith("mean@") else 2
+    return rank, base, bool(level), int(level) if level.isdigit() else 0
+
+
+def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
+    """The run itself, in its locked and prepared folder: from step 0, or from ``start``."""
+    out = Path(cfg.out_dir)
+    device, tok, task, levels, eval_set = setup.device, setup.tok, setup.task, setup.levels, setup.eval_set
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp = autocast_for(cfg.dtype, device)
@@ -232,22 +292,20 @@ def train(cfg: TrainConfig) -> dict:
     data_rng = random.Random(cfg.seed)
 
     alg = cfg.algorithm
-    tok = tokenizer_for(cfg.student, cfg.tokenizer)
-    task = get_task(cfg.task, cfg.reward)
-    levels = list(cfg.levels) or list(task.levels)
     # trained parameters in float32 (bf16 autocast on GPU); frozen models in bf16 on GPU
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    student = load_model(cfg.student, tok, device=device, seed=cfg.seed, dtype=torch.float32)
+    student = load_model(cfg.student, tok, device=device, seed=cfg.seed, dtype=torch.float32, role="student")
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.train()
     teacher = None
     if cfg.teacher and alg.needs_teacher:
-        teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1, dtype=frozen_dtype))
+        teacher = frozen(load_model(cfg.teacher, tok, device=device, seed=cfg.seed + 1, dtype=frozen_dtype,
+                                    role="teacher"))
         check_vocab(student, teacher, tok)
     ref = None
     if cfg.ref_kl_coef > 0 and alg.loss == POLICY:  # the reference KL is a term of the policy loss
-        ref = frozen(load_model(cfg.ref, tok, device=device, dtype=frozen_dtype) if cfg.ref
+        ref = frozen(load_model(cfg.ref, tok, device=device, dtype=frozen_dtype, role="ref") if cfg.ref
                      else copy.deepcopy(student).to(frozen_dtype))
         check_vocab(student, ref, tok, role="reference model")
 
@@ -255,29 +313,28 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, cfg.steps * cfg.ppo_epochs * cfg.mini_batches))
-    eval_set = task.sample(random.Random(cfg.seed + 1_000_003), cfg.eval_prompts, levels)  # held out, fixed
     sft_pool = build_sft_pool(cfg, teacher, tok, task, levels, cfg.seed + 7) if alg.batch == TEACHER_SOLUTIONS else None
 
     log = MetricsLog(out / "metrics.jsonl")
-    state = {"step": 0, "nan_skips": 0}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        print(f"resume: no complete checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, student)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"], data_rng)
-        state.update(saved["state"])
-        changed = {k for k, v in saved["config"].items() if cfg.to_dict().get(k) != v} - {"resume", "quiet"}
-        if changed:
-            print(f"resume: settings differ from the checkpoint's: {sorted(changed)}", flush=True)
+    state = {"step": 0, "nan_skips": 0, "reward_errors": 0}
+    if start is not None:
+        start.load_weights(student)
+        optimizer.load_state_dict(start.trainer["optimizer"])
+        scheduler.load_state_dict(start.trainer["scheduler"])
+        set_rng_state(start.trainer["rng"], data_rng)
+        state.update(start.trainer["state"])
         log.rewind(state["step"])
-        print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+        print(f"resumed from {start.path} at step {state['step']}", flush=True)
     else:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if log.path.exists():
-            log.path.unlink()
+        log.reset()
+    write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    counts_reward_errors = getattr(task, "user_reward", False)  # a module:function reward's failures, scored 0
+
+    def reward_errors() -> int:  # failures so far (reward_errors=zero), the task's new ones moved into state
+        if counts_reward_errors:
+            state["reward_errors"] += task.failures
+            task.failures = 0
+        return state["reward_errors"]
 
     def run_eval(step):
         bar = progress(cfg.quiet, total=len(eval_set), desc="eval", leave=False)
@@ -313,6 +370,8 @@ def train(cfg: TrainConfig) -> dict:
                  rollout_s=t_roll, step_s=dt, nan_skips=state["nan_skips"])
         if alg.kd:
             m["kd_coef"] = cfg.kd_coef(step)
+        if counts_reward_errors:
+            m["reward_errors"] = reward_errors()
         state["step"] = step + 1
         log.write({"step": step + 1, **m})
         bar.write(log_line(step + 1, cfg.steps, m))
@@ -328,8 +387,17 @@ def train(cfg: TrainConfig) -> dict:
                 "state": dict(state), "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
     bar.close()
 
-    final = run_eval(cfg.steps)
+    # the final evaluation, unless it is already in the log (a finished run resumed, or one that
+    # died between its final evaluation and its summary): never two records of it
     records = log.records()
+    done = [r for r in records if r.get("eval") and r["step"] == cfg.steps] if state["step"] == cfg.steps else []
+    if start is not None and done:
+        final = {k[len("eval/"):]: v for k, v in sorted(done[-1].items(), key=lambda kv: _eval_order(kv[0][5:]))
+                 if k.startswith("eval/")}
+        print(f"final evaluation (step {cfg.steps}) already in {log.path}; not repeated", flush=True)
+    else:
+        final = run_eval(cfg.steps)
+        records = log.records()
     plot_path = plot(records, out / "curves.png", title=f"{cfg.algo} on {cfg.task}")
     first = next((r for r in records if r.get("eval") and r["step"] == 0), None)
     rows = [(k, first.get(f"eval/{k}") if first else "n/a", v) for k, v in final.items()]
@@ -338,7 +406,9 @@ def train(cfg: TrainConfig) -> dict:
                "final": final, "start": {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")},
                "plots": str(plot_path) if plot_path else None,
                "checkpoint": str(latest_checkpoint(out))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(f"# {cfg.algo} on {cfg.task}\n\n{table}\n")
+    if counts_reward_errors:
+        summary["reward_errors"] = reward_errors()
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "summary.md", f"# {cfg.algo} on {cfg.task}\n\n{table}\n")
     print(f"\n{table}\n\nmetrics: {log.path}\nplots: {plot_path}\ncheckpoint: {summary['checkpoint']}", flush=True)
     return summary

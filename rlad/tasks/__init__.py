@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from .arithmetic import Arithmetic, Echo
 from .base import ANSWER_MARK, Example, Task, extract_answer
-from .jsonl import JsonlTask, load_reward, read_jsonl
+from .jsonl import JsonlTask, RewardError, load_reward, read_jsonl
 from .knights import KnightsAndKnaves
 
 BUILTIN = {"knights": KnightsAndKnaves, "arithmetic": Arithmetic, "echo": Echo}
 
 
-def get_task(spec: str, reward: str = "exact") -> Task:
-    """A built-in task by name, or ``jsonl:<path>`` for user data (with ``reward``)."""
+def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, reward_errors: str = "fail") -> Task:
+    """A built-in task by name, or ``jsonl:<path>`` for user data (with ``reward``, and for a
+    ``module:function`` reward its per-call timeout and failure policy: see ``rlad.tasks.jsonl``)."""
     if spec.startswith("jsonl:"):
-        return JsonlTask(spec[len("jsonl:"):], reward=reward)
+        return JsonlTask(spec[len("jsonl:"):], reward=reward, timeout=reward_timeout, on_error=reward_errors)
     if spec not in BUILTIN:
         raise ValueError(f"unknown task {spec!r}; choose one of {sorted(BUILTIN)} or 'jsonl:<path>'")
     return BUILTIN[spec]()
 
 
 __all__ = ["ANSWER_MARK", "Example", "Task", "extract_answer", "get_task", "KnightsAndKnaves", "Arithmetic",
-           "Echo", "JsonlTask", "read_jsonl", "load_reward", "BUILTIN"]
+           "Echo", "JsonlTask", "RewardError", "read_jsonl", "load_reward", "BUILTIN"]

@@ -50,6 +50,11 @@ class Task(ABC):
         answer = extract_answer(response)
         return 1.0 if answer is not None and self.check(example, answer) else 0.0
 
+    def check_reward(self) -> None:
+        """Raise if the reward cannot be computed (a user reward function that fails); called once
+        before a run starts. The built-in rewards always can."""
+        return None
+
     def sample(self, rng: random.Random, n: int, levels: Sequence[int] | None = None) -> list[Example]:
         """n examples, levels drawn uniformly from ``levels`` (default: all of the task's)."""
         levels = list(levels) if levels else list(self.levels)

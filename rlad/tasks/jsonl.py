@@ -4,6 +4,16 @@ pluggable reward.
 Rewards: ``exact`` (string equality after stripping), ``numeric`` (numbers equal within 1e-6),
 ``contains`` (the reference occurs in the extracted answer), or ``module:function``: a
 callable ``f(response: str, answer: str) -> float`` importable from the Python path.
+
+With a built-in reward, answers that no response could ever match (several lines, the ``####``
+marker) and empty answers (which any response ending in ``####`` matches) are refused with the
+file and line; answers that are not numbers get a warning under ``numeric``.
+
+A ``module:function`` reward must return a finite real number in [-REWARD_LIMIT, REWARD_LIMIT]
+(``True``/``False`` count as 1/0; accuracy counts rewards >= 1 as correct). Each call runs in a
+helper thread with a timeout. A call that raises or returns anything else either stops the run
+with an error naming the reward, the example and the value (``on_error="fail"``), or scores that
+response 0 and is counted (``"zero"``); a call that times out always stops the run.
 """
 
 from __future__ import annotations
@@ -11,11 +21,16 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import numbers
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import Example, Task, extract_answer
+from .base import ANSWER_MARK, Example, Task, extract_answer
+
+REWARD_LIMIT = 1000.0
+ON_ERROR = ("fail", "zero")
 
 
 def _exact(response: str, answer: str) -> float:
@@ -40,6 +55,10 @@ def _contains(response: str, answer: str) -> float:
 REWARDS = {"exact": _exact, "numeric": _numeric, "contains": _contains}
 
 
+class RewardError(ValueError):
+    """A user reward function that failed, timed out or returned something other than a number."""
+
+
 def load_reward(spec: str) -> Callable[[str, str], float]:
     if spec in REWARDS:
         return REWARDS[spec]
@@ -48,24 +67,54 @@ def load_reward(spec: str) -> Callable[[str, str], float]:
     mod, fn = spec.split(":", 1)
     try:
         f = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load reward function {spec!r}: {e}") from e
+    except Exception as e:  # the user's module: any error while importing it
+        raise ValueError(f"cannot load reward function {spec!r}: {type(e).__name__}: {e}") from None
     if not callable(f):
         raise ValueError(f"reward {spec!r} is not callable")
     return f
 
 
-def read_jsonl(path) -> list[Example]:
-    """Examples of a JSONL file; a malformed line raises ValueError naming the file and line."""
+def _answer_problem(answer: str, reward: str) -> str | None:
+    """Why no response, or every response, would get a built-in ``reward`` for ``answer``."""
+    if not answer.strip():
+        return (f"'answer' is empty: with reward={reward}, any response that ends in '{ANSWER_MARK}' would be "
+                f"rewarded; give the answer, or use a module:function reward")
+    if len(answer.strip().splitlines()) > 1:
+        return (f"'answer' spans several lines, but reward={reward} reads a response's answer from the one line "
+                f"after '{ANSWER_MARK}', so no response could match it; put it on one line, or use a "
+                f"module:function reward")
+    if ANSWER_MARK in answer:
+        return (f"'answer' contains the answer marker '{ANSWER_MARK}', but a response's answer is read after its "
+                f"last marker, so no response could match it")
+    return None
+
+
+def _is_number(answer: str) -> bool:
+    try:
+        return math.isfinite(float(answer))
+    except ValueError:
+        return False
+
+
+def read_jsonl(path, reward: str = "exact") -> list[Example]:
+    """Examples of a JSONL file (UTF-8); a malformed line raises ValueError naming the file and
+    line. With a built-in ``reward``, answers it could never (or would always) reward are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL task file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 f"save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -82,11 +131,62 @@ def read_jsonl(path) -> list[Example]:
             level = row.get("level", 0)
             if not isinstance(level, int) or isinstance(level, bool):
                 raise ValueError(f"{where}: 'level' must be an integer, got {level!r}")
-            out.append(Example(prompt=row["prompt"], answer=str(row["answer"]), level=level,
-                               solution=row.get("solution"), meta={"line": lineno}))
+            answer = str(row["answer"])
+            problem = _answer_problem(answer, reward) if reward in REWARDS else None
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+            out.append(Example(prompt=row["prompt"], answer=answer, level=level, solution=row.get("solution"),
+                               meta={"line": lineno}))
     if not out:
         raise ValueError(f"{path}: no examples")
+    if reward == "numeric":
+        odd = [e.meta["line"] for e in out if not _is_number(e.answer)]
+        if odd:
+            print(f"warning: {path}: {len(odd)} answer(s) are not numbers (first on line {odd[0]}): reward=numeric "
+                  f"never rewards them", flush=True)
     return out
+
+
+def reward_value_problem(value) -> str | None:
+    """Why a user reward's return value is not a reward (a finite real number within
+    +-REWARD_LIMIT), or None."""
+    if not isinstance(value, numbers.Real):
+        hint = {str: "return a number, not its text", type(None): "does a branch miss its return?"}
+        extra = hint.get(type(value), "return a Python float, e.g. value.item() for a tensor")
+        return f"returned {value!r:.80} ({type(value).__name__}), not a real number ({extra})"
+    if not math.isfinite(value):
+        return f"returned {value}, not a finite number"
+    if abs(value) > REWARD_LIMIT:
+        return f"returned {value:g}, outside [-{REWARD_LIMIT:g}, {REWARD_LIMIT:g}]"
+    return None
+
+
+class _Timeout(Exception):
+    pass
+
+
+def call_with_timeout(fn: Callable, args: tuple, timeout: float):
+    """``fn(*args)`` in a daemon thread, waiting at most ``timeout`` seconds (0: no limit, called
+    here). A call that overruns raises ``_Timeout``; its thread is left behind (Python cannot stop
+    it) and, being a daemon, does not keep the process alive."""
+    if not timeout:
+        return fn(*args)
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name=f"rlad-reward-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _Timeout
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class JsonlTask(Task):
@@ -94,18 +194,57 @@ class JsonlTask(Task):
 
     name = "jsonl"
 
-    def __init__(self, path, reward: str = "exact"):
+    def __init__(self, path, reward: str = "exact", *, timeout: float = 60.0, on_error: str = "fail"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"reward on_error={on_error!r}: choose one of {', '.join(ON_ERROR)}")
         self.path = str(path)
-        self.examples = read_jsonl(path)
+        self.examples = read_jsonl(path, reward)
+        self.reward_name = reward
         self.reward_fn = load_reward(reward)
-        self.levels = tuple(sorted({e.level for e in self.examples}))
+        self.user_reward = reward not in REWARDS  # a module:function: checked, timed, its failures counted
+        self.timeout, self.on_error = timeout, on_error
+        self.failures = 0  # responses scored 0 because the user reward failed (on_error="zero")
+        self.warned = False
+        self.by_level: dict[int, list[Example]] = {}  # indexed once: a draw does not scan the file
+        for e in self.examples:
+            self.by_level.setdefault(e.level, []).append(e)
+        self.levels = tuple(sorted(self.by_level))
 
     def make(self, rng: random.Random, level: int) -> Example:
-        pool = [e for e in self.examples if e.level == level]
-        return rng.choice(pool)
+        return rng.choice(self.by_level[level])
 
     def reward(self, example: Example, response: str) -> float:
-        r = float(self.reward_fn(response, example.answer))
-        if not math.isfinite(r):
-            raise ValueError(f"reward function returned {r} for line {example.meta.get('line')} of {self.path}")
-        return r
+        if not self.user_reward:
+            return float(self.reward_fn(response, example.answer))
+        where = f"reward {self.reward_name!r} on the example at {self.path}:{example.meta.get('line')} (response " \
+                f"{response[:80]!r})"
+        try:
+            value = call_with_timeout(self.reward_fn, (response, example.answer), self.timeout)
+        except _Timeout:
+            raise RewardError(f"{where}: took more than reward_timeout={self.timeout:g} s; fix the function, or "
+                              f"raise reward_timeout") from None
+        except Exception as e:
+            problem = f"raised {type(e).__name__}: {e}"
+        else:
+            problem = reward_value_problem(value)
+            if problem is None:
+                return float(value)
+        message = f"{where}: {problem}"
+        if self.on_error == "fail":
+            raise RewardError(f"{message}; fix the function, or set reward_errors=zero to score such responses 0")
+        self.failures += 1
+        if not self.warned:  # the first failure in full; the log lines count the others
+            self.warned = True
+            print(f"warning: {message}; scored 0 (reward_errors=zero); failures are counted in the metrics as "
+                  f"reward_errors", flush=True)
+        return 0.0
+
+    def check_reward(self) -> None:
+        """Call a user reward once, on the first example and a response that states its answer, so
+        a function that cannot be called, raises, hangs or returns a non-number is caught before
+        any work starts (the failure policy applies; the call is not counted)."""
+        if self.user_reward:
+            ex = self.examples[0]
+            self.reward(ex, f"{ANSWER_MARK} {ex.answer}")
+            self.failures = 0
+            self.warned = False

@@ -31,3 +31,20 @@ def models(tmp_path_factory, tok):
     student.save_pretrained(root / "student")
     tok.save_pretrained(root / "student")
     return {"teacher": str(root / "teacher"), "student": str(root / "student")}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A factory of TrainConfigs for the smallest real run (untrained ``preset:micro`` student,
+    grpo on echo, 2 steps of 4 sequences, a checkpoint per step) in ``tmp_path / "run"``:
+    ``tiny_config(steps=4)`` overrides a setting."""
+    from rlad.config import TrainConfig
+
+    def make(**kw):
+        base = dict(out_dir=str(tmp_path / "run"), algo="grpo", student="preset:micro", task="echo", levels=[1],
+                    steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, micro_batch_size=8, mini_batches=1,
+                    eval_prompts=2, eval_every=0, save_every=1, quiet=True, threads=1)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    return make

@@ -99,3 +99,102 @@ def test_cli_help_lists_grouped_flags(capsys):
     for flag in ("--alpha", "--group-size", "--kd-estimator", "--resume", "--micro-batch-size"):
         assert flag in out
     assert "algorithm:" in out and "rollout:" in out
+
+
+# ---------------------------------------------------------------- strict types, no NaN (no silent coercion)
+@pytest.mark.parametrize("kw,msg", [
+    pytest.param(dict(grad_clip=float("nan")), r"grad_clip=nan: must be a finite number, got nan", id="grad_clip-nan"),
+    pytest.param(dict(kd_beta=float("nan")), r"kd_beta=nan: must be a finite number", id="kd_beta-nan"),
+    pytest.param(dict(weight_decay=float("nan")), r"weight_decay=nan: must be a finite number", id="weight_decay-nan"),
+    pytest.param(dict(weight_decay=-1.0), r"weight_decay=-1.0: must be >= 0", id="weight_decay-negative"),
+    pytest.param(dict(lr=float("inf")), r"lr=inf: must be a finite number", id="lr-inf"),
+    pytest.param(dict(temperature=float("nan")), r"temperature=nan: must be a finite number", id="temperature-nan"),
+    pytest.param(dict(betas=[0.9, float("nan")]), r"betas=\[0.9, nan\]: item 1: must be a finite number",
+                 id="betas-nan"),
+    pytest.param(dict(eps_high=float("nan")), r"eps_high=nan: eps_high must be finite", id="eps_high-nan"),
+    pytest.param(dict(teacher_clamp=float("nan")), r"teacher_clamp=nan: teacher_clamp must be finite",
+                 id="teacher_clamp-nan"),
+    pytest.param(dict(ref_kl_coef=float("nan")), r"ref_kl_coef=nan: ref_kl_coef must be finite", id="ref_kl_coef-nan"),
+    pytest.param(dict(steps=True), r"steps=True: expected an integer, got a boolean", id="steps-bool"),
+    pytest.param(dict(steps="3"), r"steps='3': expected an integer, got a string; write the number without quotes",
+                 id="steps-str"),
+    pytest.param(dict(steps=2.5), r"steps=2.5: expected an integer, got a number", id="steps-float"),
+    pytest.param(dict(resume="false"), r"resume='false': expected true or false, got a string", id="resume-str"),
+    pytest.param(dict(levels=3), r"levels=3: expected a list of integers, got an integer; write it as \[3\]",
+                 id="levels-int"),
+    pytest.param(dict(betas=0.9), r"betas=0.9: expected a list of numbers, got a number", id="betas-float"),
+    pytest.param(dict(teacher=5), r"teacher=5: expected a string, got an integer", id="teacher-int"),
+    pytest.param(dict(prompt_template="{prompt} {x}"),
+                 r"prompt_template='\{prompt\} \{x\}': \{prompt\} must be its only field, got KeyError: 'x'; write a "
+                 r"literal brace as \{\{ or \}\}", id="prompt_template-braces"),
+    pytest.param(dict(prompt_template="{prompt} {0}"), r"prompt_template=.*IndexError", id="prompt_template-index"),
+    pytest.param(dict(reward_timeout=-1.0), r"reward_timeout=-1.0: must be >= 0 seconds", id="reward_timeout"),
+    pytest.param(dict(reward_errors="skip"), r"reward_errors='skip': choose one of fail, zero", id="reward_errors"),
+])
+def test_values_of_the_wrong_type_or_not_finite_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=rf"config: {msg}"):
+        TrainConfig(**{"teacher": "preset:micro", **kw})
+
+
+@pytest.mark.parametrize("text,msg", [
+    pytest.param('steps: "3"\n', r"run.yaml:1: steps: '3': expected an integer, got a string; write the number "
+                                 r"without quotes", id="steps-quoted"),
+    pytest.param("algo: grpo\nsteps: 2.5\n", r"run.yaml:2: steps: 2.5: expected an integer, got a number",
+                 id="steps-float"),
+    pytest.param("steps: true\n", r"run.yaml:1: steps: True: expected an integer, got a boolean", id="steps-bool"),
+    pytest.param("levels: 3\n", r"run.yaml:1: levels: 3: expected a list of integers", id="levels-scalar"),
+    pytest.param("betas: 0.9\n", r"run.yaml:1: betas: 0.9: expected a list of numbers", id="betas-scalar"),
+    pytest.param('resume: "false"\n', r"run.yaml:1: resume: 'false': expected true or false, got a string; write it "
+                                      r"without quotes", id="resume-quoted"),
+    pytest.param("lr: .nan\n", r"run.yaml:1: lr: nan: must be a finite number, got nan", id="lr-nan"),
+    pytest.param('lr: "1e-4"\n', r"run.yaml:1: lr: '1e-4': expected a number, got a string", id="lr-quoted"),
+    pytest.param("lr: 1e-4\nlr: 2e-4\n", r"run.yaml:2:1: invalid YAML: 'lr' is given twice \(first on line 1\)",
+                 id="duplicate-key"),
+    pytest.param("lr: [1\n", r"run.yaml:2:1: invalid YAML: expected ',' or ']', but got '<stream end>'",
+                 id="syntax"),
+    pytest.param("algo: grpo\nlr: -1e-4\n", r"run.yaml:2: config: lr=-0.0001: must be a positive number",
+                 id="range-names-the-line"),
+])
+def test_yaml_is_read_strictly(tmp_path, text, msg):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=msg) as err:
+        TrainConfig.from_yaml(p, {"teacher": "preset:micro"})
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_numbers_in_scientific_notation_are_numbers(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("algo: grpo\nlr: 1e-4\nweight_decay: 1E-2\nkd_beta: 5.0e-3\nkd_beta_decay: .5e-5\nsteps: 3\n")
+    cfg = TrainConfig.from_yaml(p)
+    assert (cfg.lr, cfg.weight_decay, cfg.kd_beta, cfg.kd_beta_decay, cfg.steps) == (1e-4, 1e-2, 5e-3, 5e-6, 3)
+    assert isinstance(cfg.steps, int)
+
+
+def test_a_bad_value_in_yaml_is_refused_even_when_a_flag_overrides_it(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text('algo: grpo\nsteps: "3"\n')
+    args = build_parser().parse_args(["train", "--config", str(p), "--steps", "4"])
+    with pytest.raises(ValueError, match=r"run.yaml:2: steps: '3': expected an integer"):
+        config_from_args(args)
+
+
+def test_a_yaml_file_that_is_not_utf8_is_named(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_bytes(b"algo: grpo\nstudent: \"caf\xe9\"\n")
+    with pytest.raises(ValueError, match=r"run.yaml:2: not valid UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        TrainConfig.from_yaml(p)
+
+
+def test_cli_grad_clip_nan_is_refused(capsys):
+    assert main(["train", "--algo", "grpo", "--grad-clip", "nan"]) == 2
+    assert capsys.readouterr().err == "rlad train: error: config: grad_clip=nan: must be a finite number, got nan\n"
+
+
+def test_help_states_the_mini_batch_split_and_the_run_dir_rules(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "split into exactly this many mini-batches (when they do not divide it, their sizes differ by one)" in out
+    assert "--overwrite" in out and "--force-resume" in out and "--reward-timeout" in out and "--reward-errors" in out
+    assert "An out-dir holding an earlier run is refused unless --resume true" in out

@@ -99,3 +99,53 @@ def test_eval_command(tmp_path, tok, capsys):
     out = capsys.readouterr().out
     assert "| level 1 |" in out and "| level 2 |" in out and "pass@2" in out
     assert (tmp_path / "res.json").is_file()
+
+
+# ---------------------------------------------------------------- user text cannot inject special tokens
+def test_special_token_text_in_a_prompt_stays_text(tok):
+    """``<eos>``, ``<pad>``, ``<bos>``, ``<unk>`` written in prompt text are encoded as text, as
+    ``split_special_tokens`` does; the template's own special tokens stay special; a prompt with
+    no such text is tokenized exactly as before (with its template, in one piece)."""
+    specials = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}
+    prompts = ["Echo <eos> 12.<pad>", "say <bos><unk>", "Echo 12."]
+    ids, mask = encode_prompts(tok, prompts, "{prompt}\n", "cpu")
+    for row, m, p in zip(ids, mask, prompts, strict=True):
+        body = row[m.bool()].tolist()
+        assert body[0] == tok.bos_token_id and not specials & set(body[1:]), (p, body)
+        assert tok.decode(body[1:]) == p + "\n"
+    plain = tok("Echo 12.\n", add_special_tokens=False)["input_ids"]
+    assert ids[2][mask[2].bool()].tolist() == [tok.bos_token_id, *plain]
+    ids, mask = encode_prompts(tok, ["a <eos> b"], "Q: {prompt}<eos>A:", "cpu")
+    body = ids[0][mask[0].bool()].tolist()
+    assert body.count(tok.eos_token_id) == 1 and tok.decode(body[1:]) == "Q: a <eos> b<eos>A:"
+
+
+def test_special_token_text_in_a_response_stays_text(tok):
+    """Teacher solutions re-encoded for sft: a literal ``<eos>`` in their text does not end them early."""
+    exs = Arithmetic().sample(random.Random(0), 1, [1])
+    roll = from_pairs(tok, exs, ["1+2=3 <eos> #### 3"], None, template="{prompt}\n", device="cpu")
+    response = roll.targets[roll.response_mask].tolist()
+    assert response.count(tok.eos_token_id) == 1 and response[-1] == tok.eos_token_id
+    assert tok.decode(response[:-1]) == "1+2=3 <eos> #### 3"
+
+
+# ---------------------------------------------------------------- the model's context
+def test_a_prompt_beyond_the_models_context_is_refused(tok):
+    """Llama's rotary positions would silently extrapolate past max_position_embeddings (GPT-2's
+    learned ones raise an IndexError): generate refuses first, naming the numbers and the prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from rlad.models import preset_config
+    from rlad.rollout import generate
+
+    model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_positions=16))
+    exs = Arithmetic().sample(random.Random(0), 2, [5])
+    with pytest.raises(ValueError, match=r"max_new_tokens=8: a prompt of \d+ tokens plus the response exceeds the 16 "
+                                         r"positions of the model .*: 'Compute .*'; lower max_new_tokens or shorten"):
+        generate(model, tok, exs, Arithmetic(), group_size=2, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                 template="{prompt}\n")
+
+
+def test_eval_of_a_missing_model_folder_is_one_line(capsys, tmp_path):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"rlad eval: error: --model: model folder '{tmp_path / 'nope'}' not found\n"

@@ -3,6 +3,7 @@
 import itertools
 import json
 import random
+import sys
 
 import pytest
 
@@ -149,3 +150,163 @@ def test_pluggable_reward():
         load_reward("fuzzy")
     with pytest.raises(ValueError, match="cannot load reward function 'nosuchmod:f'"):
         load_reward("nosuchmod:f")
+
+
+# ---------------------------------------------------------------- JSONL answers no response could match
+@pytest.mark.parametrize("answer,msg", [
+    pytest.param("", r"'answer' is empty: with reward=exact, any response that ends in '####' would be rewarded",
+                 id="empty"),
+    pytest.param("   ", r"'answer' is empty", id="whitespace"),
+    pytest.param("12\n13", r"'answer' spans several lines, but reward=exact reads a response's answer from the one "
+                           r"line after '####', so no response could match it", id="newline"),
+    pytest.param("a\u2028b", r"'answer' spans several lines", id="line-separator"),
+    pytest.param("#### 12", r"'answer' contains the answer marker '####'", id="marker"),
+])
+def test_jsonl_answers_that_are_always_or_never_rewarded_are_refused(tmp_path, answer, msg):
+    p = _write(tmp_path, [json.dumps({"prompt": "ok", "answer": 1}), json.dumps({"prompt": "x", "answer": answer})])
+    with pytest.raises(ValueError, match=rf"data.jsonl:2: {msg}"):
+        read_jsonl(p)
+    assert len(read_jsonl(p, reward="mymodule:score")) == 2  # a user reward decides what its answers mean
+
+
+def test_jsonl_numeric_answers_that_are_not_numbers_are_reported(tmp_path, capsys):
+    p = _write(tmp_path, [json.dumps({"prompt": "ok", "answer": 1}), json.dumps({"prompt": "x", "answer": "Paris"})])
+    read_jsonl(p, reward="numeric")
+    assert "data.jsonl: 1 answer(s) are not numbers (first on line 2): reward=numeric never rewards them" in \
+        capsys.readouterr().out
+
+
+def test_jsonl_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(json.dumps({"prompt": "ok", "answer": 1}).encode() + b'\n{"prompt": "caf\xe9", "answer": 1}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\); save the file "
+                                         r"as UTF-8"):
+        read_jsonl(p)
+
+
+# ---------------------------------------------------------------- JSONL: indexed once
+class _NoScan(list):
+    def __iter__(self):
+        raise AssertionError("make() scanned every example")
+
+
+def test_jsonl_draws_do_not_rescan_the_file(tmp_path):
+    """Examples are indexed by level once; a draw picks from its level's list (the same draws as
+    filtering the file each time)."""
+    rows = [json.dumps({"prompt": f"p{i}", "answer": i, "level": i % 3}) for i in range(30)]
+    task = JsonlTask(_write(tmp_path, rows))
+    examples = list(task.examples)
+    expect_rng, rng = random.Random(7), random.Random(7)
+    expected = [expect_rng.choice([e for e in examples if e.level == lv]) for lv in [0, 2, 1, 2, 0]]
+    task.examples = _NoScan(examples)
+    assert [task.make(rng, lv) for lv in [0, 2, 1, 2, 0]] == expected
+
+
+# ---------------------------------------------------------------- user reward functions
+REWARDS_MODULE = '''
+import threading
+
+import torch
+
+release = threading.Event()
+
+def raises(response, answer):
+    raise ZeroDivisionError("boom")
+
+def none(response, answer):
+    return None
+
+def text(response, answer):
+    return "1"
+
+def huge(response, answer):
+    return 1e300
+
+def nan(response, answer):
+    return float("nan")
+
+def tensor(response, answer):
+    return torch.tensor(1.0)
+
+def boolean(response, answer):
+    return answer in response
+
+def partial(response, answer):
+    return 0.25
+
+def hangs(response, answer):
+    release.wait(600)
+    return 1.0
+
+def fails_without_marker(response, answer):
+    if "####" not in response:
+        raise KeyError("no marker")
+    return 1.0
+'''
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    """A module ``user_rewards`` of reward functions, importable, and a one-line JSONL file."""
+    (tmp_path / "user_rewards.py").write_text(REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_rewards", raising=False)  # this test's copy, its event not yet set
+    yield _write(tmp_path, [json.dumps({"prompt": "Echo 5.", "answer": 5})])
+    if "user_rewards" in sys.modules:
+        sys.modules["user_rewards"].release.set()  # let a hung call's thread finish
+
+
+@pytest.mark.parametrize("fn,problem", [
+    pytest.param("raises", r"raised ZeroDivisionError: boom", id="raises"),
+    pytest.param("none", r"returned None \(NoneType\), not a real number \(does a branch miss its return\?\)",
+                 id="none"),
+    pytest.param("text", r"returned '1' \(str\), not a real number \(return a number, not its text\)", id="string"),
+    pytest.param("huge", r"returned 1e\+300, outside \[-1000, 1000\]", id="huge"),
+    pytest.param("nan", r"returned nan, not a finite number", id="nan"),
+    pytest.param("tensor", r"returned tensor\(1.\) \(Tensor\), not a real number \(return a Python float, e.g. "
+                           r"value.item\(\) for a tensor\)", id="tensor"),
+])
+def test_a_failing_user_reward_names_the_reward_the_example_and_the_value(user_rewards, fn, problem):
+    task = JsonlTask(user_rewards, reward=f"user_rewards:{fn}")
+    ex = task.examples[0]
+    with pytest.raises(ValueError, match=rf"^reward 'user_rewards:{fn}' on the example at .*data.jsonl:1 \(response "
+                                         rf"'#### 6'\): {problem}; fix the function, or set reward_errors=zero to "
+                                         rf"score such responses 0$"):
+        task.reward(ex, "#### 6")
+    with pytest.raises(ValueError, match=problem):  # caught before any work starts
+        task.check_reward()
+
+
+def test_user_rewards_accept_real_numbers(user_rewards):
+    task = JsonlTask(user_rewards, reward="user_rewards:boolean")
+    assert task.reward(task.examples[0], "#### 5") == 1.0 and task.reward(task.examples[0], "#### 6") == 0.0
+    task = JsonlTask(user_rewards, reward="user_rewards:partial")
+    assert task.reward(task.examples[0], "anything") == 0.25
+
+
+def test_a_hanging_user_reward_times_out(user_rewards):
+    task = JsonlTask(user_rewards, reward="user_rewards:hangs", timeout=0.2)
+    with pytest.raises(ValueError, match=r"reward 'user_rewards:hangs' on the example at .*data.jsonl:1 \(response "
+                                         r"'#### 5'\): took more than reward_timeout=0.2 s; fix the function, or "
+                                         r"raise reward_timeout"):
+        task.reward(task.examples[0], "#### 5")
+
+
+def test_reward_errors_zero_scores_a_failing_response_0_and_counts_it(user_rewards, capsys):
+    task = JsonlTask(user_rewards, reward="user_rewards:fails_without_marker", on_error="zero")
+    ex = task.examples[0]
+    assert [task.reward(ex, r) for r in ("#### 5", "no marker", "still none", "#### 5")] == [1.0, 0.0, 0.0, 1.0]
+    assert task.failures == 2
+    out = capsys.readouterr().out
+    assert out.count("warning: reward 'user_rewards:fails_without_marker'") == 1  # the first in full, then counted
+    assert "raised KeyError: 'no marker'; scored 0 (reward_errors=zero)" in out
+    hang = JsonlTask(user_rewards, reward="user_rewards:hangs", timeout=0.2, on_error="zero")
+    with pytest.raises(ValueError, match="took more than reward_timeout"):  # a hang is never scored
+        hang.reward(ex, "#### 5")
+
+
+def test_a_user_reward_module_that_fails_to_import_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('bad module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot load reward function 'broken_rewards:f': RuntimeError: bad module"):
+        load_reward("broken_rewards:f")

@@ -1,6 +1,7 @@
 """The training system end to end on tiny models (CPU): every algorithm runs, GRPO and RLAD
-learn, gradient accumulation is exact, NaN steps are skipped, and a run killed with SIGKILL
-and resumed reaches the same parameters as an uninterrupted one."""
+learn, gradient accumulation is exact, mini-batches split the batch exactly, NaN steps are
+skipped, every input is checked before any work, and a run killed with SIGKILL (or whose latest
+checkpoint is damaged) and resumed reaches the same parameters as an uninterrupted one."""
 
 import json
 import os
@@ -245,6 +246,7 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path, models, tok, caps
             assert main(_train_args(killed, models, resume=True)) == 0  # while the uninterrupted run goes on
             out = capsys.readouterr().out
             assert "resumed from" in out and "at step 2" in out
+            assert "took over the stale lock of PID" in out  # SIGKILL left the lock file; the kernel dropped the lock
             rc_a, out_a = _finish(proc_a, log_a)
             assert rc_a == 0, out_a[-2000:]
     finally:
@@ -264,3 +266,178 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path, models, tok, caps
             assert torch.equal(v, opt_b["state"][i][k]), (i, k)
     # every record (steps 1..5, evaluations at 0 and 5): same values, timing aside
     assert _untimed_records(straight) == _untimed_records(killed)
+
+
+# ----------------------------------------------------------------------------- mini-batches
+def test_mini_batches_that_do_not_divide_the_batch_split_it_exactly(tmp_path, models, tok, monkeypatch):
+    """8 sequences in 5 mini-batches: 5 optimizer steps per pass (sizes 2, 2, 2, 1, 1), not the 4
+    that chunking into ceil(8 / 5) rows gives, so the schedule has as many steps as it counts."""
+    import rlad.train
+
+    student, teacher, roll = _rollout(models, tok)
+    cfg = _cfg(tmp_path, models, algo="rlad", mini_batches=5, ppo_epochs=2)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    sizes = []
+    real = rlad.train.normalizer_for
+
+    def recording(cfg, roll, idx):
+        sizes.append(len(idx))
+        return real(cfg, roll, idx)
+
+    monkeypatch.setattr(rlad.train, "normalizer_for", recording)
+    update(cfg, student, teacher, roll, opt, sched, 0, lambda: torch.autocast("cpu", enabled=False),
+           {"nan_skips": 0})
+    assert sizes == [2, 2, 2, 1, 1] * 2
+    assert sched.last_epoch == 10
+
+
+def test_a_linear_schedule_reaches_its_end_with_uneven_mini_batches(tiny_config):
+    """A batch of 6 in 4 mini-batches, 2 steps: 8 optimizer steps, so the linear schedule ends at 0."""
+    cfg = tiny_config(prompts_per_step=3, group_size=2, mini_batches=4, schedule="linear", steps=2)
+    train(cfg)
+    steps = [r for r in _records(cfg) if not r.get("eval")]
+    assert steps[-1]["lr"] == 0.0
+    trainer = torch.load(os.path.join(cfg.out_dir, "checkpoints", "step_000002", "trainer.pt"), weights_only=False)
+    assert trainer["scheduler"]["last_epoch"] == 8
+
+
+# ----------------------------------------------------------------------------- checked before any work
+def _non_utf8(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(b'{"prompt": "Echo 1.", "answer": 1}\n{"prompt": "\xff", "answer": 2}\n')
+    return dict(task=f"jsonl:{p}", levels=[])
+
+
+def _jsonl(tmp_path, answer):
+    p = tmp_path / "data.jsonl"
+    p.write_text(json.dumps({"prompt": "Echo 1.", "answer": answer}) + "\n")
+    return dict(task=f"jsonl:{p}", levels=[])
+
+
+def _short_context(tmp_path, tok):
+    p = tmp_path / "short.json"
+    p.write_text(json.dumps({"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                             "max_position_embeddings": 16}))
+    return dict(student=f"config:{p}", max_new_tokens=12)
+
+
+def _failing_reward(tmp_path, monkeypatch):
+    (tmp_path / "bad_reward_module.py").write_text("def score(response, answer):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return dict(_jsonl(tmp_path, 1), reward="bad_reward_module:score")
+
+
+def _out_dir_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    return dict(out_dir=str(tmp_path / "afile"))
+
+
+def _file_at(tmp_path, name):
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / name).write_text("mine")
+    return {}
+
+
+BEFORE_WORK = [
+    pytest.param(lambda t, tok, mp: _out_dir_is_a_file(t),
+                 r"config: out_dir='.*afile': is a file, not a folder; choose another out_dir", id="out_dir-is-a-file"),
+    pytest.param(lambda t, tok, mp: _file_at(t, "checkpoints"),
+                 r"config: out_dir='.*run': .*checkpoints is a file, where the run writes its checkpoints",
+                 id="checkpoints-is-a-file"),
+    pytest.param(lambda t, tok, mp: dict(levels=[9]),
+                 r"config: levels=\[9\]: task 'echo' has levels \[1, 2, 3\], not \[9\]", id="levels"),
+    pytest.param(lambda t, tok, mp: _non_utf8(t), r"data.jsonl:2: not valid UTF-8 \(byte 0xff", id="jsonl-not-utf8"),
+    pytest.param(lambda t, tok, mp: _jsonl(t, ""), r"data.jsonl:1: 'answer' is empty", id="jsonl-empty-answer"),
+    pytest.param(lambda t, tok, mp: dict(student=str(t / "missing")),
+                 r"config: student: model folder '.*missing' not found", id="student-missing"),
+    pytest.param(lambda t, tok, mp: dict(student=str(t)),
+                 r"config: student: folder '.*' has no config.json: it is not a model saved with save_pretrained",
+                 id="student-not-a-model"),
+    pytest.param(lambda t, tok, mp: dict(algo="rlad", teacher="./no/teacher"),
+                 r"config: teacher: model folder './no/teacher' not found", id="teacher-missing"),
+    pytest.param(lambda t, tok, mp: dict(ref="../no-ref", ref_kl_coef=0.1),
+                 r"config: ref: model folder '../no-ref' not found", id="ref-missing"),
+    pytest.param(lambda t, tok, mp: dict(tokenizer=str(t / "no-tokenizer")),
+                 r"cannot load the tokenizer '.*no-tokenizer'", id="tokenizer-missing"),
+    pytest.param(lambda t, tok, mp: _short_context(t, tok),
+                 r"max_new_tokens=12: a prompt of \d+ tokens plus the response exceeds the 16 positions of the student "
+                 r"'config:.*short.json'", id="context"),
+    pytest.param(lambda t, tok, mp: _failing_reward(t, mp),
+                 r"reward 'bad_reward_module:score' on the example at .*data.jsonl:1 \(response '#### 1'\): returned "
+                 r"None", id="reward-function"),
+]
+
+
+@pytest.mark.parametrize("setup,msg", BEFORE_WORK)
+def test_everything_is_checked_before_any_file_is_written_or_model_loaded(tmp_path, tok, tiny_config, monkeypatch,
+                                                                          setup, msg):
+    kw = setup(tmp_path, tok, monkeypatch)
+    cfg = tiny_config(**kw)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the checks were done")
+
+    monkeypatch.setattr("rlad.train.load_model", no_model)
+    with pytest.raises(ValueError, match=msg) as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == \
+        [p for p in before if "__pycache__" not in p.parts]
+
+
+def test_cli_errors_before_work_are_one_line(tmp_path, capsys):
+    assert main(["train", "--algo", "grpo", "--out-dir", str(tmp_path / "run"), "--student", str(tmp_path / "nope"),
+                 "--quiet", "true"]) == 2
+    assert capsys.readouterr().err == f"rlad train: error: config: student: model folder '{tmp_path / 'nope'}' not " \
+                                      f"found\n"
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- a damaged checkpoint, resumed past
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_with_the_same_result(tmp_path, models, tok,
+                                                                                     monkeypatch, capsys):
+    """A run stopped in step 4 (checkpoints 2 and 3 on disk), its step-3 checkpoint then truncated:
+    resuming warns, moves step 3 aside, continues from step 2, and ends bitwise where an
+    uninterrupted run ends (weights, optimizer, every non-timing record)."""
+    import rlad.train
+
+    kw = dict(steps=4, save_every=1, keep_checkpoints=2)
+    straight = tmp_path / "straight"
+    train(_cfg(tmp_path, models, out_dir=str(straight), **kw))
+    broken = tmp_path / "broken"
+    real_update = rlad.train.update
+
+    def stop_in_step_4(cfg, student, teacher, roll, optimizer, scheduler, step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_update(cfg, student, teacher, roll, optimizer, scheduler, step, *args)
+
+    monkeypatch.setattr(rlad.train, "update", stop_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, models, out_dir=str(broken), **kw))
+    monkeypatch.undo()
+    root = broken / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000003"]
+    trainer_pt = root / "step_000003" / "trainer.pt"
+    trainer_pt.write_bytes(trainer_pt.read_bytes()[:100])
+
+    capsys.readouterr()
+    train(_cfg(tmp_path, models, out_dir=str(broken), resume=True, **kw))
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint unusable: {root / 'step_000003'}: trainer.pt has 100 bytes" in out
+    assert f"moved the unusable checkpoint step_000003 to {root / 'unusable' / 'step_000003'}" in out
+    assert f"resumed from {root / 'step_000002'} at step 2" in out
+
+    a = _weights(str(straight / "checkpoints" / "step_000004" / "model"), tok)
+    b = _weights(str(root / "step_000004" / "model"), tok)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a, opt_b = (torch.load(d / "checkpoints" / "step_000004" / "trainer.pt", weights_only=False)["optimizer"]
+                    for d in (straight, broken))
+    for i, state in opt_a["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, opt_b["state"][i][k]), (i, k)
+    assert _untimed_records(straight) == _untimed_records(broken)
