@@ -2,8 +2,8 @@
 bench_divergence.py): a sweep of shapes x providers x modes, appended to one long-format CSV.
 
 Rows are appended after each provider (a sweep killed part-way keeps what it measured), and
-``--budget-s`` starts a shape only when its estimated time (the last shape's, scaled by the
-GEMM size) fits in what is left: ``gpu_session.py`` runs the grid this way inside a time limit.
+``--budget-s`` starts a shape only when its estimated time (from the shapes measured so far,
+``estimate_s``) fits in what is left: ``gpu_session.py`` runs the grid this way inside a time limit.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--plot", action="store_true", help="render plots from the CSV afterwards")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start a shape only if its estimated time fits in what is left of this many seconds "
-                         "(the estimate: the last shape's time scaled by N*V*(H+H_t); the first shape's is "
-                         "--first-estimate-s)")
+                         "(from the shapes measured so far: a fixed part plus one proportional to N*V*(H+H_t); "
+                         "the first shape's is --first-estimate-s)")
     ap.add_argument("--first-estimate-s", type=float, default=0.0,
                     help="estimated seconds of the first shape, for --budget-s (default 0: always started)")
     return ap
@@ -86,6 +86,21 @@ def _size(shape: Shape) -> float:
     return float(shape.N) * shape.V * (shape.H + (shape.H_t or 0))
 
 
+def estimate_s(done: list[tuple[Shape, float]], shape: Shape, first: float) -> float:
+    """Seconds ``shape`` should take: a fixed part (compiling, e.g. torch.compile per shape) plus
+    one proportional to the GEMM size, through the last two shapes; from one shape, all of its time
+    scaled (an overestimate); from none, ``first``."""
+    if not done:
+        return first
+    (s2, t2) = done[-1]
+    if len(done) > 1:
+        (s1, t1) = done[-2]
+        if _size(s2) != _size(s1) and t2 > t1:
+            b = (t2 - t1) / (_size(s2) - _size(s1))
+            return max(t2 - b * _size(s2), 0.0) + b * _size(shape)
+    return t2 * _size(shape) / _size(s2)
+
+
 def sweep(op: str, args: argparse.Namespace, providers: list[Provider], device: torch.device, env: dict,
           on_provider: Callable[[Shape, Provider, list[dict]], None] | None = None) -> dict:
     """Every provider at every shape of ``args``; rows are appended to ``args.csv`` after each
@@ -99,7 +114,7 @@ def sweep(op: str, args: argparse.Namespace, providers: list[Provider], device: 
     for shape in shapes(op, args):
         if args.budget_s is not None:
             left = args.budget_s - (time.perf_counter() - t0)
-            est = done[-1][1] * _size(shape) / _size(done[-1][0]) if done else args.first_estimate_s
+            est = estimate_s(done, shape, args.first_estimate_s)
             if est > left:
                 print(f"budget: not starting {shape.label} (estimated {est:.0f} s, {max(left, 0):.0f} s left)",
                       flush=True)

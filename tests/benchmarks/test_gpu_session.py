@@ -151,6 +151,34 @@ def test_bench_table_ratios_and_latest():
     assert "unavailable: cut-cross-entropy not installed" in md
 
 
+def test_run_sweep_budget_and_rows_per_provider(tmp_path):
+    import run
+    from harness import Shape, env_info
+
+    S = lambda N: Shape(N=N, H=4096, V=128256)  # noqa: E731
+    assert run.estimate_s([], S(8192), 7.0) == 7.0
+    assert run.estimate_s([(S(8192), 40.0)], S(16384), 0) == 80.0  # all of it scaled: an overestimate
+    assert run.estimate_s([(S(8192), 40.0), (S(16384), 50.0)], S(65536), 0) == pytest.approx(110.0)  # 30 s fixed
+
+    ap = run.parser("logprobs", cuda=False)
+    args = ap.parse_args(["--N", "16", "32", "--H", "16", "--V", "64", "--modes", "full", "--reps", "1",
+                          "--providers", "eager", "rlad-torch", "--csv", str(tmp_path / "b.csv"), "--budget-s", "1000"])
+    provs = run.select_providers("logprobs", args, ap)
+    seen = []
+    res = run.sweep("logprobs", args, provs, torch.device("cpu"), env_info(torch.device("cpu")),
+                    on_provider=lambda shape, p, rows: seen.append((shape.N, p.name, len(read(tmp_path / "b.csv")))))
+    assert [(N, name) for N, name, _ in seen] == [(16, "rlad-torch"), (16, "eager"), (32, "rlad-torch"), (32, "eager")]
+    assert [n for *_, n in seen] == [1, 2, 3, 4]  # each provider's rows are in the CSV before the next one runs
+    assert len(res["shape_s"]) == 2 and not res["not_started"]
+    args.budget_s, args.first_estimate_s = 5.0, 60.0  # the first shape would not fit: nothing starts
+    res = run.sweep("logprobs", args, provs, torch.device("cpu"), {}, None)
+    assert [s.N for s in res["not_started"]] == [16, 32] and not res["rows"]
+
+
+def read(path):
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
 # --------------------------------------------------------------------------- subprocesses
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RLAD_KERNEL_DUMP_DIR")}
