@@ -18,7 +18,8 @@ joined with the prediction by compile key, else by kernel name and constexprs; t
 that ``torch.compile`` (Inductor) generated for the eager baselines are listed too (best effort).
 
 Output, one folder ``<UTC date>_<device slug>`` (under ``$OUT`` when set, and copied to
-``benchmarks/results/gpu/``), at most 7 files, each carrying the device, the commit and the date:
+``benchmarks/results/gpu/``), six files (the device tool brings back at most 8), each carrying the
+device, the commit and the date:
   summary.md        the headline tables (per op and shape: every provider's median ms, TFLOP/s,
                     memory and its ratio to ours), the compile join, Inductor's kernels, what did not run;
   bench.csv         ``harness.CSV_FIELDS`` rows as measured, plus ``skipped`` rows for cells not run;
