@@ -64,12 +64,19 @@ class Provider:
     leaves: list[str] = field(default_factory=lambda: ["hidden", "weight"])
 
 
-def env_info(device: torch.device) -> dict[str, str]:
+def git_commit() -> str:
+    """The checkout's short commit; where git cannot tell (a copy of the tree without .git, as on a
+    lent GPU machine) the ``RLAD_COMMIT`` environment variable; else "unknown"."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
+    return commit or os.environ.get("RLAD_COMMIT", "").strip() or "unknown"
+
+
+def env_info(device: torch.device) -> dict[str, str]:
+    commit = git_commit()
     try:
         import triton
 
@@ -129,7 +136,8 @@ def _quantiles(fn: Callable[[], None], device: torch.device, reps: int, grad_to_
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    # inclusive: within the measured range (the default extrapolates below zero for a few samples)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return statistics.median(times), q[1], q[7]
 
 
