@@ -133,7 +133,7 @@ class Launch:
                 on = [f if x is True else f"{f}={x}" for f, x in zip(v._fields, v, strict=True)
                       if x not in (False, 0, None)]
                 parts.append(f"{type(v).__name__}({','.join(on)})")
-            elif name in ("BN", "BV", "BH", "GROUP", "DOT_PRECISION", "UPCAST"):
+            elif name in ("BM", "BN", "BK", "BV", "BH", "GROUP", "DOT_PRECISION", "UPCAST"):
                 continue
             elif v is True or (isinstance(v, int) and not isinstance(v, bool) and v):
                 parts.append(name if v is True else f"{name}={v}")
@@ -141,7 +141,8 @@ class Launch:
 
     def tiles(self) -> str:
         n = self.named()
-        return "x".join(str(n[k]) for k in ("BN", "BV", "BH") if k in n)
+        keys = ("BM", "BN", "BK") if "BM" in n else ("BN", "BV", "BH")
+        return "x".join(str(n[k]) for k in keys if k in n)
 
 
 def record(calls: dict, arch: int) -> list[Launch]:
@@ -393,7 +394,8 @@ FIELDS = ("kernel", "arch", "dtype", "variant", "tiles", "warps", "stages", "reg
 def environment() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                commit=commit.stdout.strip() or "unknown", triton=triton.__version__, torch=torch.__version__)
+                commit=commit.stdout.strip() or os.environ.get("RLAD_COMMIT", "unknown"), triton=triton.__version__,
+                torch=torch.__version__)
 
 
 def write_table(results: list[Result], out: Path, env: dict) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_compile_report.py"
-KERNELS = {"logprobs_fwd_kernel", "logprobs_combine_kernel", "logprob_dlogits_kernel", "masked_tn_gemm_kernel",
+KERNELS = {"logprobs_fwd_kernel", "logprobs_combine_kernel", "logprob_dlogits_kernel", "tn_gemm_kernel",
            "policy_fwd_kernel", "policy_combine_kernel", "div_stats_kernel", "div_combine_kernel", "jsd_sums_kernel",
            "div_dlogits_kernel"}
 

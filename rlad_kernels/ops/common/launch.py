@@ -35,12 +35,13 @@ class TritonConfig:
     split_v: int | None = None     # vocab splits in the forward; None = enough programs to fill the GPU
     scratch_bytes: int = 64 << 20  # bound on the backward's logit-gradient scratch buffer
     epilogue_block: int = 128      # token block of the combine kernels
-    dw_block_m: int = 128      # the weight gradient's masked GEMM: vocab rows x hidden columns x token step
+    dw_block_m: int = 128      # the backward's GEMMs over the scratch (gemm.py): output rows x columns x step
     dw_block_n: int = 128
     dw_block_k: int = 32
     dw_num_warps: int = 8
     dw_num_stages: int = 3
-    dw_split_k: int | None = None  # token splits of that GEMM; None = enough programs to fill the GPU
+    dw_split_k: int | None = None  # reduction splits of the backward GEMMs; None = enough to fill the GPU
+    split_scratch: bool = True     # 16-bit inputs: the logit-gradient scratch as hi + lo parts (gemm.py)
 
 
 # The defaults, per GPU family and input dtype, chosen with benchmarks/gpu_compile_report.py so
@@ -71,13 +72,16 @@ DEFAULTS = {(80, False): _F16_80, (80, True): _F32_80, (90, False): _F16_80, (90
 # shared memory on its architecture was dropped; the test suite compiles every one.
 # Dropped by the pruning (register spills): 128 x 128 and 64 x 256 forward tiles and a 128 x 128
 # backward tile on sm_80 (the divergence's two logit tiles), 64 x 256 and the 128 x 128 backward
-# on sm_90, 4 stages on sm_100, and wider float32 tiles everywhere.
+# on sm_90, 4 stages on sm_100, a 64-deep or 256-wide split-scratch GEMM step on sm_80 / sm_90,
+# and wider float32 tiles everywhere.
 _SHARED = [{}, {"num_stages": 4, "bwd_num_stages": 4}, {"scratch_bytes": 256 << 20}, {"dw_block_k": 64},
            {"dw_block_n": 256}]
 AUTOTUNE_SPACE = {
-    (80, False): _SHARED + [{"block_n": 128, "block_v": 64}, {"bwd_block_n": 128, "bwd_block_v": 64}],
-    (90, False): _SHARED + [{"block_n": 128, "block_v": 64}, {"block_n": 128, "block_v": 128},
-                            {"block_h": 128, "num_stages": 2}, {"bwd_block_n": 128, "bwd_block_v": 64}],
+    (80, False): [c for c in _SHARED if "dw_block_k" not in c and "dw_block_n" not in c]
+    + [{"block_n": 128, "block_v": 64}, {"bwd_block_n": 128, "bwd_block_v": 64}],
+    (90, False): [c for c in _SHARED if "dw_block_k" not in c]
+    + [{"block_n": 128, "block_v": 64}, {"block_n": 128, "block_v": 128}, {"block_h": 128, "num_stages": 2},
+       {"bwd_block_n": 128, "bwd_block_v": 64}],
     (100, False): [c for c in _SHARED if "num_stages" not in c] + [{"block_n": 64, "block_v": 128},
                                                                    {"bwd_block_n": 128, "bwd_block_v": 128}],
     (80, True): [{}, {"block_n": 32}, {"scratch_bytes": 256 << 20}],

@@ -140,8 +140,8 @@ def finish_rows(rows, b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, V, ENTROPY: tl.c
 @triton.jit(do_not_specialize=["row0", "n_rows", "col0", "n_cols"])
 def logprob_dlogits_kernel(
     head, y_ptr, shift_ptr, logsum_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
-    row0, n_rows, col0, n_cols, H, stride_dr, stride_dc, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, GROUP: tl.constexpr,
+    row0, n_rows, col0, n_cols, H, stride_dp, stride_dr, stride_dc, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dl[r, c] = scale * (g_lp (onehot - p) - g_ent p (log p + H)) for rows row0 + r, columns
@@ -167,7 +167,7 @@ def logprob_dlogits_kernel(
             b_ent = tl.load(ent_ptr + o_n, mask=active, other=0.0)
             b_dl -= b_gent[:, None] * mul_safe(b_p, b_logp + b_ent[:, None])
         b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * head.scale, 0.0)
-    store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc)
+    store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT)
 
 
 # ------------------------------------------------------------------------------------- host side
@@ -217,8 +217,8 @@ def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, scale: float, ignore_i
         logprob_dlogits_kernel[grid](
             hd, y, rows.shift, rows.log_sum, rows.ent if rows.ent is not None else rows.lp, g_lp,
             g_ent if g_ent is not None else g_lp, dl,
-            row0, n_rows, col0, n_cols, x.shape[1], dl.stride(0), dl.stride(1), ignore_index,
-            HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, GROUP=cfg.group, **t,
+            row0, n_rows, col0, n_cols, x.shape[1], dl.stride(0), dl.stride(1), dl.stride(2), ignore_index,
+            HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, SPLIT=dl.shape[0] == 2, GROUP=cfg.group, **t,
         )
 
     valid = (y != ignore_index).to(torch.uint8)

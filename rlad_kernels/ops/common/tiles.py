@@ -99,10 +99,15 @@ def region_tile(row0, n_rows, col0, n_cols, GROUP: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc):
-    """Write one tile of logit gradients into the scratch region (in the scratch dtype)."""
-    tl.store(dl_ptr + o_r[:, None] * stride_dr + o_c[None, :] * stride_dc,
-             b_dl.to(dl_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+def store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT: tl.constexpr):
+    """Write one tile of logit gradients into the scratch region (in the scratch dtype); with
+    SPLIT, as two parts hi = round(dl) and lo = round(dl - hi), stride_dp apart."""
+    p_dl = dl_ptr + o_r[:, None] * stride_dr + o_c[None, :] * stride_dc
+    m_dl = m_r[:, None] & m_c[None, :]
+    b_hi = b_dl.to(dl_ptr.dtype.element_ty)
+    tl.store(p_dl, b_hi, mask=m_dl)
+    if SPLIT:
+        tl.store(p_dl + stride_dp, (b_dl - b_hi.to(tl.float32)).to(dl_ptr.dtype.element_ty), mask=m_dl)
 
 
 # ---------------------------------------------------------------------------- online statistics

@@ -52,7 +52,7 @@ def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, ch
     aux = torch.empty(Nv, **f) if kind != FKL else None
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
-        xcs, xct = xs[c0:c1].to(cdt) * scale, xt[c0:c1].to(cdt) * scale
+        xcs, xct = xs[c0:c1].to(cdt), xt[c0:c1].to(cdt)
         m_s = torch.full((c1 - c0,), float("-inf"), **f)
         m_t, l_s, l_t, A = m_s.clone(), torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
         for s0 in range(0, V, chunks.vocab):
@@ -124,7 +124,7 @@ def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, scale, n
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = xs[c0:c1].to(cdt)
-        xcs, xct = xc * scale, xt[c0:c1].to(cdt) * scale
+        xcs, xct = xc, xt[c0:c1].to(cdt)
         gc, nc = g[c0:c1, None], Norms(*(t[c0:c1] for t in norms))
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)

@@ -189,8 +189,8 @@ def jsd_sums_kernel(
 @triton.jit(do_not_specialize=["row0", "n_rows", "col0", "n_cols"])
 def div_dlogits_kernel(
     hs, ht, valid_ptr, norms, aux_ptr, g_ptr, dl_ptr,
-    row0, n_rows, col0, n_cols, HS, HT, stride_dr, stride_dc, beta, log_b, log_1mb,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, GROUP: tl.constexpr,
+    row0, n_rows, col0, n_cols, HS, HT, stride_dp, stride_dr, stride_dc, beta, log_b, log_1mb,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dl = scale * g * { p (log p - log q - KL) | p - q | (1 - beta) p (log p - log M - KL(p||M)) }."""
@@ -213,4 +213,4 @@ def div_dlogits_kernel(
             b_lm = log_mixture(b_lp, b_lq, log_b, log_1mb)
             b_dl = (1.0 - beta) * mul_safe(tl.exp(b_lp), b_lp - b_lm - b_aux[:, None])
         b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * (b_g * hs.scale)[:, None], 0.0)
-    store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dr, stride_dc)
+    store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT)

@@ -63,9 +63,9 @@ def div_backward(xs, ws, bs, xt, wt, bt, valid_u8, norms: Norms, aux, g, kind, b
         grid = (triton.cdiv(n_rows, cfg.bwd_block_n) * triton.cdiv(n_cols, cfg.bwd_block_v),)
         div_dlogits_kernel[grid](
             *heads, valid_u8, norms, aux if aux is not None else norms.sh_s, g, dl, row0, n_rows, col0, n_cols,
-            HS=xs.shape[1], HT=xt.shape[1], stride_dr=dl.stride(0), stride_dc=dl.stride(1), beta=beta,
-            log_b=log_b, log_1mb=log_1mb, KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
-            GROUP=cfg.group, **t,
+            HS=xs.shape[1], HT=xt.shape[1], stride_dp=dl.stride(0), stride_dr=dl.stride(1), stride_dc=dl.stride(2),
+            beta=beta, log_b=log_b, log_1mb=log_1mb, KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
+            SPLIT=dl.shape[0] == 2, GROUP=cfg.group, **t,
         )
 
     return scratch_backward(xs, ws, bs.dtype if bs is not None else None, fill, valid_u8, cfg, need_dx=need_dx,

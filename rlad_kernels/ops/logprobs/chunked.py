@@ -41,7 +41,7 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ent, chunks: ChunkSizes = CH
     ent = torch.empty(Nv, **f) if want_ent else None
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
-        xs = xv[c0:c1].to(cdt) * scale
+        xs = xv[c0:c1].to(cdt)
         m = torch.full((c1 - c0,), float("-inf"), **f)
         l = torch.zeros_like(m)  # noqa: E741 - the sum-exp, as in the README
         s = torch.zeros_like(m)
@@ -79,12 +79,11 @@ def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, scale, need_dx
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = x[c0:c1].to(cdt)
-        xs = xc * scale
         glc, shc, loglc = g_lp[c0:c1], sh[c0:c1, None], logl[c0:c1, None]
         gec, entc = (g_ent[c0:c1], ent[c0:c1]) if g_ent is not None else (None, None)
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            logp = head.tile(xs, s0, s1).sub_(shc).sub_(loglc)
+            logp = head.tile(xc, s0, s1).sub_(shc).sub_(loglc)
             dz = softmax_dlogits_(logp, glc, gec, entc, head.neg_inf)
             accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db)
         yc = y[c0:c1]

@@ -6,8 +6,11 @@ is re-formed relative to them) and the entropy (O(N)).
 
 Backward: the shared ``common/logprob.py: logprob_backward`` recomputes logit tiles into a
 bounded scratch buffer and turns them into dX (per token chunk) and dW / db (per vocabulary
-slice) with GEMMs: no N x V buffer, no float32 V x H buffer, 10*N*H*V FLOPs when both dX and
-dW are needed (6 when only one is).
+slice) with GEMMs (``common/scratch_backward.py``): no N x V buffer, no float32 V x H buffer.
+FLOPs when both dX and dW are needed: 4*N*H*V of logit recompute plus 2*N*H*V per GEMM, with
+the GEMMs doubled for 16-bit inputs (the scratch holds two 16-bit parts: ``common/gemm.py``),
+so 14*N*H*V in bf16 (10 with ``TritonConfig(split_scratch=False)``, 3-30x less precise at large
+logits) and 8*N*H*V in float32.
 """
 
 from __future__ import annotations

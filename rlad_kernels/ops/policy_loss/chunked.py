@@ -56,7 +56,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             c1 = min(c0 + C, Nv)
             rows = idx[c0:c1]
             x = hidden.index_select(0, rows).to(cdt)
-            z = head.tile(x * scale, 0, V)                         # [C, V], the only logits block alive
+            z = head.tile(x, 0, V)                                 # [C, V], the only logits block alive
             # log p = (z - max) - log sum exp(z - max), in place; relative to the max, so no
             # cancellation of two numbers of the size of the logits (a +inf logit gives NaN)
             logp = z.sub_(shift(z.amax(dim=-1))[:, None])
