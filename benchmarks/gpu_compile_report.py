@@ -12,9 +12,10 @@ tensor-core instruction the loop uses and whether its loads are pipelined.
     python benchmarks/gpu_compile_report.py --archs 80 --dtypes fp32 --no-write
 
 Variants (``--groups``):
-  standard   every kernel at every dtype: log-probs with/without bias and entropy, vocabulary
-             split and not, the policy loss with its heaviest epilogue, split and not, the
-             three divergence kinds, split and not, with/without biases;
+  standard   every kernel at every dtype: log-probs with/without bias, entropy and soft cap,
+             vocabulary split and not, the policy loss with its heaviest epilogue, split and not,
+             soft-capped and not, the three divergence kinds, split and not, with/without biases
+             and soft caps;
   epilogue   (bf16) a covering set of the policy epilogue's options: every value of every
              EpilogueFlags field and every per-token input's presence appears, with the
              options that interact (teacher x mixture x clamp, KD x KD weights) crossed;
@@ -228,12 +229,13 @@ EPILOGUE_CASES = {
 _KW = dict(tea="teacher_logp", ref="ref_logp", tw="token_weights", kdw="kd_weights")
 
 
-def _policy(t: dict, cfg_kw: dict, given, bias: bool):
+def _policy(t: dict, cfg_kw: dict, given, bias: bool, softcap: float | None = None):
     import rlad_kernels as rk
 
     kw = {_KW[k]: t[k] for k in given}
     return lambda: rk.linear_policy_loss(t["x"], t["w"], t["y"], t["adv"], t["old"], bias=t["b"] if bias else None,
-                                         config=rk.PolicyLossConfig(**cfg_kw), impl="triton", **kw).loss
+                                         config=rk.PolicyLossConfig(**cfg_kw), softcap=softcap, impl="triton",
+                                         **kw).loss
 
 
 def variants(groups, dtypes, shape, arch: int) -> dict:
@@ -252,14 +254,20 @@ def variants(groups, dtypes, shape, arch: int) -> dict:
                 x, w, y, bias=b, return_entropy=True, impl="triton")))
             calls[f"{dn} logprobs split"] = (dn, _split(lambda x=x, w=w, y=y: rk.linear_logprobs(
                 x, w, y, return_entropy=True, impl="triton")))
+            calls[f"{dn} logprobs+bias+entropy+softcap"] = (dn, _backward(lambda x=x, w=w, y=y, b=b: rk.linear_logprobs(
+                x, w, y, bias=b, return_entropy=True, softcap=30.0, impl="triton")))
             heavy = EPILOGUE_CASES["everything"]
             calls[f"{dn} policy everything"] = (dn, _backward(_policy(t, *heavy)))
+            calls[f"{dn} policy everything+softcap"] = (dn, _backward(_policy(t, *heavy, softcap=30.0)))
             calls[f"{dn} policy everything split"] = (dn, _split(_policy(t, *heavy)))
             for kind in ("reverse_kl", "forward_kl", "jsd"):
                 calls[f"{dn} divergence {kind}"] = (dn, _backward(lambda t=t, kind=kind: rk.linear_divergence(
                     t["x"], t["w"], t["xt"], t["wt"], kind=kind, impl="triton")))
                 calls[f"{dn} divergence {kind} split+bias"] = (dn, _split(lambda t=t, kind=kind: rk.linear_divergence(
                     t["x"], t["w"], t["xt"], t["wt"], student_bias=t["b"], teacher_bias=t["bt"], kind=kind,
+                    impl="triton")))
+                calls[f"{dn} divergence {kind} softcaps"] = (dn, _backward(lambda t=t, kind=kind: rk.linear_divergence(
+                    t["x"], t["w"], t["xt"], t["wt"], student_softcap=30.0, teacher_softcap=50.0, kind=kind,
                     impl="triton")))
     if "epilogue" in groups:
         t = _inputs(torch.bfloat16, N, H, V)

@@ -16,7 +16,7 @@ import torch
 
 from rlad_kernels import linear_logprobs
 
-from .models import context_length, decoder_hidden, lm_head
+from .models import context_length, decoder_hidden, lm_head, logit_map
 from .tasks import Example, Task
 
 IGNORE = -100
@@ -209,7 +209,7 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
         sl = slice(i, i + micro_batch)
         h = decoder_hidden(model, roll.input_ids[sl], roll.attention_mask[sl], roll.position_ids[sl])
         out[sl] = linear_logprobs(h[:, :-1], weight, roll.targets[sl], bias=bias, temperature=temperature,
-                                  impl=impl).float()
+                                  impl=impl, **logit_map(model)).float()
     model.train(was_training)
     return out
 

@@ -53,7 +53,7 @@ from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RA
 from .checkpoint import Checkpoint, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluate import evaluate
-from .models import check_vocab, decoder_hidden, lm_head, load_model
+from .models import check_vocab, decoder_hidden, lm_head, load_model, logit_map
 from .preflight import Setup, preflight
 from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
@@ -129,6 +129,8 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     alg = cfg.algorithm
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
     weight, bias = lm_head(student)
+    student_map = logit_map(student)  # its logit_scale and final-logit soft cap, if it has them
+    teacher_map = logit_map(teacher) if teacher is not None else None
     targets = mb.targets
     tokens = mb.response_mask.sum().clamp_min(1)
 
@@ -139,7 +141,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
         return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
 
     if alg.loss == NLL:
-        lp = linear_logprobs(h, weight, targets, bias=bias)
+        lp = linear_logprobs(h, weight, targets, bias=bias, **student_map)
         w = token_weights if token_weights is not None else 1.0
         loss = -(lp * w).sum() / normalizer
         return loss, {"nll": loss.detach() * normalizer / tokens}
@@ -147,6 +149,9 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
         ht, wt, bt = teacher_hidden()
         loss = linear_divergence(h, weight, ht, wt, kind=alg.divergence, beta=cfg.opd_beta,
                                  temperature=cfg.temperature, student_bias=bias, teacher_bias=bt,
+                                 student_softcap=student_map["softcap"], teacher_softcap=teacher_map["softcap"],
+                                 student_logit_scale=student_map["logit_scale"],
+                                 teacher_logit_scale=teacher_map["logit_scale"],
                                  mask=mb.response_mask, token_weights=token_weights, normalizer=normalizer,
                                  reduction="mean")
         return loss, {"divergence": loss.detach() * normalizer / tokens}
@@ -155,10 +160,12 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     kw = {}
     if pcfg.kd_estimator == "full":  # the exact reverse KL needs the teacher's hidden states and head
         kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden(), strict=True))
+        kw.update(teacher_softcap=teacher_map["softcap"], teacher_logit_scale=teacher_map["logit_scale"])
     out = linear_policy_loss(h, weight, targets, mb.token_advantage(), mb.old_logp,
                              teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None,
                              ref_logp=mb.ref_logp, token_weights=token_weights, kd_weights=mb.kd_weights,
-                             normalizer=normalizer, bias=bias, temperature=cfg.temperature, config=pcfg, **kw)
+                             normalizer=normalizer, bias=bias, temperature=cfg.temperature, config=pcfg, **student_map,
+                             **kw)
     return out.loss, {k: v.detach() for k, v in out.metrics.items()}
 
 

@@ -76,7 +76,11 @@ def test_every_option_of_every_kernel_is_covered(report):
         for field in ("teacher_logp", "ref_logp", "token_weights", "kd_weights"):
             assert _values(res, "policy_fwd_kernel", arch, "HAS", field) == both, (arch, field)
         for kernel in ("policy_fwd_kernel", "logprobs_fwd_kernel"):
-            for flag in ("HAS_BIAS", "ENTROPY", "SPLIT"):
+            for flag in ("HAS_BIAS", "ENTROPY", "SPLIT", "SOFTCAP"):
+                assert _values(res, kernel, arch, flag) == both, (arch, kernel, flag)
+        assert _values(res, "logprob_dlogits_kernel", arch, "SOFTCAP") == both
+        for kernel in ("div_stats_kernel", "div_dlogits_kernel", "jsd_sums_kernel"):
+            for flag in ("CAP_S", "CAP_T"):
                 assert _values(res, kernel, arch, flag) == both, (arch, kernel, flag)
         for kernel in ("div_stats_kernel", "div_dlogits_kernel", "div_combine_kernel"):
             assert _values(res, kernel, arch, "KIND") == {0, 1, 2}, (arch, kernel)

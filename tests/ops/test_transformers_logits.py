@@ -28,7 +28,15 @@ def _qwen2(tie):
                                     tie_word_embeddings=tie)
 
 
-@pytest.mark.parametrize("make_config", [_llama, _qwen2], ids=["llama", "qwen2"])
+def _gemma2(tie):
+    """Gemma 2 soft-caps its final logits: ``30 tanh(logits / 30)`` (``final_logit_softcapping``)."""
+    return transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                     max_position_embeddings=64, tie_word_embeddings=tie, final_logit_softcapping=4.0,
+                                     attn_implementation="eager")
+
+
+@pytest.mark.parametrize("make_config", [_llama, _qwen2, _gemma2], ids=["llama", "qwen2", "gemma2"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("impl", ["triton", "torch", "naive"])
 def test_logprobs_match_model_logits(make_config, tie, impl, device):
@@ -50,7 +58,8 @@ def test_logprobs_match_model_logits(make_config, tie, impl, device):
         ref = ref.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         ref = torch.where(targets == -100, torch.zeros_like(ref), ref)
         weight = model.get_output_embeddings().weight
-        lp = linear_logprobs(hidden[:, :-1], weight, targets, temperature=temperature, impl=impl)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        lp = linear_logprobs(hidden[:, :-1], weight, targets, temperature=temperature, softcap=softcap, impl=impl)
     assert lp.shape == targets.shape
     assert (ref[targets != -100] < -1e-3).all()
     torch.testing.assert_close(lp.double(), ref, rtol=0, atol=2e-5)

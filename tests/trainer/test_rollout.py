@@ -149,3 +149,37 @@ def test_a_prompt_beyond_the_models_context_is_refused(tok):
 def test_eval_of_a_missing_model_folder_is_one_line(capsys, tmp_path):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--quiet"]) == 2
     assert capsys.readouterr().err == f"rlad eval: error: --model: model folder '{tmp_path / 'nope'}' not found\n"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_scores_follow_the_models_logit_map(tok, family):
+    """Models that soft-cap (Gemma 2) or scale (Cohere) their logits are scored with the same
+    mapping: the fused op's log-probs equal log_softmax of the model's own logits."""
+    import transformers
+
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(head_dim=16, final_logit_softcapping=3.0, attn_implementation="eager",
+                                           **common)
+    else:
+        config = transformers.CohereConfig(logit_scale=0.25, **common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # logits large enough for the cap / scale to matter
+    exs = Arithmetic().sample(random.Random(7), 3, [1])
+    roll = from_pairs(tok, exs, [e.solution for e in exs], None, template="{prompt}\n", device="cpu")
+    T = 0.8
+    ours = score(model, roll, temperature=T, micro_batch=2)
+    with torch.no_grad():
+        logits = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                       position_ids=roll.position_ids).logits[:, :-1].double()
+    ref = torch.log_softmax(logits / T, -1).gather(-1, roll.targets.clamp_min(0)[..., None])[..., 0]
+    m = roll.response_mask
+    torch.testing.assert_close(ours[m].double(), ref[m], rtol=0, atol=2e-5)
+    plain = torch.log_softmax(logits.new_tensor(0) + (model.lm_head(model.model(
+        input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+        position_ids=roll.position_ids).last_hidden_state)[:, :-1].double() / T), -1)
+    plain = plain.gather(-1, roll.targets.clamp_min(0)[..., None])[..., 0]
+    assert (plain[m] - ref[m]).abs().max() > 1e-2  # the mapping matters at these logits

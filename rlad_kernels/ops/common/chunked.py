@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .numerics import LogitMap
+
 
 @dataclass
 class ChunkSizes:
@@ -24,23 +26,30 @@ CHUNKS = ChunkSizes()
 
 
 class ScaledHead:
-    """The lm_head in compute dtype with the logit scale ``s`` (logit_scale / temperature):
-    ``z = s (x W^T) + s b``. The scale multiplies the product (BLAS's alpha), not the inputs: a
-    scaled input would round every element of x before the product, which costs up to a few
-    times the gradient accuracy of eager autograd at temperatures far from 1. ``neg_inf`` tells
-    whether -inf logits can occur (a masking bias), the only case where ``0 * -inf`` must be
-    guarded in the entropy and KL terms."""
+    """The lm_head in compute dtype with its ``LogitMap``: ``z = s (x W^T) + s b``, or with a soft
+    cap ``z = cap_out tanh((x W^T + b) cap_in)``. The scale multiplies the product (BLAS's alpha),
+    not the inputs: a scaled input would round every element of x before the product, which
+    costs up to a few times the gradient accuracy of eager autograd at temperatures far from 1.
+    ``neg_inf`` tells whether -inf logits can occur (a masking bias without a cap), the only
+    case where ``0 * -inf`` must be guarded in the entropy and KL terms."""
 
-    def __init__(self, weight, bias, scale, cdt):
-        self.weight, self.scale, self.cdt = weight, scale, cdt
-        self.bias = bias.to(cdt) * scale if bias is not None else None
-        self.neg_inf = bool(torch.isneginf(self.bias).any()) if self.bias is not None else False
+    def __init__(self, weight, bias, lmap: LogitMap, cdt):
+        self.weight, self.lmap, self.cdt = weight, lmap, cdt
+        self.scale, self.capped = lmap.scale, lmap.capped
+        if bias is None:
+            self.bias = None
+        else:
+            self.bias = bias.to(cdt) if self.capped else bias.to(cdt) * self.scale
+        self.neg_inf = (not self.capped) and self.bias is not None and bool(torch.isneginf(self.bias).any())
 
     def w(self, s0, s1):
         return self.weight[s0:s1].to(self.cdt)
 
     def tile(self, x, s0, s1):
         """Logits of the rows ``x`` (compute dtype) for vocabulary columns ``[s0, s1)``."""
+        if self.capped:
+            r = x @ self.w(s0, s1).T if self.bias is None else torch.addmm(self.bias[s0:s1], x, self.w(s0, s1).T)
+            return r.mul_(self.lmap.cap_in).tanh_().mul_(self.lmap.cap_out)
         if self.bias is None:
             z = x @ self.w(s0, s1).T
             return z.mul_(self.scale) if self.scale != 1.0 else z
@@ -48,8 +57,17 @@ class ScaledHead:
 
     def target(self, x, yc):
         """The logit of each row's target id."""
-        zt = (x * self.weight.index_select(0, yc).to(self.cdt)).sum(-1) * self.scale
-        return zt + self.bias.index_select(0, yc) if self.bias is not None else zt
+        r = (x * self.weight.index_select(0, yc).to(self.cdt)).sum(-1)
+        if self.capped:
+            r = r + self.bias.index_select(0, yc) if self.bias is not None else r
+            return self.lmap.apply(r)
+        r = r * self.scale
+        return r + self.bias.index_select(0, yc) if self.bias is not None else r
+
+    def slope(self, z):
+        """``dz/dr`` of logits ``z`` for the raw output ``r = x W^T + b``: a tensor with a cap, the
+        scalar scale without one."""
+        return self.lmap.slope(z) if self.capped else self.scale
 
 
 def shift(m: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from ...utils.dispatch import resolve_impl
 from ...utils.validation import check_float_param, check_linear_inputs, check_targets
+from .numerics import LogitMap
 
 
 def autocast_cast(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -32,17 +33,22 @@ class LinearInputs:
     weight: torch.Tensor        # [V, H]
     bias: torch.Tensor | None   # [V]
     targets: torch.Tensor       # [N] int64
-    scale: float                # logit_scale / temperature
+    lmap: LogitMap              # raw output -> logits: logit_scale, soft cap, temperature
     shape: torch.Size           # leading shape of the inputs (targets.shape)
     impl: str
+    logit_scale: float = 1.0    # the settings lmap was built from (the naive reference takes them)
+    temperature: float = 1.0
+    softcap: float | None = None
 
 
-def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl) -> LinearInputs:
+def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl,
+                   softcap=None) -> LinearInputs:
     """Validate ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]``, ``bias [V]`` and the
-    logit scaling, resolve ``impl``, apply autocast and flatten."""
+    logit mapping, resolve ``impl``, apply autocast and flatten."""
     check_linear_inputs(hidden, weight, bias)
     check_float_param("temperature", temperature, positive=True)
     check_float_param("logit_scale", logit_scale, positive=True)
+    check_float_param("softcap", softcap, positive=True, allow_none=True)
     check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
     hidden, weight, bias = autocast_cast(hidden.device.type, hidden, weight, bias)
@@ -51,7 +57,10 @@ def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, igno
         weight=weight,
         bias=bias,
         targets=targets.reshape(-1).to(torch.long).contiguous(),
-        scale=float(logit_scale) / float(temperature),
+        lmap=LogitMap.of(logit_scale, temperature, softcap),
         shape=targets.shape,
         impl=impl,
+        logit_scale=float(logit_scale),
+        temperature=float(temperature),
+        softcap=float(softcap) if softcap is not None else None,
     )

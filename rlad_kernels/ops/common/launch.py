@@ -15,6 +15,7 @@ import torch
 import triton
 
 from ...utils.dispatch import triton_interpreting
+from .numerics import LogitMap
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ class TritonConfig:
 #   73 KB of shared memory (of 163 KB / 227 KB), at most ~200 registers, mma.sync / wgmma.
 #   Larger tiles push the entropy and KL moments (three live [BN, BV] fp32 tiles) past 255
 #   registers; smaller ones halve the MMA work per W tile loaded.
-# - 16-bit on sm_100: 128-token tiles (tcgen05's native M) x 64 vocab over 32-wide H steps, 2
-#   stages: Triton allots 128 registers per thread there, and the sm_90 tile, or 3 stages, or a
-#   64-wide H step spill a few bytes in the policy epilogue or the JSD's second pass.
+# - 16-bit on sm_100: a 128-token forward tile (tcgen05's native M) x 32 vocab over 32-wide H
+#   steps, 2 stages, and a 64 x 64 backward tile: Triton allots 128 registers per thread there,
+#   and the sm_90 tiles (or 3 forward stages, or a 64-wide H step) spill a few bytes in the policy
+#   epilogue, the soft-capped JSD, or the divergence backward with its two-part scratch.
 # - float32 (an fp32 dot: FMA, or TF32 when torch allows it): the operands live in registers, so
 #   the tiles shrink until nothing spills: 64 x 64 x 32 tiles with 8 warps and 2 stages on sm_80
 #   (forward, backward and the dW GEMM); on sm_90 and sm_100 a 32 x 64 x 32 forward with 4 warps
@@ -61,7 +63,7 @@ class TritonConfig:
 _F16_80 = TritonConfig()
 _F32_80 = TritonConfig(block_n=64, block_v=64, block_h=32, num_stages=2, bwd_block_n=64, bwd_block_v=64,
                        bwd_block_h=32, bwd_num_stages=2, dw_block_m=64, dw_block_n=64, dw_num_stages=2)
-_F16_100 = TritonConfig(block_n=128, block_v=64, block_h=32, num_stages=2)
+_F16_100 = TritonConfig(block_n=128, block_v=32, block_h=32, num_stages=2, bwd_block_v=64)
 _F32_90 = TritonConfig(block_n=32, block_v=64, block_h=32, num_warps=4, num_stages=2)
 DEFAULTS = {(80, False): _F16_80, (80, True): _F32_80, (90, False): _F16_80, (90, True): _F32_90,
             (100, False): _F16_100, (100, True): _F32_90}
@@ -175,8 +177,9 @@ def scan_plan(N: int, V: int, device: torch.device, cfg: TritonConfig) -> ScanPl
 
 
 class Head(NamedTuple):
-    """One lm_head as a kernel argument: ``z = (x @ w.T + b) * scale`` (``b`` is a placeholder
-    when the head has no bias; kernels take ``HAS_BIAS`` alongside)."""
+    """One lm_head as a kernel argument: ``z = (x @ w.T + b) * scale``, or with a soft cap
+    ``z = cap_out * tanh((x @ w.T + b) * cap_in)`` (``numerics.LogitMap``; kernels take
+    ``HAS_BIAS`` and ``SOFTCAP`` alongside, and ``b`` is a placeholder without a bias)."""
 
     x: torch.Tensor
     w: torch.Tensor
@@ -186,10 +189,12 @@ class Head(NamedTuple):
     stride_wv: int
     stride_wh: int
     scale: float
+    cap_in: float
+    cap_out: float
 
 
-def head(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float) -> Head:
-    return Head(x, w, b if b is not None else x, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(scale))
+def head(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lmap: LogitMap) -> Head:
+    return Head(x, w, b if b is not None else x, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *lmap)
 
 
 def tiles(dtype: torch.dtype, cfg: TritonConfig, *, backward: bool = False) -> dict[str, Any]:

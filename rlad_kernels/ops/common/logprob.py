@@ -23,8 +23,10 @@ import triton
 import triton.language as tl
 
 from .launch import ScanPlan, TritonConfig, get_config, head, tiles
+from .numerics import LogitMap
 from .scratch_backward import scratch_backward
 from .tiles import (
+    logit_slope,
     logits_tile,
     mul_safe,
     online_max,
@@ -66,8 +68,8 @@ def load_targets(y_ptr, o_n, m_n, ignore_index):
 
 
 @triton.jit
-def scan_rows(head, H, b_y, o_n, valid, v_lo, v_hi, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
-              BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def scan_rows(head, H, b_y, o_n, valid, v_lo, v_hi, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+              ENTROPY: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr,
               UPCAST: tl.constexpr):
     """Online statistics over columns [v_lo, v_hi): running max m, l = sum exp(z - m),
     s = sum exp(z - m) (z - m) and the target logit t (0 when the target is outside the range).
@@ -81,7 +83,7 @@ def scan_rows(head, H, b_y, o_n, valid, v_lo, v_hi, HAS_BIAS: tl.constexpr, ENTR
         for v0 in range(v_lo, v_hi, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < v_hi
-            b_z = logits_tile(head, H, o_n, valid, o_v, m_v, HAS_BIAS, BN, BV, BH, DOT_PRECISION, UPCAST)
+            b_z = logits_tile(head, H, o_n, valid, o_v, m_v, HAS_BIAS, SOFTCAP, BN, BV, BH, DOT_PRECISION, UPCAST)
             b_t += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
             b_m_new, b_sh, b_r, b_u = online_max(b_m, b_z)
             b_e = tl.exp(b_u)
@@ -141,10 +143,10 @@ def finish_rows(rows, b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, V, ENTROPY: tl.c
 def logprob_dlogits_kernel(
     head, y_ptr, shift_ptr, logsum_ptr, ent_ptr, glp_ptr, gent_ptr, dl_ptr,
     row0, n_rows, col0, n_cols, H, stride_dp, stride_dr, stride_dc, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dl[r, c] = scale * (g_lp (onehot - p) - g_ent p (log p + H)) for rows row0 + r, columns
+    """dl[r, c] = dz/dr * (g_lp (onehot - p) - g_ent p (log p + H)) for rows row0 + r, columns
     col0 + c of the logits (z - E_p[z] = log p + H); rows that are ignored or have zero upstream
     gradient give 0. log p = (z - shift) - log_sum, from the forward's row statistics."""
     o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
@@ -156,7 +158,7 @@ def logprob_dlogits_kernel(
         active = active | (valid & (b_gent != 0.0))
     b_dl = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.sum(active.to(tl.int32), axis=0) > 0:  # tiles with no gradient skip the GEMM
-        b_z = logits_tile(head, H, o_n, active, o_v, m_c, HAS_BIAS, BN, BV, BH, DOT_PRECISION, UPCAST)
+        b_z = logits_tile(head, H, o_n, active, o_v, m_c, HAS_BIAS, SOFTCAP, BN, BV, BH, DOT_PRECISION, UPCAST)
         # inactive rows: log_sum = +inf makes log p = -inf and p = 0 there (no overflow in exp)
         b_sh = tl.load(shift_ptr + o_n, mask=active, other=0.0)
         b_logl = tl.load(logsum_ptr + o_n, mask=active, other=float("inf"))
@@ -166,13 +168,13 @@ def logprob_dlogits_kernel(
         if HAS_GENT:
             b_ent = tl.load(ent_ptr + o_n, mask=active, other=0.0)
             b_dl -= b_gent[:, None] * mul_safe(b_p, b_logp + b_ent[:, None])
-        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * head.scale, 0.0)
+        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * logit_slope(b_z, head, SOFTCAP), 0.0)
     store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT)
 
 
 # ------------------------------------------------------------------------------------- host side
 def logprob_forward(fwd_kernel, combine_kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                    y: torch.Tensor, scale: float, ignore_index: int, want_entropy: bool, plan: ScanPlan,
+                    y: torch.Tensor, lmap: LogitMap, ignore_index: int, want_entropy: bool, plan: ScanPlan,
                     cfg: TritonConfig, **extra):
     """Launch an op's forward kernels over ``x [N, H]``, ``w [V, H]``, ``y [N]``: ``fwd_kernel``
     scans the vocabulary (and finishes the rows when ``plan.split == 1``), ``combine_kernel``
@@ -191,8 +193,9 @@ def logprob_forward(fwd_kernel, combine_kernel, x: torch.Tensor, w: torch.Tensor
     else:
         parts = Partials(*[rows.lp] * 4)  # unused
     fwd_kernel[(triton.cdiv(N, cfg.block_n) * plan.split,)](
-        head(x, w, b, scale), y, out, parts, N=N, V=V, H=H, ignore_index=ignore_index,
-        tiles_per_split=plan.tiles_per_split, HAS_BIAS=b is not None, ENTROPY=want_entropy, SPLIT=plan.split,
+        head(x, w, b, lmap), y, out, parts, N=N, V=V, H=H, ignore_index=ignore_index,
+        tiles_per_split=plan.tiles_per_split, HAS_BIAS=b is not None, SOFTCAP=lmap.capped, ENTROPY=want_entropy,
+        SPLIT=plan.split,
         **tiles(x.dtype, cfg), **extra,
     )
     if plan.split > 1:
@@ -201,7 +204,7 @@ def logprob_forward(fwd_kernel, combine_kernel, x: torch.Tensor, w: torch.Tensor
     return rows
 
 
-def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, scale: float, ignore_index: int, need_dx: bool,
+def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, lmap: LogitMap, ignore_index: int, need_dx: bool,
                      need_dw: bool, need_db: bool, cfg: TritonConfig | None = None):
     """dX [N, H] (x.dtype), dW [V, H] (w.dtype), db [V] (b.dtype) for upstream per-token
     ``g_lp`` (log-prob) and ``g_ent`` (entropy; needs ``rows.ent``), each None when not needed;
@@ -209,7 +212,7 @@ def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, scale: float, ignore_i
     cfg = cfg or get_config(x.device, x.dtype)
     g_lp = g_lp.contiguous().float()
     g_ent = g_ent.contiguous().float() if g_ent is not None else None
-    hd = head(x, w, b, scale)
+    hd = head(x, w, b, lmap)
     t = tiles(x.dtype, cfg, backward=True)
 
     def fill(dl, row0, n_rows, col0, n_cols):
@@ -218,7 +221,8 @@ def logprob_backward(x, w, b, y, rows: Rows, g_lp, g_ent, scale: float, ignore_i
             hd, y, rows.shift, rows.log_sum, rows.ent if rows.ent is not None else rows.lp, g_lp,
             g_ent if g_ent is not None else g_lp, dl,
             row0, n_rows, col0, n_cols, x.shape[1], dl.stride(0), dl.stride(1), dl.stride(2), ignore_index,
-            HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, SPLIT=dl.shape[0] == 2, GROUP=cfg.group, **t,
+            HAS_BIAS=b is not None, SOFTCAP=lmap.capped, HAS_GENT=g_ent is not None, SPLIT=dl.shape[0] == 2,
+            GROUP=cfg.group, **t,
         )
 
     valid = (y != ignore_index).to(torch.uint8)

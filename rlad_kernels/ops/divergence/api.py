@@ -16,6 +16,7 @@ from ...utils.validation import (
 )
 from ..common import autotune
 from ..common.inputs import autocast_cast, rows
+from ..common.numerics import LogitMap
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
 from .naive import KINDS, linear_divergence_naive
 from .triton_impl import divergence_triton
@@ -24,7 +25,9 @@ REDUCTIONS = ("none", "sum", "mean")
 _CODES = {"reverse_kl": RKL, "forward_kl": FKL, "jsd": JSD}
 
 
-def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, impl: str):
+def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, impl: str,
+                  softcaps: tuple[float | None, float | None] = (None, None),
+                  logit_scales: tuple[float, float] = (1.0, 1.0)):
     """Per-token divergence [N] of flattened, validated inputs (0 where ``valid`` is False)."""
     if kind == "jsd" and beta in (0.0, 1.0):  # GKD's endpoints: forward / reverse KL
         kind = "forward_kl" if beta == 0.0 else "reverse_kl"
@@ -32,16 +35,19 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
         if impl == "naive":  # masked rows never enter the products (NaN padding cannot reach dW)
             hs, ht = (torch.where(valid[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in (hs, ht))
             D = linear_divergence_naive(hs, ws, ht, wt, kind=kind, beta=beta, temperature=temperature,
-                                        student_bias=bs, teacher_bias=bt)
+                                        student_bias=bs, teacher_bias=bt, student_softcap=softcaps[0],
+                                        teacher_softcap=softcaps[1], student_logit_scale=logit_scales[0],
+                                        teacher_logit_scale=logit_scales[1])
             return torch.where(valid, D, torch.zeros_like(D))
-        args = (ht, wt, bt, valid, _CODES[kind], float(beta), 1.0 / float(temperature))
+        lmaps = tuple(LogitMap.of(s, temperature, c) for s, c in zip(logit_scales, softcaps, strict=True))
+        args = (ht, wt, bt, valid, _CODES[kind], float(beta), lmaps)
         if impl == "torch":
             return ChunkedDivergence.apply(hs, ws, bs, *args)
 
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             divergence_triton(hs.detach().requires_grad_(), ws.detach().requires_grad_(), bs, *args).sum().backward()
 
-        options = (bs is not None, bt is not None, kind, ht.shape[1])
+        options = (bs is not None, bt is not None, kind, ht.shape[1], tuple(m.capped for m in lmaps))
         with autotune.scope(impl, "divergence", hs, ws, options, tune_run):
             return divergence_triton(hs, ws, bs, *args)
 
@@ -57,6 +63,10 @@ def linear_divergence(
     temperature: float = 1.0,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
@@ -78,6 +88,10 @@ def linear_divergence(
             ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = beta p_t + (1 - beta) p_s``;
             ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (special-cased, as in GKD).
         temperature: divides both logits (> 0).
+        student_softcap, teacher_softcap: each model's final-logit soft cap ``c`` (Gemma 2/3), or
+            None: its logits are ``c tanh(raw * logit_scale / c) / temperature``.
+        student_logit_scale, teacher_logit_scale: each model's logit multiplier (> 0), for models
+            that scale their logits (default 1).
         mask: ``[...]`` bool, False positions contribute 0 (default: all tokens).
         token_weights: ``[...]`` per-token weights ``w_t`` (default 1).
         normalizer: divides the weighted sum; default ``sum_t w_t`` over unmasked tokens for
@@ -98,6 +112,10 @@ def linear_divergence(
     check_choice("reduction", reduction, REDUCTIONS)
     check_float_param("beta", beta, low=0.0, high=1.0)
     check_float_param("temperature", temperature, positive=True)
+    check_float_param("student_softcap", student_softcap, positive=True, allow_none=True)
+    check_float_param("teacher_softcap", teacher_softcap, positive=True, allow_none=True)
+    check_float_param("student_logit_scale", student_logit_scale, positive=True)
+    check_float_param("teacher_logit_scale", teacher_logit_scale, positive=True)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor (True = token counts)")
@@ -112,7 +130,8 @@ def linear_divergence(
     hs, ws, bs, ht, wt, bt = autocast_cast(student_hidden.device.type, student_hidden, student_weight, student_bias,
                                            teacher_hidden, teacher_weight, teacher_bias)
     valid = (mask if mask is not None else torch.ones(shape, dtype=torch.bool, device=hs.device)).reshape(-1)
-    D = divergence_2d(rows(hs), ws, bs, rows(ht), wt, bt, valid, kind, float(beta), float(temperature), impl)
+    D = divergence_2d(rows(hs), ws, bs, rows(ht), wt, bt, valid, kind, float(beta), float(temperature), impl,
+                      (student_softcap, teacher_softcap), (float(student_logit_scale), float(teacher_logit_scale)))
     if reduction == "none":
         return D.reshape(shape)
     zero = torch.zeros((), dtype=D.dtype, device=D.device)

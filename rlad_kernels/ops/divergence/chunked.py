@@ -24,7 +24,7 @@ from ..common.chunked import (
     rescale_moment,
     shift,
 )
-from ..common.numerics import compute_dtype, log_weights
+from ..common.numerics import LogitMap, compute_dtype, log_weights
 
 RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes
 
@@ -40,10 +40,11 @@ class Norms(NamedTuple):
     logl_t: torch.Tensor
 
 
-def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, scale: float, chunks: ChunkSizes = CHUNKS):
+def div_forward(xs, ws, bs, xt, wt, bt, kind: int, beta: float, lmaps: tuple[LogitMap, LogitMap],
+                chunks: ChunkSizes = CHUNKS):
     """Per-token (D, Norms, aux) for compacted rows xs [Nv, Hs], xt [Nv, Ht]."""
     cdt = compute_dtype(xs.dtype)
-    hs, ht = ScaledHead(ws, bs, scale, cdt), ScaledHead(wt, bt, scale, cdt)
+    hs, ht = ScaledHead(ws, bs, lmaps[0], cdt), ScaledHead(wt, bt, lmaps[1], cdt)
     guard = hs.neg_inf or ht.neg_inf
     Nv, V = xs.shape[0], ws.shape[0]
     f = dict(dtype=cdt, device=xs.device)
@@ -109,18 +110,18 @@ def _jsd_sums(xcs, xct, hs, ht, nc: Norms, beta, V, chunks):
     return D, k
 
 
-def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, scale, need_dx, need_dw, need_db,
-              chunks: ChunkSizes = CHUNKS):
+def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, lmaps: tuple[LogitMap, LogitMap], need_dx,
+              need_dw, need_db, chunks: ChunkSizes = CHUNKS):
     """Gradients w.r.t. the student's xs, ws, bs for upstream per-token g (compacted rows):
     reverse KL p (log p - log q - KL); forward KL p - q; JSD (1 - beta) p (log p - log M - KL(p||M))."""
     cdt = compute_dtype(xs.dtype)
-    hs, ht = ScaledHead(ws, bs, scale, cdt), ScaledHead(wt, bt, scale, cdt)
+    hs, ht = ScaledHead(ws, bs, lmaps[0], cdt), ScaledHead(wt, bt, lmaps[1], cdt)
     guard = hs.neg_inf or ht.neg_inf
     Nv, V = xs.shape[0], ws.shape[0]
     dx = torch.zeros(xs.shape, dtype=cdt, device=xs.device) if need_dx else None
     dw = torch.zeros(ws.shape, dtype=cdt, device=xs.device) if need_dw else None
     db = torch.zeros(V, dtype=cdt, device=xs.device) if need_db else None
-    g = g.to(cdt) * scale  # gradient w.r.t. the unscaled student logits
+    g = g.to(cdt) * (1.0 if hs.capped else hs.scale)  # w.r.t. the raw student output: a scale, or the tile's slope
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = xs[c0:c1].to(cdt)
@@ -128,7 +129,9 @@ def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, scale, n
         gc, nc = g[c0:c1, None], Norms(*(t[c0:c1] for t in norms))
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            lp, lq = _log_probs(hs.tile(xcs, s0, s1), ht.tile(xct, s0, s1), nc)
+            zs = hs.tile(xcs, s0, s1)
+            slope = hs.slope(zs) if hs.capped else None
+            lp, lq = _log_probs(zs, ht.tile(xct, s0, s1), nc)
             if kind == FKL:
                 dz = (lp.exp_() - lq.exp_()).mul_(gc)
             elif kind == RKL:
@@ -136,7 +139,7 @@ def div_grads(xs, ws, bs, xt, wt, bt, norms: Norms, aux, g, kind, beta, scale, n
             else:
                 lm = _log_mixture(lp, lq, beta)
                 dz = mul_safe(lp.exp(), lp - lm - aux[c0:c1, None], True).mul_(gc * (1.0 - beta))
-            accumulate_tile(dz, xc, hs, c0, c1, s0, s1, dx, dw, db)
+            accumulate_tile(dz.mul_(slope) if slope is not None else dz, xc, hs, c0, c1, s0, s1, dx, dw, db)
     return dx, dw, db
 
 
@@ -144,14 +147,14 @@ class ChunkedDivergence(torch.autograd.Function):
     """Per-token divergence [N] over 2-D inputs; rows where ``valid`` is False give 0."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, scale: float):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, kind: int, beta: float, lmaps: tuple[LogitMap, LogitMap]):
         idx = valid.nonzero().squeeze(1)
         xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
-        D, norms, aux = div_forward(xs, ws, bs, xt, wt, bt, kind, beta, scale)
+        D, norms, aux = div_forward(xs, ws, bs, xt, wt, bt, kind, beta, lmaps)
         out = torch.zeros(hs.shape[0], dtype=D.dtype, device=hs.device)
         out.index_copy_(0, idx, D)
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, idx, aux, *norms)
-        ctx.kind, ctx.beta, ctx.scale = kind, beta, scale
+        ctx.kind, ctx.beta, ctx.lmaps = kind, beta, lmaps
         return out
 
     @staticmethod
@@ -162,7 +165,7 @@ class ChunkedDivergence(torch.autograd.Function):
         need_db = bs is not None and ctx.needs_input_grad[2]
         xs, xt = hs.index_select(0, idx), ht.index_select(0, idx)
         dxv, dw, db = div_grads(xs, ws, bs, xt, wt, bt, Norms(*norms), aux, g.index_select(0, idx), ctx.kind,
-                                ctx.beta, ctx.scale, need_dx, need_dw, need_db)
+                                ctx.beta, ctx.lmaps, need_dx, need_dw, need_db)
         dx = None
         if need_dx:
             dx = torch.zeros_like(hs)

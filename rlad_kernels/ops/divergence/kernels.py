@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..common.tiles import (
     logaddexp,
+    logit_slope,
     logits_tile,
     mul_safe,
     online_max,
@@ -43,11 +44,11 @@ JSD: tl.constexpr = tl.constexpr(2)
 
 @triton.jit
 def pair_tiles(hs, ht, HS, HT, o_n, m_x, o_v, m_v, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-               BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+               CAP_S: tl.constexpr, CAP_T: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """The student's and the teacher's logit tiles over the same rows and vocabulary columns."""
-    b_zs = logits_tile(hs, HS, o_n, m_x, o_v, m_v, HAS_BS, BN, BV, BH, DOT_PRECISION, UPCAST)
-    b_zt = logits_tile(ht, HT, o_n, m_x, o_v, m_v, HAS_BT, BN, BV, BH, DOT_PRECISION, UPCAST)
+    b_zs = logits_tile(hs, HS, o_n, m_x, o_v, m_v, HAS_BS, CAP_S, BN, BV, BH, DOT_PRECISION, UPCAST)
+    b_zt = logits_tile(ht, HT, o_n, m_x, o_v, m_v, HAS_BT, CAP_T, BN, BV, BH, DOT_PRECISION, UPCAST)
     return b_zs, b_zt
 
 
@@ -86,7 +87,8 @@ def log_probs(b_zs, b_zt, norms, o_n, mask):
 @triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def div_stats_kernel(
     hs, ht, valid_ptr, norms, d_ptr, parts, N, V, HS, HT, tiles_per_split,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SPLIT: tl.constexpr,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
+    SPLIT: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
@@ -100,7 +102,7 @@ def div_stats_kernel(
         for v0 in range(v_lo, v_hi, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < v_hi
-            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, BN, BV, BH,
+            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, CAP_S, CAP_T, BN, BV, BH,
                                     DOT_PRECISION, UPCAST)
             b_ms_new, b_shs, b_rs, b_us = online_max(b_ms, b_zs)
             b_mt_new, b_sht, b_rt, b_ut = online_max(b_mt, b_zt)
@@ -162,7 +164,7 @@ def log_mixture(b_lp, b_lq, log_b, log_1mb):
 def jsd_sums_kernel(
     hs, ht, valid_ptr, norms, d_ptr, k_ptr,        # d, k: partials [SPLIT, N]
     N, V, HS, HT, tiles_per_split, beta, log_b, log_1mb,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """D = beta KL(q || M) + (1 - beta) KL(p || M) and k = KL(p || M), per split."""
@@ -174,7 +176,7 @@ def jsd_sums_kernel(
         for v0 in range(v_lo, v_hi, BV):
             o_v = v0 + tl.arange(0, BV)
             m_v = o_v < v_hi
-            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, BN, BV, BH,
+            b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, valid, o_v, m_v, HAS_BS, HAS_BT, CAP_S, CAP_T, BN, BV, BH,
                                     DOT_PRECISION, UPCAST)
             b_lp, b_lq = log_probs(b_zs, b_zt, norms, o_n, valid)
             b_lm = log_mixture(b_lp, b_lq, log_b, log_1mb)
@@ -190,17 +192,18 @@ def jsd_sums_kernel(
 def div_dlogits_kernel(
     hs, ht, valid_ptr, norms, aux_ptr, g_ptr, dl_ptr,
     row0, n_rows, col0, n_cols, HS, HT, stride_dp, stride_dr, stride_dc, beta, log_b, log_1mb,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
+    SPLIT: tl.constexpr, GROUP: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dl = scale * g * { p (log p - log q - KL) | p - q | (1 - beta) p (log p - log M - KL(p||M)) }."""
+    """dl = dz/dr * g * { p (log p - log q - KL) | p - q | (1 - beta) p (log p - log M - KL(p||M)) }."""
     o_r, m_r, o_n, o_c, m_c, o_v = region_tile(row0, n_rows, col0, n_cols, GROUP, BN, BV)
     valid = load_valid(valid_ptr, o_n, m_r)
     b_g = tl.load(g_ptr + o_n, mask=valid, other=0.0)
     active = valid & (b_g != 0.0)
     b_dl = tl.zeros((BN, BV), dtype=tl.float32)
     if tl.sum(active.to(tl.int32), axis=0) > 0:
-        b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, active, o_v, m_c, HAS_BS, HAS_BT, BN, BV, BH,
+        b_zs, b_zt = pair_tiles(hs, ht, HS, HT, o_n, active, o_v, m_c, HAS_BS, HAS_BT, CAP_S, CAP_T, BN, BV, BH,
                                 DOT_PRECISION, UPCAST)
         b_lp, b_lq = log_probs(b_zs, b_zt, norms, o_n, active)  # inactive rows: p = q = 0
         if KIND == FKL:
@@ -212,5 +215,5 @@ def div_dlogits_kernel(
             b_aux = tl.load(aux_ptr + o_n, mask=active, other=0.0)
             b_lm = log_mixture(b_lp, b_lq, log_b, log_1mb)
             b_dl = (1.0 - beta) * mul_safe(tl.exp(b_lp), b_lp - b_lm - b_aux[:, None])
-        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * (b_g * hs.scale)[:, None], 0.0)
+        b_dl = tl.where(active[:, None] & m_c[None, :], b_dl * b_g[:, None] * logit_slope(b_zs, hs, CAP_S), 0.0)
     store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT)

@@ -27,14 +27,14 @@ from ..common.chunked import (
     shift,
     softmax_dlogits_,
 )
-from ..common.numerics import compute_dtype
+from ..common.numerics import LogitMap, compute_dtype
 
 
-def chunked_stats(xv, weight, bias, yv, scale, want_ent, chunks: ChunkSizes = CHUNKS):
+def chunked_stats(xv, weight, bias, yv, lmap: LogitMap, want_ent, chunks: ChunkSizes = CHUNKS):
     """Per-token statistics of compacted valid rows: the shift (running max, 0 when none), the
     log-sum relative to it, the log-prob of the target and (optionally) the entropy."""
     cdt = compute_dtype(xv.dtype)
-    head = ScaledHead(weight, bias, scale, cdt)
+    head = ScaledHead(weight, bias, lmap, cdt)
     Nv, V = xv.shape[0], weight.shape[0]
     f = dict(dtype=cdt, device=xv.device)
     sh_out, logl_out, lp = torch.empty(Nv, **f), torch.empty(Nv, **f), torch.empty(Nv, **f)
@@ -61,7 +61,7 @@ def chunked_stats(xv, weight, bias, yv, scale, want_ent, chunks: ChunkSizes = CH
     return sh_out, logl_out, lp, ent
 
 
-def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, scale, need_dx, need_dw, need_db,
+def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, lmap: LogitMap, need_dx, need_dw, need_db,
                   chunks: ChunkSizes = CHUNKS):
     """Gradients w.r.t. x [Nv, H], weight, bias for upstream per-token g_lp, g_ent (compacted rows);
     ``sh``, ``logl``, ``ent``: the forward's statistics.
@@ -69,13 +69,14 @@ def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, scale, need_dx
     d logp / dz_j = onehot_j - p_j ;  d entropy / dz_j = -p_j (z_j - E_p[z]) = -p_j (log p_j + H).
     """
     cdt = compute_dtype(x.dtype)
-    head = ScaledHead(weight, bias, scale, cdt)
+    head = ScaledHead(weight, bias, lmap, cdt)
     Nv, V = x.shape[0], weight.shape[0]
     dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_dx else None
     dw = torch.zeros(weight.shape, dtype=cdt, device=x.device) if need_dw else None
     db = torch.zeros(V, dtype=cdt, device=x.device) if need_db else None
-    g_lp = g_lp.to(cdt) * scale  # gradient w.r.t. the unscaled logits x @ w.T + b
-    g_ent = g_ent.to(cdt) * scale if g_ent is not None else None
+    s = 1.0 if head.capped else lmap.scale  # w.r.t. the raw output x @ w.T + b: a scale, or a capped tile's slope
+    g_lp = g_lp.to(cdt) * s
+    g_ent = g_ent.to(cdt) * s if g_ent is not None else None
     for c0 in range(0, Nv, chunks.tokens):
         c1 = min(c0 + chunks.tokens, Nv)
         xc = x[c0:c1].to(cdt)
@@ -83,16 +84,18 @@ def chunked_grads(x, weight, bias, y, sh, logl, ent, g_lp, g_ent, scale, need_dx
         gec, entc = (g_ent[c0:c1], ent[c0:c1]) if g_ent is not None else (None, None)
         for s0 in range(0, V, chunks.vocab):
             s1 = min(s0 + chunks.vocab, V)
-            logp = head.tile(xc, s0, s1).sub_(shc).sub_(loglc)
-            dz = softmax_dlogits_(logp, glc, gec, entc, head.neg_inf)
-            accumulate_tile(dz, xc, head, c0, c1, s0, s1, dx, dw, db)
+            z = head.tile(xc, s0, s1)
+            slope = head.slope(z) if head.capped else None
+            dz = softmax_dlogits_(z.sub_(shc).sub_(loglc), glc, gec, entc, head.neg_inf)
+            accumulate_tile(dz.mul_(slope) if slope is not None else dz, xc, head, c0, c1, s0, s1, dx, dw, db)
         yc = y[c0:c1]
-        if need_dx:  # the one-hot part of d logp / dz
-            dx[c0:c1] += glc[:, None] * weight.index_select(0, yc).to(cdt)
+        g_y = glc * head.slope(head.target(xc, yc)) if head.capped else glc  # the one-hot part of d logp / dz
+        if need_dx:
+            dx[c0:c1] += g_y[:, None] * weight.index_select(0, yc).to(cdt)
         if need_dw:
-            dw.index_add_(0, yc, glc[:, None] * xc)
+            dw.index_add_(0, yc, g_y[:, None] * xc)
         if need_db:
-            db.index_add_(0, yc, glc)
+            db.index_add_(0, yc, g_y)
     return dx, dw, db
 
 
@@ -100,13 +103,13 @@ class ChunkedLogprobs(torch.autograd.Function):
     """Autograd op over 2-D ``hidden [N, H]`` and 1-D ``targets [N]``; returns (logp, entropy|None)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, ignore_index: int, want_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, lmap: LogitMap, ignore_index: int, want_entropy: bool):
         cdt = compute_dtype(hidden.dtype)
         N = hidden.shape[0]
         idx = (targets != ignore_index).nonzero().squeeze(1)
         xv = hidden.index_select(0, idx)
         yv = targets.index_select(0, idx)
-        sh, logl, lp_v, ent_v = chunked_stats(xv, weight, bias, yv, scale, want_entropy)
+        sh, logl, lp_v, ent_v = chunked_stats(xv, weight, bias, yv, lmap, want_entropy)
         logp = torch.zeros(N, dtype=cdt, device=hidden.device)
         logp.index_copy_(0, idx, lp_v)
         ent = None
@@ -114,7 +117,7 @@ class ChunkedLogprobs(torch.autograd.Function):
             ent = torch.zeros(N, dtype=cdt, device=hidden.device)
             ent.index_copy_(0, idx, ent_v)
         ctx.save_for_backward(hidden, weight, bias, idx, yv, sh, logl, ent_v)
-        ctx.scale = scale
+        ctx.lmap = lmap
         return logp, ent
 
     @staticmethod
@@ -128,7 +131,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         g_lp = g_logp.index_select(0, idx)
         g_e = g_ent.index_select(0, idx) if (g_ent is not None and ent is not None) else None
         xv = hidden.index_select(0, idx)
-        dxv, dw, db = chunked_grads(xv, weight, bias, yv, sh, logl, ent, g_lp, g_e, ctx.scale, need_dx, need_dw,
+        dxv, dw, db = chunked_grads(xv, weight, bias, yv, sh, logl, ent, g_lp, g_e, ctx.lmap, need_dx, need_dw,
                                     need_db)
         dx = None
         if need_dx:
@@ -138,5 +141,5 @@ class ChunkedLogprobs(torch.autograd.Function):
                 None, None, None, None)
 
 
-def linear_logprobs_chunked(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy):
-    return ChunkedLogprobs.apply(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy)
+def linear_logprobs_chunked(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
+    return ChunkedLogprobs.apply(hidden2d, weight, bias, targets1d, lmap, ignore_index, want_entropy)

@@ -14,10 +14,11 @@ from ..common.numerics import compute_dtype
 def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0,
                           logit_scale: float = 1.0, ignore_index: int = -100,
-                          return_entropy: bool = False):
+                          return_entropy: bool = False, softcap: float | None = None):
     """``hidden [..., H]``, ``weight [V, H]``, ``targets [...]`` -> ``logp [...]`` (+ ``entropy [...]``).
 
-    ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``; ignored positions give 0.
+    ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``, or with a soft cap ``c``
+    ``c * tanh((hidden @ weight.T + bias) * logit_scale / c) / temperature``; ignored positions give 0.
     """
     cdt = compute_dtype(hidden.dtype)
     valid = targets != ignore_index
@@ -26,7 +27,10 @@ def linear_logprobs_naive(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     logits = hidden @ weight.to(cdt).T
     if bias is not None:
         logits = logits + bias.to(cdt)
-    logits = logits * logit_scale / temperature
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

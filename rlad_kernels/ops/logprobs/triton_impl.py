@@ -20,6 +20,7 @@ import torch
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import Rows, logprob_backward, logprob_forward
+from ..common.numerics import LogitMap
 from .kernels import logprobs_combine_kernel, logprobs_fwd_kernel
 
 
@@ -27,13 +28,13 @@ class TritonLogprobs(torch.autograd.Function):
     """Autograd op over 2-D ``hidden [N, H]`` and 1-D ``targets [N]``; returns (logp, entropy|None)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, ignore_index: int, want_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, lmap: LogitMap, ignore_index: int, want_entropy: bool):
         cfg = get_config(hidden.device, hidden.dtype)
         plan = scan_plan(hidden.shape[0], weight.shape[0], hidden.device, cfg)
-        rows = logprob_forward(logprobs_fwd_kernel, logprobs_combine_kernel, hidden, weight, bias, targets, scale,
+        rows = logprob_forward(logprobs_fwd_kernel, logprobs_combine_kernel, hidden, weight, bias, targets, lmap,
                                ignore_index, want_entropy, plan, cfg)
         ctx.save_for_backward(hidden, weight, bias, targets, *rows)
-        ctx.scale, ctx.ignore_index, ctx.cfg = scale, ignore_index, cfg  # the backward tiles as the forward's
+        ctx.lmap, ctx.ignore_index, ctx.cfg = lmap, ignore_index, cfg  # the backward tiles as the forward's
         return rows.lp, rows.ent
 
     @staticmethod
@@ -47,11 +48,11 @@ class TritonLogprobs(torch.autograd.Function):
             g_logp = torch.zeros_like(rows.lp)
         if rows.ent is None:
             g_ent = None
-        dx, dw, db = logprob_backward(hidden, weight, bias, targets, rows, g_logp, g_ent, ctx.scale, ctx.ignore_index,
+        dx, dw, db = logprob_backward(hidden, weight, bias, targets, rows, g_logp, g_ent, ctx.lmap, ctx.ignore_index,
                                       need_dx, need_dw, need_db, ctx.cfg)
         return dx, dw, db, None, None, None, None
 
 
-def linear_logprobs_triton(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy):
+def linear_logprobs_triton(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
     check_triton_dtypes(hidden2d, weight)
-    return TritonLogprobs.apply(hidden2d, weight, bias, targets1d, scale, ignore_index, want_entropy)
+    return TritonLogprobs.apply(hidden2d, weight, bias, targets1d, lmap, ignore_index, want_entropy)

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ...utils.validation import as_normalizer, check_teacher, check_token_tensor, token_mean_normalizer
+from ...utils.validation import (
+    as_normalizer,
+    check_float_param,
+    check_teacher,
+    check_token_tensor,
+    token_mean_normalizer,
+)
 from ..common import autotune
 from ..common.inputs import LinearInputs, prepare_linear
 from ..common.numerics import compute_dtype
@@ -64,6 +70,9 @@ def linear_policy_loss(
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
 ) -> PolicyLossOutput:
     """Clipped, advantage-weighted policy loss (TRRD, GRPO/PPO-clip, KDRL) from hidden states.
 
@@ -88,9 +97,13 @@ def linear_policy_loss(
             ``[..., H_t]`` and lm_head ``[V_t, H_t]`` (``V_t >= V``; a padded vocabulary is cut to
             V), detached. Required by ``kd_estimator="full"``, whose KD term is the exact
             reverse KL ``KL(p_student || p_teacher)`` over the whole vocabulary at every valid
-            position (see :func:`rlad_kernels.linear_divergence`; same temperature, and
-            ``logit_scale`` must be 1). When ``teacher_logp`` is not given, it is computed
+            position (see :func:`rlad_kernels.linear_divergence`; same temperature). When
+            ``teacher_logp`` is not given, it is computed
             from them (teacher log-prob of ``targets``) for the TRRD ratio and the metrics.
+        softcap, teacher_softcap: the student's and the teacher's final-logit soft caps (Gemma 2/3's
+            ``final_logit_softcapping``), or None: ``logits = c tanh(raw * logit_scale / c) / T``.
+        teacher_logit_scale: the teacher's logit multiplier. The teacher's cap and scale apply
+            where its logits are formed here (from ``teacher_hidden``).
 
     All per-token inputs are constants of the loss (they must not require grad). Returns a
     :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. hidden, weight and bias.
@@ -98,7 +111,9 @@ def linear_policy_loss(
     cfg = config if config is not None else PolicyLossConfig()
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
-    li = prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl)
+    li = prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl, softcap)
+    check_float_param("teacher_softcap", teacher_softcap, positive=True, allow_none=True)
+    check_float_param("teacher_logit_scale", teacher_logit_scale, positive=True)
     tok = TokenInputs(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp, ref_logp=ref_logp,
                       token_weights=token_weights, kd_weights=kd_weights)
     for name, t in zip(TokenInputs._fields, tok, strict=True):
@@ -111,9 +126,6 @@ def linear_policy_loss(
     if full_kd and teacher_hidden is None:
         raise ValueError("kd_estimator='full' needs teacher_hidden and teacher_weight (the exact reverse KL "
                          "is computed over the teacher's whole vocabulary)")
-    if full_kd and logit_scale != 1.0:
-        raise ValueError("kd_estimator='full' supports logit_scale=1 only (the divergence scales student and "
-                         "teacher logits by the same temperature)")
     if cfg.kd_estimator is not None and teacher_logp is None and teacher_hidden is None:
         raise ValueError(f"kd_estimator={cfg.kd_estimator!r} needs teacher_logp (the KD term is a "
                          f"divergence to the teacher); pass teacher_logp or set kd_estimator=None")
@@ -128,7 +140,7 @@ def linear_policy_loss(
             tok = tok._replace(teacher_logp=linear_logprobs(
                 teacher_hidden, teacher_weight[:V], targets,
                 bias=teacher_bias[:V] if teacher_bias is not None else None, temperature=temperature,
-                ignore_index=ignore_index, impl=li.impl))
+                logit_scale=teacher_logit_scale, ignore_index=ignore_index, softcap=teacher_softcap, impl=li.impl))
     tok = tok.map(lambda t: t.detach().reshape(-1))
 
     valid = li.targets != ignore_index
@@ -142,6 +154,8 @@ def linear_policy_loss(
         loss, sums, lp, ent = _policy_core(li, used_inputs(tok, core_cfg), core_cfg, norm, ignore_index)
         kl = linear_divergence(hidden, weight, teacher_hidden, teacher_weight, kind="reverse_kl",
                                temperature=temperature, student_bias=bias, teacher_bias=teacher_bias,
+                               student_softcap=softcap, teacher_softcap=teacher_softcap,
+                               student_logit_scale=logit_scale, teacher_logit_scale=teacher_logit_scale,
                                mask=valid.reshape(li.shape), reduction="none", impl=li.impl).reshape(-1)
         kdw = tok.kd_weights.to(kl.dtype) if tok.kd_weights is not None else torch.ones_like(kl)
         kd_sum = torch.where(valid, w.to(kl.dtype) * kdw * kl, torch.zeros_like(kl)).sum()
@@ -164,20 +178,21 @@ def _policy_core(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm
 
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             h, w = li.hidden.detach().requires_grad_(), li.weight.detach().requires_grad_()
-            policy_loss_triton(h, w, li.bias, li.targets, tok32, norm, cfg, li.scale, ignore_index)[0].backward()
+            policy_loss_triton(h, w, li.bias, li.targets, tok32, norm, cfg, li.lmap, ignore_index)[0].backward()
 
         options = (li.bias is not None, tok.present(), cfg)
         with (torch.autocast(li.hidden.device.type, enabled=False),
               autotune.scope(li.impl, "policy_loss", li.hidden, li.weight, options, tune_run)):
-            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok32, norm, cfg, li.scale,
+            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok32, norm, cfg, li.lmap,
                                       ignore_index)
     if li.impl == "torch":
         with torch.autocast(li.hidden.device.type, enabled=False):
-            return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.scale,
+            return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.lmap,
                                        ignore_index)
     # naive: autograd through the reference log-probs (materialized logits) and the torch math
-    out = linear_logprobs(li.hidden, li.weight, li.targets, bias=li.bias, logit_scale=li.scale,
-                          ignore_index=ignore_index, return_entropy=cfg.needs_entropy, impl="naive")
+    out = linear_logprobs(li.hidden, li.weight, li.targets, bias=li.bias, logit_scale=li.logit_scale,
+                          temperature=li.temperature, ignore_index=ignore_index, return_entropy=cfg.needs_entropy,
+                          softcap=li.softcap, impl="naive")
     lp, ent = out if cfg.needs_entropy else (out, None)
     tok = tok.map(lambda t: t.to(lp.dtype))
     valid = li.targets != ignore_index

@@ -19,7 +19,7 @@ import torch
 from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.chunked import CHUNKS, ScaledHead, mul_safe, shift, softmax_dlogits_
-from ..common.numerics import compute_dtype
+from ..common.numerics import LogitMap, compute_dtype
 from .math import STAT_FIELDS, TokenInputs, policy_token_loss, reduce_token_stats
 
 
@@ -27,7 +27,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
     """Returns (loss, stat sums, logp [N], entropy [N] | None); only ``loss`` is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer, cfg, scale: float,
+    def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer, cfg, lmap: LogitMap,
                 ignore_index: int):
         cdt = compute_dtype(hidden.dtype)
         N, V = hidden.shape[0], weight.shape[0]
@@ -35,7 +35,8 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grads = need_x or need_w or need_b
-        head = ScaledHead(weight, bias, scale, cdt)
+        head = ScaledHead(weight, bias, lmap, cdt)
+        scale = 1.0 if head.capped else lmap.scale  # w.r.t. the raw output: a scale, or a capped block's slope
         idx = (targets != ignore_index).nonzero().squeeze(1)
         Nv = idx.numel()
         t = tok.map(lambda v: v.index_select(0, idx).to(cdt))     # valid tokens only
@@ -57,6 +58,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             rows = idx[c0:c1]
             x = hidden.index_select(0, rows).to(cdt)
             z = head.tile(x, 0, V)                                 # [C, V], the only logits block alive
+            slope = head.slope(z) if head.capped and grads else None
             # log p = (z - max) - log sum exp(z - max), in place; relative to the max, so no
             # cancellation of two numbers of the size of the logits (a +inf logit gives NaN)
             logp = z.sub_(shift(z.amax(dim=-1))[:, None])
@@ -86,6 +88,8 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             g_e = g[1] / norm * scale if len(g) > 1 else None
             dz = softmax_dlogits_(logp, g_lp, g_e, ent, head.neg_inf, p=p)   # -p (g + h (log p + H))
             dz.scatter_add_(1, yc[:, None], g_lp[:, None])           # + g onehot
+            if slope is not None:
+                dz.mul_(slope)
             if need_x:
                 dx.index_copy_(0, rows, dz @ W)
             if need_w:
@@ -119,6 +123,6 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None
 
 
-def policy_loss_chunked(x, w, b, y, tok: TokenInputs, normalizer, cfg, scale, ignore_index):
+def policy_loss_chunked(x, w, b, y, tok: TokenInputs, normalizer, cfg, lmap: LogitMap, ignore_index):
     """``tok``: the used per-token inputs, flattened to [N]."""
-    return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, scale, ignore_index)
+    return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, lmap, ignore_index)

@@ -191,12 +191,13 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
 @triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def policy_fwd_kernel(
     head, y_ptr, rows, parts, tok, coef, out, N, V, H, ignore_index, tiles_per_split,
-    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr, HAS: tl.constexpr, EPI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr, HAS: tl.constexpr,
+    EPI: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_s, i_n, o_n, m_n, v_lo, v_hi = token_split(N, V, tiles_per_split, BN, BV)
     b_y, valid = load_targets(y_ptr, o_n, m_n, ignore_index)
-    b_m, b_l, b_s, b_t = scan_rows(head, H, b_y, o_n, valid, v_lo, v_hi, HAS_BIAS, ENTROPY, BN, BV, BH,
+    b_m, b_l, b_s, b_t = scan_rows(head, H, b_y, o_n, valid, v_lo, v_hi, HAS_BIAS, SOFTCAP, ENTROPY, BN, BV, BH,
                                    DOT_PRECISION, UPCAST)
     if SPLIT == 1:
         b_lp, b_ent = finish_rows(rows, b_m, b_l, b_s, b_t, b_y, valid, o_n, m_n, V, ENTROPY)

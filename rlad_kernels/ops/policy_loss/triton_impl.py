@@ -12,7 +12,7 @@ from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import Rows, logprob_backward, logprob_forward
-from ..common.numerics import log_weights
+from ..common.numerics import LogitMap, log_weights
 from .config import PolicyLossConfig
 from .kernels import EpilogueCoefs, EpilogueFlags, EpilogueOut, policy_combine_kernel, policy_fwd_kernel
 from .math import STAT_FIELDS, TokenInputs
@@ -46,12 +46,12 @@ class TritonPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer: torch.Tensor | None,
-                cfg: PolicyLossConfig, scale: float, ignore_index: int):
+                cfg: PolicyLossConfig, lmap: LogitMap, ignore_index: int):
         cfg_t = get_config(hidden.device, hidden.dtype)
         N = hidden.shape[0]
         plan = scan_plan(N, weight.shape[0], hidden.device, cfg_t)
         epi = epilogue_args(tok, cfg, N, plan.blocks, hidden.device)
-        rows = logprob_forward(policy_fwd_kernel, policy_combine_kernel, hidden, weight, bias, targets, scale,
+        rows = logprob_forward(policy_fwd_kernel, policy_combine_kernel, hidden, weight, bias, targets, lmap,
                                ignore_index, cfg.needs_entropy, plan, cfg_t, **epi)
         out = epi["out"]
         sums = out.stat.sum(0)
@@ -60,7 +60,7 @@ class TritonPolicyLoss(torch.autograd.Function):
             normalizer = token_mean_normalizer(sums[1])
         loss = sums[0] / normalizer
         ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, *rows)
-        ctx.scale, ctx.ignore_index, ctx.cfg = scale, ignore_index, cfg_t  # the backward tiles as the forward's
+        ctx.lmap, ctx.ignore_index, ctx.cfg = lmap, ignore_index, cfg_t  # the backward tiles as the forward's
         ctx.mark_non_differentiable(sums, rows.lp, *([rows.ent] if rows.ent is not None else []))
         return loss, sums, rows.lp, rows.ent
 
@@ -72,12 +72,12 @@ class TritonPolicyLoss(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         dx, dw, db = logprob_backward(hidden, weight, bias, targets, Rows(*saved), glp * factor,
-                                      gent * factor if gent is not None else None, ctx.scale, ctx.ignore_index,
+                                      gent * factor if gent is not None else None, ctx.lmap, ctx.ignore_index,
                                       need_dx, need_dw, need_db, ctx.cfg)
         return dx, dw, db, None, None, None, None, None, None
 
 
-def policy_loss_triton(x, w, b, y, tok: TokenInputs, normalizer, cfg, scale, ignore_index):
+def policy_loss_triton(x, w, b, y, tok: TokenInputs, normalizer, cfg, lmap: LogitMap, ignore_index):
     """``tok``: the used per-token inputs, as float32 [N] contiguous tensors."""
     check_triton_dtypes(x, w)
-    return TritonPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, scale, ignore_index)
+    return TritonPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, lmap, ignore_index)
