@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 
 
@@ -29,12 +28,13 @@ def _eval(args) -> int:
     import torch
 
     from .config import template_problem
-    from .evaluate import evaluate
+    from .evaluate import evaluate, metric_names, with_se
+    from .heldout import distinct_by_level, generated_eval_set
     from .models import context_length, load_model, model_config
     from .report import markdown_table
     from .rollout import check_context, prompt_lengths
     from .runtime import progress, resolve_device, tokenizer_for
-    from .tasks import get_task
+    from .tasks import JsonlTask, get_task
 
     # everything checked before the model is loaded
     for name in ("prompts", "max_new_tokens"):
@@ -58,7 +58,13 @@ def _eval(args) -> int:
         raise ValueError(f"--levels {' '.join(map(str, levels))}: task {args.task!r} has levels "
                          f"{list(task.levels)}, not {unknown}")
     task.check_reward()
-    examples = task.sample(random.Random(args.seed + 1_000_003), args.prompts, levels)
+    if isinstance(task, JsonlTask):  # the file is the eval set: its distinct prompts, up to --prompts per level
+        groups = distinct_by_level(task.examples, levels)
+        examples = [e for lv in sorted(groups) for e in groups[lv][:args.prompts]]
+    else:  # the same fixed problems that `rlad train` holds out with the same --eval-seed
+        examples, notes = generated_eval_set(task, levels, args.prompts, args.eval_seed)
+        for note in notes:
+            print(f"note: {note}")
     limit = context_length(model_config(args.model, tok, role="--model"))
     check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], args.prompt_template),
                   args.max_new_tokens, limit, what=f"the model {args.model!r}")
@@ -68,10 +74,11 @@ def _eval(args) -> int:
     res = evaluate(model, tok, task, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
                    samples=args.samples, temperature=args.temperature, top_p=args.top_p, progress=bar)
     bar.close()
-    metrics = [k for k in res if "/" not in k]
-    rows = [(f"level {lv}", *(res.get(f"{m}/L{lv}", float("nan")) for m in metrics)) for lv in sorted(set(levels))]
-    rows.append(("all", *(res[m] for m in metrics)))
-    print(markdown_table(["", *metrics], rows))
+    metrics = metric_names(res)
+    rows = [(f"level {lv}", int(res.get(f"n/L{lv}", 0)), *(with_se(res, m, lv) for m in metrics))
+            for lv in sorted(set(levels))]
+    rows.append(("all", int(res["n"]), *(with_se(res, m) for m in metrics)))
+    print(markdown_table(["", "prompts", *(f"{m} ± s.e." for m in metrics)], rows))
     if args.out:
         from .rundir import write_atomic
 
@@ -109,14 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-timeout", type=float, default=60.0,
                    help="seconds one call of a module:function reward may take (0: no limit)")
     e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: all)")
-    e.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    e.add_argument("--prompts", type=int, default=128, help="prompts per level: of a built-in task, its fixed eval "
+                   "set (the problems `rlad train` holds out with the same --eval-seed and --eval-prompts); of a "
+                   "jsonl file, its first distinct prompts")
+    e.add_argument("--eval-seed", type=int, default=0, help="seed of a built-in task's fixed eval set")
     e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-p", type=float, default=1.0)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--prompt-template", default="{prompt}\n")
     e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
     e.add_argument("--quiet", action="store_true")

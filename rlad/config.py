@@ -127,7 +127,13 @@ class TrainConfig:
 
     # evaluation
     eval_every: int = _f(10, "evaluate every N steps (0: only at the end)", "evaluation")
-    eval_prompts: int = _f(128, "held-out prompts per evaluation", "evaluation")
+    eval_prompts: int = _f(128, "held-out prompts per level (distinct; never drawn for training)", "evaluation")
+    eval_seed: int = _f(0, "seed of the fixed eval set of each level (apart from seed, so that every run of a study "
+                           "is scored on the same problems)", "evaluation")
+    eval_task: str | None = _f(None, "evaluate on this task instead (jsonl:<path> or a built-in name); training "
+                                     "rows that share a prompt with it are dropped, with a warning", "evaluation")
+    eval_split: float | None = _f(None, "for a jsonl task without eval_task: the fraction of each level's distinct "
+                                        "prompts held out for evaluation (default 0.1)", "evaluation")
     eval_samples: int = _f(0, "samples per prompt for mean@k / pass@k (0: greedy accuracy only)", "evaluation")
 
     # checkpointing
@@ -236,8 +242,16 @@ class TrainConfig:
         batch = self.prompts_per_step * (self.group_size if alg.batch == ROLLOUTS else 1)
         if self.mini_batches > batch:
             bad("mini_batches", f"cannot split a batch of {batch} sequences into {self.mini_batches} mini-batches")
-        if self.task.startswith("jsonl:") and not Path(self.task[len("jsonl:"):]).is_file():
-            bad("task", "JSONL file not found")
+        for name in ("task", "eval_task"):
+            spec = getattr(self, name)
+            if spec is not None and spec.startswith("jsonl:") and not Path(spec[len("jsonl:"):]).is_file():
+                bad(name, "JSONL file not found")
+        if self.eval_split is not None:
+            if not 0 < self.eval_split < 1:
+                bad("eval_split", "must be in (0, 1)")
+            if not self.task.startswith("jsonl:") or self.eval_task is not None:
+                bad("eval_split", "only splits a jsonl task that has no eval_task (a built-in task holds out a "
+                                  "fixed eval set of its own)")
 
     def _check_policy_options(self, bad) -> None:
         """The TRRD / PPO options are PolicyLossConfig's and are validated by it (one definition of

@@ -23,7 +23,8 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 64,
              progress=None) -> dict[str, float]:
     """``accuracy`` (greedy), and with ``samples = k > 0`` also ``mean@k`` and ``pass@k``; each
-    also per level as ``accuracy/L3`` etc."""
+    also per level as ``accuracy/L3`` etc., each with its standard error over prompts
+    (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``."""
     greedy: list[float] = []
     sampled: list[list[float]] = []
     for i in range(0, len(examples), batch_prompts):
@@ -40,15 +41,49 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
     by_level = defaultdict(list)
     for j, ex in enumerate(examples):
         by_level[ex.level].append(j)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"n": float(len(examples))}
+    out.update({f"n/L{level}": float(len(idx)) for level, idx in sorted(by_level.items())})
 
     def add(name, values_of):
-        out[name] = float(torch.tensor([values_of(j) for j in range(len(examples))]).mean())
-        for level, idx in sorted(by_level.items()):
-            out[f"{name}/L{level}"] = float(torch.tensor([values_of(j) for j in idx]).mean())
+        for suffix, idx in [("", range(len(examples)))] + [(f"/L{lv}", i) for lv, i in sorted(by_level.items())]:
+            mean, se = mean_se([values_of(j) for j in idx])
+            out[name + suffix], out[f"{name}_se{suffix}"] = mean, se
 
     add("accuracy", lambda j: float(greedy[j] >= 1.0))
     if samples > 0:
         add(f"mean@{samples}", lambda j: sum(r >= 1.0 for r in sampled[j]) / samples)
         add(f"pass@{samples}", lambda j: pass_at_k(samples, sum(r >= 1.0 for r in sampled[j]), samples))
-    return out
+    return dict(sorted(out.items(), key=lambda kv: eval_key_order(kv[0])))
+
+
+def eval_key_order(key: str) -> tuple:
+    """The order of ``evaluate``'s keys: all levels first, then level by level; in each, n, then
+    accuracy, mean@k, pass@k, each followed by its standard error."""
+    base, _, level = key.partition("/L")
+    name = base.removesuffix("_se")
+    rank = -1 if name == "n" else 0 if name == "accuracy" else 1 if name.startswith("mean@") else 2
+    return bool(level), int(level) if level.isdigit() else 0, rank, name, base.endswith("_se")
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error over prompts, sqrt(var / n) with the plug-in variance: for
+    0/1 values (greedy accuracy) the binomial sqrt(p (1 - p) / n)."""
+    x = torch.tensor(values, dtype=torch.float64)
+    if x.numel() == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float((x.var(correction=0) / x.numel()).sqrt())
+
+
+def metric_names(res: dict[str, float]) -> list[str]:
+    """The metrics of an ``evaluate`` result (accuracy, mean@k, pass@k), without their standard
+    errors, sizes and per-level keys."""
+    return [k for k in res if "/" not in k and not k.endswith("_se") and k != "n"]
+
+
+def with_se(res: dict[str, float], name: str, level: int | None = None) -> str:
+    """``0.912 ± 0.020`` (the value and its standard error) of ``name`` [at ``level``]."""
+    suffix = "" if level is None else f"/L{level}"
+    value, se = res.get(name + suffix), res.get(f"{name}_se{suffix}")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"

@@ -3,14 +3,14 @@
 ``TrainConfig.validate`` has already checked every setting on its own (types, ranges, choices);
 ``preflight`` checks what needs the disk or a model's config: the output folder, the device, the
 model specs (a local folder that does not exist, a hub id that cannot be reached), the tokenizer,
-the task's data (read and validated once, here), the training levels, a user reward function
+the task's data (read and validated once, here), the training levels, the held-out eval set
+(``rlad/heldout.py``: built here, and held out of the task's training draws), a user reward function
 (called once), and that the prompts plus ``max_new_tokens`` fit every model's context. Each
 failure is a one-line ValueError naming the setting, the value and the fix.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +18,12 @@ import torch
 
 from .algorithms import POLICY
 from .config import TrainConfig
+from .heldout import HeldOut, build_held_out
 from .models import context_length, model_config
 from .rollout import check_context, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for
 from .tasks import Example, JsonlTask, Task, get_task
-
-EVAL_SEED_OFFSET = 1_000_003  # the held-out set is drawn with random.Random(seed + EVAL_SEED_OFFSET)
 
 
 @dataclass
@@ -35,7 +34,11 @@ class Setup:
     tok: Any
     task: Task
     levels: list[int]
-    eval_set: list[Example]
+    held: HeldOut  # the eval set and its scorer; ``task`` never draws its prompts
+
+    @property
+    def eval_set(self) -> list[Example]:
+        return self.held.examples
 
 
 def models_of(cfg: TrainConfig) -> dict[str, str]:
@@ -70,7 +73,11 @@ def preflight(cfg: TrainConfig) -> Setup:
         raise ValueError(f"config: levels={cfg.levels}: task {cfg.task!r} has levels {list(task.levels)}, not "
                          f"{unknown}")
     task.check_reward()
-    eval_set = task.sample(random.Random(cfg.seed + EVAL_SEED_OFFSET), cfg.eval_prompts, levels)
+    held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
+                          eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
+                          reward_errors=cfg.reward_errors)
+    held.task.check_reward()
+    eval_set = held.examples
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
     # the held-out set's (a built-in task's prompts of a level have similar lengths; every batch
@@ -78,7 +85,7 @@ def preflight(cfg: TrainConfig) -> Setup:
     limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
     if limits:
         role = min(limits, key=limits.get)
-        examples = task.examples if isinstance(task, JsonlTask) else eval_set
+        examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")
-    return Setup(device, tok, task, levels, eval_set)
+    return Setup(device, tok, task, levels, held)

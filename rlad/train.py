@@ -52,7 +52,7 @@ from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
 from .checkpoint import Checkpoint, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .evaluate import evaluate
+from .evaluate import eval_key_order, evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model, logit_map
 from .preflight import Setup, preflight
 from .report import MetricsLog, log_line, markdown_table, plot
@@ -196,13 +196,14 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=norm.device)
             for micro in mini.split(cfg.micro_batch_size):
+                mb = roll.select(micro)
                 with amp():
-                    loss, m = micro_loss(cfg, student, teacher, roll.select(micro), norm,
-                                         tw[micro] if tw is not None else None, step)
+                    loss, m = micro_loss(cfg, student, teacher, mb, norm, tw[micro] if tw is not None else None, step)
                 loss.backward()
                 total = total + loss.detach()
+                tokens = mb.response_mask.sum()  # the micro-batch's metrics are means over its tokens
                 for k, v in m.items():
-                    stats[k].append(v)
+                    stats[k].append((v, tokens))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # the one host sync of an optimizer step: whether to skip it
             if not bool(torch.isfinite(total) & torch.isfinite(gnorm)):
@@ -213,21 +214,28 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                 continue
             optimizer.step()
             scheduler.step()
-            stats["loss"].append(total)
-            stats["grad_norm"].append(gnorm)
+            stats["loss"].append((total, 1))
+            stats["grad_norm"].append((gnorm, 1))
     return dict(stats)
 
 
-def host_metrics(stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Each metric's unweighted mean over its values, with one device-to-host transfer for them all."""
+def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
+    """Each metric's weighted mean over its ``(value, weight)`` pairs, with one device-to-host
+    transfer for them all. The weights say what a value is a mean over: a micro-batch's token
+    metrics weigh its valid tokens (so the step's value is the mean over all of the step's
+    tokens, whatever the micro-batch sizes), an optimizer step's loss and gradient norm weigh 1."""
     stats = {k: v for k, v in stats.items() if v}
     if not stats:
         return {}
-    flat = torch.stack([v.detach().double() for values in stats.values() for v in values]).tolist()
+    flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device="cpu") if not torch.is_tensor(x)
+                        else x.detach().to(torch.float64).cpu()
+                        for values in stats.values() for pair in values for x in pair]).tolist()
     out, i = {}, 0
     for k, values in stats.items():
-        out[k] = sum(flat[i:i + len(values)]) / len(values)
-        i += len(values)
+        vals, weights = flat[i:i + 2 * len(values):2], flat[i + 1:i + 2 * len(values):2]
+        total = sum(weights)
+        out[k] = sum(v * w for v, w in zip(vals, weights, strict=True)) / total if total > 0 else float("nan")
+        i += 2 * len(values)
     return out
 
 
@@ -281,11 +289,19 @@ def resume_point(cfg: TrainConfig) -> Checkpoint | None:
     return ckpt
 
 
-def _eval_order(key: str) -> tuple:
-    """``evaluate``'s order of its metrics: accuracy, mean@k, pass@k, each then per level."""
-    base, _, level = key.partition("/L")
-    rank = 0 if base == "accuracy" else 1 if base.startswith("mean@") else 2
-    return rank, base, bool(level), int(level) if level.isdigit() else 0
+def eval_table(first: dict | None, final: dict) -> str:
+    """Markdown: each metric (all levels, then per level) at the start and the end, with standard
+    errors, and the eval set's size."""
+    from .evaluate import metric_names, with_se
+
+    levels = sorted(int(k[len("n/L"):]) for k in final if k.startswith("n/L"))
+    rows = []
+    for lv in [None, *levels]:
+        suffix = "" if lv is None else f"/L{lv}"
+        for name in metric_names(final):
+            rows.append((name + suffix, int(final.get("n" + suffix, 0)), with_se(first, name, lv) if first else "n/a",
+                         with_se(final, name, lv)))
+    return markdown_table(["metric", "prompts", "start", "end"], rows)
 
 
 def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
@@ -348,7 +364,7 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         # its own random stream, so evaluating (or not) never changes the training run
         with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 2_000_003)
-            res = evaluate(student, tok, task, eval_set, template=cfg.prompt_template,
+            res = evaluate(student, tok, setup.held.task, eval_set, template=cfg.prompt_template,
                            max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
                            temperature=cfg.temperature, top_p=cfg.top_p, progress=bar)
         bar.close()
@@ -368,9 +384,9 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         t_roll = time.perf_counter() - t0
         student.train()
         stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
-        stats.update(response_len=[roll.lengths.float().mean()], tokens=[roll.response_mask.sum()])
+        stats.update(response_len=[(roll.lengths.float().mean(), 1)], tokens=[(roll.response_mask.sum(), 1)])
         if alg.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1 by construction
-            stats.update(reward=[roll.rewards.mean()], accuracy=[(roll.rewards >= 1).float().mean()])
+            stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)])
         m = host_metrics(stats)  # the step's metrics reach the host here, once
         dt = time.perf_counter() - t0
         m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,
@@ -399,7 +415,7 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     records = log.records()
     done = [r for r in records if r.get("eval") and r["step"] == cfg.steps] if state["step"] == cfg.steps else []
     if start is not None and done:
-        final = {k[len("eval/"):]: v for k, v in sorted(done[-1].items(), key=lambda kv: _eval_order(kv[0][5:]))
+        final = {k[len("eval/"):]: v for k, v in sorted(done[-1].items(), key=lambda kv: eval_key_order(kv[0][5:]))
                  if k.startswith("eval/")}
         print(f"final evaluation (step {cfg.steps}) already in {log.path}; not repeated", flush=True)
     else:
@@ -407,10 +423,12 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         records = log.records()
     plot_path = plot(records, out / "curves.png", title=f"{cfg.algo} on {cfg.task}")
     first = next((r for r in records if r.get("eval") and r["step"] == 0), None)
-    rows = [(k, first.get(f"eval/{k}") if first else "n/a", v) for k, v in final.items()]
-    table = markdown_table(["metric", "start", "end"], rows)
+    start_res = {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")}
+    table = eval_table(start_res or None, final)
     summary = {"algo": cfg.algo, "task": cfg.task, "steps": cfg.steps, "nan_skips": state["nan_skips"],
-               "final": final, "start": {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")},
+               "eval_task": cfg.eval_task or cfg.task, "eval_sizes": {f"L{k}": v for k, v in setup.held.sizes.items()},
+               "train_rows_held_out": setup.held.dropped_from_training,
+               "final": final, "start": start_res,
                "plots": str(plot_path) if plot_path else None,
                "checkpoint": str(latest_checkpoint(out))}
     if counts_reward_errors:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .arithmetic import Arithmetic, Echo
-from .base import ANSWER_MARK, Example, Task, extract_answer
+from .base import ANSWER_MARK, Example, Task, extract_answer, prompt_key
 from .jsonl import JsonlTask, RewardError, load_reward, read_jsonl
 from .knights import KnightsAndKnaves
 
@@ -21,4 +21,4 @@ def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, 
 
 
 __all__ = ["ANSWER_MARK", "Example", "Task", "extract_answer", "get_task", "KnightsAndKnaves", "Arithmetic",
-           "Echo", "JsonlTask", "RewardError", "read_jsonl", "load_reward", "BUILTIN"]
+           "Echo", "prompt_key", "JsonlTask", "RewardError", "read_jsonl", "load_reward", "BUILTIN"]

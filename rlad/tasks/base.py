@@ -25,6 +25,11 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
+def prompt_key(prompt: str) -> str:
+    """A prompt's identity for held-out checks: case-folded, whitespace collapsed."""
+    return " ".join(prompt.casefold().split())
+
+
 def extract_answer(response: str) -> str | None:
     """The text after the last ``####`` on its line, stripped; None when there is no marker."""
     if ANSWER_MARK not in response:
@@ -38,6 +43,8 @@ class Task(ABC):
 
     name: str = "task"
     levels: Sequence[int] = (0,)
+    held_out: frozenset[str] = frozenset()  # prompt keys that ``sample`` never returns (the eval set)
+    MAX_REJECTS = 10_000  # consecutive held-out draws before a level counts as used up
 
     @abstractmethod
     def make(self, rng: random.Random, level: int) -> Example:
@@ -61,4 +68,20 @@ class Task(ABC):
         bad = [lv for lv in levels if lv not in self.levels]
         if bad:
             raise ValueError(f"task {self.name!r} has levels {list(self.levels)}, got {bad}")
-        return [self.make(rng, rng.choice(levels)) for _ in range(n)]
+        return [self._draw(rng, rng.choice(levels)) for _ in range(n)]
+
+    def _draw(self, rng: random.Random, level: int) -> Example:
+        if not self.held_out:
+            return self.make(rng, level)
+        for _ in range(self.MAX_REJECTS):
+            ex = self.make(rng, level)
+            if prompt_key(ex.prompt) not in self.held_out:
+                return ex
+        raise ValueError(f"task {self.name!r}: level {level} draws only held-out (eval) problems; lower eval_prompts "
+                         f"or train on other levels")
+
+    def hold_out(self, keys: set[str]) -> int:
+        """Never draw a problem whose ``prompt_key`` is in ``keys`` for training. Returns how many
+        stored examples were removed (0 for a generator, which rejects them as it draws)."""
+        self.held_out = frozenset(keys)
+        return 0

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import ANSWER_MARK, Example, Task, extract_answer
+from .base import ANSWER_MARK, Example, Task, extract_answer, prompt_key
 
 REWARD_LIMIT = 1000.0
 ON_ERROR = ("fail", "zero")
@@ -212,6 +212,17 @@ class JsonlTask(Task):
 
     def make(self, rng: random.Random, level: int) -> Example:
         return rng.choice(self.by_level[level])
+
+    def hold_out(self, keys: set[str]) -> int:
+        """Drop the rows whose prompt is in ``keys`` (the eval set). ``levels`` stays that of the
+        file; ``build_held_out`` refuses a trained level left without rows."""
+        keep = [e for e in self.examples if prompt_key(e.prompt) not in keys]
+        dropped = len(self.examples) - len(keep)
+        self.examples = keep
+        self.by_level = {}
+        for e in keep:
+            self.by_level.setdefault(e.level, []).append(e)
+        return dropped
 
     def reward(self, example: Example, response: str) -> float:
         if not self.user_reward:

@@ -185,7 +185,27 @@ def test_micro_loss_uses_the_rows_loss_and_keeps_metrics_on_device(loaded, tok, 
         assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad, k
 
 
-def test_host_metrics_are_the_unweighted_means():
+def test_host_metrics_are_weighted_means():
     vals = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 0.7, 0.35)]
-    m = host_metrics({"a": vals, "b": [torch.tensor(3)], "empty": []})
-    assert m == {"a": (float(vals[0]) + float(vals[1]) + float(vals[2])) / 3, "b": 3.0}
+    weights = [torch.tensor(3), torch.tensor(1), 0]
+    m = host_metrics({"a": list(zip(vals, weights, strict=True)), "b": [(torch.tensor(3), 1)], "empty": []})
+    assert m == {"a": (3 * float(vals[0]) + float(vals[1])) / 4, "b": 3.0}
+
+
+def test_step_metrics_are_means_over_the_steps_tokens(loaded, tok):
+    """Uneven micro-batches: the token-weighted mean of their metrics is the metric of the whole
+    batch (here sft's NLL, a mean over tokens), not the mean of the micro-batch means."""
+    student, teacher = loaded
+    cfg, roll = _collect(loaded, tok, "grpo")
+    cfg = cfg.replace(algo="sft", teacher="preset:tiny-teacher")
+    idx = torch.arange(len(roll))
+    norm, tw = normalizer_for(cfg, roll, idx)
+    _, whole = micro_loss(cfg, student, teacher, roll.select(idx), norm, tw, 0)
+    stats = {"nll": []}
+    for part in (idx[:1], idx[1:]):
+        mb = roll.select(part)
+        _, m = micro_loss(cfg, student, teacher, mb, norm, tw, 0)
+        stats["nll"].append((m["nll"], mb.response_mask.sum()))
+    unweighted = sum(float(v) for v, _ in stats["nll"]) / 2
+    assert abs(unweighted - float(whole["nll"])) > 1e-3  # the plain mean of the two would be wrong here
+    assert host_metrics(stats)["nll"] == pytest.approx(float(whole["nll"]), rel=1e-5)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ...utils.dispatch import triton_interpreting
 from .launch import TritonConfig, dot_precision, num_sms
-from .tiles import dot
+from .tiles import dot, grouped_order
 
 
 @triton.jit(do_not_specialize=["K", "k_per_split"])
@@ -44,13 +44,7 @@ def tn_gemm_kernel(
     """out[i_s, m, n] = sum over (valid) k in split i_s of (a[0] + a[1])[k, m] * b[k, n] (fp32)."""
     i_pid = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    i_grp = i_pid // (GROUP * num_n)
-    first_m = i_grp * GROUP
-    size_m = tl.minimum(num_m - first_m, GROUP)
-    i_m = first_m + (i_pid % (GROUP * num_n)) % size_m
-    i_n = (i_pid % (GROUP * num_n)) // size_m
+    i_m, i_n = grouped_order(i_pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP)
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = o_m < M

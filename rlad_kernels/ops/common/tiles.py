@@ -105,18 +105,23 @@ def row_block(N, BN: tl.constexpr):
 
 
 @triton.jit
-def region_tile(row0, n_rows, col0, n_cols, GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
-    """Program -> one BN x BV tile of a backward region (rows row0.., columns col0..), in grouped
-    order: GROUP row blocks sweep the columns together, sharing W tiles in L2. Returns local row
-    offsets/mask, global token ids, local column offsets/mask, global vocab ids."""
-    i_pid = tl.program_id(0).to(tl.int64)
-    num_r = tl.cdiv(n_rows, BN)
-    num_c = tl.cdiv(n_cols, BV)
+def grouped_order(i_pid, num_r, num_c, GROUP: tl.constexpr):
+    """Program id -> (row block, column block) in grouped order: GROUP row blocks sweep the
+    columns together, so the column tiles they share stay in L2."""
     i_grp = i_pid // (GROUP * num_c)
     first_r = i_grp * GROUP
     size_r = tl.minimum(num_r - first_r, GROUP)
     i_r = first_r + (i_pid % (GROUP * num_c)) % size_r
     i_c = (i_pid % (GROUP * num_c)) // size_r
+    return i_r, i_c
+
+
+@triton.jit
+def region_tile(row0, n_rows, col0, n_cols, GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    """Program -> one BN x BV tile of a backward region (rows row0.., columns col0..), in grouped
+    order: GROUP row blocks sweep the columns together, sharing W tiles in L2. Returns local row
+    offsets/mask, global token ids, local column offsets/mask, global vocab ids."""
+    i_r, i_c = grouped_order(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, BN), tl.cdiv(n_cols, BV), GROUP)
     o_r = i_r * BN + tl.arange(0, BN)
     o_c = i_c * BV + tl.arange(0, BV)
     return o_r, o_r < n_rows, row0 + o_r, o_c, o_c < n_cols, col0 + o_c

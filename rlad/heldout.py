@@ -1,0 +1,128 @@
+"""Held-out evaluation by construction: eval prompts never appear in training.
+
+Prompts are compared by their normalized text (``prompt_key``: case-folded, whitespace
+collapsed), so "Compute 3+4." and "compute  3+4. " are the same problem.
+
+- A built-in task (a generator) gets a fixed eval set per level, drawn with a seed of its own
+  (``eval_seed``, not the run's seed, so every run of a study is scored on the same problems);
+  training then rejects any drawn problem whose key is in the eval set (``Task.hold_out``).
+- A JSONL task is evaluated on ``eval_task`` (another JSONL file or a built-in task), or on a
+  seeded fraction ``eval_split`` of its distinct prompts. Training rows whose prompt is in the
+  eval set are dropped, with a warning that gives the count.
+
+``HeldOut`` records the eval set's size per level; ``evaluate`` reports every accuracy with its
+standard error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .tasks import Example, JsonlTask, Task, get_task, prompt_key
+
+# a level whose generator yields fewer distinct problems than asked for: draws tried before
+# concluding so, and the share of the distinct problems found that the eval set may take
+DRAWS_PER_PROMPT = 20
+MAX_EVAL_SHARE = 0.5
+DEFAULT_JSONL_SPLIT = 0.1
+
+
+@dataclass
+class HeldOut:
+    """The eval set, the task that scores it, and what was held out of training."""
+
+    task: Task                  # scores the eval responses (the training task, or eval_task)
+    examples: list[Example]
+    sizes: dict[int, int]       # eval prompts per level
+    dropped_from_training: int  # JSONL training rows removed because their prompt is in the eval set
+
+    @property
+    def keys(self) -> set[str]:
+        return {prompt_key(e.prompt) for e in self.examples}
+
+
+def generated_eval_set(task: Task, levels: Sequence[int], per_level: int, seed: int) -> tuple[list[Example], list[str]]:
+    """Up to ``per_level`` distinct problems per level from a generator task, each level drawn
+    with its own fixed stream (``random.Random("<task>/eval/<seed>/L<level>")``), so the set of a
+    level does not depend on which other levels are trained. A level with fewer distinct problems
+    than asked for gives at most half of those found to evaluation (the rest stay trainable), with
+    a note in the returned warnings."""
+    out, warnings = [], []
+    for level in sorted(set(levels)):
+        rng = random.Random(f"{task.name}/eval/{seed}/L{level}")
+        found: dict[str, Example] = {}
+        for _ in range(per_level * DRAWS_PER_PROMPT):
+            ex = task.make(rng, level)
+            found.setdefault(prompt_key(ex.prompt), ex)
+            if len(found) >= per_level:
+                break
+        picked = list(found.values())
+        if len(picked) < per_level:  # a small level: keep part of it for training
+            cap = max(1, int(len(picked) * MAX_EVAL_SHARE))
+            warnings.append(f"level {level} of task {task.name!r} has only about {len(picked)} distinct problems; "
+                            f"{cap} of them are held out for evaluation (eval_prompts={per_level} asked)")
+            picked = picked[:cap]
+        out += picked
+    return out, warnings
+
+
+def distinct_by_level(examples: Sequence[Example], levels: Sequence[int]) -> dict[int, list[Example]]:
+    """The first example of each distinct prompt, per level (only ``levels``)."""
+    seen: set[str] = set()
+    out: dict[int, list[Example]] = {lv: [] for lv in sorted(set(levels))}
+    for e in examples:
+        k = prompt_key(e.prompt)
+        if e.level in out and k not in seen:
+            seen.add(k)
+            out[e.level].append(e)
+    return out
+
+
+def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: int, eval_task: str | None = None,
+                   eval_split: float | None = None, reward: str = "exact", reward_timeout: float = 60.0,
+                   reward_errors: str = "fail", log=print) -> HeldOut:
+    """The run's eval set (see the module docstring), with training held out of it: ``task`` is
+    changed in place (a generator rejects eval prompts; a JSONL task drops their rows). Raises
+    ValueError when nothing would be left to train on or to evaluate."""
+    scorer, notes = task, []
+    if eval_task is not None:
+        scorer = get_task(eval_task, reward, reward_timeout=reward_timeout, reward_errors=reward_errors)
+        if isinstance(scorer, JsonlTask):  # a file: per_level distinct prompts of each of its levels
+            groups = distinct_by_level(scorer.examples, scorer.levels)
+            examples = [e for lv in sorted(groups) for e in groups[lv][:per_level]]
+        else:
+            examples, notes = generated_eval_set(scorer, scorer.levels, per_level, seed)
+    elif isinstance(task, JsonlTask):
+        fraction = DEFAULT_JSONL_SPLIT if eval_split is None else eval_split
+        groups = distinct_by_level(task.examples, levels)
+        examples = []
+        for level, group in groups.items():  # a seeded split of each level's distinct prompts
+            order = list(range(len(group)))
+            random.Random(f"jsonl/eval/{seed}/L{level}").shuffle(order)
+            n = min(per_level, max(1, round(len(group) * fraction)))
+            if n >= len(group):
+                raise ValueError(f"{task.path}: level {level} has {len(group)} distinct prompt(s), too few to hold "
+                                 f"out {n} for evaluation and train on the rest; add data, or give eval_task")
+            examples += [group[i] for i in sorted(order[:n])]
+    else:
+        examples, notes = generated_eval_set(task, levels, per_level, seed)
+    for note in notes:
+        log(f"note: {note}")
+    if not examples:
+        raise ValueError(f"eval_task={eval_task!r}: no evaluation prompts")
+    keys = {prompt_key(e.prompt) for e in examples}
+    dropped = task.hold_out(keys)
+    if dropped:
+        log(f"warning: {dropped} training example(s) of {task.name!r} share a prompt with the eval set and are left "
+            f"out of training")
+    if isinstance(task, JsonlTask):
+        emptied = [lv for lv in levels if not task.by_level.get(lv)]
+        if emptied:
+            raise ValueError(f"{task.path}: every prompt of level(s) {emptied} is in the eval set, so none is left to "
+                             f"train on; give an eval_task without them, or add data")
+    sizes: dict[int, int] = {}
+    for e in examples:
+        sizes[e.level] = sizes.get(e.level, 0) + 1
+    return HeldOut(scorer, examples, sizes, dropped)
