@@ -1,4 +1,4 @@
-"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad eval``."""
+"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``."""
 
 from __future__ import annotations
 
@@ -87,12 +87,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.spec, out_dir=args.out_dir, jobs=args.jobs, seeds=args.seeds, arms=args.arms)
+    if args.report_only:
+        from .study import aggregate
+
+        aggregate(study)
+    else:
+        run_study(study, quiet=args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_config_arguments
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval}")
 
     d = sub.add_parser("demo", help="train a small teacher, distill a smaller student with RLAD (CPU, minutes)")
     d.add_argument("--out-dir", default="runs/demo", help="where models, metrics and plots go (default: runs/demo)")
@@ -108,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file of settings (flags override it)")
     add_config_arguments(t)
     t.set_defaults(func=_train)
+
+    s = sub.add_parser("study", help="algorithms x seeds under identical budgets, aggregated with 95%% CIs",
+                       description="Runs every arm of a study file for every seed (each an `rlad train` in a "
+                       "subprocess, its log in <out_dir>/<arm>/seed_<s>/train.log), skipping finished runs and "
+                       "resuming unfinished ones, then writes runs.csv, curves.csv, results.md, accuracy.png and "
+                       "levels.png to the study's out_dir. The file format is in rlad/study.py and the README.")
+    s.add_argument("spec", help="study YAML file (out_dir, seeds, jobs, base, arms)")
+    s.add_argument("--out-dir", default=None, help="override the file's out_dir")
+    s.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the file's, else 1)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="override the file's seeds")
+    s.add_argument("--arms", nargs="+", default=None, help="run only these arms")
+    s.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_study)
 
     e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")
     e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")

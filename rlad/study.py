@@ -1,0 +1,410 @@
+"""``rlad study``: algorithms x seeds under identical budgets, aggregated with confidence intervals.
+
+A study is a YAML file::
+
+    out_dir: studies/mini          # one folder per run below it: <arm>/seed_<s>/
+    seeds: [0, 1, 2]
+    jobs: 2                        # runs at a time (each gets cores / jobs torch threads)
+    base:                          # TrainConfig settings shared by every run
+      task: arithmetic
+      levels: [1, 2, 3]
+      teacher: runs/teacher
+      steps: 40
+    arms:                          # name: the settings that make the arm (they override base)
+      rlad: {algo: rlad, lr: 3.0e-4}
+      grpo: {algo: grpo, lr: 3.0e-4}
+      rlad-a0.25: {algo: rlad, alpha: 0.25}
+
+Every arm runs on the same budget: the budget settings (``BUDGET``: steps, prompts per step,
+responses per prompt, PPO epochs, mini-batches, response length) may not differ between arms,
+except that an sft arm draws ``prompts_per_step x group_size`` teacher solutions per step, so it
+trains on as many responses, with as many optimizer steps, as the RL arms. Each run is ``rlad
+train`` in a subprocess (its log in ``<run>/train.log``); a run whose ``summary.json`` exists
+with the same settings is skipped, an unfinished one is resumed from its last checkpoint, so a
+study can be stopped and started again. A progress bar covers the whole grid.
+
+Outputs, in ``out_dir``: ``runs.csv`` (one row per run: final metrics, overall and per level, and
+its mean diagnostics), ``curves.csv`` (every evaluation of every run), ``results.md`` (per arm:
+mean and 95% confidence interval across seeds, overall and per level; diagnostics) and the
+plots ``accuracy.png`` (held-out accuracy against step) and ``levels.png`` (final accuracy per
+level), both mean +- 95% CI across seeds (Student t).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig, read_yaml, type_problem
+from .evaluate import metric_names
+from .rundir import write_atomic
+
+BUDGET = ("steps", "prompts_per_step", "group_size", "ppo_epochs", "mini_batches", "max_new_tokens")
+STUDY_KEYS = ("out_dir", "seeds", "jobs", "base", "arms")
+# per-step metrics averaged over a run for the diagnostics table (those a run logs)
+DIAGNOSTICS = ("reward", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac", "teacher_clamp_hi",
+               "teacher_clamp_lo", "teacher_gate_frac", "teacher_gap", "ratio_mean", "kd_mean", "divergence", "nll",
+               "entropy_mean", "response_len")
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30; 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class StudyError(ValueError):
+    """An invalid study file, or runs that failed."""
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed_{self.seed}"
+
+
+@dataclass
+class Study:
+    out_dir: Path
+    seeds: list[int]
+    jobs: int
+    runs: list[Run]
+    arms: list[str]
+
+
+def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, seeds: list[int] | None = None,
+               arms: list[str] | None = None) -> Study:
+    """The study file ``path``, with command-line overrides; every run's config is built and
+    validated here, before anything runs."""
+    values, lines = read_yaml(path)
+    unknown = sorted(set(values) - set(STUDY_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {unknown}; a study has {', '.join(STUDY_KEYS)}")
+    for key, kind in (("seeds", "list[int]"), ("jobs", "int"), ("out_dir", "str")):
+        if key in values and (problem := type_problem(values[key], kind)):
+            raise StudyError(f"{path}:{lines[key]}: {key}: {problem}")
+    base, spec_arms = values.get("base") or {}, values.get("arms") or {}
+    if not isinstance(base, dict) or not isinstance(spec_arms, dict) or not spec_arms:
+        raise StudyError(f"{path}: 'base' must be a mapping of settings and 'arms' a non-empty mapping of arm names "
+                         f"to settings")
+    root = Path(out_dir or values.get("out_dir") or "studies/" + Path(path).stem)
+    seeds = list(seeds if seeds is not None else values.get("seeds", [0]))
+    jobs = jobs if jobs is not None else values.get("jobs", 1)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyError(f"seeds={seeds}: give one or more distinct seeds")
+    if jobs < 1:
+        raise StudyError(f"jobs={jobs}: must be >= 1")
+    chosen = list(spec_arms) if not arms else arms
+    missing = [a for a in chosen if a not in spec_arms]
+    if missing:
+        raise StudyError(f"arms {missing} are not in {path} (it has {', '.join(spec_arms)})")
+    for key in ("out_dir", "seed", "resume", "overwrite", "force_resume"):
+        if key in base or any(key in (spec_arms[a] or {}) for a in chosen):
+            raise StudyError(f"{path}: '{key}' is set by the study for each run; remove it from base and arms")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs = []
+    for arm in chosen:
+        settings = {**base, **(spec_arms[arm] or {})}
+        if "/" in arm or arm.startswith("."):
+            raise StudyError(f"arm name {arm!r}: use a plain folder name")
+        for seed in seeds:
+            values_ = {"threads": threads, "quiet": True, **settings, "seed": seed,
+                       "out_dir": str(root / arm / f"seed_{seed}")}
+            try:
+                cfg = TrainConfig.from_dict(values_, source=f"{path}: arm {arm!r}")
+            except ConfigError as err:
+                raise StudyError(f"{path}: arm {arm!r}: {err}") from None
+            if cfg.algo == "sft":  # as many responses per step as an RL arm: one teacher solution per prompt
+                cfg = cfg.replace(prompts_per_step=cfg.prompts_per_step * cfg.group_size)
+            runs.append(Run(arm, seed, cfg))
+    check_budgets(runs)
+    return Study(root, seeds, jobs, runs, chosen)
+
+
+def budget_of(cfg: TrainConfig) -> dict[str, int]:
+    """Responses per step, optimizer steps, and the other budget settings of a run."""
+    responses = cfg.prompts_per_step * (1 if cfg.algo == "sft" else cfg.group_size)
+    return {"responses_per_step": responses, "optimizer_steps": cfg.steps * cfg.ppo_epochs * cfg.mini_batches,
+            **{k: getattr(cfg, k) for k in ("steps", "ppo_epochs", "mini_batches", "max_new_tokens")}}
+
+
+def check_budgets(runs: list[Run]) -> None:
+    budgets = {r.arm: budget_of(r.config) for r in runs}
+    first = next(iter(budgets))
+    for arm, b in budgets.items():
+        diff = {k: (budgets[first][k], v) for k, v in b.items() if budgets[first][k] != v}
+        if diff:
+            raise StudyError(f"arms {first!r} and {arm!r} have different budgets ({diff}); every arm must run the "
+                             f"same steps, responses, PPO epochs, mini-batches and response length")
+
+
+# ----------------------------------------------------------------------------- running
+def run_state(run: Run) -> str:
+    """``done`` (a summary and the same settings), ``partial`` (started with the same settings),
+    ``new``; a run folder written with other settings is refused."""
+    saved_path = run.out / "config.json"
+    if not saved_path.is_file():
+        return "new"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return "partial"  # a crash while writing it: resume decides
+    changes = run.config.resume_changes(saved)
+    if changes:
+        raise StudyError(f"{run.out}: written with other settings ({'; '.join(changes)}); give the study another "
+                         f"out_dir, or delete that run")
+    return "done" if (run.out / "summary.json").is_file() else "partial"
+
+
+def launch(run: Run, resume: bool) -> int:
+    """``rlad train`` for one run in a subprocess, its output in ``<run>/train.log``."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    spec = run.out / "run.yaml"
+    import yaml
+
+    write_atomic(spec, yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+    cmd = [sys.executable, "-m", "rlad", "train", "--config", str(spec)] + (["--resume", "true"] if resume else [])
+    with open(run.out / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def steps_done(run: Run) -> int:
+    """The last step in a run's metrics log (for the progress bar)."""
+    try:
+        with open(run.out / "metrics.jsonl", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def run_study(study: Study, *, quiet: bool = False) -> dict:
+    """Run what is not done yet (``jobs`` at a time), then aggregate. Raises StudyError naming the
+    failed runs and their logs, after the others have finished and the finished ones are
+    aggregated."""
+    from .runtime import progress
+
+    states = {r.name: run_state(r) for r in study.runs}
+    todo = [r for r in study.runs if states[r.name] != "done"]
+    total = sum(r.config.steps for r in study.runs)
+    skipped = len(study.runs) - len(todo)
+    print(f"study {study.out_dir}: {len(study.runs)} runs ({len(study.arms)} arms x {len(study.seeds)} seeds), "
+          f"{skipped} already done, {len(todo)} to run, {study.jobs} at a time", flush=True)
+    failed: dict[str, int] = {}
+    bar = progress(quiet, total=total, desc="study steps")
+    with ThreadPoolExecutor(study.jobs) as pool:
+        futures = {r.name: pool.submit(launch, r, states[r.name] == "partial") for r in todo}
+        try:
+            while True:
+                finished = all(f.done() for f in futures.values())
+                bar.n = sum(r.config.steps if states[r.name] == "done" or (r.name in futures and futures[r.name].done())
+                            else min(steps_done(r), r.config.steps) for r in study.runs)
+                running = [n for n, f in futures.items() if f.running()]
+                bar.set_postfix_str(", ".join(running)[:60])
+                bar.refresh()
+                if finished:
+                    break
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            for f in futures.values():
+                f.cancel()
+            raise
+    bar.close()
+    for name, f in futures.items():
+        if f.result() != 0:
+            failed[name] = f.result()
+    result = aggregate(study)
+    if failed:
+        raise StudyError("runs failed: " + "; ".join(f"{n} (exit {c}, log {study.out_dir / n / 'train.log'})"
+                                                     for n, c in failed.items()))
+    return result
+
+
+# ----------------------------------------------------------------------------- aggregation
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t, n - 1 degrees of
+    freedom; 0 for one value)."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(xs) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def read_run(run: Run) -> dict | None:
+    """A finished run's summary, evaluation curve and mean diagnostics (None if not finished)."""
+    try:
+        summary = json.loads((run.out / "summary.json").read_text())
+        records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    steps = [r for r in records if not r.get("eval")]
+    diag = {}
+    for k in DIAGNOSTICS:
+        vals = [r[k] for r in steps if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        if vals:
+            diag[k] = sum(vals) / len(vals)
+    curve = [(r["step"], r.get("eval/accuracy")) for r in records if r.get("eval")]
+    return {"summary": summary, "curve": curve, "diag": diag}
+
+
+def aggregate(study: Study) -> dict:
+    """Write runs.csv, curves.csv, results.md and the plots from the finished runs."""
+    data = {r.name: read_run(r) for r in study.runs}
+    done = [r for r in study.runs if data[r.name] is not None]
+    if not done:
+        raise StudyError(f"study {study.out_dir}: no finished run to aggregate")
+    finals_of = {r.name: data[r.name]["summary"]["final"] for r in done}
+    levels = sorted({int(k[len("n/L"):]) for f in finals_of.values() for k in f if k.startswith("n/L")})
+    metrics = list(dict.fromkeys(m for r in done for m in metric_names(data[r.name]["summary"]["final"])))
+    finals = {}
+    for r in done:
+        final = data[r.name]["summary"]["final"]
+        row = {"arm": r.arm, "seed": r.seed, "algo": r.config.algo, "lr": r.config.lr}
+        for m in metrics:
+            for suffix in [""] + [f"/L{lv}" for lv in levels]:
+                row[m + suffix] = final.get(m + suffix)
+                row[f"{m}_se{suffix}"] = final.get(f"{m}_se{suffix}")
+        row["start_accuracy"] = data[r.name]["summary"].get("start", {}).get("accuracy")
+        row.update({f"mean_{k}": v for k, v in data[r.name]["diag"].items()})
+        finals[r.name] = row
+    study.out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in finals.values() for k in row))
+    write_csv(study.out_dir / "runs.csv", columns, finals.values())
+    write_csv(study.out_dir / "curves.csv", ["arm", "seed", "step", "accuracy"],
+              [{"arm": r.arm, "seed": r.seed, "step": step, "accuracy": acc}
+               for r in done for step, acc in data[r.name]["curve"]])
+    arms = [a for a in study.arms if any(r.arm == a for r in done)]
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for arm in arms:
+        rows = [finals[r.name] for r in done if r.arm == arm]
+        table[arm] = {k: mean_ci([row.get(k) for row in rows]) for k in columns
+                      if k not in ("arm", "seed", "algo", "lr") and "_se" not in k}
+        table[arm]["seeds"] = (len(rows), 0.0)
+    budget = budget_of(done[0].config)
+    md = results_markdown(study, arms, table, metrics, levels, budget)
+    write_atomic(study.out_dir / "results.md", md)
+    plots = plot_study(study, arms, data, done, table, levels)
+    print(md, flush=True)
+    return {"table": table, "runs": finals, "markdown": md, "plots": plots}
+
+
+def write_csv(path: Path, columns: list[str], rows) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    write_atomic(path, buf.getvalue())
+
+
+def _ci(cell: tuple[float, float]) -> str:
+    mean, half = cell
+    return "n/a" if not math.isfinite(mean) else f"{mean:.3f} ± {half:.3f}"
+
+
+def results_markdown(study: Study, arms, table, metrics, levels, budget) -> str:
+    lrs = {a: sorted({r.config.lr for r in study.runs if r.arm == a}) for a in arms}
+    head = ["arm", "lr", "seeds", "start"] + [f"{m}" for m in metrics] + [f"accuracy L{lv}" for lv in levels]
+    rows = [[a, ", ".join(f"{x:g}" for x in lrs[a]), int(table[a]["seeds"][0]), _ci(table[a]["start_accuracy"])]
+            + [_ci(table[a][m]) for m in metrics] + [_ci(table[a].get(f"accuracy/L{lv}", (math.nan, 0)))
+                                                     for lv in levels] for a in arms]
+    diag = [k for k in DIAGNOSTICS if any(f"mean_{k}" in table[a] for a in arms)]
+    drows = [[a] + [_ci(table[a][f"mean_{k}"]) if f"mean_{k}" in table[a] else "" for k in diag] for a in arms]
+    from .report import markdown_table
+
+    return (f"# Study {study.out_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across seeds "
+            f"(Student t). Budget per run: {budget['steps']} steps x {budget['responses_per_step']} responses, "
+            f"{budget['optimizer_steps']} optimizer steps, max {budget['max_new_tokens']} new tokens.\n\n"
+            f"{markdown_table(head, rows)}\n\nTraining diagnostics (per-step values averaged over each run, then "
+            f"mean ± 95% CI across seeds):\n\n{markdown_table(['arm'] + diag, drows)}\n")
+
+
+def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .rundir import atomic_path
+
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in arms:
+        by_step: dict[int, list[float]] = {}
+        for r in done:
+            if r.arm == arm:
+                for s, a in data[r.name]["curve"]:
+                    by_step.setdefault(s, []).append(a)
+        steps = sorted(by_step)
+        cis = [mean_ci(by_step[s]) for s in steps]
+        mean = [c[0] for c in cis]
+        ax.plot(steps, mean, marker="o", markersize=3, label=arm)
+        ax.fill_between(steps, [m - c[1] for m, c in zip(mean, cis, strict=True)],
+                        [m + c[1] for m, c in zip(mean, cis, strict=True)], alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("held-out accuracy, mean ± 95% CI across seeds")
+    fig.tight_layout()
+    out.append(_save(fig, study.out_dir / "accuracy.png", atomic_path, plt))
+    if levels:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        width = 0.8 / max(1, len(arms))
+        for i, arm in enumerate(arms):
+            cells = [table[arm].get(f"accuracy/L{lv}", (math.nan, 0.0)) for lv in levels]
+            xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(levels))]
+            ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=arm)
+        ax.set_xticks(range(len(levels)), [f"level {lv}" for lv in levels])
+        ax.set_ylabel("final held-out accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        ax.set_title("final accuracy per level, mean ± 95% CI across seeds")
+        fig.tight_layout()
+        out.append(_save(fig, study.out_dir / "levels.png", atomic_path, plt))
+    return out
+
+
+def _save(fig, path: Path, atomic_path, plt) -> str:
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return str(path)
+
+
+def load_and_report(path, **kw: Any) -> dict:
+    """Aggregate what is finished, without running anything (``rlad study --report-only``)."""
+    return aggregate(load_study(path, **kw))

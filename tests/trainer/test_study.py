@@ -1,0 +1,99 @@
+"""``rlad study`` (rlad/study.py): the grid, identical budgets, resumability, and the aggregation
+(means and Student-t 95% intervals across seeds, checked by hand)."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from rlad.study import StudyError, aggregate, load_study, mean_ci, run_study
+
+BASE = {"student": "preset:micro", "task": "echo", "levels": [1, 2], "steps": 2, "prompts_per_step": 2,
+        "group_size": 2, "max_new_tokens": 4, "micro_batch_size": 8, "mini_batches": 1, "eval_prompts": 3,
+        "eval_every": 1, "save_every": 1}
+
+
+def _spec(tmp_path, arms, seeds=(0, 1), base=None, **extra):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "seeds": list(seeds), "base": base or BASE,
+                                    "arms": arms, **extra}))
+    return path
+
+
+def test_mean_ci_by_hand():
+    mean, half = mean_ci([0.5, 0.7, 0.9])
+    assert mean == pytest.approx(0.7) and half == pytest.approx(4.303 * 0.2 / math.sqrt(3))
+    assert mean_ci([0.4]) == (0.4, 0.0)
+    assert mean_ci([0.2, None, float("nan"), 0.4])[0] == pytest.approx(0.3)
+
+
+def _fake_run(study, arm, seed, acc, levels, curve, diag):
+    run = next(r for r in study.runs if r.arm == arm and r.seed == seed)
+    run.out.mkdir(parents=True)
+    final = {"n": 6.0, "accuracy": acc, "accuracy_se": 0.1}
+    for lv, a in levels.items():
+        final.update({f"n/L{lv}": 3.0, f"accuracy/L{lv}": a, f"accuracy_se/L{lv}": 0.2})
+    (run.out / "summary.json").write_text(json.dumps({"final": final, "start": {"accuracy": 0.0}}))
+    records = [{"step": s, "eval": True, "eval/accuracy": a} for s, a in curve]
+    records += [{"step": s + 1, **diag} for s in range(2)]
+    (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_aggregation_on_a_two_seed_grid(tmp_path):
+    study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"}}))
+    _fake_run(study, "grpo", 0, 0.5, {1: 0.6, 2: 0.4}, [(0, 0.1), (2, 0.5)], {"reward": 0.25, "clip_frac_pos": 0.1})
+    _fake_run(study, "grpo", 1, 0.7, {1: 1.0, 2: 0.4}, [(0, 0.3), (2, 0.7)], {"reward": 0.75, "clip_frac_pos": 0.3})
+    res = aggregate(study)
+    t = 12.706  # t_{0.975, 1}
+    row = res["table"]["grpo"]
+    assert row["accuracy"] == (pytest.approx(0.6), pytest.approx(t * math.sqrt(0.02) / math.sqrt(2)))
+    assert row["accuracy/L1"][0] == pytest.approx(0.8) and row["accuracy/L2"] == (pytest.approx(0.4), 0.0)
+    assert row["mean_reward"][0] == pytest.approx(0.5) and row["seeds"] == (2, 0.0)
+    with open(tmp_path / "out" / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [(r["seed"], float(r["accuracy"]), float(r["accuracy/L1"])) for r in runs] == [("0", 0.5, 0.6),
+                                                                                          ("1", 0.7, 1.0)]
+    with open(tmp_path / "out" / "curves.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    md = (tmp_path / "out" / "results.md").read_text()
+    # accuracy: sd 0.1414 -> 12.706 x 0.1414 / sqrt 2 = 1.271; level 1: sd 0.2828 -> 2.541
+    assert "| grpo | 0.0001 | 2 | 0.000 ± 0.000 | 0.600 ± 1.271 | 0.800 ± 2.541 | 0.400 ± 0.000 |" in md
+    assert "| grpo | 0.500 ± 3.176 | 0.200 ± 1.271 |" in md  # the diagnostics: reward 0.25 / 0.75, clip+ 0.1 / 0.3
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0 and (tmp_path / "out" / "levels.png").is_file()
+
+
+def test_budgets_must_match(tmp_path):
+    with pytest.raises(StudyError, match="different budgets"):
+        load_study(_spec(tmp_path, {"a": {"algo": "grpo"}, "b": {"algo": "grpo", "steps": 3}}))
+    with pytest.raises(StudyError, match="'seed' is set by the study"):
+        load_study(_spec(tmp_path, {"a": {"algo": "grpo", "seed": 3}}))
+    with pytest.raises(StudyError, match="arm 'a'.*lr"):
+        load_study(_spec(tmp_path, {"a": {"algo": "grpo", "lr": "fast"}}))
+
+
+def test_sft_trains_on_as_many_responses(tmp_path):
+    study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"},
+                                        "sft": {"algo": "sft", "teacher": "preset:tiny-teacher"}}))
+    sft = next(r for r in study.runs if r.arm == "sft")
+    assert sft.config.prompts_per_step == BASE["prompts_per_step"] * BASE["group_size"]
+
+
+def test_a_real_grid_runs_then_skips_and_resumes(tmp_path, capsys):
+    spec = _spec(tmp_path, {"grpo": {"algo": "grpo", "lr": 1e-3}}, jobs=2)
+    res = run_study(load_study(spec), quiet=True)
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / "out" / "grpo" / f"seed_{seed}" / "summary.json").read_text())
+        assert res["runs"][f"grpo/seed_{seed}"]["accuracy"] == summary["final"]["accuracy"]
+        assert summary["eval_sizes"] == {"L1": 3, "L2": 3}
+    capsys.readouterr()
+    run_study(load_study(spec), quiet=True)  # everything done: nothing runs
+    assert "2 already done, 0 to run" in capsys.readouterr().out
+    (tmp_path / "out" / "grpo" / "seed_1" / "summary.json").unlink()  # as if killed before its summary
+    run_study(load_study(spec), quiet=True)
+    assert "1 already done, 1 to run" in capsys.readouterr().out
+    assert "--resume true" in (tmp_path / "out" / "grpo" / "seed_1" / "train.log").read_text()
+    with pytest.raises(StudyError, match="written with other settings"):
+        run_study(load_study(_spec(tmp_path, {"grpo": {"algo": "grpo", "lr": 2e-3}}, jobs=2)), quiet=True)
