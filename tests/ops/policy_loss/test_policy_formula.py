@@ -406,6 +406,25 @@ def test_gradient_sign_and_clipped_tokens(alpha):
         assert clamped.sum() >= 1 and coef[clamped].abs().max() < 1e-12
 
 
+def test_alignment_thresholds_of_the_readme():
+    """README "Selective imitation": at lp = lp_old, with alpha = 0.5, eps 0.2, c = 1, a token starts
+    clipped (no gradient) once lp_old - lp_T exceeds log(1.2)/0.5 = 0.365 nats (A > 0), or
+    lp_T - lp_old exceeds -log(0.8)/0.5 = 0.446 nats (A < 0); just inside, it gets a gradient."""
+    seed = 107
+    hidden, weight, bias, targets, tok = make_case(seed, torch.float64)
+    lp, _ = ref_lp_ent(hidden, weight, targets, bias)
+    N = lp.shape[0]
+    pattern = torch.tensor([(1.0, 0.36), (1.0, 0.37), (-1.0, -0.44), (-1.0, -0.45)], dtype=torch.float64)
+    A, gap = pattern.repeat(N // 4 + 1, 1)[:N].T
+    tok = dict(advantages=A.clone(), old_logp=lp.clone(), teacher_logp=lp - gap)
+    coef, _, _, valid = recovered_dL_dlp(PolicyLossConfig(alpha=0.5, eps_low=0.2, eps_high=0.2, teacher_clamp=1.0),
+                                         tok, _TRRD, seed)
+    inside = torch.tensor([True, False, True, False]).repeat(N // 4 + 1)[:N]
+    assert (valid & inside).sum() >= 4 and (valid & ~inside).sum() >= 4
+    assert (coef[valid & inside].abs() > 1e-6).all()
+    assert (coef[valid & ~inside].abs() < 1e-12).all()
+
+
 # ---------------------------------------------------------------------------- 4: nothing valid
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_ignored_gives_zero(impl, device):
