@@ -18,7 +18,7 @@ Variants (``--groups``):
              and soft caps;
   epilogue   (bf16) a covering set of the policy epilogue's options: every value of every
              EpilogueFlags field and every per-token input's presence appears, with the
-             options that interact (teacher x mixture x clamp, KD x KD weights) crossed;
+             options that interact (teacher x mixture x clamp, gate x mixture, KD x KD weights) crossed;
   autotune   (bf16, fp32) every tile configuration of the opt-in autotune space.
 
 A launch has a problem when it does not compile, spills registers, needs more shared memory
@@ -223,7 +223,9 @@ EPILOGUE_CASES = {
     "kdrl-k3+kdw+weights": (dict(alpha=1.0, kd_estimator="k3", kd_coef=0.1), ("tea", "kdw", "tw"), False),
     "trrd-arithmetic+k3+entropy-bonus": (dict(mixture="arithmetic", kd_estimator="k3", kd_coef=0.1,
                                               entropy_coef=0.01), ("tea",), False),
-    "everything": (dict(dual_clip=3.0, kd_estimator="k2", kd_coef=0.1, ref_kl_coef=0.1, entropy_coef=0.01),
+    "trrd-arithmetic+gate": (dict(mixture="arithmetic", teacher_align_threshold=1.0), ("tea",), False),
+    "everything": (dict(dual_clip=3.0, kd_estimator="k2", kd_coef=0.1, ref_kl_coef=0.1, entropy_coef=0.01,
+                        teacher_align_threshold=1.0, teacher_adv_threshold=0.1, teacher_clamp_grad="straight_through"),
                    ("tea", "ref", "tw", "kdw"), True),
 }
 _KW = dict(tea="teacher_logp", ref="ref_logp", tw="token_weights", kdw="kd_weights")

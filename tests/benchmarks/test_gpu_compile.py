@@ -70,8 +70,8 @@ def test_every_option_of_every_kernel_is_covered(report):
     res = rep["results"]
     both = {True, False}
     for arch in rep["archs"]:
-        for flag, values in (("ARITHMETIC", both), ("HAS_CLAMP", both), ("HAS_DUAL", both), ("KD", {0, 1, 2, 3}),
-                             ("ENT_BONUS", both)):
+        for flag, values in (("ARITHMETIC", both), ("HAS_CLAMP", both), ("GATE", both), ("HAS_DUAL", both),
+                             ("KD", {0, 1, 2, 3}), ("ENT_BONUS", both)):
             assert _values(res, "policy_fwd_kernel", arch, "EPI", flag) == values, (arch, flag)
         for field in ("teacher_logp", "ref_logp", "token_weights", "kd_weights"):
             assert _values(res, "policy_fwd_kernel", arch, "HAS", field) == both, (arch, field)

@@ -164,7 +164,7 @@ def test_reference_log_probs_for_the_reference_kl(loaded, tok):
 LOSS_METRICS = [  # (algorithm, metrics its loss reports, metrics it must not report)
     ("rlad", {"ratio_mean", "teacher_gap", "teacher_clamp_frac"}, {"kd_mean"}),
     ("grpo", {"ratio_mean", "clip_frac"}, {"teacher_gap", "kd_mean"}),
-    ("kdrl", {"ratio_mean", "teacher_gap", "kd_mean"}, set()),
+    ("kdrl", {"ratio_mean", "kd_mean"}, {"teacher_gap", "teacher_clamp_frac"}),  # alpha = 1: no teacher in the ratio
     ("opd sampled", {"ratio_mean"}, {"teacher_gap", "kd_mean"}),  # the teacher shapes the advantage only
     ("opd jsd", {"divergence"}, {"ratio_mean"}),
     ("opd reverse_kl", {"divergence"}, {"ratio_mean"}),

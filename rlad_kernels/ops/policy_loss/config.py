@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...utils.validation import check_choice, check_float_param
 
 MIXTURES = ("geometric", "arithmetic")
+CLAMP_GRADS = ("zero", "straight_through")
 KD_ESTIMATORS = (None, "k1", "k2", "k3", "full")
 
 
@@ -24,6 +25,11 @@ class PolicyLossConfig:
         * ``mixture="arithmetic"``: ``log_r = lp - log(alpha * pi_old + (1 - alpha) * pi_T)``
           (the teacher clamp does not apply: the anchor is bounded below by ``alpha * pi_old``).
         * no ``teacher_logp``: ``log_r = lp - lp_old`` (GRPO / PPO-clip).
+        * gated TRRD (either mixture; off by default): where ``|lp_old - lp_T| > teacher_align_threshold``
+          or ``|A| < teacher_adv_threshold`` the token's ratio is the GRPO one, ``log_r = lp - lp_old``
+          (the teacher term is dropped). This follows the RLAD summary's selective imitation (teacher
+          guidance only for rollouts aligned with the teacher and with a large enough advantage); the
+          gate depends only on the inputs ``lp_old``, ``lp_T`` and ``A``, never on ``lp``.
 
     Loss per token, with ``r = exp(min(log_r, 20))`` (the cap keeps ``r * A`` finite when ``A = 0``)::
 
@@ -42,6 +48,13 @@ class PolicyLossConfig:
         alpha: weight of the old policy in the TRRD anchor, in [0, 1].
         eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]``; 0 <= eps_low < 1, eps_high >= 0.
         teacher_clamp: bound ``c > 0`` on ``|lp - lp_T|`` in the geometric TRRD ratio, or None.
+        teacher_clamp_grad: derivative of the clamped term where the clamp is active: "zero" (the
+            clamp's own derivative, so ``d log_r / d lp = alpha`` there) or "straight_through" (an
+            ablation: the forward value is unchanged but ``d log_r / d lp = 1`` as if unclamped).
+        teacher_align_threshold: gate (> 0, or None: off): drop the teacher term of tokens with
+            ``|lp_old - lp_T|`` above it.
+        teacher_adv_threshold: gate (>= 0, or None: off): drop the teacher term of tokens with
+            ``|A|`` below it.
         dual_clip: dual-clip constant (> 1) bounding the loss of A < 0 tokens, or None.
         mixture: "geometric" (RLAD) or "arithmetic".
         kd_estimator: None, "k1", "k2", "k3" (sampled-token reverse-KL estimators of KDRL) or
@@ -56,6 +69,9 @@ class PolicyLossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     teacher_clamp: float | None = 1.0
+    teacher_clamp_grad: str = "zero"
+    teacher_align_threshold: float | None = None
+    teacher_adv_threshold: float | None = None
     dual_clip: float | None = None
     mixture: str = "geometric"
     kd_estimator: str | None = None
@@ -69,6 +85,11 @@ class PolicyLossConfig:
         check_float_param("PolicyLossConfig.eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
         check_float_param("PolicyLossConfig.eps_high", self.eps_high, low=0.0)
         check_float_param("PolicyLossConfig.teacher_clamp", self.teacher_clamp, positive=True, allow_none=True)
+        check_choice("PolicyLossConfig.teacher_clamp_grad", self.teacher_clamp_grad, CLAMP_GRADS)
+        check_float_param("PolicyLossConfig.teacher_align_threshold", self.teacher_align_threshold, positive=True,
+                          allow_none=True)
+        check_float_param("PolicyLossConfig.teacher_adv_threshold", self.teacher_adv_threshold, low=0.0,
+                          allow_none=True)
         check_float_param("PolicyLossConfig.dual_clip", self.dual_clip, allow_none=True, low=1.0, low_open=True)
         check_choice("PolicyLossConfig.mixture", self.mixture, MIXTURES)
         check_choice("PolicyLossConfig.kd_estimator", self.kd_estimator, KD_ESTIMATORS)
@@ -81,6 +102,11 @@ class PolicyLossConfig:
     @property
     def needs_entropy(self) -> bool:
         return self.compute_entropy or self.entropy_coef != 0.0
+
+    @property
+    def gated(self) -> bool:
+        """Gated TRRD: a teacher-term gate (alignment or advantage threshold) is set."""
+        return self.teacher_align_threshold is not None or self.teacher_adv_threshold is not None
 
     @property
     def uses_kd(self) -> bool:

@@ -37,6 +37,9 @@ class EpilogueCoefs(NamedTuple):
     eps_low: float
     eps_high: float
     clamp_c: float      # teacher clamp c (unused without EPI.HAS_CLAMP)
+    clamp_slope: float  # d log_r / d lp where the clamp is active: alpha, or 1 (straight-through)
+    align_c: float      # gate (EPI.GATE): drop the teacher term where |lp_old - lp_T| > align_c (inf: off)
+    adv_c: float        # gate: ... or where |A| < adv_c (0: off)
     dual_c: float       # dual-clip constant (unused without EPI.HAS_DUAL)
     kd_coef: float
     ref_coef: float
@@ -48,6 +51,7 @@ class EpilogueCoefs(NamedTuple):
 class EpilogueFlags(NamedTuple):
     ARITHMETIC: bool    # the arithmetic mixture anchor instead of the geometric one (with a teacher)
     HAS_CLAMP: bool     # teacher clamp
+    GATE: bool          # gated TRRD (teacher_align_threshold / teacher_adv_threshold)
     HAS_DUAL: bool      # dual clip
     KD: int             # 0 none, 1 k1, 2 k2, 3 k3
     ENT_BONUS: bool     # entropy_coef != 0
@@ -79,7 +83,9 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
     b_one = tl.full(b_lp.shape, 1.0, dtype=tl.float32)
     b_zero = tl.zeros(b_lp.shape, dtype=tl.float32)
     b_dlogr = b_one  # d log_r / d logp
-    b_clamped = b_zero
+    b_clamp_hi = b_zero
+    b_clamp_lo = b_zero
+    b_gated = b_zero
     b_gap = b_zero
     b_lt = b_zero
     if HAS.teacher_logp:
@@ -90,11 +96,20 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
         else:  # log r = alpha (lp - lp_old) + (1 - alpha) clamp(lp - lp_T, -c, c)
             b_d = b_lp - b_lt
             if EPI.HAS_CLAMP:
-                is_clamped = (b_d < -coef.clamp_c) | (b_d > coef.clamp_c)
-                b_clamped = tl.where(is_clamped, 1.0, 0.0)
+                above = b_d > coef.clamp_c
+                below = b_d < -coef.clamp_c
+                b_clamp_hi = tl.where(above, 1.0, 0.0)
+                b_clamp_lo = tl.where(below, 1.0, 0.0)
                 b_d = _clamp(b_d, -coef.clamp_c, coef.clamp_c)
-                b_dlogr = tl.where(is_clamped, coef.alpha, 1.0)
+                b_dlogr = tl.where(above | below, coef.clamp_slope, 1.0)
             b_logr = coef.alpha * (b_lp - b_old) + (1.0 - coef.alpha) * b_d
+        if EPI.GATE:  # gated TRRD: the GRPO ratio where the gate (inputs only) drops the teacher term
+            gate = (tl.abs(b_gap) > coef.align_c) | (tl.abs(b_a) < coef.adv_c)
+            b_gated = tl.where(gate, 1.0, 0.0)
+            b_logr = tl.where(gate, b_lp - b_old, b_logr)
+            b_dlogr = tl.where(gate, 1.0, b_dlogr)
+            b_clamp_hi = tl.where(gate, 0.0, b_clamp_hi)
+            b_clamp_lo = tl.where(gate, 0.0, b_clamp_lo)
     else:
         b_logr = b_lp - b_old
     capped = b_logr > LOG_RATIO_CAP
@@ -178,7 +193,9 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
         clip_neg=tl.sum(tl.where((b_a < 0) & clipped, v, 0.0), axis=0),
         dual_clip=tl.sum(tl.where(valid, b_dual, 0.0), axis=0),
         ratio=tl.sum(tl.where(valid, b_r, 0.0), axis=0),
-        teacher_clamp=tl.sum(tl.where(valid, b_clamped, 0.0), axis=0),
+        teacher_clamp_hi=tl.sum(tl.where(valid, b_clamp_hi, 0.0), axis=0),
+        teacher_clamp_lo=tl.sum(tl.where(valid, b_clamp_lo, 0.0), axis=0),
+        teacher_gate=tl.sum(tl.where(valid, b_gated, 0.0), axis=0),
         teacher_gap=tl.sum(tl.where(valid, b_gap, 0.0), axis=0),
         entropy=tl.sum(tl.where(valid, b_ent, 0.0), axis=0),
         kd=tl.sum(tl.where(valid, b_kd, 0.0), axis=0),

@@ -2,9 +2,10 @@
 
 ``policy_token_loss`` is what the torch and naive implementations differentiate with autograd.
 The Triton epilogue (``kernels.py``) evaluates the same formulas with their analytic derivative;
-the test suite checks the two agree on every branch (clip sides, teacher clamp, dual clip, KD
-estimators, ratio cap). ``TokenInputs`` (the per-token constants) and ``STAT_FIELDS`` (the
-metric sums) are defined here once and used by every implementation.
+the test suite checks the two agree on every branch (clip sides, teacher clamp and its straight-through
+variant, teacher gate, dual clip, KD estimators, ratio cap). ``TokenInputs`` (the per-token
+constants) and ``STAT_FIELDS`` (the metric sums) are defined here once and used by every
+implementation.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ STAT_FIELDS = (
     "clip_neg",       # A < 0 tokens on the clipped branch
     "dual_clip",      # A < 0 tokens bounded by the dual clip
     "ratio",          # sum of r
-    "teacher_clamp",  # tokens where |lp - lp_T| > teacher_clamp
+    "teacher_clamp_hi",  # tokens clamped with lp - lp_T > teacher_clamp (student above teacher)
+    "teacher_clamp_lo",  # tokens clamped with lp - lp_T < -teacher_clamp (student below teacher)
+    "teacher_gate",   # tokens whose teacher term the gate dropped (gated TRRD)
     "teacher_gap",    # sum of lp_old - lp_T
     "entropy",        # sum of entropy
     "kd",             # sum of the KD estimator value
@@ -83,6 +86,19 @@ def used_inputs(tok: TokenInputs, cfg: PolicyLossConfig) -> TokenInputs:
                         kd_weights=tok.kd_weights if cfg.kd_estimator not in (None, "full") else None)
 
 
+def teacher_gate(A: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                 cfg: PolicyLossConfig) -> torch.Tensor:
+    """Where gated TRRD drops the teacher term: ``|lp_old - lp_T| > teacher_align_threshold`` (the
+    rollout policy is not aligned with the teacher on this token) or ``|A| < teacher_adv_threshold``
+    (too little reward signal to imitate on). Inputs only: the gate never depends on ``lp``."""
+    gate = torch.zeros_like(A, dtype=torch.bool)
+    if cfg.teacher_align_threshold is not None:
+        gate = gate | ((old_logp - teacher_logp).abs() > cfg.teacher_align_threshold)
+    if cfg.teacher_adv_threshold is not None:
+        gate = gate | (A.abs() < cfg.teacher_adv_threshold)
+    return gate
+
+
 def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfig,
                       entropy: torch.Tensor | None = None):
     """Per-token loss ``L_t`` (differentiable in ``logp`` and ``entropy``) and per-token stats.
@@ -92,23 +108,27 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
     per-token STAT_FIELDS entries (except the weight sums) to detached tensors.
     """
     A, old_logp, teacher_logp, ref_logp = tok.advantages, tok.old_logp, tok.teacher_logp, tok.ref_logp
+    clamp_hi = clamp_lo = gate = torch.zeros_like(logp, dtype=torch.bool)
     if teacher_logp is None:
         log_r = logp - old_logp
-        clamp_active = torch.zeros_like(logp, dtype=torch.bool)
-    elif cfg.mixture == "geometric":
-        d = logp - teacher_logp
-        if cfg.teacher_clamp is None:
-            clamp_active = torch.zeros_like(logp, dtype=torch.bool)
-        else:
-            c = cfg.teacher_clamp
-            clamp_active = (d < -c) | (d > c)
-            d = torch.clamp(d, -c, c)
-        log_r = cfg.alpha * (logp - old_logp) + (1.0 - cfg.alpha) * d
-    else:  # arithmetic mixture: log m = logaddexp(log a + lp_old, log(1-a) + lp_T)
-        log_a, log_1ma = log_weights(cfg.alpha)
-        log_m = torch.logaddexp(old_logp + log_a, teacher_logp + log_1ma)
-        log_r = logp - log_m
-        clamp_active = torch.zeros_like(logp, dtype=torch.bool)
+    else:
+        if cfg.mixture == "geometric":
+            d = logp - teacher_logp
+            if cfg.teacher_clamp is not None:
+                c = cfg.teacher_clamp
+                clamp_hi, clamp_lo = d > c, d < -c
+                d_c = torch.clamp(d, -c, c)
+                # straight-through: the clamped value (plus an exact 0) with the unclamped derivative
+                d = d_c.detach() + (d - d.detach()) if cfg.teacher_clamp_grad == "straight_through" else d_c
+            log_r = cfg.alpha * (logp - old_logp) + (1.0 - cfg.alpha) * d
+        else:  # arithmetic mixture: log m = logaddexp(log a + lp_old, log(1-a) + lp_T)
+            log_a, log_1ma = log_weights(cfg.alpha)
+            log_m = torch.logaddexp(old_logp + log_a, teacher_logp + log_1ma)
+            log_r = logp - log_m
+        if cfg.gated:  # gated TRRD: the GRPO ratio where the gate drops the teacher term
+            gate = teacher_gate(A, old_logp, teacher_logp, cfg)
+            log_r = torch.where(gate, logp - old_logp, log_r)
+            clamp_hi, clamp_lo = clamp_hi & ~gate, clamp_lo & ~gate
 
     ratio = torch.exp(torch.clamp(log_r, max=LOG_RATIO_CAP))
     pg_unclipped = -A * ratio
@@ -163,7 +183,9 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
         "clip_neg": (A < 0) & clipped,
         "dual_clip": dual_active,
         "ratio": ratio,
-        "teacher_clamp": clamp_active,
+        "teacher_clamp_hi": clamp_hi,
+        "teacher_clamp_lo": clamp_lo,
+        "teacher_gate": gate,
         "teacher_gap": (old_logp - teacher_logp) if teacher_logp is not None else zero,
         "entropy": entropy if entropy is not None else zero,
         "kd": kd,
@@ -191,7 +213,10 @@ def reduce_token_stats(loss: torch.Tensor, stats: dict[str, torch.Tensor], weigh
 
 def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: bool, has_ref: bool,
                      has_entropy: bool) -> dict[str, torch.Tensor]:
-    """Detached scalar metrics from the STAT_FIELDS sums (no host sync)."""
+    """Detached scalar metrics from the STAT_FIELDS sums (no host sync). The teacher metrics are
+    reported only where the teacher acts in the ratio (``teacher_logp`` given and ``alpha < 1``;
+    the clamp ones for the geometric mixture with a clamp, ``teacher_gate_frac`` when gated): with
+    ``alpha == 1`` (GRPO, KDRL) the teacher is no part of the ratio and they would mislead."""
     s = {name: sums[i].detach().float() for i, name in enumerate(STAT_FIELDS)}
     one = torch.ones((), dtype=torch.float32, device=sums.device)
     tokens = torch.maximum(s["tokens"], one)
@@ -204,9 +229,14 @@ def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: 
     }
     if cfg.dual_clip is not None:
         m["dual_clip_frac"] = s["dual_clip"] / torch.maximum(s["adv_neg"], one)
-    if has_teacher:
-        m["teacher_clamp_frac"] = s["teacher_clamp"] / tokens
+    if has_teacher and cfg.alpha < 1.0:  # teacher metrics only where the teacher acts in the ratio
         m["teacher_gap"] = s["teacher_gap"] / tokens
+        if cfg.mixture == "geometric" and cfg.teacher_clamp is not None:
+            m["teacher_clamp_frac"] = (s["teacher_clamp_hi"] + s["teacher_clamp_lo"]) / tokens
+            m["teacher_clamp_hi"] = s["teacher_clamp_hi"] / tokens
+            m["teacher_clamp_lo"] = s["teacher_clamp_lo"] / tokens
+        if cfg.gated:
+            m["teacher_gate_frac"] = s["teacher_gate"] / tokens
     if has_entropy:
         m["entropy_mean"] = s["entropy"] / tokens
     if cfg.kd_estimator is not None:

@@ -6,6 +6,8 @@ epilogue's kernel arguments (pointers, coefficients, constexpr flags).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...utils.validation import token_mean_normalizer
@@ -31,10 +33,15 @@ def epilogue_args(tok: TokenInputs, cfg: PolicyLossConfig, N: int, blocks: int, 
                       stat=torch.empty((blocks, len(STAT_FIELDS)), **f32))
     log_a, log_1ma = log_weights(cfg.alpha)
     coef = EpilogueCoefs(alpha=float(cfg.alpha), eps_low=float(cfg.eps_low), eps_high=float(cfg.eps_high),
-                         clamp_c=float(cfg.teacher_clamp or 0.0), dual_c=float(cfg.dual_clip or 0.0),
+                         clamp_c=float(cfg.teacher_clamp or 0.0),
+                         clamp_slope=1.0 if cfg.teacher_clamp_grad == "straight_through" else float(cfg.alpha),
+                         align_c=float(cfg.teacher_align_threshold if cfg.teacher_align_threshold is not None
+                                       else math.inf),
+                         adv_c=float(cfg.teacher_adv_threshold or 0.0), dual_c=float(cfg.dual_clip or 0.0),
                          kd_coef=float(cfg.kd_coef), ref_coef=float(cfg.ref_kl_coef), ent_coef=float(cfg.entropy_coef),
                          log_a=log_a, log_1ma=log_1ma)
     flags = EpilogueFlags(ARITHMETIC=cfg.mixture == "arithmetic", HAS_CLAMP=cfg.teacher_clamp is not None,
+                          GATE=cfg.gated and tok.teacher_logp is not None,
                           HAS_DUAL=cfg.dual_clip is not None, KD=_KD_CODES[cfg.kd_estimator], ENT_BONUS=ent_bonus)
     # absent inputs: any float32 [N] tensor will do, their presence flags compile the loads out
     ptrs = TokenInputs(*(t if t is not None else tok.advantages for t in tok))

@@ -38,6 +38,16 @@ def ref_lp_ent(hidden, weight, targets, bias=None, temperature=TEMP, logit_scale
     return lp, ent
 
 
+def ref_gate(A, old, teacher, cfg):
+    """Tokens whose teacher term gated TRRD drops: |lp_old - lp_T| > align, or |A| < adv."""
+    gate = torch.zeros_like(A, dtype=torch.bool)
+    if cfg.teacher_align_threshold is not None:
+        gate |= (old - teacher).abs() > cfg.teacher_align_threshold
+    if cfg.teacher_adv_threshold is not None:
+        gate |= A.abs() < cfg.teacher_adv_threshold
+    return gate
+
+
 def ref_token_loss(lp, ent, A, old, cfg, teacher=None, ref=None, kd_w=None):
     """Per-token L_t, ratio r_t and the KD / ref-KL values, straight from the specification."""
     if teacher is None:
@@ -45,10 +55,14 @@ def ref_token_loss(lp, ent, A, old, cfg, teacher=None, ref=None, kd_w=None):
     elif cfg.mixture == "geometric":
         d = lp - teacher
         if cfg.teacher_clamp is not None:
-            d = d.clamp(-cfg.teacher_clamp, cfg.teacher_clamp)
+            dc = d.clamp(-cfg.teacher_clamp, cfg.teacher_clamp)
+            # straight-through: the clamped value, derivative 1 (as if unclamped)
+            d = d + (dc - d).detach() if cfg.teacher_clamp_grad == "straight_through" else dc
         log_r = cfg.alpha * (lp - old) + (1 - cfg.alpha) * d
     else:
         log_r = lp - torch.log(cfg.alpha * old.exp() + (1 - cfg.alpha) * teacher.exp())
+    if teacher is not None:  # gated TRRD: the GRPO ratio where the teacher term is dropped
+        log_r = torch.where(ref_gate(A, old, teacher, cfg), lp - old, log_r)
     r = torch.exp(log_r.clamp(max=20.0))
     L = torch.maximum(-A * r, -A * r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
     if cfg.dual_clip is not None:
@@ -84,6 +98,7 @@ def ref_loss(lp, ent, valid, tok, cfg, normalizer=None):
         norm = wsum if wsum > 0 else 1.0
     else:
         norm = float(normalizer)
+    extra["abs_loss"] = (torch.where(valid, w * L.abs(), torch.zeros_like(L)).sum() / norm).detach()
     return total / norm, r, extra
 
 
@@ -164,11 +179,22 @@ def run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer=None):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_grads_metrics_match_reference(case, impl, device, small_chunks):
-    cfg_kw, names, extra = CASES[case]
+    want = check_against_reference(CASES[case], impl, sorted(CASES).index(case), device)
+    if case in ("trrd_geometric_clamp", "kd_k2"):  # the brief's must-have metric cases (not vacuous)
+        assert want["clip_frac_pos"] > 0 and want["clip_frac_neg"] > 0
+    if case == "trrd_geometric_clamp":
+        assert 0 < want["teacher_clamp_frac"] < 1
+    if case.startswith("kd_"):  # alpha = 1: the teacher is only in the KD term, no teacher metrics
+        assert "teacher_gap" not in want
+
+
+def check_against_reference(spec, impl, seed, device):
+    """Loss, gradients and metrics of one ``CASES``-style spec against the reference; returns the
+    reference metrics."""
+    cfg_kw, names, extra = spec
     cfg = PolicyLossConfig(**cfg_kw)
     dtype = torch.float32 if impl == "triton" else torch.float64
     tol_loss, tol_grad = (1e-5, 1e-4) if impl == "triton" else (1e-10, 1e-10)
-    seed = sorted(CASES).index(case)
     hidden, weight, bias, targets, tok = make_case(seed, dtype, cap=extra.get("cap", False))
     normalizer = extra.get("normalizer")
 
@@ -184,9 +210,12 @@ def test_loss_grads_metrics_match_reference(case, impl, device, small_chunks):
     out = run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer)
     out.loss.backward()
     assert torch.isfinite(loss_ref)
-    assert rel(out.loss, loss_ref) <= tol_loss, (case, impl, out.loss.item(), loss_ref.item())
+    # relative to the loss, or to the sum of |terms| when they cancel (float32 sums err by eps * that)
+    err = (out.loss.detach().double().cpu() - loss_ref.detach()).abs().item()
+    assert err <= tol_loss * max(loss_ref.abs().item(), kx["abs_loss"].item()), (cfg, impl, out.loss.item(),
+                                                                                 loss_ref.item())
     for name, got, want in (("hidden", h, rh), ("weight", w, rw), ("bias", b, rb)):
-        assert rel(got.grad, want.grad) <= tol_grad, (case, impl, name, rel(got.grad, want.grad))
+        assert rel(got.grad, want.grad) <= tol_grad, (cfg, impl, name, rel(got.grad, want.grad))
     assert rel(out.logp.cpu()[valid], lp[valid]) <= tol_loss
 
     # metrics, from our own counts over valid tokens
@@ -201,21 +230,110 @@ def test_loss_grads_metrics_match_reference(case, impl, device, small_chunks):
         "ratio_mean": r.mean(),
         "entropy_mean": ent.mean(),
     }
-    if "teacher_logp" in names:
-        lpT = used["teacher_logp"][valid]
-        want["teacher_gap"] = (used["old_logp"][valid] - lpT).mean()
+    if "teacher_logp" in names and cfg.alpha < 1:  # teacher metrics only where the teacher acts in the ratio
+        old, lpT = used["old_logp"][valid], used["teacher_logp"][valid]
+        want["teacher_gap"] = (old - lpT).mean()
+        gate = ref_gate(A, old, lpT, cfg)
+        if cfg.gated:
+            want["teacher_gate_frac"] = gate.double().mean()
         if cfg.mixture == "geometric" and cfg.teacher_clamp is not None:
-            want["teacher_clamp_frac"] = ((lp - lpT).abs() > cfg.teacher_clamp).double().mean()
+            hi, lo = (lp - lpT > cfg.teacher_clamp) & ~gate, (lp - lpT < -cfg.teacher_clamp) & ~gate
+            want["teacher_clamp_hi"], want["teacher_clamp_lo"] = hi.double().mean(), lo.double().mean()
+            want["teacher_clamp_frac"] = (hi | lo).double().mean()
     if "kd" in kx:
         want["kd_mean"] = kx["kd"].detach()[valid].mean()
     if "ref_kl" in kx:
         want["ref_kl_mean"] = kx["ref_kl"].detach()[valid].mean()  # inferred name/definition
-    if case in ("trrd_geometric_clamp", "kd_k2"):  # the brief's must-have metric cases
-        assert n_clip_pos > 0 and n_clip_neg > 0 and 0 < want["teacher_clamp_frac"] < 1
+    teacher_keys = {"teacher_gap", "teacher_gate_frac", "teacher_clamp_frac", "teacher_clamp_hi", "teacher_clamp_lo"}
+    assert teacher_keys & set(out.metrics) == teacher_keys & set(want), (cfg, impl, sorted(out.metrics))
     for key, val in want.items():
-        assert key in out.metrics, (case, key, sorted(out.metrics))
+        assert key in out.metrics, (cfg, key, sorted(out.metrics))
         got = out.metrics[key].double().cpu()
-        assert torch.isclose(got, val.double(), rtol=1e-5, atol=1e-6), (case, impl, key, got.item(), val.item())
+        assert torch.isclose(got, val.double(), rtol=1e-5, atol=1e-6), (cfg, impl, key, got.item(), val.item())
+    return want
+
+
+# ---------------------------------------------------------------------------- selective imitation options
+# gated TRRD (both mixtures, each threshold alone and together) and the straight-through clamp
+SELECTIVE = {
+    "gated_geometric": (dict(alpha=0.5, teacher_align_threshold=1.5, teacher_adv_threshold=0.5), _TRRD, {}),
+    "gated_geometric_align_dual_cap": (dict(alpha=0.3, teacher_align_threshold=1.0, dual_clip=3.0), _TRRD,
+                                       {"cap": True}),
+    "gated_arithmetic": (dict(alpha=0.5, mixture="arithmetic", teacher_align_threshold=1.2,
+                              teacher_adv_threshold=0.3), _TRRD + ("token_weights",), {}),
+    "gated_adv_noclamp": (dict(alpha=0.2, teacher_clamp=None, teacher_adv_threshold=0.8), _TRRD, {}),
+    "straight_through": (dict(alpha=0.5, teacher_clamp_grad="straight_through"), _TRRD, {}),
+    "straight_through_gated_alpha0": (dict(alpha=0.0, teacher_clamp=0.5, teacher_clamp_grad="straight_through",
+                                           teacher_align_threshold=2.0), _TRRD, {}),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(SELECTIVE))
+def test_selective_imitation_options_match_reference(case, impl, device, small_chunks):
+    want = check_against_reference(SELECTIVE[case], impl, 200 + list(SELECTIVE).index(case), device)
+    if "gated" in case:  # the gate fires on some tokens, not all
+        assert 0 < want["teacher_gate_frac"] < 1
+    if "straight" in case:  # tokens on both sides of the clamp
+        assert want["teacher_clamp_hi"] > 0 and want["teacher_clamp_lo"] > 0
+
+
+def _run_all(impl, dtype, device, case, runs):
+    """(loss, d hidden, d weight, d bias, metrics) of each (per-token inputs, config) in ``runs``."""
+    hidden, weight, bias, targets, tok = case
+    results = []
+    for names, cfg in runs:
+        h, w, b = leaves(hidden, weight, bias, dtype, device)
+        out = run_lib(impl, h, w, b, targets, tok, names, cfg)
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad, w.grad, b.grad, out.metrics))
+    return results
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mixture", ["geometric", "arithmetic"])
+def test_gate_limits_are_exactly_trrd_and_grpo(mixture, impl, device):
+    """Thresholds that never fire give exactly TRRD; thresholds that always fire give exactly GRPO
+    (loss and gradients bit for bit)."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    base = dict(alpha=0.5, mixture=mixture)
+    trrd, grpo, never, always_adv, always_align = _run_all(impl, dtype, device, make_case(105, dtype), [
+        (_TRRD, PolicyLossConfig(**base)),
+        ((), PolicyLossConfig(**base)),
+        (_TRRD, PolicyLossConfig(**base, teacher_align_threshold=1e30, teacher_adv_threshold=0.0)),
+        (_TRRD, PolicyLossConfig(**base, teacher_adv_threshold=1e30)),
+        (_TRRD, PolicyLossConfig(**base, teacher_align_threshold=1e-30)),
+    ])
+    assert not torch.equal(trrd[1], grpo[1])  # the limits differ, so the checks below mean something
+    for got, want in ((never, trrd), (always_adv, grpo), (always_align, grpo)):
+        for x, y in zip(got[:4], want[:4], strict=True):
+            assert torch.equal(x, y), (impl, mixture, (x - y).abs().max().item())
+    assert never[4]["teacher_gate_frac"].item() == 0.0
+    for m in (always_adv[4], always_align[4]):
+        assert m["teacher_gate_frac"].item() == 1.0
+        assert m.get("teacher_clamp_frac", torch.zeros(())).item() == 0.0
+        assert torch.equal(m["ratio_mean"], grpo[4]["ratio_mean"])
+
+
+def test_straight_through_changes_only_the_clamped_derivative():
+    """Forward unchanged; d L / d lp_t is the same except on clamped tokens off the clip, where the
+    straight-through clamp gives -A r (as unclamped) instead of -A r alpha."""
+    seed = 106
+    _, _, _, _, tok = make_case(seed, torch.float64)
+    cfg = PolicyLossConfig(alpha=0.5, teacher_clamp=0.5)
+    zero, r, lp, valid = recovered_dL_dlp(cfg, tok, _TRRD, seed)
+    st, r_st, _, _ = recovered_dL_dlp(PolicyLossConfig(alpha=0.5, teacher_clamp=0.5,
+                                                       teacher_clamp_grad="straight_through"), tok, _TRRD, seed)
+    assert torch.equal(r, r_st)
+    A, n = tok["advantages"], valid.sum()  # coef = dL_t/dlp_t / n (token mean)
+    clamped = valid & ((lp - tok["teacher_logp"]).abs() > cfg.teacher_clamp)
+    moved = clamped & (zero.abs() > 1e-9)  # clamped, off the clip, A != 0
+    above = lp > tok["teacher_logp"]
+    assert moved.sum() >= 3 and (moved & above).any() and (moved & ~above).any()  # both sides of the clamp
+    torch.testing.assert_close(st[moved] * n, -A[moved] * r[moved], rtol=1e-9, atol=0)
+    torch.testing.assert_close(zero[moved] * n, -A[moved] * r[moved] * cfg.alpha, rtol=1e-9, atol=0)
+    torch.testing.assert_close(st[~clamped], zero[~clamped], rtol=1e-9, atol=1e-15)
+    assert st[clamped & (zero.abs() <= 1e-9)].abs().max() < 1e-12  # the clip (or A = 0) still zeroes them
 
 
 # ---------------------------------------------------------------------------- 3: properties
@@ -286,6 +404,25 @@ def test_gradient_sign_and_clipped_tokens(alpha):
     if alpha == 0.0:  # the ratio is fully teacher-anchored: clamped tokens get no gradient either
         clamped = valid & ((lp - tok["teacher_logp"]).abs() > cfg.teacher_clamp)
         assert clamped.sum() >= 1 and coef[clamped].abs().max() < 1e-12
+
+
+def test_alignment_thresholds_of_the_readme():
+    """README "Selective imitation": at lp = lp_old, with alpha = 0.5, eps 0.2, c = 1, a token starts
+    clipped (no gradient) once lp_old - lp_T exceeds log(1.2)/0.5 = 0.365 nats (A > 0), or
+    lp_T - lp_old exceeds -log(0.8)/0.5 = 0.446 nats (A < 0); just inside, it gets a gradient."""
+    seed = 107
+    hidden, weight, bias, targets, tok = make_case(seed, torch.float64)
+    lp, _ = ref_lp_ent(hidden, weight, targets, bias)
+    N = lp.shape[0]
+    pattern = torch.tensor([(1.0, 0.36), (1.0, 0.37), (-1.0, -0.44), (-1.0, -0.45)], dtype=torch.float64)
+    A, gap = pattern.repeat(N // 4 + 1, 1)[:N].T
+    tok = dict(advantages=A.clone(), old_logp=lp.clone(), teacher_logp=lp - gap)
+    coef, _, _, valid = recovered_dL_dlp(PolicyLossConfig(alpha=0.5, eps_low=0.2, eps_high=0.2, teacher_clamp=1.0),
+                                         tok, _TRRD, seed)
+    inside = torch.tensor([True, False, True, False]).repeat(N // 4 + 1)[:N]
+    assert (valid & inside).sum() >= 4 and (valid & ~inside).sum() >= 4
+    assert (coef[valid & inside].abs() > 1e-6).all()
+    assert (coef[valid & ~inside].abs() < 1e-12).all()
 
 
 # ---------------------------------------------------------------------------- 4: nothing valid

@@ -27,6 +27,10 @@ CONFIGS = {
                                         entropy_coef=0.01),
     "kdrl_k3_dual": PolicyLossConfig(alpha=1.0, kd_estimator="k3", kd_coef=0.1, dual_clip=2.0),
     "trrd_entropy_bonus": PolicyLossConfig(entropy_coef=-0.02, ref_kl_coef=0.1),
+    "trrd_gated_straight_through": PolicyLossConfig(teacher_align_threshold=1.5, teacher_adv_threshold=0.4,
+                                                    teacher_clamp_grad="straight_through"),
+    "arithmetic_gated_dual": PolicyLossConfig(mixture="arithmetic", alpha=0.3, teacher_align_threshold=1.0,
+                                              dual_clip=2.0),
 }
 
 
@@ -100,11 +104,47 @@ def test_inputs_hit_every_branch(device):
     """Guards the test above against going vacuous if the input recipe drifts."""
     hidden, weight, b, targets, tok = branch_inputs()
     for name, key in [("trrd", "clip_frac_pos"), ("trrd", "clip_frac_neg"), ("trrd", "teacher_clamp_frac"),
+                      ("trrd", "teacher_clamp_hi"), ("trrd", "teacher_clamp_lo"),
+                      ("trrd_gated_straight_through", "teacher_gate_frac"),
+                      ("trrd_gated_straight_through", "teacher_clamp_hi"),
+                      ("trrd_gated_straight_through", "teacher_clamp_lo"),
+                      ("arithmetic_gated_dual", "teacher_gate_frac"),
                       ("trrd_noclamp_dual", "dual_clip_frac"), ("kdrl_k3_dual", "dual_clip_frac")]:
         out, *_ = _call("naive", name, hidden.double(), weight.double(), b.double(), targets,
                         {k: v.double() for k, v in tok.items()})
         assert 0 < out.metrics[key] < 1, f"{name}: {key} = {out.metrics[key]}"
     assert out.metrics["ratio_mean"] > 1e6  # a capped ratio (e^20) is in there
+
+
+TEACHER_METRICS = {"teacher_gap", "teacher_clamp_frac", "teacher_clamp_hi", "teacher_clamp_lo", "teacher_gate_frac"}
+GATE = dict(teacher_align_threshold=1.0, teacher_adv_threshold=0.2)
+
+
+@pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
+def test_teacher_metrics_only_where_the_teacher_acts(impl, small_chunks, device):
+    """Teacher metrics need a teacher in the ratio (teacher_logp and alpha < 1); the clamp ones a
+    geometric mixture with a clamp, the gate one a gate. GRPO and KDRL (alpha = 1) report none."""
+    hidden, weight, b, targets, tok = branch_inputs(N=24, V=40, seed=23)
+    gap, clamp, gate = {"teacher_gap"}, {"teacher_clamp_frac", "teacher_clamp_hi", "teacher_clamp_lo"}, {
+        "teacher_gate_frac"}
+    cases = [  # (config, teacher given, teacher metrics expected)
+        (PolicyLossConfig(), False, set()),
+        (PolicyLossConfig(**GATE), False, set()),
+        (PolicyLossConfig(alpha=1.0, kd_estimator="k2", kd_coef=0.1), True, set()),
+        (PolicyLossConfig(alpha=1.0, **GATE), True, set()),
+        (PolicyLossConfig(), True, gap | clamp),
+        (PolicyLossConfig(teacher_clamp=None), True, gap),
+        (PolicyLossConfig(mixture="arithmetic"), True, gap),
+        (PolicyLossConfig(**GATE), True, gap | clamp | gate),
+        (PolicyLossConfig(mixture="arithmetic", teacher_adv_threshold=0.0), True, gap | gate),
+    ]
+    for cfg, teacher, want in cases:
+        out = linear_policy_loss(hidden, weight, targets, tok["advantages"], tok["old_logp"],
+                                 teacher_logp=tok["teacher_logp"] if teacher else None, bias=b, config=cfg, impl=impl)
+        assert set(out.metrics) & TEACHER_METRICS == want, (cfg, teacher, sorted(out.metrics))
+        if clamp <= want:
+            m = out.metrics
+            torch.testing.assert_close(m["teacher_clamp_frac"], m["teacher_clamp_hi"] + m["teacher_clamp_lo"])
 
 
 @pytest.mark.parametrize("split", [1, 4])
