@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from rlad_kernels import PolicyLossConfig
 
 # TrainConfig fields that are PolicyLossConfig options of the same name: PolicyLossConfig validates them
-POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "dual_clip", "mixture", "kd_estimator",
-                  "ref_kl_coef", "entropy_coef")
+POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "teacher_clamp_grad", "teacher_align_threshold",
+                  "teacher_adv_threshold", "dual_clip", "mixture", "kd_estimator", "ref_kl_coef", "entropy_coef")
 TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teacher))  # for the help text
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -97,6 +97,14 @@ class TrainConfig:
     eps_low: float = _f(0.2, "clip range low: ratio >= 1 - eps_low", "algorithm")
     eps_high: float = _f(0.2, "clip range high: ratio <= 1 + eps_high", "algorithm")
     teacher_clamp: float | None = _f(1.0, "TRRD: clamp |lp - lp_teacher| (None: off)", "algorithm")
+    teacher_clamp_grad: str = _f("zero", "TRRD: derivative where the clamp is active: zero (the clamped term "
+                                         "passes none: d log r / d lp = alpha) or straight_through (1, as if "
+                                         "unclamped; an ablation)", "algorithm")
+    teacher_align_threshold: float | None = _f(None, "gated TRRD (off: None): tokens with |lp_old - lp_teacher| "
+                                                     "above it take the GRPO ratio (the teacher term is dropped), "
+                                                     "as in the RLAD summary's selective imitation", "algorithm")
+    teacher_adv_threshold: float | None = _f(None, "gated TRRD (off: None): tokens with |A| below it take the GRPO "
+                                                   "ratio", "algorithm")
     dual_clip: float | None = _f(None, "dual clip constant (> 1) for A < 0 tokens (None: off)", "algorithm")
     mixture: str = _f("geometric", "TRRD anchor: geometric (RLAD) or arithmetic", "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")

@@ -73,9 +73,11 @@ def test_group_size_rule_follows_the_batch(name):
 
 KNOBS = dict(alpha=0.3, eps_low=0.1, eps_high=0.25, teacher_clamp=None, dual_clip=2.0, mixture="arithmetic",
              kd_estimator="k3", kd_beta=0.01, kd_beta_decay=0.001, kd_beta_min=0.002, ref_kl_coef=0.05,
-             entropy_coef=0.01)
+             entropy_coef=0.01, teacher_clamp_grad="straight_through", teacher_align_threshold=0.4,
+             teacher_adv_threshold=0.1)
 SHARED = dict(eps_low=0.1, eps_high=0.25, teacher_clamp=None, dual_clip=2.0, mixture="arithmetic", ref_kl_coef=0.05,
-              entropy_coef=0.01)
+              entropy_coef=0.01, teacher_clamp_grad="straight_through", teacher_align_threshold=0.4,
+              teacher_adv_threshold=0.1)
 
 
 POLICY_CONFIGS = [
