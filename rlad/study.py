@@ -3,6 +3,7 @@
 A study is a YAML file::
 
     out_dir: studies/mini          # one folder per run below it: <arm>/seed_<s>/
+    report_dir: studies/mini       # the tables and plots (optional; default out_dir)
     seeds: [0, 1, 2]
     jobs: 2                        # runs at a time (each gets cores / jobs torch threads)
     base:                          # TrainConfig settings shared by every run
@@ -23,11 +24,14 @@ train`` in a subprocess (its log in ``<run>/train.log``); a run whose ``summary.
 with the same settings is skipped, an unfinished one is resumed from its last checkpoint, so a
 study can be stopped and started again. A progress bar covers the whole grid.
 
-Outputs, in ``out_dir``: ``runs.csv`` (one row per run: final metrics, overall and per level, and
-its mean diagnostics), ``curves.csv`` (every evaluation of every run), ``results.md`` (per arm:
-mean and 95% confidence interval across seeds, overall and per level; diagnostics) and the
-plots ``accuracy.png`` (held-out accuracy against step) and ``levels.png`` (final accuracy per
-level), both mean +- 95% CI across seeds (Student t).
+Two studies may share ``out_dir`` (an ablation that reuses the main study's runs of the same
+settings: they are skipped as done) and write their reports to different ``report_dir`` folders.
+
+Outputs, in ``report_dir`` (default ``out_dir``): ``runs.csv`` (one row per run: final
+metrics, overall and per level, and its mean diagnostics), ``curves.csv`` (every evaluation of
+every run), ``results.md`` (per arm: mean and 95% confidence interval across seeds, overall and
+per level; diagnostics), and the plots ``accuracy.png`` (held-out accuracy against step) and
+``levels.png`` (final accuracy per level), both mean +- 95% CI across seeds (Student t).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from .evaluate import metric_names
 from .rundir import write_atomic
 
 BUDGET = ("steps", "prompts_per_step", "group_size", "ppo_epochs", "mini_batches", "max_new_tokens")
-STUDY_KEYS = ("out_dir", "seeds", "jobs", "base", "arms")
+STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
 DIAGNOSTICS = ("reward", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac", "teacher_clamp_hi",
                "teacher_clamp_lo", "teacher_gate_frac", "teacher_gap", "ratio_mean", "kd_mean", "divergence", "nll",
@@ -80,7 +84,8 @@ class Run:
 
 @dataclass
 class Study:
-    out_dir: Path
+    out_dir: Path     # the runs: <out_dir>/<arm>/seed_<s>
+    report_dir: Path  # the aggregated tables and plots (default: out_dir)
     seeds: list[int]
     jobs: int
     runs: list[Run]
@@ -95,7 +100,7 @@ def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, see
     unknown = sorted(set(values) - set(STUDY_KEYS))
     if unknown:
         raise StudyError(f"{path}: unknown key(s) {unknown}; a study has {', '.join(STUDY_KEYS)}")
-    for key, kind in (("seeds", "list[int]"), ("jobs", "int"), ("out_dir", "str")):
+    for key, kind in (("seeds", "list[int]"), ("jobs", "int"), ("out_dir", "str"), ("report_dir", "str")):
         if key in values and (problem := type_problem(values[key], kind)):
             raise StudyError(f"{path}:{lines[key]}: {key}: {problem}")
     base, spec_arms = values.get("base") or {}, values.get("arms") or {}
@@ -133,7 +138,8 @@ def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, see
                 cfg = cfg.replace(prompts_per_step=cfg.prompts_per_step * cfg.group_size)
             runs.append(Run(arm, seed, cfg))
     check_budgets(runs)
-    return Study(root, seeds, jobs, runs, chosen)
+    report = Path(values["report_dir"]) if values.get("report_dir") and not out_dir else root
+    return Study(root, report, seeds, jobs, runs, chosen)
 
 
 def budget_of(cfg: TrainConfig) -> dict[str, int]:
@@ -295,10 +301,10 @@ def aggregate(study: Study) -> dict:
         row["start_accuracy"] = data[r.name]["summary"].get("start", {}).get("accuracy")
         row.update({f"mean_{k}": v for k, v in data[r.name]["diag"].items()})
         finals[r.name] = row
-    study.out_dir.mkdir(parents=True, exist_ok=True)
+    study.report_dir.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in finals.values() for k in row))
-    write_csv(study.out_dir / "runs.csv", columns, finals.values())
-    write_csv(study.out_dir / "curves.csv", ["arm", "seed", "step", "accuracy"],
+    write_csv(study.report_dir / "runs.csv", columns, finals.values())
+    write_csv(study.report_dir / "curves.csv", ["arm", "seed", "step", "accuracy"],
               [{"arm": r.arm, "seed": r.seed, "step": step, "accuracy": acc}
                for r in done for step, acc in data[r.name]["curve"]])
     arms = [a for a in study.arms if any(r.arm == a for r in done)]
@@ -310,7 +316,7 @@ def aggregate(study: Study) -> dict:
         table[arm]["seeds"] = (len(rows), 0.0)
     budget = budget_of(done[0].config)
     md = results_markdown(study, arms, table, metrics, levels, budget)
-    write_atomic(study.out_dir / "results.md", md)
+    write_atomic(study.report_dir / "results.md", md)
     plots = plot_study(study, arms, data, done, table, levels)
     print(md, flush=True)
     return {"table": table, "runs": finals, "markdown": md, "plots": plots}
@@ -342,7 +348,7 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget) -> str:
     drows = [[a] + [_ci(table[a][f"mean_{k}"]) if f"mean_{k}" in table[a] else "" for k in diag] for a in arms]
     from .report import markdown_table
 
-    return (f"# Study {study.out_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across seeds "
+    return (f"# Study {study.report_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across seeds "
             f"(Student t). Budget per run: {budget['steps']} steps x {budget['responses_per_step']} responses, "
             f"{budget['optimizer_steps']} optimizer steps, max {budget['max_new_tokens']} new tokens.\n\n"
             f"{markdown_table(head, rows)}\n\nTraining diagnostics (per-step values averaged over each run, then "
@@ -377,7 +383,7 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
     ax.legend(fontsize=8)
     ax.set_title("held-out accuracy, mean ± 95% CI across seeds")
     fig.tight_layout()
-    out.append(_save(fig, study.out_dir / "accuracy.png", atomic_path, plt))
+    out.append(_save(fig, study.report_dir / "accuracy.png", atomic_path, plt))
     if levels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         width = 0.8 / max(1, len(arms))
@@ -392,7 +398,7 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("final accuracy per level, mean ± 95% CI across seeds")
         fig.tight_layout()
-        out.append(_save(fig, study.out_dir / "levels.png", atomic_path, plt))
+        out.append(_save(fig, study.report_dir / "levels.png", atomic_path, plt))
     return out
 
 

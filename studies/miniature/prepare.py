@@ -2,7 +2,7 @@
 
     python studies/miniature/prepare.py            # -> studies/miniature/models/{teacher,student_init}
 
-The teacher (0.84M parameters) learns arithmetic levels 1-3 by supervised fine-tuning on worked
+The teacher (0.84M parameters) learns arithmetic levels 1-2 by supervised fine-tuning on worked
 solutions; the student (0.12M) gets a shorter warm-up on a mixed-style corpus in which some
 solutions end in prose the verifier cannot read (``rlad.demo.ProseStyle``). Both are trained
 with the study's test set (``eval_seed`` 0 in study.yaml) and the learning-rate sweep's validation
@@ -26,16 +26,16 @@ from rlad.report import markdown_table
 from rlad.tasks import get_task, prompt_key
 from rlad.tokenizer import load_tokenizer
 
-LEVELS = [1, 2, 3]
-EVAL_PROMPTS, TEST_SEED, VALIDATION_SEED = 64, 0, 1  # as in study.yaml (test) and sweep.yaml (validation)
-MAX_NEW_TOKENS = 48
+LEVELS = [1, 2]
+EVAL_PROMPTS, TEST_SEED, VALIDATION_SEED = 48, 0, 1  # as in study.yaml (test) and sweep.yaml (validation)
+MAX_NEW_TOKENS = 40
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "models"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-steps", type=int, default=800)
+    p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--prose-fraction", type=float, default=0.3)
     p.add_argument("--quiet", action="store_true")

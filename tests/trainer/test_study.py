@@ -74,6 +74,14 @@ def test_budgets_must_match(tmp_path):
         load_study(_spec(tmp_path, {"a": {"algo": "grpo", "lr": "fast"}}))
 
 
+def test_a_report_dir_apart_from_the_runs(tmp_path):
+    study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"}}, report_dir=str(tmp_path / "ablation")))
+    assert study.out_dir == tmp_path / "out" and study.report_dir == tmp_path / "ablation"
+    _fake_run(study, "grpo", 0, 0.5, {1: 0.5}, [(0, 0.1), (2, 0.5)], {})
+    aggregate(study)
+    assert (tmp_path / "ablation" / "results.md").is_file() and not (tmp_path / "out" / "results.md").exists()
+
+
 def test_sft_trains_on_as_many_responses(tmp_path):
     study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"},
                                         "sft": {"algo": "sft", "teacher": "preset:tiny-teacher"}}))
