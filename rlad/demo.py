@@ -92,20 +92,20 @@ def sft_on_solutions(model, tok, task: Task, levels: Sequence[int], *, steps: in
 
 def prepare_models(out: Path, tok, task: Task, levels: Sequence[int], *, seed: int, teacher_steps: int,
                    warmup_steps: int, prose_fraction: float, teacher_preset: str = "preset:tiny-teacher",
-                   student_preset: str = "preset:tiny-student", quiet: bool = False):
+                   student_preset: str = "preset:tiny-student", batch: int = 64, quiet: bool = False):
     """The teacher (SFT on the task's worked solutions) and the student's starting point (warm-up on
     the mixed-style corpus), saved to ``out/teacher`` and ``out/student_init``. ``task`` must
     already hold out the eval set (``rlad.heldout``): neither model sees an eval problem."""
     print(f"teacher: supervised fine-tuning on worked solutions ({teacher_steps} steps)", flush=True)
     teacher = load_model(teacher_preset, tok, seed=seed + 1)
-    sft_on_solutions(teacher, tok, task, levels, steps=teacher_steps, batch=64, lr=3e-3, seed=seed + 11,
+    sft_on_solutions(teacher, tok, task, levels, steps=teacher_steps, batch=batch, lr=3e-3, seed=seed + 11,
                      desc="teacher SFT", quiet=quiet)
     teacher.save_pretrained(out / "teacher")
     tok.save_pretrained(out / "teacher")
     print(f"student: warm-up on a mixed-style corpus ({warmup_steps} steps; {prose_fraction:.0%} of the solutions "
           f"end in prose the verifier cannot read)", flush=True)
     student = load_model(student_preset, tok, seed=seed + 2)
-    sft_on_solutions(student, tok, ProseStyle(task, prose_fraction), levels, steps=warmup_steps, batch=64, lr=3e-3,
+    sft_on_solutions(student, tok, ProseStyle(task, prose_fraction), levels, steps=warmup_steps, batch=batch, lr=3e-3,
                      seed=seed + 12, desc="student warm-up", quiet=quiet)
     student.save_pretrained(out / "student_init")
     tok.save_pretrained(out / "student_init")

@@ -35,11 +35,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "models"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-steps", type=int, default=400)
+    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=32, help="sequences per SFT step")
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--prose-fraction", type=float, default=0.3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster "
+                   "when other processes share the cores)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -50,7 +55,7 @@ def main() -> None:
     task.hold_out(held.keys | {prompt_key(e.prompt) for e in validation})
     teacher, student = prepare_models(out, tok, task, LEVELS, seed=args.seed, teacher_steps=args.teacher_steps,
                                       warmup_steps=args.warmup_steps, prose_fraction=args.prose_fraction,
-                                      quiet=args.quiet)
+                                      batch=args.batch, quiet=args.quiet)
     rows, scores = [], {}
     for name, model in (("teacher", teacher), ("student_init", student)):
         with torch.random.fork_rng(devices=[]):
