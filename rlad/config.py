@@ -88,6 +88,11 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; log-probs use the same", "rollout")
     top_p: float = _f(1.0, "nucleus sampling", "rollout")
     max_new_tokens: int = _f(32, "longest response", "rollout")
+    drop_truncated: bool = _f(False, "leave truncated responses (cut off at max_new_tokens before their EOS) out of "
+                                     "the loss: their tokens get weight 0 and leave the normalizer, while their "
+                                     "rewards still count in their groups' advantages; DAPO's overlong filtering "
+                                     "(Yu et al. 2025). sft: the teacher's truncated solutions are left out of its "
+                                     "pool", "rollout")
 
     # algorithm
     algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",

@@ -83,6 +83,8 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
                           device=next(student.parameters()).device)
     roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+    if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
+        roll.keep = ~roll.truncated
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size)
     if alg.scores_old:
         roll.old_logp = score(student, roll, **kw)
@@ -113,7 +115,7 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
             roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
             pool += [(chunk[j // roll.group_size], text) for j, text in enumerate(roll.texts)
-                     if roll.rewards[j] >= 1.0]
+                     if roll.rewards[j] >= 1.0 and not (cfg.drop_truncated and roll.truncated[j])]
             bar.update(len(chunk))
     bar.close()
     if not pool:
@@ -131,8 +133,8 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     weight, bias = lm_head(student)
     student_map = logit_map(student)  # its logit_scale and final-logit soft cap, if it has them
     teacher_map = logit_map(teacher) if teacher is not None else None
-    targets = mb.targets
-    tokens = mb.response_mask.sum().clamp_min(1)
+    targets = mb.loss_targets  # the response tokens of the rows kept in the loss (drop_truncated)
+    tokens = mb.loss_mask.sum().clamp_min(1)
 
     def teacher_hidden():
         with torch.no_grad():
@@ -152,7 +154,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
                                  student_softcap=student_map["softcap"], teacher_softcap=teacher_map["softcap"],
                                  student_logit_scale=student_map["logit_scale"],
                                  teacher_logit_scale=teacher_map["logit_scale"],
-                                 mask=mb.response_mask, token_weights=token_weights, normalizer=normalizer,
+                                 mask=mb.loss_mask, token_weights=token_weights, normalizer=normalizer,
                                  reduction="mean")
         return loss, {"divergence": loss.detach() * normalizer / tokens}
     assert alg.loss == POLICY, alg
@@ -171,11 +173,13 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
 
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     """(normalizer, token weights [B, L-1] | None) of one optimizer step over rows ``idx``:
-    global over all of its micro-batches, so accumulation gives the full batch's gradient."""
-    mask = roll.response_mask
+    global over all of its micro-batches, so accumulation gives the full batch's gradient. Rows
+    left out of the loss (``roll.keep``, drop_truncated) count neither their tokens nor themselves."""
+    mask = roll.loss_mask
     if cfg.aggregation == "token_mean":
         return mask[idx].sum().clamp_min(1).float(), None
-    count = torch.tensor(float(len(idx)), device=mask.device)
+    rows = roll.keep[idx].sum() if roll.keep is not None else torch.tensor(len(idx), device=mask.device)
+    count = rows.float().clamp_min(1)
     if cfg.aggregation == "seq_mean":  # every sequence weighs 1/|o_i|; the weights cover all rows
         per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
         return count, per_seq.expand(roll.targets.shape)
@@ -370,7 +374,8 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
         stats.update(response_len=[roll.lengths.float().mean()], tokens=[roll.response_mask.sum()])
         if alg.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1 by construction
-            stats.update(reward=[roll.rewards.mean()], accuracy=[(roll.rewards >= 1).float().mean()])
+            stats.update(reward=[roll.rewards.mean()], accuracy=[(roll.rewards >= 1).float().mean()],
+                         truncated_frac=[roll.truncated.float().mean()])
         m = host_metrics(stats)  # the step's metrics reach the host here, once
         dt = time.perf_counter() - t0
         m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,
