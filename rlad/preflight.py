@@ -3,15 +3,17 @@
 ``TrainConfig.validate`` has already checked every setting on its own (types, ranges, choices);
 ``preflight`` checks what needs the disk or a model's config: the output folder, the device, the
 model specs (a local folder that does not exist, a hub id that cannot be reached), the tokenizer,
-the task's data (read and validated once, here), the training levels, a user reward function
-(called once), and that the prompts plus ``max_new_tokens`` fit every model's context. Each
-failure is a one-line ValueError naming the setting, the value and the fix.
+that the teacher and the reference model share it (``check_tokenizers``), the task's data (read
+and validated once, here), the training levels, a user reward function (called once), and that
+the prompts plus ``max_new_tokens`` fit every model's context. Each failure is a one-line
+ValueError naming the setting, the value and the fix.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from .rollout import check_context, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for
 from .tasks import Example, JsonlTask, Task, get_task
+from .tokenizer import ASSET, TOKENIZER_FILES, load_tokenizer, tokenizer_mismatch
 
 EVAL_SEED_OFFSET = 1_000_003  # the held-out set is drawn with random.Random(seed + EVAL_SEED_OFFSET)
 
@@ -50,6 +53,47 @@ def models_of(cfg: TrainConfig) -> dict[str, str]:
     return roles
 
 
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """Where the run's tokenizer comes from, for messages."""
+    if cfg.tokenizer:
+        return repr(cfg.tokenizer)
+    if not cfg.student.startswith(("preset:", "config:")):
+        return f"{cfg.student!r} (the student's)"
+    return f"the built-in tokenizer ({ASSET})"
+
+
+def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
+    """The teacher and the reference model must use the run's tokenizer: the same id for every
+    token and the same special tokens (``tokenizer_mismatch``), or the teacher's log-probs score
+    other tokens than the student's. A ``preset:`` or ``config:`` model is built for the run's
+    tokenizer; a folder or hub id with its own tokenizer is compared; a folder without tokenizer
+    files (or a hub id whose tokenizer cannot be loaded) is assumed to share the run's, with a
+    note, and only its vocabulary size is checked when it is loaded (``models.check_vocab``)."""
+    source = tokenizer_source(cfg)
+    run_spec = cfg.tokenizer or (None if cfg.student.startswith(("preset:", "config:")) else cfg.student)
+    for role, spec in roles.items():
+        if role == "student" or spec.startswith(("preset:", "config:")) or spec == run_spec:
+            continue
+        local = Path(spec)
+        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            print(f"note: {role} {spec!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): assumed to share "
+                  f"the run's tokenizer {source}; only its vocabulary size is checked", flush=True)
+            continue
+        try:
+            own = load_tokenizer(spec)
+        except ValueError as err:
+            if local.is_dir():
+                raise ValueError(f"config: {role}: {err}") from None
+            print(f"note: {role} {spec!r}: no tokenizer could be loaded ({err}): assumed to share the run's "
+                  f"tokenizer {source}; only its vocabulary size is checked", flush=True)
+            continue
+        problem = tokenizer_mismatch(tok, own, names=("the run's", f"the {role}'s"))
+        if problem:
+            raise ValueError(f"config: {role}: the tokenizer of the {role} {spec!r} differs from the run's tokenizer "
+                             f"{source}: {problem}; distillation needs the same token ids and special tokens on "
+                             f"both sides: use a {role} trained with the student's tokenizer")
+
+
 def preflight(cfg: TrainConfig) -> Setup:
     check_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
@@ -70,6 +114,7 @@ def preflight(cfg: TrainConfig) -> Setup:
         raise ValueError(f"config: levels={cfg.levels}: task {cfg.task!r} has levels {list(task.levels)}, not "
                          f"{unknown}")
     task.check_reward()
+    check_tokenizers(cfg, roles, tok)
     eval_set = task.sample(random.Random(cfg.seed + EVAL_SEED_OFFSET), cfg.eval_prompts, levels)
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
