@@ -7,6 +7,9 @@ that the teacher and the reference model share it (``check_tokenizers``), the ta
 and validated once, here), the training levels, a user reward function (called once), and that
 the prompts plus ``max_new_tokens`` fit every model's context. Each failure is a one-line
 ValueError naming the setting, the value and the fix.
+
+``max_new_tokens`` unset (None) is resolved here from the task and levels
+(``Task.response_budget``, see ``rlad.tasks.budget``); the run uses ``Setup.cfg``, which has it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Setup:
     task: Task
     levels: list[int]
     eval_set: list[Example]
+    cfg: TrainConfig  # the run's settings, max_new_tokens resolved
 
 
 def models_of(cfg: TrainConfig) -> dict[str, str]:
@@ -94,6 +98,21 @@ def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
                              f"both sides: use a {role} trained with the student's tokenizer")
 
 
+def resolve_max_new_tokens(cfg: TrainConfig, task: Task, tok, levels: list[int]) -> TrainConfig:
+    """``cfg`` with max_new_tokens from the task when unset (printed, with why); a warning when a
+    value set cannot fit the longest reference response."""
+    budget = task.response_budget(tok, levels)
+    if cfg.max_new_tokens is None:
+        print(f"max_new_tokens: {budget.tokens}, from the task ({budget.explain()}); set max_new_tokens to choose "
+              f"another", flush=True)
+        return cfg.replace(max_new_tokens=budget.tokens)
+    if cfg.max_new_tokens < budget.longest:
+        print(f"warning: max_new_tokens={cfg.max_new_tokens} cannot fit the longest {budget.what} ({budget.longest} "
+              f"tokens with its EOS): responses that long are cut off before their answer; the task's default is "
+              f"{budget.tokens} (max_new_tokens unset)", flush=True)
+    return cfg
+
+
 def preflight(cfg: TrainConfig) -> Setup:
     check_out_dir(cfg.out_dir)
     device = resolve_device(cfg.device)
@@ -115,6 +134,7 @@ def preflight(cfg: TrainConfig) -> Setup:
                          f"{unknown}")
     task.check_reward()
     check_tokenizers(cfg, roles, tok)
+    cfg = resolve_max_new_tokens(cfg, task, tok, levels)
     eval_set = task.sample(random.Random(cfg.seed + EVAL_SEED_OFFSET), cfg.eval_prompts, levels)
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
@@ -126,4 +146,4 @@ def preflight(cfg: TrainConfig) -> Setup:
         examples = task.examples if isinstance(task, JsonlTask) else eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")
-    return Setup(device, tok, task, levels, eval_set)
+    return Setup(device, tok, task, levels, eval_set, cfg)

@@ -244,6 +244,7 @@ def train(cfg: TrainConfig) -> dict:
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (see ``resume_point``)."""
     setup = preflight(cfg)
+    cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
     with RunLock(cfg.out_dir):
         prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         start = resume_point(cfg) if cfg.resume else None
