@@ -4,6 +4,8 @@ Each step:
   1. draw ``prompts_per_step`` problems from the task;
   2. sample ``group_size`` responses per prompt from the student (Hugging Face ``generate``) and
      score them with the task's rule-based reward (sft: draw the teacher's correct solutions);
+     a response cut off at ``max_new_tokens`` before its EOS is truncated (``drop_truncated``:
+     out of the loss and its normalizer, its reward still in its group);
   3. per-token log-probs of the sampled tokens, as the algorithm needs them, under the old
      student, the teacher and the reference model, with the fused op (no ``[tokens x vocab]`` logits);
   4. advantages: per group ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO), or
