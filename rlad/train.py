@@ -105,10 +105,11 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
 
 
 def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
-    """Offline distillation data: the teacher samples solutions; only correct ones are kept."""
+    """Offline distillation data: the teacher samples solutions; only correct ones are kept (with
+    ``drop_truncated``, only those that also ended within ``max_new_tokens``)."""
     rng = random.Random(seed)
     examples = task.sample(rng, cfg.sft_prompts, levels)
-    pool = []
+    pool, cut = [], 0
     bar = progress(cfg.quiet, total=len(examples), desc="teacher solutions", leave=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,13 +117,23 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
             chunk = examples[i:i + cfg.prompts_per_step]
             roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
-            pool += [(chunk[j // roll.group_size], text) for j, text in enumerate(roll.texts)
-                     if roll.rewards[j] >= 1.0 and not (cfg.drop_truncated and roll.truncated[j])]
+            for j, text in enumerate(roll.texts):
+                if roll.rewards[j] < 1.0:
+                    continue
+                if cfg.drop_truncated and roll.truncated[j]:
+                    cut += 1
+                else:
+                    pool.append((chunk[j // roll.group_size], text))
             bar.update(len(chunk))
     bar.close()
     if not pool:
-        raise ValueError("sft: the teacher solved none of the prompts, so there is nothing to distill; "
-                         "check the teacher, the task and max_new_tokens")
+        why = (f" (drop_truncated left out its {cut} correct solution(s) cut off at max_new_tokens="
+               f"{cfg.max_new_tokens})" if cut else "")
+        raise ValueError(f"sft: the teacher solved none of the prompts{why}, so there is nothing to distill; "
+                         f"check the teacher, the task and max_new_tokens")
+    if cut:
+        print(f"sft: drop_truncated left {cut} correct but truncated teacher solution(s) out of the pool "
+              f"({len(pool)} kept)", flush=True)
     return pool
 
 

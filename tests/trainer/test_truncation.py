@@ -13,7 +13,7 @@ from rlad.config import TrainConfig
 from rlad.models import load_model
 from rlad.rollout import IGNORE, generate, group_advantages, score, truncated_rows
 from rlad.tasks import Echo
-from rlad.train import collect, micro_loss, normalizer_for, train
+from rlad.train import build_sft_pool, collect, micro_loss, normalizer_for, train
 
 from helpers import assert_rel
 
@@ -155,6 +155,22 @@ def test_collect_drops_only_from_the_loss_and_keeps_the_rewards_in_the_groups(tm
     assert off.keep is None and torch.equal(on.keep, ~on.truncated)
     assert 0 < int(on.truncated.sum()) < len(on)
     assert torch.equal(on.loss_mask, on.response_mask & ~on.truncated[:, None])
+
+
+def test_sft_leaves_the_teachers_truncated_solutions_out_of_its_pool(tmp_path, models, tok, capsys):
+    """Echo's answer '#### 7' is 3 tokens, its EOS the 4th: with max_new_tokens=3 the teacher's
+    correct solutions are all cut off before their EOS. Kept without the option; with it, none is
+    left (an error that says why); with room for the EOS, the option changes nothing."""
+    teacher = load_model(models["teacher"], tok)
+
+    def pool(**kw):
+        return build_sft_pool(_cfg(tmp_path, models, algo="sft", sft_prompts=8, **kw), teacher, tok, Echo(), [1], 0)
+
+    assert len(pool(max_new_tokens=3)) > 0
+    with pytest.raises(ValueError, match=r"drop_truncated left out its \d+ correct solution\(s\) cut off at "
+                                         r"max_new_tokens=3"):
+        pool(max_new_tokens=3, drop_truncated=True)
+    assert pool(max_new_tokens=6, drop_truncated=True) == pool(max_new_tokens=6)
 
 
 def test_a_run_logs_the_truncated_fraction(tiny_config):
