@@ -38,7 +38,7 @@ def _eval(args) -> int:
 
     # everything checked before the model is loaded
     for name in ("prompts", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.samples < 0:
         raise ValueError(f"--samples {args.samples}: must be >= 0")
@@ -58,6 +58,10 @@ def _eval(args) -> int:
         raise ValueError(f"--levels {' '.join(map(str, levels))}: task {args.task!r} has levels "
                          f"{list(task.levels)}, not {unknown}")
     task.check_reward()
+    if args.max_new_tokens is None:  # from the task, as rlad train does
+        budget = task.response_budget(tok, levels)
+        args.max_new_tokens = budget.tokens
+        print(f"max_new_tokens: {budget.tokens}, from the task ({budget.explain()})", flush=True)
     if isinstance(task, JsonlTask):  # the file is the eval set: its distinct prompts, up to --prompts per level
         groups = distinct_by_level(task.examples, levels)
         examples = [e for lv in sorted(groups) for e in groups[lv][:args.prompts]]
@@ -150,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--top-p", type=float, default=1.0)
-    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest response (default: from the task and levels, as for rlad train)")
     e.add_argument("--prompt-template", default="{prompt}\n")
     e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")

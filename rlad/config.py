@@ -87,7 +87,15 @@ class TrainConfig:
     group_size: int = _f(8, "G: responses sampled per prompt (>= 2)", "rollout")
     temperature: float = _f(1.0, "sampling temperature; log-probs use the same", "rollout")
     top_p: float = _f(1.0, "nucleus sampling", "rollout")
-    max_new_tokens: int = _f(32, "longest response", "rollout")
+    max_new_tokens: int | None = _f(None, "longest response, in tokens (None: from the task and levels: the "
+                                          "longest worked solution, x1.5 rounded up and at least +16; at least 256 "
+                                          "when JSONL examples have only answers; the run prints the value and "
+                                          "config.json records it)", "rollout")
+    drop_truncated: bool = _f(False, "leave truncated responses (cut off at max_new_tokens before their EOS) out of "
+                                     "the loss: their tokens get weight 0 and leave the normalizer, while their "
+                                     "rewards still count in their groups' advantages; DAPO's overlong filtering "
+                                     "(Yu et al. 2025). sft: the teacher's truncated solutions are left out of its "
+                                     "pool", "rollout")
 
     # algorithm
     algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",
@@ -205,7 +213,7 @@ class TrainConfig:
             bad("group_size", "group advantages need at least 2 responses per prompt; set group_size >= 2")
         for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "mini_batches",
                      "micro_batch_size", "eval_prompts", "sft_prompts", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("eval_every", "save_every", "warmup_steps", "eval_samples", "threads"):
             if getattr(self, name) < 0:

@@ -132,7 +132,9 @@ def decoder_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tens
 
 def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: str = "teacher") -> None:
     """Student and teacher must score the same token ids. A teacher with a padded (larger) lm_head
-    is fine; a smaller one, or a different tokenizer, is refused."""
+    is fine; a smaller one, or a different tokenizer (``teacher_tokenizer``, when given), is
+    refused. ``rlad.preflight.check_tokenizers`` compares the tokenizers before any model is
+    loaded; this is the check of the loaded heads."""
     vs = lm_head(student)[0].shape[0]
     vt = lm_head(teacher)[0].shape[0]
     n = len(tokenizer)
@@ -141,6 +143,10 @@ def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: st
     if vt < vs:
         raise ValueError(f"the {role}'s vocabulary ({vt}) is smaller than the student's ({vs}): they do not "
                          f"share a tokenizer; distillation needs the same token ids on both sides")
-    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the {role}'s tokenizer differs from the student's; distillation needs the same "
-                         f"token ids on both sides")
+    if teacher_tokenizer is not None:
+        from .tokenizer import tokenizer_mismatch
+
+        problem = tokenizer_mismatch(tokenizer, teacher_tokenizer, names=("the student's", f"the {role}'s"))
+        if problem:
+            raise ValueError(f"the {role}'s tokenizer differs from the student's: {problem}; distillation needs the "
+                             f"same token ids on both sides")

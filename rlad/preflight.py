@@ -4,14 +4,19 @@
 ``preflight`` checks what needs the disk or a model's config: the output folder, the device, the
 model specs (a local folder that does not exist, a hub id that cannot be reached), the tokenizer,
 the task's data (read and validated once, here), the training levels, the held-out eval set
-(``rlad/heldout.py``: built here, and held out of the task's training draws), a user reward function
+(``rlad/heldout.py``: built here, and held out of the task's training draws), that the teacher
+and the reference model share the run's tokenizer (``check_tokenizers``), a user reward function
 (called once), and that the prompts plus ``max_new_tokens`` fit every model's context. Each
 failure is a one-line ValueError naming the setting, the value and the fix.
+
+``max_new_tokens`` unset (None) is resolved here from the task and levels
+(``Task.response_budget``, see ``rlad.tasks.budget``); the run uses ``Setup.cfg``, which has it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +29,7 @@ from .rollout import check_context, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for
 from .tasks import Example, JsonlTask, Task, get_task
+from .tokenizer import ASSET, TOKENIZER_FILES, load_tokenizer, tokenizer_mismatch
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Setup:
     task: Task
     levels: list[int]
     held: HeldOut  # the eval set and its scorer; ``task`` never draws its prompts
+    cfg: TrainConfig  # the run's settings, max_new_tokens resolved
 
     @property
     def eval_set(self) -> list[Example]:
@@ -51,6 +58,62 @@ def models_of(cfg: TrainConfig) -> dict[str, str]:
     if cfg.ref and cfg.ref_kl_coef > 0 and alg.loss == POLICY:
         roles["ref"] = cfg.ref
     return roles
+
+
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """Where the run's tokenizer comes from, for messages."""
+    if cfg.tokenizer:
+        return repr(cfg.tokenizer)
+    if not cfg.student.startswith(("preset:", "config:")):
+        return f"{cfg.student!r} (the student's)"
+    return f"the built-in tokenizer ({ASSET})"
+
+
+def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
+    """The teacher and the reference model must use the run's tokenizer: the same id for every
+    token and the same special tokens (``tokenizer_mismatch``), or the teacher's log-probs score
+    other tokens than the student's. A ``preset:`` or ``config:`` model is built for the run's
+    tokenizer; a folder or hub id with its own tokenizer is compared; a folder without tokenizer
+    files (or a hub id whose tokenizer cannot be loaded) is assumed to share the run's, with a
+    note, and only its vocabulary size is checked when it is loaded (``models.check_vocab``)."""
+    source = tokenizer_source(cfg)
+    run_spec = cfg.tokenizer or (None if cfg.student.startswith(("preset:", "config:")) else cfg.student)
+    for role, spec in roles.items():
+        if role == "student" or spec.startswith(("preset:", "config:")) or spec == run_spec:
+            continue
+        local = Path(spec)
+        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            print(f"note: {role} {spec!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): assumed to share "
+                  f"the run's tokenizer {source}; only its vocabulary size is checked", flush=True)
+            continue
+        try:
+            own = load_tokenizer(spec)
+        except ValueError as err:
+            if local.is_dir():
+                raise ValueError(f"config: {role}: {err}") from None
+            print(f"note: {role} {spec!r}: no tokenizer could be loaded ({err}): assumed to share the run's "
+                  f"tokenizer {source}; only its vocabulary size is checked", flush=True)
+            continue
+        problem = tokenizer_mismatch(tok, own, names=("the run's", f"the {role}'s"))
+        if problem:
+            raise ValueError(f"config: {role}: the tokenizer of the {role} {spec!r} differs from the run's tokenizer "
+                             f"{source}: {problem}; distillation needs the same token ids and special tokens on "
+                             f"both sides: use a {role} trained with the student's tokenizer")
+
+
+def resolve_max_new_tokens(cfg: TrainConfig, task: Task, tok, levels: list[int]) -> TrainConfig:
+    """``cfg`` with max_new_tokens from the task when unset (printed, with why); a warning when a
+    value set cannot fit the longest reference response."""
+    budget = task.response_budget(tok, levels)
+    if cfg.max_new_tokens is None:
+        print(f"max_new_tokens: {budget.tokens}, from the task ({budget.explain()}); set max_new_tokens to choose "
+              f"another", flush=True)
+        return cfg.replace(max_new_tokens=budget.tokens)
+    if cfg.max_new_tokens < budget.longest:
+        print(f"warning: max_new_tokens={cfg.max_new_tokens} cannot fit the longest {budget.what} ({budget.longest} "
+              f"tokens with its EOS): responses that long are cut off before their answer; the task's default is "
+              f"{budget.tokens} (max_new_tokens unset)", flush=True)
+    return cfg
 
 
 def preflight(cfg: TrainConfig) -> Setup:
@@ -73,6 +136,8 @@ def preflight(cfg: TrainConfig) -> Setup:
         raise ValueError(f"config: levels={cfg.levels}: task {cfg.task!r} has levels {list(task.levels)}, not "
                          f"{unknown}")
     task.check_reward()
+    check_tokenizers(cfg, roles, tok)
+    cfg = resolve_max_new_tokens(cfg, task, tok, levels)
     held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
                           eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
                           reward_errors=cfg.reward_errors)
@@ -88,4 +153,4 @@ def preflight(cfg: TrainConfig) -> Setup:
         examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")
-    return Setup(device, tok, task, levels, held)
+    return Setup(device, tok, task, levels, held, cfg)

@@ -15,6 +15,7 @@ LOG_LINE = (
     ("reward", "reward", "{:.3f}"),
     ("accuracy", "acc", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
+    ("truncated_frac", "trunc", "{:.2f}"),
     ("loss", "loss", "{:+.4f}"),
     ("nll", "nll", "{:.4f}"),
     ("clip_frac_pos", "clip+", "{:.3f}"),

@@ -41,10 +41,26 @@ class Rollout:
     advantages: torch.Tensor | None = None        # [B] one per response (group advantages)
     token_advantages: torch.Tensor | None = None  # [B, L-1] per token; when set, used instead of ``advantages``
     kd_weights: torch.Tensor | None = None        # [B, L-1] weight of the KD term per token (kdrl)
+    truncated: torch.Tensor | None = None         # [B] bool: cut off at max_new_tokens before its EOS
+    keep: torch.Tensor | None = None              # [B] bool: rows whose tokens count in the loss (None: all)
 
     @property
     def response_mask(self) -> torch.Tensor:
+        """[B, L-1]: the response tokens (including each one's EOS), kept in the loss or not."""
         return self.targets != IGNORE
+
+    @property
+    def loss_targets(self) -> torch.Tensor:
+        """``targets`` with the rows that ``keep`` leaves out of the loss set to IGNORE: what the
+        loss ops and the normalizer see."""
+        if self.keep is None:
+            return self.targets
+        return torch.where(self.keep[:, None], self.targets, IGNORE)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[B, L-1]: the tokens that count in the loss (``response_mask`` of the kept rows)."""
+        return self.loss_targets != IGNORE
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -145,6 +161,13 @@ def check_context(examples: Sequence[Example], lengths: Sequence[int], max_new_t
                          f"n_positions): {examples[i].prompt[:60]!r}; lower max_new_tokens or shorten the prompts")
 
 
+def truncated_rows(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B] bool: the responses [B, T] (as ``generate`` returns them) with no EOS, which
+    ``generate`` stopped at ``max_new_tokens``. A response that ends early is padded after its
+    EOS, so it has one; one whose EOS is its last allowed token is not truncated."""
+    return ~(response_ids == eos_id).any(dim=1)
+
+
 def assemble(prompt_ids, prompt_mask, response_ids, eos_id: int, pad_id: int):
     """Join left-padded prompts [B, P] with responses [B, T] (cut after their first EOS)."""
     B, P = prompt_ids.shape
@@ -188,7 +211,8 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
              for r, m in zip(response, attention_mask[:, P:], strict=True)]
     rewards = torch.tensor([task.reward(examples[i // G], t) for i, t in enumerate(texts)], dtype=torch.float32,
                            device=device)
-    return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G)
+    return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G,
+                   truncated=truncated_rows(response, tokenizer.eos_token_id))
 
 
 @torch.no_grad()
@@ -237,4 +261,4 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
     scores = [task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses, strict=True)]
     rewards = torch.tensor(scores, dtype=torch.float32, device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), list(responses),
-                   rewards, 1)
+                   rewards, 1, truncated=torch.zeros(len(rows), dtype=torch.bool, device=device))

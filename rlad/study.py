@@ -170,6 +170,8 @@ def run_state(run: Run) -> str:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError):
         return "partial"  # a crash while writing it: resume decides
+    if run.config.max_new_tokens is None and isinstance(saved, dict):  # resolved from the task by the run
+        saved = {**saved, "max_new_tokens": None}
     changes = run.config.resume_changes(saved)
     if changes:
         raise StudyError(f"{run.out}: written with other settings ({'; '.join(changes)}); give the study another "

@@ -63,6 +63,51 @@ def load_tokenizer(path=None):
     return tok
 
 
+SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+# files that make a model folder carry its own tokenizer (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def _special(tok, role: str) -> str:
+    token = getattr(tok, role)
+    return "none" if token is None else f"{token!r} (id {tok.convert_tokens_to_ids(token)})"
+
+
+def tokenizer_mismatch(tok, other, names: tuple[str, str] = ("one", "the other")) -> str | None:
+    """How ``other`` differs from ``tok`` where a teacher scoring a student's tokens depends on it,
+    or None: the same id for every token (added tokens included), the same bos / eos / pad / unk
+    tokens, and the same added special tokens. ``names`` name the two in the message."""
+    a, b = tok.get_vocab(), other.get_vocab()
+    na, nb = names
+    if a != b:
+        parts = [f"{na} has {len(a)} tokens, {nb} {len(b)}"] if len(a) != len(b) else []
+        moved = sorted((t for t in a.keys() & b.keys() if a[t] != b[t]), key=a.get)
+        if moved:
+            parts.append(f"{len(moved)} token(s) have other ids, e.g. {moved[0]!r} is {a[moved[0]]} in {na} and "
+                         f"{b[moved[0]]} in {nb}")
+        for name, mine, theirs in ((na, a, b), (nb, b, a)):
+            only = sorted(mine.keys() - theirs.keys(), key=mine.get)
+            if only:
+                parts.append(f"{len(only)} token(s) only in {name}, e.g. {only[0]!r} (id {mine[only[0]]})")
+        return "; ".join(parts)
+    for role in SPECIAL_ROLES:
+        if _special(tok, role) != _special(other, role):
+            return f"{role} is {_special(tok, role)} in {na} and {_special(other, role)} in {nb}"
+
+    def added_specials(t):
+        return {i: x.content for i, x in (getattr(t, "added_tokens_decoder", None) or {}).items() if x.special}
+
+    sa, sb = added_specials(tok), added_specials(other)
+    if sa != sb:
+        diff = sorted(sa.items() ^ sb.items())
+        i, content = diff[0]
+        where = na if sa.get(i) == content else nb
+        return (f"their special tokens differ: {len(diff)} difference(s), e.g. {content!r} (id {i}) is special "
+                f"only in {where}")
+    return None
+
+
 if __name__ == "__main__":
     t = build_tokenizer()
     print(f"wrote {ASSET} (vocabulary {len(t)})")

@@ -4,6 +4,8 @@ Each step:
   1. draw ``prompts_per_step`` problems from the task;
   2. sample ``group_size`` responses per prompt from the student (Hugging Face ``generate``) and
      score them with the task's rule-based reward (sft: draw the teacher's correct solutions);
+     a response cut off at ``max_new_tokens`` before its EOS is truncated (``drop_truncated``:
+     out of the loss and its normalizer, its reward still in its group);
   3. per-token log-probs of the sampled tokens, as the algorithm needs them, under the old
      student, the teacher and the reference model, with the fused op (no ``[tokens x vocab]`` logits);
   4. advantages: per group ``A_i = (R_i - mean_G R) / (std_G R + 1e-6)`` (no std: Dr. GRPO), or
@@ -83,6 +85,8 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
                           device=next(student.parameters()).device)
     roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+    if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
+        roll.keep = ~roll.truncated
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size)
     if alg.scores_old:
         roll.old_logp = score(student, roll, **kw)
@@ -101,10 +105,11 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
 
 
 def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
-    """Offline distillation data: the teacher samples solutions; only correct ones are kept."""
+    """Offline distillation data: the teacher samples solutions; only correct ones are kept (with
+    ``drop_truncated``, only those that also ended within ``max_new_tokens``)."""
     rng = random.Random(seed)
     examples = task.sample(rng, cfg.sft_prompts, levels)
-    pool = []
+    pool, cut = [], 0
     bar = progress(cfg.quiet, total=len(examples), desc="teacher solutions", leave=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -112,13 +117,23 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
             chunk = examples[i:i + cfg.prompts_per_step]
             roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
-            pool += [(chunk[j // roll.group_size], text) for j, text in enumerate(roll.texts)
-                     if roll.rewards[j] >= 1.0]
+            for j, text in enumerate(roll.texts):
+                if roll.rewards[j] < 1.0:
+                    continue
+                if cfg.drop_truncated and roll.truncated[j]:
+                    cut += 1
+                else:
+                    pool.append((chunk[j // roll.group_size], text))
             bar.update(len(chunk))
     bar.close()
     if not pool:
-        raise ValueError("sft: the teacher solved none of the prompts, so there is nothing to distill; "
-                         "check the teacher, the task and max_new_tokens")
+        why = (f" (drop_truncated left out its {cut} correct solution(s) cut off at max_new_tokens="
+               f"{cfg.max_new_tokens})" if cut else "")
+        raise ValueError(f"sft: the teacher solved none of the prompts{why}, so there is nothing to distill; "
+                         f"check the teacher, the task and max_new_tokens")
+    if cut:
+        print(f"sft: drop_truncated left {cut} correct but truncated teacher solution(s) out of the pool "
+              f"({len(pool)} kept)", flush=True)
     return pool
 
 
@@ -131,8 +146,8 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     weight, bias = lm_head(student)
     student_map = logit_map(student)  # its logit_scale and final-logit soft cap, if it has them
     teacher_map = logit_map(teacher) if teacher is not None else None
-    targets = mb.targets
-    tokens = mb.response_mask.sum().clamp_min(1)
+    targets = mb.loss_targets  # the response tokens of the rows kept in the loss (drop_truncated)
+    tokens = mb.loss_mask.sum().clamp_min(1)
 
     def teacher_hidden():
         with torch.no_grad():
@@ -152,7 +167,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
                                  student_softcap=student_map["softcap"], teacher_softcap=teacher_map["softcap"],
                                  student_logit_scale=student_map["logit_scale"],
                                  teacher_logit_scale=teacher_map["logit_scale"],
-                                 mask=mb.response_mask, token_weights=token_weights, normalizer=normalizer,
+                                 mask=mb.loss_mask, token_weights=token_weights, normalizer=normalizer,
                                  reduction="mean")
         return loss, {"divergence": loss.detach() * normalizer / tokens}
     assert alg.loss == POLICY, alg
@@ -171,11 +186,13 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
 
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     """(normalizer, token weights [B, L-1] | None) of one optimizer step over rows ``idx``:
-    global over all of its micro-batches, so accumulation gives the full batch's gradient."""
-    mask = roll.response_mask
+    global over all of its micro-batches, so accumulation gives the full batch's gradient. Rows
+    left out of the loss (``roll.keep``, drop_truncated) count neither their tokens nor themselves."""
+    mask = roll.loss_mask
     if cfg.aggregation == "token_mean":
         return mask[idx].sum().clamp_min(1).float(), None
-    count = torch.tensor(float(len(idx)), device=mask.device)
+    rows = roll.keep[idx].sum() if roll.keep is not None else torch.tensor(len(idx), device=mask.device)
+    count = rows.float().clamp_min(1)
     if cfg.aggregation == "seq_mean":  # every sequence weighs 1/|o_i|; the weights cover all rows
         per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
         return count, per_seq.expand(roll.targets.shape)
@@ -248,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (see ``resume_point``)."""
     setup = preflight(cfg)
+    cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
     with RunLock(cfg.out_dir):
         prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         start = resume_point(cfg) if cfg.resume else None
@@ -386,7 +404,8 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
         stats.update(response_len=[(roll.lengths.float().mean(), 1)], tokens=[(roll.response_mask.sum(), 1)])
         if alg.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1 by construction
-            stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)])
+            stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)],
+                         truncated_frac=[(roll.truncated.float().mean(), 1)])
         m = host_metrics(stats)  # the step's metrics reach the host here, once
         dt = time.perf_counter() - t0
         m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,

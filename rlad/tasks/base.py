@@ -53,6 +53,15 @@ class Task(ABC):
     def check(self, example: Example, answer: str) -> bool:
         return answer.strip() == example.answer.strip()
 
+    def response_budget(self, tokenizer, levels: Sequence[int]):
+        """The default ``max_new_tokens`` for ``levels`` (a ``rlad.tasks.budget.ResponseBudget``):
+        the longest worked solution of a fixed sample per level, with room to reason."""
+        from .budget import BUDGET_SAMPLES, builtin_examples, response_budget
+
+        return response_budget(builtin_examples(self.make, levels), tokenizer,
+                               f"worked solution ({BUDGET_SAMPLES} drawn per level) of {self.name} levels "
+                               f"{list(levels)}")
+
     def reward(self, example: Example, response: str) -> float:
         answer = extract_answer(response)
         return 1.0 if answer is not None and self.check(example, answer) else 0.0

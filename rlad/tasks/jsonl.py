@@ -224,6 +224,14 @@ class JsonlTask(Task):
             self.by_level.setdefault(e.level, []).append(e)
         return dropped
 
+    def response_budget(self, tokenizer, levels):
+        """Every example of ``levels``: its ``solution``, else its ``#### answer`` line (see
+        ``rlad.tasks.budget``)."""
+        from .budget import response_budget
+
+        return response_budget([e for lv in levels for e in self.by_level[lv]], tokenizer,
+                               f"reference response in {self.path} (its 'solution', else '{ANSWER_MARK} answer')")
+
     def reward(self, example: Example, response: str) -> float:
         if not self.user_reward:
             return float(self.reward_fn(response, example.answer))
