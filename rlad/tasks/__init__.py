@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .arithmetic import Arithmetic, Echo
+from .arithmetic import Arithmetic, Chains, Echo
 from .base import ANSWER_MARK, Example, Task, extract_answer, prompt_key
 from .jsonl import JsonlTask, RewardError, load_reward, read_jsonl
 from .knights import KnightsAndKnaves
 
-BUILTIN = {"knights": KnightsAndKnaves, "arithmetic": Arithmetic, "echo": Echo}
+BUILTIN = {"knights": KnightsAndKnaves, "arithmetic": Arithmetic, "chains": Chains, "echo": Echo}
 
 
 def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, reward_errors: str = "fail") -> Task:
@@ -20,5 +20,5 @@ def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, 
     return BUILTIN[spec]()
 
 
-__all__ = ["ANSWER_MARK", "Example", "Task", "extract_answer", "get_task", "KnightsAndKnaves", "Arithmetic",
+__all__ = ["ANSWER_MARK", "Example", "Task", "extract_answer", "get_task", "KnightsAndKnaves", "Arithmetic", "Chains",
            "Echo", "prompt_key", "JsonlTask", "RewardError", "read_jsonl", "load_reward", "BUILTIN"]

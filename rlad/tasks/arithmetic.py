@@ -16,8 +16,11 @@ class Arithmetic(Task):
     name = "arithmetic"
     levels = (1, 2, 3, 4, 5)
 
+    def operand_bound(self, level: int) -> int:
+        return 10 if level == 1 else 100
+
     def make(self, rng: random.Random, level: int) -> Example:
-        hi = 10 if level == 1 else 100
+        hi = self.operand_bound(level)
         nums = [rng.randrange(hi) for _ in range(level + 1)]
         ops = [rng.choice("+-") for _ in range(level)]
         expr = str(nums[0]) + "".join(f"{o}{x}" for o, x in zip(ops, nums[1:], strict=True))
@@ -34,6 +37,17 @@ class Arithmetic(Task):
             return int(answer.strip().rstrip(".")) == int(example.answer)
         except ValueError:
             return False
+
+
+class Chains(Arithmetic):
+    """Level L (1..5): L + 1 single-digit operands joined by + and -. Difficulty is the length of
+    the chain alone, which a model of a few hundred thousand parameters can learn: the task of the
+    miniature study, where the teacher must be clearly better than the student at the longest chains."""
+
+    name = "chains"
+
+    def operand_bound(self, level: int) -> int:
+        return 10
 
 
 class Echo(Task):

@@ -2,7 +2,7 @@
 
     python studies/miniature/prepare.py            # -> studies/miniature/models/{teacher,student_init}
 
-The teacher (0.84M parameters) learns arithmetic levels 1-2 by supervised fine-tuning on worked
+The teacher (0.84M parameters) learns the chains task (levels 1-3: 2 to 4 single-digit operands) by supervised fine-tuning on worked
 solutions; the student (0.12M) gets a shorter warm-up on a mixed-style corpus in which some
 solutions end in prose the verifier cannot read (``rlad.demo.ProseStyle``). Both are trained
 with the study's test set (``eval_seed`` 0 in study.yaml) and the learning-rate sweep's validation
@@ -26,7 +26,7 @@ from rlad.report import markdown_table
 from rlad.tasks import get_task, prompt_key
 from rlad.tokenizer import load_tokenizer
 
-LEVELS = [1, 2]
+TASK, LEVELS = "chains", [1, 2, 3]
 EVAL_PROMPTS, TEST_SEED, VALIDATION_SEED = 48, 0, 1  # as in study.yaml (test) and sweep.yaml (validation)
 MAX_NEW_TOKENS = 40
 
@@ -35,9 +35,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "models"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--teacher-steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=32, help="sequences per SFT step")
-    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--warmup-steps", type=int, default=600)
     p.add_argument("--prose-fraction", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster "
                    "when other processes share the cores)")
@@ -49,7 +49,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     tok = load_tokenizer()
-    task = get_task("arithmetic")
+    task = get_task(TASK)
     held = build_held_out(task, LEVELS, per_level=EVAL_PROMPTS, seed=TEST_SEED)
     validation, _ = generated_eval_set(task, LEVELS, EVAL_PROMPTS, VALIDATION_SEED)
     task.hold_out(held.keys | {prompt_key(e.prompt) for e in validation})

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlad.tasks import ANSWER_MARK, Arithmetic, Echo, KnightsAndKnaves, extract_answer, get_task, read_jsonl
+from rlad.tasks import ANSWER_MARK, Arithmetic, Chains, Echo, KnightsAndKnaves, extract_answer, get_task, read_jsonl
 from rlad.tasks.jsonl import JsonlTask, load_reward
 from rlad.tasks.knights import Is, Op, evaluate, parse_assignment, solutions
 
@@ -63,14 +63,17 @@ def test_statement_semantics_by_hand():
 
 
 # ---------------------------------------------------------------- arithmetic and echo
+@pytest.mark.parametrize("cls", [Arithmetic, Chains])
 @pytest.mark.parametrize("level", Arithmetic.levels)
-def test_arithmetic_answers_are_right(level):
-    task = Arithmetic()
+def test_arithmetic_answers_are_right(cls, level):
+    task = cls()
     rng = random.Random(level)
     for _ in range(50):
         ex = task.make(rng, level)
         assert int(ex.answer) == eval(ex.meta["expr"])  # Python's own arithmetic as the reference
         assert ex.meta["expr"].count("+") + ex.meta["expr"].count("-") == level
+        operands = ex.meta["expr"].replace("-", "+").split("+")
+        assert max(map(int, operands)) < (10 if cls is Chains or level == 1 else 100)
         assert task.reward(ex, ex.solution) == 1.0
         assert task.reward(ex, f"{ANSWER_MARK} {int(ex.answer) + 1}") == 0.0
     assert task.reward(ex, f"{ANSWER_MARK} {ex.answer}.") == 1.0
