@@ -218,7 +218,7 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                     loss, m = micro_loss(cfg, student, teacher, mb, norm, tw[micro] if tw is not None else None, step)
                 loss.backward()
                 total = total + loss.detach()
-                tokens = mb.response_mask.sum()  # the micro-batch's metrics are means over its tokens
+                tokens = mb.loss_mask.sum()  # the micro-batch's metrics are means over its loss tokens
                 for k, v in m.items():
                     stats[k].append((v, tokens))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
