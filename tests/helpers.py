@@ -57,3 +57,16 @@ def kw_id(value):
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     return None
+
+
+def small_run_config(tmp_path, models, **kw):
+    """A TrainConfig for a short real run of the trainer tests' trained echo student and teacher
+    (``models``: the trainer conftest's fixture) in ``tmp_path / "run"``; ``kw`` overrides."""
+    from rlad.config import TrainConfig
+
+    base = dict(out_dir=str(tmp_path / "run"), student=models["student"], teacher=models["teacher"], task="echo",
+                levels=[1], steps=2, prompts_per_step=4, group_size=4, max_new_tokens=6, micro_batch_size=8,
+                mini_batches=2, eval_prompts=4, eval_every=0, save_every=0, quiet=True, threads=1, lr=1e-3,
+                sft_prompts=16)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -1,14 +1,14 @@
-"""Build the miniature study's teacher and starting student (deterministic, CPU, about a minute).
+"""Build the miniature study's teacher and starting student (deterministic, CPU, about 5 minutes).
 
-    python studies/miniature/prepare.py            # -> studies/miniature/models/{teacher,student_init}
+    python studies/miniature/prepare.py --threads 1   # -> studies/miniature/models/{teacher,student_init}
 
-The teacher (0.84M parameters) learns the chains task (levels 1-3: 2 to 4 single-digit operands) by supervised fine-tuning on worked
-solutions; the student (0.12M) gets a shorter warm-up on a mixed-style corpus in which some
-solutions end in prose the verifier cannot read (``rlad.demo.ProseStyle``). Both are trained
-with the study's test set (``eval_seed`` 0 in study.yaml) and the learning-rate sweep's validation
-set (``eval_seed`` 1 in sweep.yaml) held out, so neither model sees an eval problem. Then both
-are scored per level on the test set: the study starts from a teacher clearly better on the
-hardest level.
+The teacher (0.84M parameters) learns the chains task (levels 1-3: 2 to 4 single-digit
+operands) by supervised fine-tuning on worked solutions; the student (0.12M) gets a shorter
+warm-up on a mixed-style corpus in which some solutions end in prose the verifier cannot read
+(``rlad.demo.ProseStyle``). Both are trained with the study's test set (``eval_seed`` 0 in
+study.yaml) and the learning-rate sweep's validation set (``eval_seed`` 1 in sweep.yaml) held
+out, so neither model sees an eval problem. Then both are scored per level on the test set
+(``models/scores.md``): the study starts from a teacher clearly better on the hardest levels.
 """
 
 from __future__ import annotations

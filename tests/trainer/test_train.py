@@ -15,24 +15,17 @@ import torch
 
 import rlad
 from rlad.cli import main
-from rlad.config import TrainConfig
 from rlad.models import load_model
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
 from rlad.train import micro_loss, normalizer_for, train, update
 
-from helpers import assert_rel
+from helpers import assert_rel, small_run_config
 
 REPO = str(Path(rlad.__file__).resolve().parents[1])
 
 
-def _cfg(tmp_path, models, **kw):
-    base = dict(out_dir=str(tmp_path / "run"), student=models["student"], teacher=models["teacher"], task="echo",
-                levels=[1], steps=2, prompts_per_step=4, group_size=4, max_new_tokens=6, micro_batch_size=8,
-                mini_batches=2, eval_prompts=4, eval_every=0, save_every=0, quiet=True, threads=1, lr=1e-3,
-                sft_prompts=16)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = small_run_config
 
 
 def _records(cfg):

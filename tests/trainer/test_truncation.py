@@ -9,13 +9,12 @@ import random
 import pytest
 import torch
 
-from rlad.config import TrainConfig
 from rlad.models import load_model
 from rlad.rollout import IGNORE, generate, group_advantages, score, truncated_rows
 from rlad.tasks import Echo
 from rlad.train import build_sft_pool, collect, micro_loss, normalizer_for, train
 
-from helpers import assert_rel
+from helpers import assert_rel, small_run_config
 
 EOS, PAD = 2, 0
 
@@ -44,13 +43,7 @@ def test_generate_marks_the_responses_cut_at_max_new_tokens(models, tok):
     assert (roll.lengths[roll.truncated] == 4).all()
 
 
-def _cfg(tmp_path, models, **kw):
-    base = dict(out_dir=str(tmp_path / "run"), student=models["student"], teacher=models["teacher"], task="echo",
-                levels=[1], steps=2, prompts_per_step=4, group_size=4, max_new_tokens=6, micro_batch_size=8,
-                mini_batches=2, eval_prompts=4, eval_every=0, save_every=0, quiet=True, threads=1, lr=1e-3,
-                sft_prompts=16)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = small_run_config
 
 
 def _rollout(cfg, models, tok):
