@@ -240,7 +240,8 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     """Each metric's weighted mean over its ``(value, weight)`` pairs, with one device-to-host
     transfer for them all. The weights say what a value is a mean over: a micro-batch's token
     metrics weigh its valid tokens (so the step's value is the mean over all of the step's
-    tokens, whatever the micro-batch sizes), an optimizer step's loss and gradient norm weigh 1."""
+    tokens, whatever the micro-batch sizes), an optimizer step's loss and gradient norm weigh 1.
+    A metric whose weights are all 0 (every token dropped) is left out."""
     stats = {k: v for k, v in stats.items() if v}
     if not stats:
         return {}
@@ -251,7 +252,8 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     for k, values in stats.items():
         vals, weights = flat[i:i + 2 * len(values):2], flat[i + 1:i + 2 * len(values):2]
         total = sum(weights)
-        out[k] = sum(v * w for v, w in zip(vals, weights, strict=True)) / total if total > 0 else float("nan")
+        if total > 0:  # a metric of no tokens (all dropped) is left out of the record, not NaN
+            out[k] = sum(v * w for v, w in zip(vals, weights, strict=True)) / total
         i += 2 * len(values)
     return out
 

@@ -190,7 +190,8 @@ def test_micro_loss_uses_the_rows_loss_and_keeps_metrics_on_device(loaded, tok, 
 def test_host_metrics_are_weighted_means():
     vals = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 0.7, 0.35)]
     weights = [torch.tensor(3), torch.tensor(1), 0]
-    m = host_metrics({"a": list(zip(vals, weights, strict=True)), "b": [(torch.tensor(3), 1)], "empty": []})
+    m = host_metrics({"a": list(zip(vals, weights, strict=True)), "b": [(torch.tensor(3), 1)], "empty": [],
+                      "no_tokens": [(torch.tensor(0.5), 0)]})
     assert m == {"a": (3 * float(vals[0]) + float(vals[1])) / 4, "b": 3.0}
 
 
