@@ -70,3 +70,28 @@ def small_run_config(tmp_path, models, **kw):
                 sft_prompts=16)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def tiny_lm_config(family: str, vocab_size: int, tie: bool):
+    """The config of a tiny random-init causal LM (a few hundred KB) of a ``transformers`` family:
+    ``llama``, ``qwen2``, ``qwen3``, ``gemma`` (1), ``gemma2`` (final-logit soft cap 4, so the
+    cap matters at the tests' logits) or ``gemma3`` (text-only, soft cap 4)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=tie)
+    if family == "llama":
+        return transformers.LlamaConfig(hidden_size=48, intermediate_size=96, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(hidden_size=40, intermediate_size=80, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(hidden_size=32, intermediate_size=64, head_dim=8, **common)
+    # Gemma: 2 heads of 16, one kv head; Gemma 2/3 soft-cap their final logits: ``c tanh(logits / c)``
+    common.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    if family == "gemma":
+        return transformers.GemmaConfig(**common)
+    if family == "gemma2":
+        return transformers.Gemma2Config(final_logit_softcapping=4.0, attn_implementation="eager", **common)
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(final_logit_softcapping=4.0, attn_implementation="eager", **common)
+    raise ValueError(f"unknown family {family!r}")

@@ -13,35 +13,18 @@ transformers = pytest.importorskip("transformers")
 
 from rlad_kernels import linear_logprobs  # noqa: E402
 
+from helpers import tiny_lm_config  # noqa: E402
+
 V = 131
 
 
-def _llama(tie):
-    return transformers.LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    tie_word_embeddings=tie)
 
-
-def _qwen2(tie):
-    return transformers.Qwen2Config(vocab_size=V, hidden_size=40, intermediate_size=80, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    tie_word_embeddings=tie)
-
-
-def _gemma2(tie):
-    """Gemma 2 soft-caps its final logits: ``30 tanh(logits / 30)`` (``final_logit_softcapping``)."""
-    return transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                     max_position_embeddings=64, tie_word_embeddings=tie, final_logit_softcapping=4.0,
-                                     attn_implementation="eager")
-
-
-@pytest.mark.parametrize("make_config", [_llama, _qwen2, _gemma2], ids=["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("impl", ["triton", "torch", "naive"])
-def test_logprobs_match_model_logits(make_config, tie, impl, device):
+def test_logprobs_match_model_logits(family, tie, impl, device):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(make_config(tie)).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_config(tiny_lm_config(family, V, tie)).to(device).eval()
     # random init gives near-uniform logits; sharpen the head so the test sees peaked distributions
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
@@ -70,7 +53,7 @@ def test_logprobs_match_model_logits(make_config, tie, impl, device):
 def test_gradients_flow_to_the_model(device):
     """Training through the fused op reaches the decoder's parameters and the head."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_qwen2(True)).to(device)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_lm_config("qwen2", V, True)).to(device)
     ids = torch.randint(0, V, (2, 9), device=device)
     hidden = model.model(input_ids=ids).last_hidden_state
     lp = linear_logprobs(hidden[:, :-1], model.get_output_embeddings().weight, ids[:, 1:])
