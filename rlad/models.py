@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rlad_kernels.integrations.transformers import decoder_hidden, logit_map  # noqa: F401  (re-exported)
+
 # Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
 PRESETS = {
     "tiny-teacher": (128, 4, 4, 2, 384),
@@ -110,24 +112,6 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); rlad needs a causal LM")
     return head.weight, getattr(head, "bias", None)
-
-
-def logit_map(model) -> dict:
-    """How the model turns its lm_head output into logits, as keyword arguments of the fused ops:
-    ``logit_scale`` (Cohere's ``config.logit_scale`` multiplies, Granite's ``logits_scaling``
-    divides) and ``softcap`` (Gemma 2/3's ``final_logit_softcapping``). Plain models give
-    ``{"logit_scale": 1.0, "softcap": None}``."""
-    cfg = model.config
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    return {"logit_scale": scale, "softcap": float(cap) if cap else None}
-
-
-def decoder_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Final hidden states [B, L, H] of the decoder (after its final norm), no logits."""
-    decoder = model.get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
 
 
 def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: str = "teacher") -> None:

@@ -4,6 +4,7 @@ Per-token log-probs (+ entropy) and the TRRD / GRPO / KDRL policy loss, computed
 hidden states and the lm_head weight without materializing the ``[tokens x vocab]`` logits.
 """
 
+from .integrations.transformers import apply_rlad_kernels, remove_rlad_kernels
 from .modules import LinearLogprobs, LinearPolicyLoss
 from .ops.common.launch import TritonConfig, triton_config
 from .ops.divergence.api import linear_divergence
@@ -21,6 +22,8 @@ __all__ = [
     "PolicyLossOutput",
     "LinearLogprobs",
     "LinearPolicyLoss",
+    "apply_rlad_kernels",
+    "remove_rlad_kernels",
     "TritonConfig",
     "triton_config",
     "__version__",
