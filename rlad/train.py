@@ -44,6 +44,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -202,7 +203,8 @@ def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
 def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp,
            state) -> dict[str, list[torch.Tensor]]:
     """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
-    gradient skips the optimizer step (counted in ``state['nan_skips']``). Returns the metrics'
+    gradient skips the optimizer step (counted in ``state['nan_skips']``); a mini-batch with no
+    loss token (all of its rows dropped) takes no optimizer step. Returns the metrics'
     values on device: one per micro-batch, and ``loss`` / ``grad_norm`` one per optimizer step."""
     params = [p for p in student.parameters() if p.requires_grad]
     stats = defaultdict(list)
@@ -223,14 +225,22 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                     stats[k].append((v, tokens))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # the one host sync of an optimizer step: whether to skip it
-            if not bool(torch.isfinite(total) & torch.isfinite(gnorm)):
+            finite, has_tokens = torch.stack([torch.isfinite(total) & torch.isfinite(gnorm),
+                                              roll.loss_mask[mini].any()]).tolist()
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 state["nan_skips"] += 1
                 print(f"step {step}: non-finite loss ({float(total):.4g}) or gradient norm ({float(gnorm):.4g}); "
                       f"optimizer step skipped ({state['nan_skips']} so far)", flush=True)
                 continue
-            optimizer.step()
-            scheduler.step()
+            if has_tokens:
+                optimizer.step()
+            # else every row of the mini-batch was left out of the loss (drop_truncated): no optimizer
+            # step, so AdamW's moments and weight decay do not move on a zero gradient; the schedule
+            # still advances, so it reaches its end
+            with warnings.catch_warnings():  # torch warns when the first scheduler step has no optimizer step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             stats["loss"].append((total, 1))
             stats["grad_norm"].append((gnorm, 1))
     return dict(stats)

@@ -179,3 +179,19 @@ def test_a_run_logs_the_truncated_fraction(tiny_config):
     assert first["truncated_frac"] == 1.0 and first["response_len"] == 4.0
     assert first["loss"] == 0.0 and first["grad_norm"] == 0.0
     assert "entropy_mean" not in first and "ratio_mean" not in first
+
+
+def test_a_mini_batch_with_nothing_to_learn_takes_no_optimizer_step(tiny_config, tok):
+    """Every response of the first (and only) step is truncated and dropped: with weight decay, an
+    AdamW step on the zero gradient would still shrink the weights; none is taken."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(drop_truncated=True, max_new_tokens=4, weight_decay=0.5, lr=1e-2, steps=1)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if not r.get("eval")]
+    assert steps[0]["truncated_frac"] == 1.0
+    initial = load_model(cfg.student, tok, seed=cfg.seed).state_dict()
+    model_dir = os.path.join(cfg.out_dir, "checkpoints", "step_000001", "model")
+    saved = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert saved and all(torch.equal(saved[k], initial[k]) for k in saved)
