@@ -29,12 +29,12 @@ def _eval(args) -> int:
 
     from .config import template_problem
     from .evaluate import evaluate, metric_names, with_se
-    from .heldout import distinct_by_level, generated_eval_set
+    from .heldout import fixed_eval_set
     from .models import context_length, load_model, model_config
     from .report import markdown_table
     from .rollout import check_context, prompt_lengths
     from .runtime import progress, resolve_device, tokenizer_for
-    from .tasks import JsonlTask, get_task
+    from .tasks import get_task
 
     # everything checked before the model is loaded
     for name in ("prompts", "max_new_tokens"):
@@ -62,13 +62,10 @@ def _eval(args) -> int:
         budget = task.response_budget(tok, levels)
         args.max_new_tokens = budget.tokens
         print(f"max_new_tokens: {budget.tokens}, from the task ({budget.explain()})", flush=True)
-    if isinstance(task, JsonlTask):  # the file is the eval set: its distinct prompts, up to --prompts per level
-        groups = distinct_by_level(task.examples, levels)
-        examples = [e for lv in sorted(groups) for e in groups[lv][:args.prompts]]
-    else:  # the same fixed problems that `rlad train` holds out with the same --eval-seed
-        examples, notes = generated_eval_set(task, levels, args.prompts, args.eval_seed)
-        for note in notes:
-            print(f"note: {note}")
+    # a built-in task: the same fixed problems that `rlad train` holds out with the same --eval-seed
+    examples, notes = fixed_eval_set(task, levels, args.prompts, args.eval_seed)
+    for note in notes:
+        print(f"note: {note}")
     limit = context_length(model_config(args.model, tok, role="--model"))
     check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], args.prompt_template),
                   args.max_new_tokens, limit, what=f"the model {args.model!r}")
@@ -92,12 +89,10 @@ def _eval(args) -> int:
 
 
 def _study(args) -> int:
-    from .study import load_study, run_study
+    from .study import aggregate, load_study, run_study
 
     study = load_study(args.spec, out_dir=args.out_dir, jobs=args.jobs, seeds=args.seeds, arms=args.arms)
     if args.report_only:
-        from .study import aggregate
-
         aggregate(study)
     else:
         run_study(study, quiet=args.quiet)
@@ -130,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs every arm of a study file for every seed (each an `rlad train` in a "
                        "subprocess, its log in <out_dir>/<arm>/seed_<s>/train.log), skipping finished runs and "
                        "resuming unfinished ones, then writes runs.csv, curves.csv, results.md, accuracy.png and "
-                       "levels.png to the study's out_dir. The file format is in rlad/study.py and the README.")
+                       "levels.png to the study's report_dir (default: its out_dir). The file format is in "
+                       "rlad/study.py and the README.")
     s.add_argument("spec", help="study YAML file (out_dir, seeds, jobs, base, arms)")
     s.add_argument("--out-dir", default=None, help="override the file's out_dir")
     s.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the file's, else 1)")

@@ -50,7 +50,10 @@ class ProseStyle(Task):
     def __init__(self, task: Task, prose_fraction: float):
         self.task, self.prose_fraction = task, prose_fraction
         self.name, self.levels = f"{task.name}-prose", task.levels
-        self.held_out = task.held_out  # the wrapped task's eval set stays out of the corpus
+
+    @property
+    def held_out(self) -> frozenset[str]:  # the wrapped task's eval set stays out of the corpus
+        return self.task.held_out
 
     def make(self, rng: random.Random, level: int) -> Example:
         ex = self.task.make(rng, level)

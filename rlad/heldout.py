@@ -80,6 +80,16 @@ def distinct_by_level(examples: Sequence[Example], levels: Sequence[int]) -> dic
     return out
 
 
+def fixed_eval_set(task: Task, levels: Sequence[int], per_level: int, seed: int) -> tuple[list[Example], list[str]]:
+    """A task's own eval set, and notes: of a JSONL file, the first ``per_level`` distinct prompts
+    of each level; of a generator, ``generated_eval_set``. ``rlad eval`` scores this set, and a
+    run holds it out of training when the task is its ``eval_task``."""
+    if isinstance(task, JsonlTask):
+        groups = distinct_by_level(task.examples, levels)
+        return [e for lv in sorted(groups) for e in groups[lv][:per_level]], []
+    return generated_eval_set(task, levels, per_level, seed)
+
+
 def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: int, eval_task: str | None = None,
                    eval_split: float | None = None, reward: str = "exact", reward_timeout: float = 60.0,
                    reward_errors: str = "fail", log=print) -> HeldOut:
@@ -89,11 +99,7 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
     scorer, notes = task, []
     if eval_task is not None:
         scorer = get_task(eval_task, reward, reward_timeout=reward_timeout, reward_errors=reward_errors)
-        if isinstance(scorer, JsonlTask):  # a file: per_level distinct prompts of each of its levels
-            groups = distinct_by_level(scorer.examples, scorer.levels)
-            examples = [e for lv in sorted(groups) for e in groups[lv][:per_level]]
-        else:
-            examples, notes = generated_eval_set(scorer, scorer.levels, per_level, seed)
+        examples, notes = fixed_eval_set(scorer, scorer.levels, per_level, seed)
     elif isinstance(task, JsonlTask):
         fraction = DEFAULT_JSONL_SPLIT if eval_split is None else eval_split
         groups = distinct_by_level(task.examples, levels)

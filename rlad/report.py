@@ -148,6 +148,13 @@ def plot(records: Sequence[dict], path, title: str = "") -> Path | None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (a crash never leaves half a file), and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     try:
         with atomic_path(path) as tmp:

@@ -18,6 +18,7 @@ from rlad_kernels import linear_logprobs
 
 from .models import context_length, decoder_hidden, lm_head, logit_map
 from .tasks import Example, Task
+from .tokenizer import encode_texts
 
 IGNORE = -100
 
@@ -96,9 +97,8 @@ def special_texts(tokenizer) -> list[str]:
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of user text (a prompt, a response): special-token text written in it stays
-    text (``split_special_tokens``), so data cannot inject an EOS, a pad or a chat marker."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    """Token ids of user text (a prompt, a response); see ``rlad.tokenizer.encode_texts``."""
+    return encode_texts(tokenizer, [text])[0]
 
 
 def encode_prompt(tokenizer, template: str, prompt: str) -> list[int]:

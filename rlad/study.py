@@ -46,10 +46,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import ConfigError, TrainConfig, read_yaml, type_problem
 from .evaluate import metric_names
+from .report import MetricsLog, markdown_table, save_figure
 from .rundir import write_atomic
 
 BUDGET = ("steps", "prompts_per_step", "group_size", "ppo_epochs", "mini_batches", "max_new_tokens")
@@ -195,17 +195,8 @@ def launch(run: Run, resume: bool) -> int:
 
 def steps_done(run: Run) -> int:
     """The last step in a run's metrics log (for the progress bar)."""
-    try:
-        with open(run.out / "metrics.jsonl", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0
+    records = MetricsLog(run.out / "metrics.jsonl").records()
+    return int(records[-1].get("step", 0)) if records else 0
 
 
 def run_study(study: Study, *, quiet: bool = False) -> dict:
@@ -270,9 +261,9 @@ def read_run(run: Run) -> dict | None:
     """A finished run's summary, evaluation curve and mean diagnostics (None if not finished)."""
     try:
         summary = json.loads((run.out / "summary.json").read_text())
-        records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
+    records = MetricsLog(run.out / "metrics.jsonl").records()
     steps = [r for r in records if not r.get("eval")]
     diag = {}
     for k in DIAGNOSTICS:
@@ -348,8 +339,6 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget) -> str:
                                                      for lv in levels] for a in arms]
     diag = [k for k in DIAGNOSTICS if any(f"mean_{k}" in table[a] for a in arms)]
     drows = [[a] + [_ci(table[a][f"mean_{k}"]) if f"mean_{k}" in table[a] else "" for k in diag] for a in arms]
-    from .report import markdown_table
-
     return (f"# Study {study.report_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across seeds "
             f"(Student t). Budget per run: {budget['steps']} steps x {budget['responses_per_step']} responses, "
             f"{budget['optimizer_steps']} optimizer steps, max {budget['max_new_tokens']} new tokens.\n\n"
@@ -362,8 +351,6 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .rundir import atomic_path
 
     out = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -385,7 +372,7 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
     ax.legend(fontsize=8)
     ax.set_title("held-out accuracy, mean ± 95% CI across seeds")
     fig.tight_layout()
-    out.append(_save(fig, study.report_dir / "accuracy.png", atomic_path, plt))
+    out.append(str(save_figure(fig, study.report_dir / "accuracy.png")))
     if levels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         width = 0.8 / max(1, len(arms))
@@ -400,19 +387,5 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("final accuracy per level, mean ± 95% CI across seeds")
         fig.tight_layout()
-        out.append(_save(fig, study.report_dir / "levels.png", atomic_path, plt))
+        out.append(str(save_figure(fig, study.report_dir / "levels.png")))
     return out
-
-
-def _save(fig, path: Path, atomic_path, plt) -> str:
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return str(path)
-
-
-def load_and_report(path, **kw: Any) -> dict:
-    """Aggregate what is finished, without running anything (``rlad study --report-only``)."""
-    return aggregate(load_study(path, **kw))

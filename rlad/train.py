@@ -255,9 +255,10 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     stats = {k: v for k, v in stats.items() if v}
     if not stats:
         return {}
-    flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device="cpu") if not torch.is_tensor(x)
-                        else x.detach().to(torch.float64).cpu()
-                        for values in stats.values() for pair in values for x in pair]).tolist()
+    device = next(x.device for values in stats.values() for pair in values for x in pair if torch.is_tensor(x))
+    flat = torch.stack([x.detach().to(torch.float64) if torch.is_tensor(x)
+                        else torch.tensor(float(x), dtype=torch.float64, device=device)
+                        for values in stats.values() for pair in values for x in pair]).tolist()  # one transfer
     out, i = {}, 0
     for k, values in stats.items():
         vals, weights = flat[i:i + 2 * len(values):2], flat[i + 1:i + 2 * len(values):2]

@@ -4,7 +4,7 @@ response, plus room to reason.
 Reference responses are what a correct response looks like: a built-in task's worked solutions
 (``Example.solution``) of ``BUDGET_SAMPLES`` examples per level, drawn with a fixed seed; a
 JSONL task's ``solution`` fields, over every example of the levels (an example without one
-counts as its ``#### answer`` line). Each is tokenized as a response (``encode_text``) plus its
+counts as its ``#### answer`` line). Each is tokenized as a response (``encode_texts``) plus its
 EOS, which ``generate`` counts among the new tokens.
 
 The rule: with ``longest`` the longest reference in tokens, the budget is
@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..tokenizer import encode_texts
 from .base import ANSWER_MARK, Example
 
 BUDGET_SAMPLES = 256       # built-in tasks: examples per level whose worked solutions are measured
@@ -61,11 +62,8 @@ def budget_rule(longest: int, answers_only: bool) -> int:
 
 
 def token_counts(tokenizer, texts: Sequence[str], chunk: int = 1024) -> list[int]:
-    """Tokens of each text encoded as a response (``rlad.rollout.encode_text``: special-token text
-    stays text), without its EOS."""
-    return [len(ids) for i in range(0, len(texts), chunk)
-            for ids in tokenizer(list(texts[i:i + chunk]), add_special_tokens=False,
-                                 split_special_tokens=True)["input_ids"]]
+    """Tokens of each text encoded as a response (``rlad.tokenizer.encode_texts``), without its EOS."""
+    return [len(ids) for i in range(0, len(texts), chunk) for ids in encode_texts(tokenizer, texts[i:i + chunk])]
 
 
 def response_budget(examples: Sequence[Example], tokenizer, what: str) -> ResponseBudget:
