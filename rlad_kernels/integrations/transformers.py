@@ -1,11 +1,19 @@
-"""A ``transformers`` causal-LM patch: per-token log-probs (and entropies) of given labels from
-the model's forward, through ``linear_logprobs``, without computing the logits.
+"""A ``transformers`` causal-LM patch: per-token log-probs (and entropies) of given labels, or the
+fused policy loss, from the model's forward, through ``linear_logprobs`` / ``linear_policy_loss``,
+without computing the logits.
 
     from rlad_kernels import apply_rlad_kernels
 
     apply_rlad_kernels(model)                       # patches this instance's forward, not its class
     out = model(input_ids, attention_mask=mask, logprobs_of=labels, temperature=0.7, return_entropy=True)
     out.logprobs, out.entropy                       # [B, L-1] each; out.logits is None
+    out = model(input_ids, attention_mask=mask, logprobs_of=labels, labels_to_keep=K,
+                policy_loss=dict(advantages=A, old_logp=lp_old, teacher_logp=lp_t, config=cfg))
+    out.loss.backward()                             # the TRRD / GRPO loss; A, lp_old, lp_t: [B, K]
+
+Computing the loss inside the forward is what keeps distributed wrappers correct: DDP's gradient
+hooks and FSDP's parameter gathering run around ``forward``, so ``wrapped_model(...)`` with
+``policy_loss=`` behaves like any other loss-returning forward.
 
 ``labels`` follow Hugging Face's convention: aligned with ``input_ids`` (the same shape) and
 shifted inside, so ``out.logprobs[:, t]`` is ``log p(labels[:, t+1] | tokens <= t)``, and
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.logprobs.api import linear_logprobs
+from ..ops.policy_loss.api import linear_policy_loss
 
 _STATE = "_rlad_kernels_patch"  # instance attribute holding what remove_rlad_kernels restores
 
@@ -57,10 +66,12 @@ def _output_class():
     @dataclass
     class RladCausalLMOutput(CausalLMOutputWithPast):
         """``CausalLMOutputWithPast`` with ``logits=None`` and the per-token ``logprobs`` [B, L-1]
-        (and ``entropy`` [B, L-1] when asked) of the shifted labels."""
+        (and ``entropy`` [B, L-1] when asked) of the shifted labels; with ``policy_loss=``, ``loss``
+        is the fused policy loss and ``metrics`` its detached metrics."""
 
         logprobs: torch.Tensor | None = None
         entropy: torch.Tensor | None = None
+        metrics: dict | None = None
 
     return RladCausalLMOutput
 
@@ -89,13 +100,26 @@ def apply_rlad_kernels(model, *, impl: str | None = None):
     then returns per-token log-probs through ``linear_logprobs`` instead of logits.
 
     The patched forward is ``model(input_ids, attention_mask=..., position_ids=..., logprobs_of=labels,
-    temperature=1.0, return_entropy=False, **decoder_kwargs)``. With ``logprobs_of`` (``[B, L]`` like
-    ``input_ids``, Hugging Face's unshifted ``labels``, ``-100`` to skip) it returns an output object
-    with ``logprobs`` ``[B, L-1]``: ``log_softmax(logits[:, :-1] / temperature)`` gathered at
-    ``labels[:, 1:]``, 0 where that label is ``-100``; ``entropy`` ``[B, L-1]`` when
-    ``return_entropy``; ``logits`` None. Other keyword arguments go to the decoder (``use_cache``
-    defaults to False); ``labels`` and ``logits_to_keep`` are refused beside ``logprobs_of``.
-    Without ``logprobs_of`` the original forward runs, unchanged.
+    temperature=1.0, return_entropy=False, labels_to_keep=None, vocab_size=None, policy_loss=None,
+    **decoder_kwargs)``. With ``logprobs_of`` (``[B, L]`` like ``input_ids``, Hugging Face's unshifted
+    ``labels``, ``-100`` to skip) it returns an output object with ``logprobs`` ``[B, L-1]``:
+    ``log_softmax(logits[:, :-1] / temperature)`` gathered at ``labels[:, 1:]``, 0 where that label
+    is ``-100``; ``entropy`` ``[B, L-1]`` when ``return_entropy``; ``logits`` None.
+
+    * ``labels_to_keep=K``: only the last K labels are scored (the head runs on the last K
+      positions, like ``logits_to_keep`` in transformers); outputs are ``[B, K]``. For a prompt
+      followed by a K-token completion this skips the prompt's head work.
+    * ``vocab_size=V``: normalize over the first V rows of the lm_head only (a teacher whose head is
+      padded beyond the student's vocabulary, scoring the student's tokens).
+    * ``policy_loss=dict(...)``: keyword arguments of :func:`rlad_kernels.linear_policy_loss`
+      (``advantages``, ``old_logp``, ``teacher_logp``, ``ref_logp``, ``token_weights``,
+      ``kd_weights``, ``normalizer``, ``config``, ...), every per-token tensor shaped like the
+      output log-probs. The output's ``loss`` is then the policy loss, ``metrics`` its metrics, and
+      ``logprobs`` / ``entropy`` the detached per-token values the loss op computed.
+
+    Other keyword arguments go to the decoder (``use_cache`` defaults to False); ``labels`` and
+    ``logits_to_keep`` are refused beside ``logprobs_of``. Without ``logprobs_of`` the original
+    forward runs, unchanged.
 
     ``impl`` is ``linear_logprobs``'s (triton on CUDA, torch otherwise by default). Applying again
     only updates ``impl``; ``remove_rlad_kernels(model)`` restores the original forward.
@@ -111,10 +135,17 @@ def apply_rlad_kernels(model, *, impl: str | None = None):
     state = {"impl": impl, "original": original, "had_own": had_own, "own": model.__dict__.get("forward")}
 
     @functools.wraps(original)
-    def forward(*args, logprobs_of=None, temperature: float = 1.0, return_entropy: bool = False, **kwargs):
+    def forward(*args, logprobs_of=None, temperature: float = 1.0, return_entropy: bool = False,
+                labels_to_keep: int | None = None, vocab_size: int | None = None, policy_loss: dict | None = None,
+                **kwargs):
         if logprobs_of is None:
+            for name, given in (("labels_to_keep", labels_to_keep), ("vocab_size", vocab_size),
+                                ("policy_loss", policy_loss)):
+                if given is not None:
+                    raise ValueError(f"{type(model).__name__} (rlad_kernels patch): {name}= needs logprobs_of=")
             return original(*args, **kwargs)
-        return _logprobs_forward(model, state["impl"], args, kwargs, logprobs_of, temperature, return_entropy)
+        opts = _Options(temperature, return_entropy, labels_to_keep, vocab_size, policy_loss)
+        return _logprobs_forward(model, state["impl"], args, kwargs, logprobs_of, opts)
 
     model.__dict__[_STATE] = state
     model.forward = forward
@@ -134,7 +165,16 @@ def remove_rlad_kernels(model):
     return model
 
 
-def _logprobs_forward(model, impl, args, kwargs, labels, temperature, return_entropy):
+@dataclass(frozen=True)
+class _Options:
+    temperature: float
+    return_entropy: bool
+    labels_to_keep: int | None
+    vocab_size: int | None
+    policy_loss: dict | None
+
+
+def _logprobs_forward(model, impl, args, kwargs, labels, opts: _Options):
     name = type(model).__name__
     keep = kwargs.get("logits_to_keep")
     for refused, given in (("labels", kwargs.get("labels") is not None),
@@ -155,12 +195,39 @@ def _logprobs_forward(model, impl, args, kwargs, labels, temperature, return_ent
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{name} (rlad_kernels patch): logprobs_of must be a tensor shaped like input_ids {shape} "
                          f"(labels aligned with input_ids, shifted inside); got {got}")
+    K = opts.labels_to_keep
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= shape[1] - 1):
+        raise ValueError(f"{name} (rlad_kernels patch): labels_to_keep must be an int in [1, {shape[1] - 1}] (the "
+                         f"number of trailing labels to score), got {K!r}")
+    if opts.policy_loss is not None and not isinstance(opts.policy_loss, dict):
+        raise TypeError(f"{name} (rlad_kernels patch): policy_loss must be a dict of linear_policy_loss keyword "
+                        f"arguments, got {type(opts.policy_loss).__name__}")
+    head = _head(model)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    V = opts.vocab_size
+    if V is not None:
+        if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= weight.shape[0]:
+            raise ValueError(f"{name} (rlad_kernels patch): vocab_size must be an int in [1, {weight.shape[0]}] (rows "
+                             f"of its lm_head), got {V!r}")
+        weight, bias = weight[:V], (bias[:V] if bias is not None else None)
     attention_mask = kwargs.pop("attention_mask", None)
     position_ids = kwargs.pop("position_ids", None)
-    head = _head(model)
-    hidden = decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
-    out = linear_logprobs(hidden[:, :-1], head.weight, labels[:, 1:].to(hidden.device),
-                          bias=getattr(head, "bias", None), temperature=temperature, return_entropy=return_entropy,
-                          impl=impl, **logit_map(model))
-    logp, ent = out if return_entropy else (out, None)
+    hidden = decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs)[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    if K is not None:
+        hidden, targets = hidden[:, -K:], targets[:, -K:]
+    common = dict(bias=bias, temperature=opts.temperature, impl=impl, **logit_map(model))
+    if opts.policy_loss is not None:
+        refused = {"hidden", "weight", "targets", "bias", "temperature", "impl", "logit_scale", "softcap"}
+        clash = sorted(refused & opts.policy_loss.keys())
+        if clash:
+            raise ValueError(f"{name} (rlad_kernels patch): policy_loss must not set {', '.join(clash)}; the patch "
+                             f"takes them from the model and the forward's own arguments")
+        pl = dict(opts.policy_loss)
+        out = linear_policy_loss(hidden, weight, targets, pl.pop("advantages", None), pl.pop("old_logp", None),
+                                 **common, **pl)
+        ent = out.entropy if opts.return_entropy else None
+        return _output_class()(loss=out.loss, logits=None, logprobs=out.logp, entropy=ent, metrics=out.metrics)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=opts.return_entropy, **common)
+    logp, ent = out if opts.return_entropy else (out, None)
     return _output_class()(logits=None, logprobs=logp, entropy=ent)

@@ -180,6 +180,85 @@ def test_bad_inputs_are_refused():
     model(ids, logprobs_of=labels, logits_to_keep=0)  # transformers' default: all positions
 
 
+def test_labels_to_keep_and_vocab_size():
+    """``labels_to_keep=K`` scores the last K labels only ([B, K], the unpatched values' last K
+    columns); ``vocab_size=Vc`` normalizes over the head's first Vc rows (a padded teacher head
+    scoring a smaller student vocabulary)."""
+    model = _model("llama", False, torch.float64)
+    ids, attn, pos, labels = _batch()
+    labels = labels.masked_fill(labels >= 100, 7)  # every label inside the cut vocabulary
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attn, position_ids=pos).logits
+    apply_rlad_kernels(model, impl="torch")
+    K = 5
+    out = model(ids, attention_mask=attn, position_ids=pos, logprobs_of=labels, labels_to_keep=K, temperature=T,
+                return_entropy=True)
+    ref_lp, ref_ent, _ = _reference(logits, labels, T)
+    assert out.logprobs.shape == out.entropy.shape == (3, K)
+    assert_rel(out.logprobs, ref_lp[:, -K:], TOL64["fwd"], "logprobs")
+    assert_rel(out.entropy, ref_ent[:, -K:], TOL64["fwd"], "entropy")
+    cut = model(ids, attention_mask=attn, position_ids=pos, logprobs_of=labels, vocab_size=100).logprobs
+    assert_rel(cut, _reference(logits[..., :100], labels, 1.0)[0], TOL64["fwd"], "logprobs over 100 rows")
+    assert (cut - _reference(logits, labels, 1.0)[0]).abs().max() > 1e-3  # the cut changes the normalizer
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_policy_loss_through_the_forward(alpha):
+    """``policy_loss=`` returns the fused TRRD / GRPO loss from the forward: equal, with its gradients
+    w.r.t. every parameter, to the formula written out here on the unpatched model's logits
+    (float64): ``log r = a (lp - lp_old) + (1 - a) clamp(lp - lp_T, -1, 1)``,
+    ``L = max(-A r, -A clip(r, 0.8, 1.2))``, token mean over the scored labels."""
+    from rlad_kernels import PolicyLossConfig
+
+    model = _model("qwen3", False, torch.float64)
+    ids, attn, pos, labels = _batch()
+    K = 8
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, K, dtype=torch.float64, generator=g)
+    lp_old = -torch.rand(3, K, dtype=torch.float64, generator=g) * 6
+    lp_t = -torch.rand(3, K, dtype=torch.float64, generator=g) * 6
+    ref_lp, _, keep = _reference(model(ids, attention_mask=attn, position_ids=pos).logits, labels, T)
+    lp, keep = ref_lp[:, -K:], keep[:, -K:]
+    log_r = alpha * (lp - lp_old) + (1 - alpha) * torch.clamp(lp - lp_t, -1.0, 1.0)
+    r = log_r.exp()
+    L = torch.maximum(-A * r, -A * r.clamp(0.8, 1.2))
+    ref_loss = L[keep].sum() / keep.sum()
+    assert ((r[keep] - 1).abs() > 0.2).any()  # some tokens are clipped
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    apply_rlad_kernels(model, impl="torch")
+    cfg = PolicyLossConfig(alpha=alpha, teacher_clamp=1.0)
+    out = model(ids, attention_mask=attn, position_ids=pos, logprobs_of=labels, labels_to_keep=K, temperature=T,
+                policy_loss=dict(advantages=A, old_logp=lp_old, teacher_logp=lp_t, config=cfg))
+    assert out.logits is None and set(out.metrics) >= {"clip_frac", "ratio_mean"}
+    assert_rel(out.loss, ref_loss, TOL64["fwd"], "loss")
+    assert_rel(out.logprobs[keep], lp[keep], TOL64["fwd"], "logprobs")
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert_rel(p.grad, ref_grads[n], TOL64["grad"], f"grad of {n}")
+
+
+def test_bad_patch_options_are_refused():
+    model = apply_rlad_kernels(_model("llama", False, torch.float32), impl="torch")
+    ids, attn, pos, labels = _batch()
+    for kw in (dict(labels_to_keep=2), dict(vocab_size=5), dict(policy_loss={})):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}= needs logprobs_of="):
+            model(ids, **kw)
+    for bad in (0, 13, 2.0, True):
+        with pytest.raises(ValueError, match=r"labels_to_keep must be an int in \[1, 12\]"):
+            model(ids, logprobs_of=labels, labels_to_keep=bad)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 131\]"):
+        model(ids, logprobs_of=labels, vocab_size=132)
+    with pytest.raises(TypeError, match="policy_loss must be a dict"):
+        model(ids, logprobs_of=labels, policy_loss=[1])
+    adv = torch.zeros(3, 12)
+    with pytest.raises(ValueError, match="policy_loss must not set softcap, temperature"):
+        model(ids, logprobs_of=labels, policy_loss=dict(advantages=adv, old_logp=adv, temperature=2.0, softcap=3.0))
+    with pytest.raises(TypeError, match="advantages is required"):
+        model(ids, logprobs_of=labels, policy_loss=dict(old_logp=adv))
+
+
 def test_import_stays_light():
     """``import rlad_kernels`` imports neither transformers nor the trainer; the patch does on first use."""
     import subprocess
