@@ -52,15 +52,15 @@ class PolicyLossConfig:
           + kd_coef * kd_weight * KD(lp_T - lp)        if kd_estimator is set (KDRL; needs teacher_logp)
           - entropy_coef * entropy                     if entropy_coef != 0 and entropy_aggregation="loss"
 
-    With ``entropy_aggregation="token_mean"`` the entropy bonus leaves ``L`` and the total is
-    ``sum_t w_t L_t / normalizer - entropy_coef * sum_t H_t / entropy_normalizer`` (valid tokens; the
-    call's ``entropy_normalizer``, default its number of valid tokens): TRL's token mean, independent of
-    the token weights and of the loss normalizer.
-
     with ``k3(x) = exp(x) - x - 1`` and KD ``k1 = -R``, ``k2 = R**2 / 2``, ``k3 = exp(R) - R - 1``
     (``R = lp_T - lp``, sampled-token estimators of KL(student || teacher)), or ``"full"``: the
     exact reverse KL over the whole vocabulary, from the teacher's hidden states and lm_head.
     KDRL is GRPO plus a KD term: set ``alpha=1.0`` with ``kd_estimator`` so the ratio stays the GRPO one.
+
+    With ``entropy_aggregation="token_mean"`` the entropy bonus leaves ``L`` and the total is
+    ``sum_t w_t L_t / normalizer - entropy_coef * sum_t H_t / entropy_normalizer`` (valid tokens; the
+    call's ``entropy_normalizer``, default its number of valid tokens): TRL's token mean, independent of
+    the token weights and of the loss normalizer.
 
     Fields:
         alpha: weight of the old policy in the TRRD anchor, in [0, 1].

@@ -336,6 +336,32 @@ def test_micro_batches_with_global_entropy_normalizer(impl, device):
                                    atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_full_kd_adds_the_same_term_at_both_levels(impl, device):
+    """kd_estimator="full" at sequence level: the exact reverse-KL term does not depend on the ratio
+    level, so (with KD) - (without KD) is the same at token and sequence level, and it is the
+    float64 KL of the teacher's logits."""
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    hidden, weight, bias, targets, tok = make_batch(17)
+    g = torch.Generator().manual_seed(18)
+    th, tw = torch.randn(B, L, 19, generator=g), torch.randn(V, 19, generator=g) * 0.4
+    valid = targets != IGNORE
+    s_logp = torch.log_softmax((hidden.double() @ weight.double().T + bias.double()) / TEMP, -1)
+    t_logp = torch.log_softmax((th.double() @ tw.double().T) / TEMP, -1)
+    kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    want = 0.3 * kl[valid].mean()
+    teacher = dict(teacher_hidden=th.to(device=device, dtype=dtype), teacher_weight=tw.to(device=device, dtype=dtype))
+    deltas = []
+    for level in ("token", "sequence"):
+        (with_kd, *_), (without, *_) = _run(impl, dtype, device, [
+            (_T, PolicyLossConfig(ratio_level=level, alpha=1.0, kd_estimator="full", kd_coef=0.3)),
+            (_T, PolicyLossConfig(ratio_level=level, alpha=1.0))], seed=17, **teacher)
+        deltas.append((with_kd - without).double().cpu())
+    tol = 1e-4 if impl == "triton" else 1e-10
+    for d in deltas:
+        torch.testing.assert_close(d, want, rtol=tol, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------- TRL's formulas
 def trl_loss(lp, old, A, mask, ent, *, level, loss_type, eps_low=0.2, eps_high=0.2, entropy_coef=0.0,
              num_items=None, accumulation=1):
