@@ -44,8 +44,8 @@ class LinearPolicyLoss(nn.Module):
     ``ignore_index``, ``softcap``, ``teacher_softcap``, ``teacher_logit_scale``, ``impl``); ``forward``
     takes the tensors: every keyword argument of
     ``linear_policy_loss`` that is not a setting (``teacher_logp``, ``ref_logp``,
-    ``token_weights``, ``kd_weights``, ``normalizer``, ``bias``, ``teacher_hidden``,
-    ``teacher_weight``, ``teacher_bias``) passes through unchanged."""
+    ``token_weights``, ``kd_weights``, ``normalizer``, ``entropy_normalizer``, ``bias``,
+    ``teacher_hidden``, ``teacher_weight``, ``teacher_bias``) passes through unchanged."""
 
     SETTINGS = ("config", "temperature", "logit_scale", "ignore_index", "softcap", "teacher_softcap",
                 "teacher_logit_scale", "impl")

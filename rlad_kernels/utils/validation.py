@@ -137,7 +137,7 @@ def token_mean_normalizer(weight_sum: torch.Tensor) -> torch.Tensor:
     return torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
 
 
-def as_normalizer(normalizer, device: torch.device) -> torch.Tensor | None:
+def as_normalizer(normalizer, device: torch.device, name: str = "normalizer") -> torch.Tensor | None:
     """None, a finite number > 0 or a 1-element float tensor -> None or a detached float32 scalar.
 
     A tensor on the CPU is checked here (ValueError unless finite and > 0). On an accelerator
@@ -148,19 +148,19 @@ def as_normalizer(normalizer, device: torch.device) -> torch.Tensor | None:
         return None
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1 or not normalizer.is_floating_point():
-            raise ValueError(f"normalizer must be a number or a 1-element float tensor, got shape "
+            raise ValueError(f"{name} must be a number or a 1-element float tensor, got shape "
                              f"{tuple(normalizer.shape)} dtype {normalizer.dtype}")
         if normalizer.device != device:
-            raise ValueError(f"normalizer is on {normalizer.device} but hidden is on {device}")
+            raise ValueError(f"{name} is on {normalizer.device} but hidden is on {device}")
         norm = normalizer.detach().reshape(()).float()
         if norm.device.type != "cpu":
             return guard_normalizer(norm)
         value = float(norm)
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"normalizer must be finite and > 0, got a tensor holding {value}; pass the count "
+            raise ValueError(f"{name} must be finite and > 0, got a tensor holding {value}; pass the count "
                              f"(or sum of token weights) the loss is divided by")
         return norm
-    check_float_param("normalizer", normalizer, positive=True)
+    check_float_param(name, normalizer, positive=True)
     return torch.tensor(float(normalizer), dtype=torch.float32, device=device)
 
 

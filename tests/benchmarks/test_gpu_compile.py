@@ -71,7 +71,7 @@ def test_every_option_of_every_kernel_is_covered(report):
     both = {True, False}
     for arch in rep["archs"]:
         for flag, values in (("ARITHMETIC", both), ("HAS_CLAMP", both), ("GATE", both), ("HAS_DUAL", both),
-                             ("KD", {0, 1, 2, 3}), ("ENT_BONUS", both)):
+                             ("KD", {0, 1, 2, 3}), ("ENT_BONUS", both), ("CISPO", both)):
             assert _values(res, "policy_fwd_kernel", arch, "EPI", flag) == values, (arch, flag)
         for field in ("teacher_logp", "ref_logp", "token_weights", "kd_weights"):
             assert _values(res, "policy_fwd_kernel", arch, "HAS", field) == both, (arch, field)

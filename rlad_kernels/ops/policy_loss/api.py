@@ -23,13 +23,14 @@ from ..common import autotune
 from ..common.inputs import LinearInputs, prepare_linear
 from ..common.numerics import compute_dtype
 from ..divergence.api import linear_divergence
-from ..logprobs.api import linear_logprobs
+from ..logprobs.api import linear_logprobs, logprobs_2d
 from .chunked import policy_loss_chunked
 from .config import PolicyLossConfig
 from .math import (
     REQUIRED_INPUTS,
     STAT_INDEX,
     TokenInputs,
+    entropy_token_mean,
     finalize_metrics,
     policy_token_loss,
     reduce_token_stats,
@@ -73,13 +74,16 @@ def linear_policy_loss(
     softcap: float | None = None,
     teacher_softcap: float | None = None,
     teacher_logit_scale: float = 1.0,
+    entropy_normalizer: float | torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Clipped, advantage-weighted policy loss (TRRD, GRPO/PPO-clip, KDRL) from hidden states.
 
     ``loss = sum_t w_t * L_t / normalizer`` over valid tokens (``targets != ignore_index``), with
     ``L_t`` as documented in :class:`PolicyLossConfig` and ``lp_t`` the log-prob of ``targets`` under
-    ``softmax((hidden @ weight.T + bias) * logit_scale / temperature)``. The ``[N, V]`` logits are
-    never materialized (except by ``impl="naive"``).
+    ``softmax((hidden @ weight.T + bias) * logit_scale / temperature)``; with
+    ``entropy_aggregation="token_mean"``, minus ``entropy_coef * sum_t H_t / entropy_normalizer``. The
+    ``[N, V]`` logits are never materialized (except by ``impl="naive"``). GSPO (``ratio_level="sequence"``)
+    takes every row of ``targets [..., L]`` as one sequence.
 
     Args:
         hidden: ``[..., H]`` student hidden states; weight ``[V, H]`` lm_head; targets ``[...]`` ids.
@@ -104,6 +108,10 @@ def linear_policy_loss(
             ``final_logit_softcapping``), or None: ``logits = c tanh(raw * logit_scale / c) / T``.
         teacher_logit_scale: the teacher's logit multiplier. The teacher's cap and scale apply
             where its logits are formed here (from ``teacher_hidden``).
+        entropy_normalizer: with ``entropy_aggregation="token_mean"``, the number (or scalar tensor)
+            dividing the entropy sum; default the call's number of valid tokens (1 if none). Pass
+            the micro-batch's token count times the accumulation steps to reproduce TRL, or a
+            global count. Treated as a constant; an error with ``entropy_aggregation="loss"``.
 
     All per-token inputs are constants of the loss (they must not require grad). Returns a
     :class:`PolicyLossOutput`; ``loss`` is differentiable w.r.t. hidden, weight and bias.
@@ -133,7 +141,15 @@ def linear_policy_loss(
         raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs ref_logp; pass ref_logp or set ref_kl_coef=0")
     if kd_weights is not None and cfg.kd_estimator is None:
         raise ValueError("kd_weights given but kd_estimator is None; set kd_estimator or drop kd_weights")
+    if cfg.sequence_level and targets.dim() < 2:
+        raise ValueError(f"ratio_level='sequence' needs targets of shape [..., L] with one sequence per row, got "
+                         f"shape {tuple(targets.shape)}; reshape the tokens (and hidden, and every per-token "
+                         f"input) to [B, L], padding with ignore_index")
+    if entropy_normalizer is not None and cfg.entropy_aggregation != "token_mean":
+        raise ValueError(f"entropy_normalizer is used only with entropy_aggregation='token_mean' (the config has "
+                         f"{cfg.entropy_aggregation!r}); set it in PolicyLossConfig or drop entropy_normalizer")
     norm = as_normalizer(normalizer, hidden.device)
+    ent_norm = as_normalizer(entropy_normalizer, hidden.device, "entropy_normalizer")
     if teacher_logp is None and teacher_hidden is not None:
         V = li.weight.shape[0]
         with torch.no_grad():
@@ -151,7 +167,7 @@ def linear_policy_loss(
              else torch.ones(valid.shape, dtype=cdt, device=hidden.device))
         if norm is None:
             norm = token_mean_normalizer(torch.where(valid, w, torch.zeros_like(w)).sum())
-        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, core_cfg), core_cfg, norm, ignore_index)
+        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, core_cfg), core_cfg, norm, ent_norm, ignore_index)
         kl = linear_divergence(hidden, weight, teacher_hidden, teacher_weight, kind="reverse_kl",
                                temperature=temperature, student_bias=bias, teacher_bias=teacher_bias,
                                student_softcap=softcap, teacher_softcap=teacher_softcap,
@@ -163,43 +179,55 @@ def linear_policy_loss(
         sums = sums.detach().clone()
         sums[STAT_INDEX["kd"]] = kl.detach().sum().to(sums.dtype)
     else:
-        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, cfg), cfg, norm, ignore_index)
+        loss, sums, lp, ent = _policy_core(li, used_inputs(tok, cfg), cfg, norm, ent_norm, ignore_index)
     metrics = finalize_metrics(sums, cfg, has_teacher=tok.teacher_logp is not None, has_ref=ref_logp is not None,
                                has_entropy=cfg.needs_entropy)
     return PolicyLossOutput(loss=loss, metrics=metrics, logp=lp.reshape(li.shape),
                             entropy=ent.reshape(li.shape) if ent is not None else None)
 
 
-def _policy_core(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm, ignore_index: int):
+def _policy_core(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm, ent_norm, ignore_index: int):
     """(loss, STAT_FIELDS sums, logp [N], entropy [N] | None) of one implementation;
     ``tok``: the used per-token inputs, flattened to [N] and detached."""
+    if li.impl == "naive" or cfg.sequence_level:
+        return _policy_two_phase(li, tok, cfg, norm, ent_norm, ignore_index)
     if li.impl == "triton":
         tok32 = tok.map(lambda t: t.float().contiguous())
 
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             h, w = li.hidden.detach().requires_grad_(), li.weight.detach().requires_grad_()
-            policy_loss_triton(h, w, li.bias, li.targets, tok32, norm, cfg, li.lmap, ignore_index)[0].backward()
+            policy_loss_triton(h, w, li.bias, li.targets, tok32, norm, ent_norm, cfg, li.lmap,
+                               ignore_index)[0].backward()
 
         options = (li.bias is not None, tok.present(), cfg)
         with (torch.autocast(li.hidden.device.type, enabled=False),
               autotune.scope(li.impl, "policy_loss", li.hidden, li.weight, options, tune_run)):
-            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok32, norm, cfg, li.lmap,
+            return policy_loss_triton(li.hidden, li.weight, li.bias, li.targets, tok32, norm, ent_norm, cfg, li.lmap,
                                       ignore_index)
-    if li.impl == "torch":
-        with torch.autocast(li.hidden.device.type, enabled=False):
-            return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, cfg, li.lmap,
-                                       ignore_index)
-    # naive: autograd through the reference log-probs (materialized logits) and the torch math
-    out = linear_logprobs(li.hidden, li.weight, li.targets, bias=li.bias, logit_scale=li.logit_scale,
-                          temperature=li.temperature, ignore_index=ignore_index, return_entropy=cfg.needs_entropy,
-                          softcap=li.softcap, impl="naive")
-    lp, ent = out if cfg.needs_entropy else (out, None)
-    tok = tok.map(lambda t: t.to(lp.dtype))
+    with torch.autocast(li.hidden.device.type, enabled=False):
+        return policy_loss_chunked(li.hidden, li.weight, li.bias, li.targets, tok, norm, ent_norm, cfg, li.lmap,
+                                   ignore_index)
+
+
+def _policy_two_phase(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig, norm, ent_norm, ignore_index: int):
+    """Per-token log-probs (and entropies) from the ``linear_logprobs`` op of ``li.impl`` (its own
+    backward; materialized logits only for naive), then the loss in torch, differentiated by autograd.
+
+    The naive reference takes this path at token level; every implementation takes it at sequence
+    level, where a token's loss needs the log-probs of its whole sequence (GSPO). Beyond the
+    log-prob op, O(N) memory: ``[R, L]`` vectors."""
+    lp, ent = logprobs_2d(li, ignore_index, cfg.needs_entropy)
     valid = li.targets != ignore_index
-    loss_t, stats = policy_token_loss(lp, tok, cfg, entropy=ent)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    tok = tok.map(lambda t: torch.where(valid, t.to(lp.dtype), zero))  # ignored positions may hold anything
+    rows = (lambda t: t.reshape(-1, li.shape[-1])) if cfg.sequence_level else (lambda t: t)
+    loss_t, stats = policy_token_loss(rows(lp), tok.map(rows), cfg, entropy=rows(ent) if ent is not None else None,
+                                      valid=rows(valid))
     w = tok.token_weights if tok.token_weights is not None else torch.ones_like(lp)
-    sums = reduce_token_stats(loss_t, stats, w, valid)
+    sums = reduce_token_stats(loss_t, stats, rows(w), rows(valid))
     if norm is None:
         norm = token_mean_normalizer(sums[1])
     loss = sums[0] / norm.to(sums.dtype)
+    if cfg.entropy_token_mean:
+        loss = loss + entropy_token_mean(torch.where(valid, ent, zero).sum(), sums[2], cfg, ent_norm)
     return loss, sums, lp.detach(), (ent.detach() if ent is not None else None)

@@ -20,14 +20,14 @@ from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.chunked import CHUNKS, ScaledHead, mul_safe, shift, softmax_dlogits_
 from ..common.numerics import LogitMap, compute_dtype
-from .math import STAT_FIELDS, TokenInputs, policy_token_loss, reduce_token_stats
+from .math import STAT_FIELDS, STAT_INDEX, TokenInputs, entropy_token_mean, policy_token_loss, reduce_token_stats
 
 
 class ChunkedPolicyLoss(torch.autograd.Function):
     """Returns (loss, stat sums, logp [N], entropy [N] | None); only ``loss`` is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer, cfg, lmap: LogitMap,
+    def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer, ent_norm, cfg, lmap: LogitMap,
                 ignore_index: int):
         cdt = compute_dtype(hidden.dtype)
         N, V = hidden.shape[0], weight.shape[0]
@@ -44,6 +44,11 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         if normalizer is None:
             normalizer = token_mean_normalizer(w_all.sum())
         norm = normalizer.to(cdt)
+        # entropy_aggregation="token_mean": dL/dH_t = -entropy_coef / entropy_normalizer on every valid token
+        g_e_mean = None
+        if cfg.entropy_token_mean:
+            e_norm = ent_norm if ent_norm is not None else torch.tensor(float(max(Nv, 1)), device=dev)
+            g_e_mean = -cfg.entropy_coef * scale / e_norm.to(cdt)
         want_ent = cfg.needs_entropy
         lp_v = torch.empty(Nv, dtype=cdt, device=dev)
         ent_v = torch.empty(Nv, dtype=cdt, device=dev) if want_ent else None
@@ -72,7 +77,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             # the per-token math, and its derivatives w.r.t. lp and entropy, by autograd
             with torch.enable_grad():
                 lp_l = lp.detach().requires_grad_(grads)
-                ent_l = ent.detach().requires_grad_(grads and cfg.entropy_coef != 0.0) if ent is not None else None
+                ent_l = ent.detach().requires_grad_(grads and cfg.entropy_in_loss) if ent is not None else None
                 loss_t, stats = policy_token_loss(lp_l, t.select(slice(c0, c1)), cfg, entropy=ent_l)
                 part = reduce_token_stats(loss_t, stats, w_all[c0:c1], torch.ones_like(lp, dtype=torch.bool))
                 if grads:
@@ -86,6 +91,8 @@ class ChunkedPolicyLoss(torch.autograd.Function):
                 continue
             g_lp = g[0] / norm * scale                               # w.r.t. the unscaled logits
             g_e = g[1] / norm * scale if len(g) > 1 else None
+            if g_e_mean is not None:
+                g_e = g_e_mean.expand_as(lp)
             dz = softmax_dlogits_(logp, g_lp, g_e, ent, head.neg_inf, p=p)   # -p (g + h (log p + H))
             dz.scatter_add_(1, yc[:, None], g_lp[:, None])           # + g onehot
             if slope is not None:
@@ -99,6 +106,8 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         if sums is None:  # no valid token
             sums = torch.zeros(len(STAT_FIELDS), dtype=cdt, device=dev)
         loss = sums[0] / norm
+        if cfg.entropy_token_mean:
+            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], sums[2], cfg, ent_norm)
         lp_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, lp_v)
         ent_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, ent_v) if want_ent else None
         ctx.save_for_backward(dx, dw, db)
@@ -120,9 +129,10 @@ class ChunkedPolicyLoss(torch.autograd.Function):
 
         def out(t, dt):
             return t.mul_(g_loss.to(t.dtype)).to(dt) if t is not None else None
-        return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None
+        return out(dx, hd), out(dw, wd), out(db, bd), None, None, None, None, None, None, None
 
 
-def policy_loss_chunked(x, w, b, y, tok: TokenInputs, normalizer, cfg, lmap: LogitMap, ignore_index):
-    """``tok``: the used per-token inputs, flattened to [N]."""
-    return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, lmap, ignore_index)
+def policy_loss_chunked(x, w, b, y, tok: TokenInputs, normalizer, ent_norm, cfg, lmap: LogitMap, ignore_index):
+    """``tok``: the used per-token inputs, flattened to [N]; ``ent_norm``: the entropy normalizer of
+    ``entropy_aggregation="token_mean"`` (None: the number of valid tokens)."""
+    return ChunkedPolicyLoss.apply(x, w, b, y, tok, normalizer, ent_norm, cfg, lmap, ignore_index)

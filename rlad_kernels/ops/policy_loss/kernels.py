@@ -46,6 +46,7 @@ class EpilogueCoefs(NamedTuple):
     ent_coef: float
     log_a: float        # log(alpha), log(1 - alpha): the arithmetic mixture's weights
     log_1ma: float
+    cispo_max: float    # CISPO's cap on the importance weight (EPI.CISPO)
 
 
 class EpilogueFlags(NamedTuple):
@@ -54,7 +55,8 @@ class EpilogueFlags(NamedTuple):
     GATE: bool          # gated TRRD (teacher_align_threshold / teacher_adv_threshold)
     HAS_DUAL: bool      # dual clip
     KD: int             # 0 none, 1 k1, 2 k2, 3 k3
-    ENT_BONUS: bool     # entropy_coef != 0
+    ENT_BONUS: bool     # the entropy bonus is a term of L_t (entropy_coef != 0, entropy_aggregation="loss")
+    CISPO: bool         # objective="cispo": L = -sg(min(r, cispo_max)) A lp instead of the PPO clip
 
 
 class EpilogueOut(NamedTuple):
@@ -116,19 +118,27 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
     b_r = tl.exp(tl.where(capped, LOG_RATIO_CAP, b_logr))
     b_dlogr = tl.where(capped, 0.0, b_dlogr)
 
-    b_pg1 = -b_a * b_r
-    b_pg2 = -b_a * _clamp(b_r, 1.0 - coef.eps_low, 1.0 + coef.eps_high)
-    clipped = b_pg2 > b_pg1
-    b_loss = tl.where(clipped, b_pg2, b_pg1)
-    b_g = tl.where(clipped, 0.0, -b_a * b_r)  # dL/dlog_r
     b_dual = b_zero
-    if EPI.HAS_DUAL:
-        b_pg3 = -b_a * coef.dual_c
-        dual_on = (b_a < 0) & (b_pg3 < b_loss)
-        b_dual = tl.where(dual_on, 1.0, 0.0)
-        b_loss = tl.where(dual_on, b_pg3, b_loss)
-        b_g = tl.where(dual_on, 0.0, b_g)
-    b_g = b_g * b_dlogr
+    b_cap = b_zero
+    if EPI.CISPO:  # L = -sg(min(r, cispo_max)) A lp, so dL/dlp = -min(r, cispo_max) A (no d log_r / d lp)
+        clipped = b_r > coef.cispo_max
+        b_cap = tl.where(clipped, 1.0, 0.0)
+        b_wis = tl.where(clipped, coef.cispo_max, b_r)
+        b_loss = -b_wis * b_a * b_lp
+        b_g = -b_wis * b_a
+    else:
+        b_pg1 = -b_a * b_r
+        b_pg2 = -b_a * _clamp(b_r, 1.0 - coef.eps_low, 1.0 + coef.eps_high)
+        clipped = b_pg2 > b_pg1
+        b_loss = tl.where(clipped, b_pg2, b_pg1)
+        b_g = tl.where(clipped, 0.0, -b_a * b_r)  # dL/dlog_r
+        if EPI.HAS_DUAL:
+            b_pg3 = -b_a * coef.dual_c
+            dual_on = (b_a < 0) & (b_pg3 < b_loss)
+            b_dual = tl.where(dual_on, 1.0, 0.0)
+            b_loss = tl.where(dual_on, b_pg3, b_loss)
+            b_g = tl.where(dual_on, 0.0, b_g)
+        b_g = b_g * b_dlogr
 
     b_kl = b_zero
     if HAS.ref_logp:  # k3(lp_ref - lp)
@@ -200,6 +210,7 @@ def policy_epilogue(b_lp, b_ent, valid, m_n, o_n, i_blk, tok, coef, out, HAS: tl
         entropy=tl.sum(tl.where(valid, b_ent, 0.0), axis=0),
         kd=tl.sum(tl.where(valid, b_kd, 0.0), axis=0),
         ref_kl=tl.sum(tl.where(valid, b_kl, 0.0), axis=0),
+        cispo_cap=tl.sum(tl.where(valid, b_cap, 0.0), axis=0),
     )
     for i in tl.static_range(len(sums)):
         tl.store(out.stat + i_blk * len(sums) + i, sums[i])

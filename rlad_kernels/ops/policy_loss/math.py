@@ -30,7 +30,7 @@ STAT_FIELDS = (
     "adv_pos",        # tokens with A > 0
     "adv_neg",        # tokens with A < 0
     "clip_pos",       # A > 0 tokens on the clipped branch (zero gradient)
-    "clip_neg",       # A < 0 tokens on the clipped branch
+    "clip_neg",       # A < 0 tokens on the clipped branch (CISPO: clip_pos / clip_neg count capped weights)
     "dual_clip",      # A < 0 tokens bounded by the dual clip
     "ratio",          # sum of r
     "teacher_clamp_hi",  # tokens clamped with lp - lp_T > teacher_clamp (student above teacher)
@@ -40,6 +40,7 @@ STAT_FIELDS = (
     "entropy",        # sum of entropy
     "kd",             # sum of the KD estimator value
     "ref_kl",         # sum of k3(lp_ref - lp)
+    "cispo_cap",      # tokens whose CISPO weight is capped (r > cispo_max), whatever the sign of A
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 # The sums as a named tuple: the Triton epilogue builds one per token block and stores its fields in order.
@@ -99,13 +100,25 @@ def teacher_gate(A: torch.Tensor, old_logp: torch.Tensor, teacher_logp: torch.Te
     return gate
 
 
+def sequence_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[R, L]`` -> ``[R, L]``: each row's mean of ``x`` over its valid tokens (0 for a row without
+    any), on the row's valid tokens; 0 on ignored ones (``where``, so their values, even NaN, reach
+    neither the mean nor its gradient). TRL's ``(x * mask).sum(-1) / mask.sum(-1).clamp(min=1)``."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, x, zero).sum(-1, keepdim=True) / n
+    return torch.where(valid, mean, zero)
+
+
 def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfig,
-                      entropy: torch.Tensor | None = None):
+                      entropy: torch.Tensor | None = None, valid: torch.Tensor | None = None):
     """Per-token loss ``L_t`` (differentiable in ``logp`` and ``entropy``) and per-token stats.
 
     All inputs share one shape and dtype (the compute dtype); ``tok`` holds only the inputs
-    the loss uses (``used_inputs``). Returns ``(loss, stats)`` where ``stats`` maps the
-    per-token STAT_FIELDS entries (except the weight sums) to detached tensors.
+    the loss uses (``used_inputs``). At sequence level (``cfg.ratio_level == "sequence"``) they
+    are ``[R, L]``, one row per sequence, and ``valid`` (``[R, L]`` bool) marks the tokens the
+    sequence ratio averages over. Returns ``(loss, stats)`` where ``stats`` maps the per-token
+    STAT_FIELDS entries (except the weight sums) to detached tensors.
     """
     A, old_logp, teacher_logp, ref_logp = tok.advantages, tok.old_logp, tok.teacher_logp, tok.ref_logp
     clamp_hi = clamp_lo = gate = torch.zeros_like(logp, dtype=torch.bool)
@@ -129,18 +142,23 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
             gate = teacher_gate(A, old_logp, teacher_logp, cfg)
             log_r = torch.where(gate, logp - old_logp, log_r)
             clamp_hi, clamp_lo = clamp_hi & ~gate, clamp_lo & ~gate
+    if cfg.sequence_level:  # GSPO: every token takes its sequence's mean log-ratio (gradient to all of them)
+        log_r = sequence_mean(log_r, valid)
 
     ratio = torch.exp(torch.clamp(log_r, max=LOG_RATIO_CAP))
-    pg_unclipped = -A * ratio
-    pg_clipped = -A * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    clipped = pg_clipped > pg_unclipped
-    loss = torch.maximum(pg_unclipped, pg_clipped)
-    if cfg.dual_clip is not None:
-        pg_dual = -A * cfg.dual_clip
-        dual_active = (A < 0) & (pg_dual < loss)
-        loss = torch.where(A < 0, torch.minimum(loss, pg_dual), loss)
+    dual_active = cispo_cap = torch.zeros_like(logp, dtype=torch.bool)
+    if cfg.cispo:  # CISPO: REINFORCE with the capped ratio as a constant weight; no token loses its gradient
+        clipped = cispo_cap = ratio > cfg.cispo_max
+        loss = -torch.clamp(ratio, max=cfg.cispo_max).detach() * A * logp
     else:
-        dual_active = torch.zeros_like(clipped)
+        pg_unclipped = -A * ratio
+        pg_clipped = -A * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+        clipped = pg_clipped > pg_unclipped
+        loss = torch.maximum(pg_unclipped, pg_clipped)
+        if cfg.dual_clip is not None:
+            pg_dual = -A * cfg.dual_clip
+            dual_active = (A < 0) & (pg_dual < loss)
+            loss = torch.where(A < 0, torch.minimum(loss, pg_dual), loss)
 
     zero = torch.zeros_like(logp)
     ref_kl = zero
@@ -164,7 +182,7 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
         w = tok.kd_weights if tok.kd_weights is not None else 1.0
         loss = loss + cfg.kd_coef * w * kd
 
-    if entropy is not None and cfg.entropy_coef != 0.0:
+    if entropy is not None and cfg.entropy_in_loss:  # (the token-mean bonus is added outside L_t)
         loss = loss - cfg.entropy_coef * entropy
 
     # A non-finite input must not vanish into a clip, clamp or cap: such tokens give NaN loss and
@@ -173,6 +191,8 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
     for c in (A, old_logp, teacher_logp, ref_logp, tok.kd_weights):  # token_weights scale the loss, not the math
         if c is not None:
             bad = bad | ~torch.isfinite(c)
+    if cfg.sequence_level:  # one bad token spoils its whole sequence's ratio (a -inf mean would give r = 0)
+        bad = bad | (bad & valid).any(-1, keepdim=True)
     # multiply (not where): the selected NaN factor also makes d loss / d logp NaN for those tokens
     loss = loss * torch.where(bad, math.nan, 1.0)
 
@@ -190,6 +210,7 @@ def policy_token_loss(logp: torch.Tensor, tok: TokenInputs, cfg: PolicyLossConfi
         "entropy": entropy if entropy is not None else zero,
         "kd": kd,
         "ref_kl": ref_kl,
+        "cispo_cap": cispo_cap,
     }
     return loss, {k: v.detach() for k, v in stats.items()}
 
@@ -243,4 +264,14 @@ def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: 
         m["kd_mean"] = s["kd"] / tokens
     if has_ref and cfg.ref_kl_coef != 0.0:
         m["ref_kl_mean"] = s["ref_kl"] / tokens
+    if cfg.cispo:
+        m["cispo_cap_frac"] = s["cispo_cap"] / tokens
     return m
+
+
+def entropy_token_mean(entropy_sum: torch.Tensor, valid_count: torch.Tensor, cfg: PolicyLossConfig,
+                       entropy_normalizer: torch.Tensor | None) -> torch.Tensor:
+    """The bonus of ``entropy_aggregation="token_mean"``: ``-entropy_coef * sum_t H_t / entropy_normalizer``
+    (default: the call's number of valid tokens, or 1 when there is none)."""
+    norm = entropy_normalizer if entropy_normalizer is not None else valid_count.clamp(min=1)
+    return -cfg.entropy_coef * entropy_sum / norm.to(entropy_sum.dtype)

@@ -17,7 +17,7 @@ from ..common.logprob import Rows, logprob_backward, logprob_forward
 from ..common.numerics import LogitMap, log_weights
 from .config import PolicyLossConfig
 from .kernels import EpilogueCoefs, EpilogueFlags, EpilogueOut, policy_combine_kernel, policy_fwd_kernel
-from .math import STAT_FIELDS, TokenInputs
+from .math import STAT_FIELDS, STAT_INDEX, TokenInputs, entropy_token_mean
 
 _KD_CODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
@@ -27,7 +27,7 @@ def epilogue_args(tok: TokenInputs, cfg: PolicyLossConfig, N: int, blocks: int, 
     loss uses). Allocates the per-token gradient factors (``glp``, and ``gent`` with an
     entropy bonus) and the per-block sums."""
     f32 = dict(dtype=torch.float32, device=device)
-    ent_bonus = cfg.entropy_coef != 0.0
+    ent_bonus = cfg.entropy_in_loss  # (the token-mean bonus is outside L_t: its factors are formed on the host)
     glp = torch.empty(N, **f32)
     out = EpilogueOut(glp=glp, gent=torch.empty(N, **f32) if ent_bonus else glp,
                       stat=torch.empty((blocks, len(STAT_FIELDS)), **f32))
@@ -39,10 +39,11 @@ def epilogue_args(tok: TokenInputs, cfg: PolicyLossConfig, N: int, blocks: int, 
                                        else math.inf),
                          adv_c=float(cfg.teacher_adv_threshold or 0.0), dual_c=float(cfg.dual_clip or 0.0),
                          kd_coef=float(cfg.kd_coef), ref_coef=float(cfg.ref_kl_coef), ent_coef=float(cfg.entropy_coef),
-                         log_a=log_a, log_1ma=log_1ma)
+                         log_a=log_a, log_1ma=log_1ma, cispo_max=float(cfg.cispo_max))
     flags = EpilogueFlags(ARITHMETIC=cfg.mixture == "arithmetic", HAS_CLAMP=cfg.teacher_clamp is not None,
                           GATE=cfg.gated and tok.teacher_logp is not None,
-                          HAS_DUAL=cfg.dual_clip is not None, KD=_KD_CODES[cfg.kd_estimator], ENT_BONUS=ent_bonus)
+                          HAS_DUAL=cfg.dual_clip is not None, KD=_KD_CODES[cfg.kd_estimator], ENT_BONUS=ent_bonus,
+                          CISPO=cfg.cispo)
     # absent inputs: any float32 [N] tensor will do, their presence flags compile the loads out
     ptrs = TokenInputs(*(t if t is not None else tok.advantages for t in tok))
     return dict(tok=ptrs, coef=coef, out=out, HAS=tok.present(), EPI=flags)
@@ -53,7 +54,7 @@ class TritonPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, tok: TokenInputs, normalizer: torch.Tensor | None,
-                cfg: PolicyLossConfig, lmap: LogitMap, ignore_index: int):
+                ent_norm: torch.Tensor | None, cfg: PolicyLossConfig, lmap: LogitMap, ignore_index: int):
         cfg_t = get_config(hidden.device, hidden.dtype)
         N = hidden.shape[0]
         plan = scan_plan(N, weight.shape[0], hidden.device, cfg_t)
@@ -66,7 +67,14 @@ class TritonPolicyLoss(torch.autograd.Function):
         if normalizer is None:
             normalizer = token_mean_normalizer(sums[1])
         loss = sums[0] / normalizer
-        ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, *rows)
+        ent_scale = normalizer  # the backward scales gent by grad_output / ent_scale
+        if cfg.entropy_token_mean:  # -entropy_coef * sum_t H_t / entropy_normalizer, outside the epilogue
+            if ent_norm is None:
+                ent_norm = sums[2].clamp(min=1)
+            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], sums[2], cfg, ent_norm)
+            gent = torch.where(targets != ignore_index, -cfg.entropy_coef, 0.0).float()
+            ent_scale = ent_norm
+        ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, ent_scale, *rows)
         ctx.lmap, ctx.ignore_index, ctx.cfg = lmap, ignore_index, cfg_t  # the backward tiles as the forward's
         ctx.mark_non_differentiable(sums, rows.lp, *([rows.ent] if rows.ent is not None else []))
         return loss, sums, rows.lp, rows.ent
@@ -74,17 +82,18 @@ class TritonPolicyLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only("linear_policy_loss(impl='triton')")
     def backward(ctx, g_loss, _g_sums, _g_lp, _g_ent):
-        hidden, weight, bias, targets, glp, gent, normalizer, *saved = ctx.saved_tensors
+        hidden, weight, bias, targets, glp, gent, normalizer, ent_scale, *saved = ctx.saved_tensors
         factor = g_loss / normalizer
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        dx, dw, db = logprob_backward(hidden, weight, bias, targets, Rows(*saved), glp * factor,
-                                      gent * factor if gent is not None else None, ctx.lmap, ctx.ignore_index,
-                                      need_dx, need_dw, need_db, ctx.cfg)
-        return dx, dw, db, None, None, None, None, None, None
+        g_ent = gent * (g_loss / ent_scale) if gent is not None else None
+        dx, dw, db = logprob_backward(hidden, weight, bias, targets, Rows(*saved), glp * factor, g_ent, ctx.lmap,
+                                      ctx.ignore_index, need_dx, need_dw, need_db, ctx.cfg)
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
-def policy_loss_triton(x, w, b, y, tok: TokenInputs, normalizer, cfg, lmap: LogitMap, ignore_index):
-    """``tok``: the used per-token inputs, as float32 [N] contiguous tensors."""
+def policy_loss_triton(x, w, b, y, tok: TokenInputs, normalizer, ent_norm, cfg, lmap: LogitMap, ignore_index):
+    """``tok``: the used per-token inputs, as float32 [N] contiguous tensors; ``ent_norm``: the
+    entropy normalizer of ``entropy_aggregation="token_mean"`` (None: the number of valid tokens)."""
     check_triton_dtypes(x, w)
-    return TritonPolicyLoss.apply(x, w, b, y, tok, normalizer, cfg, lmap, ignore_index)
+    return TritonPolicyLoss.apply(x, w, b, y, tok, normalizer, ent_norm, cfg, lmap, ignore_index)
