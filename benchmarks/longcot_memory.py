@@ -121,6 +121,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, key in enumerate(sorted({(r["impl"], r["checkpointing"]) for r in rows})):
@@ -136,10 +137,12 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
             ax.plot([r["response_tokens"] for r in skipped], [r["predicted_peak_mib"] / 1024 for r in skipped],
                     marker="o", markerfacecolor="none", linestyle=":", color=color,
                     label=f"{label}: computed, not run")
-    ax.set(xscale="log", yscale="log", xlabel="response tokens (one sequence)", ylabel="peak resident memory (GiB)",
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="response tokens (one sequence)", ylabel="peak resident memory (GiB)",
            title="one training step: forward + backward + AdamW")
-    ax.set_xticks(sorted({r["response_tokens"] for r in rows}))
-    ax.set_xticklabels([str(t) for t in sorted({r["response_tokens"] for r in rows})])
+    ticks = sorted({r["response_tokens"] for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
@@ -164,10 +167,21 @@ def main(argv=None) -> int:
     ap.add_argument("--max-gib", type=float, default=10.0, help="skip a configuration predicted to peak above this")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="longcot_memory")
+    ap.add_argument("--replot", action="store_true", help="only draw <name>.png again from <name>.csv")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    if args.replot:
+        path = Path(args.out) / f"{args.name}.csv"
+        text = path.read_text().splitlines()
+        rows = list(csv.DictReader(line for line in text if not line.startswith("#")))
+        for r in rows:
+            r["response_tokens"] = int(r["response_tokens"])
+            for k in ("peak_mib", "predicted_peak_mib"):
+                r[k] = float(r[k]) if r[k] else ""
+        _plot(rows, path.with_suffix(".png"), text[0].lstrip("# "))
         return 0
 
     import torch
