@@ -1,6 +1,6 @@
-"""benchmarks/longcot_memory.py at a tiny size, so that it cannot rot: it measures a real step in a
-fresh process, writes its table, CSV and plot with the machine stamp, and reports a
-configuration over the memory limit as computed, not run."""
+"""The long-CoT benchmarks at a tiny size, so that they cannot rot: longcot_memory.py measures a
+real step in a fresh process, writes its table, CSV and plot with the machine stamp, and reports
+a configuration over the memory limit as computed, not run; longcot_batching.py writes its table."""
 
 import csv
 import sys
@@ -40,3 +40,12 @@ def test_a_configuration_over_the_limit_is_computed_not_run(tmp_path):
     assert all("computed, not measured" in r["note"] and float(r["predicted_peak_mib"]) > 1 for r in rows)
     assert "not run: would need" in (tmp_path / "over.md").read_text()
     assert (tmp_path / "over.png").is_file()
+
+
+def test_the_batching_benchmark_runs_at_a_tiny_size(tmp_path):
+    import longcot_batching
+
+    assert longcot_batching.main(["--rows", "4", "--scale", "2.5", "--repeats", "1", "--micro-batch-tokens", "64",
+                                  "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "longcot_batching.md").read_text()
+    assert "| `micro_batch_size=4` |" in md and "| `micro_batch_tokens=64` |" in md and "commit" in md
