@@ -142,9 +142,10 @@ class TrainConfig:
                               "(when they do not divide it, their sizes differ by one)", "optimization")
     micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)", "optimization")
     micro_batch_tokens: int = _f(0, "token budget per forward/backward instead of micro_batch_size (0: off): rows "
-                                    "sorted by length, packed so that rows x longest row <= this, each micro-batch "
-                                    "cut to its longest row (no compute on the rest of the padding); a longer row "
-                                    "goes alone. Also groups the old/teacher/ref scoring", "optimization")
+                                    "sorted by length and packed so that rows x width <= this, each micro-batch cut "
+                                    "to its own width (its longest prompt + longest response; no compute on the rest "
+                                    "of the padding); a longer row goes alone. Also groups the old/teacher/ref "
+                                    "scoring", "optimization")
 
     # evaluation
     eval_every: int = _f(10, "evaluate every N steps (0: only at the end)", "evaluation")
