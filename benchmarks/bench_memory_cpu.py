@@ -22,11 +22,22 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of this process's ``/proc/self/status`` in KiB (``VmRSS``: resident now, ``VmHWM``:
+    the resident high-water mark)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Reset this process's resident high-water mark (``VmHWM``) to its current resident set
+    (Linux: ``/proc/self/clear_refs``), and return that resident set in KiB. torch's CPU allocator
+    keeps no peak statistics, and ``tracemalloc`` does not see its allocations; ``VmHWM`` sees every
+    page the process touches."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS")
 
 
 def child(provider: str, N: int, H: int, V: int) -> dict:
@@ -42,12 +53,11 @@ def child(provider: str, N: int, H: int, V: int) -> dict:
     x["weight"].requires_grad_()
     prov = {p.name: p for p in policy_providers(1024)}[provider]
     closure = prov.make(x)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    base = _status_kib("VmRSS")
+    base = reset_peak()
     t0 = time.perf_counter()
     closure().backward()
     dt = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"provider": provider, "ms": dt * 1e3, "base_mib": base / 1024, "peak_mib": peak / 1024,
             "inc_mib": (peak - base) / 1024}
 

@@ -35,9 +35,10 @@ SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 REWARD_ERRORS = ("fail", "zero")
 # settings that may change when a run is resumed: where and how it runs, not what it computes
-# (micro_batch_size and threads change float rounding only); steps too, with a constant schedule
+# (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
-               "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "reward_timeout", "reward_errors")
+               "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
+               "reward_timeout", "reward_errors")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -140,6 +141,11 @@ class TrainConfig:
     mini_batches: int = _f(2, "optimizer steps per pass: the batch is split into exactly this many mini-batches "
                               "(when they do not divide it, their sizes differ by one)", "optimization")
     micro_batch_size: int = _f(64, "sequences per forward/backward (gradient accumulation)", "optimization")
+    micro_batch_tokens: int = _f(0, "token budget per forward/backward instead of micro_batch_size (0: off): rows "
+                                    "sorted by length and packed so that rows x width <= this, each micro-batch cut "
+                                    "to its own width (its longest prompt + longest response; no compute on the rest "
+                                    "of the padding); a longer row goes alone. Also groups the old/teacher/ref "
+                                    "scoring", "optimization")
 
     # evaluation
     eval_every: int = _f(10, "evaluate every N steps (0: only at the end)", "evaluation")
@@ -215,7 +221,7 @@ class TrainConfig:
                      "micro_batch_size", "eval_prompts", "sft_prompts", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("eval_every", "save_every", "warmup_steps", "eval_samples", "threads"):
+        for name in ("eval_every", "save_every", "warmup_steps", "eval_samples", "threads", "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         for name in ("temperature", "lr"):

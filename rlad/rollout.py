@@ -217,23 +217,33 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
 
 @torch.no_grad()
 def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_rows: int | None = None,
-          impl: str | None = None) -> torch.Tensor:
+          impl: str | None = None, micro_batch_tokens: int | None = None) -> torch.Tensor:
     """Per-token log-probs [B, L-1] (float32) of the rollout's response tokens under ``model``.
 
     ``head_rows`` cuts a padded lm_head to the student's vocabulary (a teacher scoring student
-    tokens normalizes over the same V columns as the student)."""
+    tokens normalizes over the same V columns as the student). With ``micro_batch_tokens`` the
+    rows go in length-sorted groups of at most that many padded tokens, each cut to its own
+    window of columns (``rlad.batching``); the values are the same up to float rounding."""
+    from .batching import plan
+
     weight, bias = lm_head(model)
     if head_rows is not None:
         weight = weight[:head_rows]
         bias = bias[:head_rows] if bias is not None else None
     out = torch.zeros(roll.targets.shape, dtype=torch.float32, device=roll.targets.device)
+    if micro_batch_tokens:
+        parts = plan(roll.attention_mask, torch.arange(len(roll), device=roll.input_ids.device), micro_batch_tokens)
+    else:
+        parts = [(slice(i, i + micro_batch), slice(None)) for i in range(0, len(roll), micro_batch)]
     was_training = model.training
     model.eval()
-    for i in range(0, len(roll), micro_batch):
-        sl = slice(i, i + micro_batch)
-        h = decoder_hidden(model, roll.input_ids[sl], roll.attention_mask[sl], roll.position_ids[sl])
-        out[sl] = linear_logprobs(h[:, :-1], weight, roll.targets[sl], bias=bias, temperature=temperature,
-                                  impl=impl, **logit_map(model)).float()
+    for rows, cols in parts:
+        s, e = cols.start, cols.stop
+        h = decoder_hidden(model, roll.input_ids[rows, s:e], roll.attention_mask[rows, s:e],
+                           roll.position_ids[rows, s:e])
+        tcols = slice(s, e - 1 if e is not None else None)  # targets [B, L-1] line up with columns s .. e-2
+        out[rows, tcols] = linear_logprobs(h[:, :-1], weight, roll.targets[rows, tcols], bias=bias,
+                                           temperature=temperature, impl=impl, **logit_map(model)).float()
     model.train(was_training)
     return out
 

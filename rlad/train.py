@@ -53,6 +53,7 @@ import torch
 from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
 
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
+from .batching import micro_batches
 from .checkpoint import Checkpoint, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluate import eval_key_order, evaluate
@@ -88,7 +89,7 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
     if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
         roll.keep = ~roll.truncated
-    kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size)
+    kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
     if alg.scores_old:
         roll.old_logp = score(student, roll, **kw)
     if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
@@ -214,10 +215,9 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
             norm, tw = normalizer_for(cfg, roll, mini)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=norm.device)
-            for micro in mini.split(cfg.micro_batch_size):
-                mb = roll.select(micro)
+            for mb, mtw in micro_batches(roll, mini, tw, size=cfg.micro_batch_size, tokens=cfg.micro_batch_tokens):
                 with amp():
-                    loss, m = micro_loss(cfg, student, teacher, mb, norm, tw[micro] if tw is not None else None, step)
+                    loss, m = micro_loss(cfg, student, teacher, mb, norm, mtw, step)
                 loss.backward()
                 total = total + loss.detach()
                 tokens = mb.loss_mask.sum()  # the micro-batch's metrics are means over its loss tokens

@@ -1,0 +1,121 @@
+"""Micro-batches for long chains of thought: a token budget instead of a row count, and no
+computation on padding beyond each micro-batch's own longest sequence.
+
+A rollout stores ``[bos] prompt response [eos]`` rows in one ``[B, L]`` tensor, prompts
+left-padded to a common start of the response (column ``P``) and responses right-padded
+(``rlad/rollout.py``). Row ``b`` therefore attends to one contiguous window of columns
+``[start_b, end_b)``. With ``micro_batch_tokens = N``:
+
+- the rows of a mini-batch are sorted by their length ``end_b - start_b`` (longest first, ties
+  in mini-batch order) and packed greedily, in that order, into micro-batches whose padded
+  size ``rows x (max end - min start)`` is at most ``N``; a single row longer than ``N`` is a
+  micro-batch of its own;
+- each micro-batch is cut to its window of columns ``[min start, max end)``: the
+  ``[B, L]`` fields (``input_ids``, ``attention_mask``, ``position_ids``) to
+  ``[s, e)``, the ``[B, L-1]`` per-token fields (targets, log-probs, advantages, weights) to
+  ``[s, e-1)``. The columns cut off are padding in every row of the micro-batch (attention
+  mask 0), so the kept tokens see the same keys and keep their position ids, and no target
+  lies outside the window: the loss and its gradient are those of the untrimmed rows up to
+  float rounding. The window's width is ``max prompt + max response`` of the micro-batch (the
+  prompts stay left-padded, the responses right-padded), which is what ``N`` bounds.
+
+Since the normalizer of an optimizer step is global (``train.normalizer_for``), how the rows are
+grouped changes float rounding only. What is not done: packing several sequences into one row
+(``position_ids`` restarting inside a row, varlen flash attention); on CPU the cut to each
+micro-batch's window is where the saving is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # rollout.score imports this module
+    from .rollout import Rollout
+
+# Rollout fields cut along their columns: [B, L] like input_ids, and [B, L-1] like targets
+SEQ_FIELDS = ("input_ids", "attention_mask", "position_ids")
+TOKEN_FIELDS = ("targets", "old_logp", "teacher_logp", "ref_logp", "token_advantages", "kd_weights")
+
+
+def windows(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per row, the first attended column and one past the last (a row attending to nothing
+    gets the whole width). One device-to-host transfer."""
+    mask = attention_mask != 0
+    L = mask.shape[1]
+    first = mask.int().argmax(dim=1)
+    last = L - mask.flip(1).int().argmax(dim=1)
+    none = ~mask.any(dim=1)
+    first, last = torch.where(none, 0, first), torch.where(none, L, last)
+    start, end = torch.stack([first, last]).tolist()
+    return start, end
+
+
+def pack(start: Sequence[int], end: Sequence[int], budget: int) -> list[list[int]]:
+    """Groups of positions (into ``start``/``end``) whose padded size, ``len(group) x (max end -
+    min start)``, is at most ``budget``: rows sorted by length, longest first (ties by position),
+    cut greedily into consecutive runs; a row longer than ``budget`` is a group of its own."""
+    if budget < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {budget}")
+    order = sorted(range(len(start)), key=lambda i: (-(end[i] - start[i]), i))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    lo = hi = 0
+    for i in order:
+        new_lo, new_hi = (min(lo, start[i]), max(hi, end[i])) if group else (start[i], end[i])
+        if group and (len(group) + 1) * (new_hi - new_lo) > budget:
+            groups.append(group)
+            group, (new_lo, new_hi) = [], (start[i], end[i])
+        group.append(i)
+        lo, hi = new_lo, new_hi
+    if group:
+        groups.append(group)
+    return groups
+
+
+def plan(attention_mask: torch.Tensor, rows: torch.Tensor, budget: int) -> list[tuple[torch.Tensor, slice]]:
+    """The token-budget micro-batches of ``rows`` (indices into ``attention_mask``'s rows): each
+    one's row indices and its window of columns ``slice(s, e)`` of the ``[B, L]`` fields."""
+    start, end = windows(attention_mask[rows])
+    out = []
+    for group in pack(start, end, budget):
+        pos = torch.tensor(group, dtype=torch.long, device=rows.device)
+        out.append((rows[pos], slice(min(start[i] for i in group), max(end[i] for i in group))))
+    return out
+
+
+def trim(roll: Rollout, cols: slice) -> Rollout:
+    """``roll`` cut to the columns ``cols`` (a window of the ``[B, L]`` fields; the ``[B, L-1]``
+    per-token fields are cut to ``cols.start:cols.stop - 1``). Every column cut off must be
+    padding in every row (see the module's docstring)."""
+    s, e = cols.start, cols.stop
+    cut = {}
+    for f in fields(roll):
+        v = getattr(roll, f.name)
+        if not isinstance(v, torch.Tensor) or v.dim() < 2:
+            continue
+        if f.name in SEQ_FIELDS:
+            cut[f.name] = v[:, s:e]
+        elif f.name in TOKEN_FIELDS:
+            cut[f.name] = v[:, s:e - 1]
+        else:  # a new per-token field must be named in SEQ_FIELDS or TOKEN_FIELDS, or it would not line up
+            raise TypeError(f"Rollout.{f.name} has shape {tuple(v.shape)}: name it in rlad.batching's SEQ_FIELDS or "
+                            f"TOKEN_FIELDS")
+    return replace(roll, **cut)
+
+
+def micro_batches(roll: Rollout, idx: torch.Tensor, token_weights: torch.Tensor | None, *, size: int,
+                  tokens: int | None) -> Iterator[tuple[Rollout, torch.Tensor | None]]:
+    """The micro-batches of the rows ``idx`` of ``roll`` and their token weights (``[B, L-1]``
+    or None): ``size`` rows each in order (``tokens`` 0 or None), or, with a token budget, the
+    length-sorted groups of ``pack`` cut to their windows (``trim``)."""
+    if not tokens:
+        for micro in idx.split(size):
+            yield roll.select(micro), (token_weights[micro] if token_weights is not None else None)
+        return
+    for micro, cols in plan(roll.attention_mask, idx, tokens):
+        tw = token_weights[micro][:, cols.start:cols.stop - 1] if token_weights is not None else None
+        yield trim(roll.select(micro), cols), tw
