@@ -11,11 +11,12 @@ straight from the student's hidden states (no ``[tokens x vocab]`` logits).
 What stays TRL's: generation (transformers, vLLM server or colocate), rewards and advantages,
 batching (``per_device_train_batch_size``, ``steps_per_generation``, ``num_iterations``),
 accelerate / DeepSpeed / FSDP launch, logging and checkpoints. The GRPO settings keep TRL's
-meaning: ``loss_type`` (grpo, bnpo, dr_grpo, dapo, and cispo / ``importance_sampling_level``
-where ``rlad_kernels`` has them), ``epsilon`` / ``epsilon_high``, ``beta`` (the k3 KL to the
-reference model), ``delta`` (two-sided clipping) and ``num_items_in_batch``. With ``alpha=1``
-the loss and its gradients are TRL's own (``tests/trainer/test_trl.py`` checks this on the same
-batch).
+meaning: ``loss_type`` (grpo, bnpo, dr_grpo, dapo, cispo), ``importance_sampling_level``
+("sequence" is GSPO), ``epsilon`` / ``epsilon_high`` (CISPO's cap under cispo), ``beta`` (the k3
+KL to the reference model), ``delta`` (two-sided clipping), ``num_items_in_batch`` and a static
+``entropy_coef`` (TRL's token-mean bonus). With ``alpha=1`` the loss and its gradients are TRL's
+own (``tests/trainer/test_trl.py`` checks this on the same batch). With a teacher and
+``alpha < 1`` the TRRD anchor applies to the same ratio: GSPO+TRRD, CISPO+TRRD.
 
 What RLAD adds: after TRL scores a generation batch, the teacher scores the same completions
 (one no-grad forward, through the fused log-prob op), and the loss's ratio becomes
@@ -59,7 +60,7 @@ if not TRL_MIN <= Version(trl.__version__) < TRL_MAX:
     raise ImportError(f"rlad.integrations.trl supports trl >= {TRL_MIN}, < {TRL_MAX}; found trl {trl.__version__}")
 
 DISTILLATIONS = ("trrd", "kdrl", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IGNORE = -100
 
 
@@ -110,20 +111,18 @@ class RLADConfig(GRPOConfig):
             refuse.append(f"distillation={self.distillation!r}: choose one of {', '.join(DISTILLATIONS)}")
         if self.loss_type not in LOSS_TYPES:
             refuse.append(f"loss_type={self.loss_type!r}: the fused loss supports {', '.join(LOSS_TYPES)}")
-        if self.importance_sampling_level != "token":
-            refuse.append("importance_sampling_level='sequence' (GSPO): not supported by this version")
         if self.top_entropy_quantile < 1.0:
             refuse.append("top_entropy_quantile < 1: the entropy mask needs the entropies before the fused loss runs")
         if self.off_policy_mask_threshold is not None:
             refuse.append("off_policy_mask_threshold: the off-policy mask needs the log-probs before the fused loss "
                           "runs")
-        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
-            refuse.append("entropy_coef / use_adaptive_entropy: TRL's token-mean entropy bonus is not supported by "
-                          "this version")
+        if self.use_adaptive_entropy:
+            refuse.append("use_adaptive_entropy: the adaptive entropy controller is not supported (a static "
+                          "entropy_coef is)")
         if self.beta != 0.0 and self.use_bias_correction_kl:
             refuse.append("use_bias_correction_kl=True with beta != 0: the ratio-weighted KL is not a term of the "
                           "fused loss; set use_bias_correction_kl=False (the plain k3 KL, TRL's earlier default)")
-        if self.delta is not None and self.delta <= 1.0 + self.eps_high:
+        if self.delta is not None and self.loss_type != "cispo" and self.delta <= 1.0 + self.eps_high:
             refuse.append(f"delta={self.delta} <= 1 + epsilon_high: the fused loss's dual clip equals TRL's "
                           f"two-sided clipping only for delta > 1 + epsilon_high")
         if self.use_vllm and self.vllm_importance_sampling_correction and self.beta != 0.0:
@@ -146,14 +145,19 @@ class RLADConfig(GRPOConfig):
         return max(self.kd_beta - self.kd_beta_decay * step, self.kd_beta_min)
 
     def policy_config(self, step: int) -> PolicyLossConfig:
-        """The fused loss's options at optimizer step ``step``, with TRL's clip settings."""
+        """The fused loss's options at optimizer step ``step``, with TRL's clip settings (under
+        ``loss_type="cispo"`` TRL's ``epsilon_high`` is CISPO's absolute cap and ``delta`` is unused)."""
         trrd, kdrl = self.distillation == "trrd", self.distillation == "kdrl"
+        cispo = self.loss_type == "cispo"
+        extra = dict(objective="cispo", cispo_max=self.eps_high) if cispo else dict(eps_high=self.eps_high)
         return PolicyLossConfig(
-            alpha=self.alpha if trrd else 1.0, eps_low=self.epsilon, eps_high=self.eps_high,
+            alpha=self.alpha if trrd else 1.0, eps_low=self.epsilon, **extra,
+            ratio_level=self.importance_sampling_level,
+            entropy_coef=self.entropy_coef, entropy_aggregation="token_mean",
             teacher_clamp=self.teacher_clamp, teacher_clamp_grad=self.teacher_clamp_grad,
             teacher_align_threshold=self.teacher_align_threshold if trrd else None,
             teacher_adv_threshold=self.teacher_adv_threshold if trrd else None,
-            dual_clip=self.delta, mixture=self.mixture,
+            dual_clip=None if cispo else self.delta, mixture=self.mixture,
             kd_estimator=self.kd_estimator if kdrl else None, kd_coef=self.kd_coef(step) if kdrl else 0.0,
             ref_kl_coef=self.beta, compute_entropy=True)
 
@@ -298,7 +302,7 @@ class RLADTrainer(GRPOTrainer):
             normalizer = mask.sum().clamp(min=1.0).float() * accum
         elif self.loss_type == "dr_grpo":
             normalizer = float(B * args.max_completion_length * accum)
-        else:  # dapo: num_items_in_batch spans the generation batch; rescaled to one accumulation window
+        else:  # dapo, cispo: num_items_in_batch spans the generation batch; rescaled to one accumulation window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0).float() / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * accum / args.steps_per_generation
@@ -315,6 +319,8 @@ class RLADTrainer(GRPOTrainer):
             loss_kw["kd_weights"] = inputs["kd_weights"][:, None].expand(B, K).float()
         if self.beta != 0.0:
             loss_kw["ref_logp"] = inputs["ref_per_token_logps"].float()
+        if cfg.entropy_coef != 0.0:  # TRL's bonus: a token mean over the micro-batch, scaled for accumulation
+            loss_kw["entropy_normalizer"] = mask.sum().clamp(min=1.0).float() * accum
         with self.accelerator.autocast():
             out = model(input_ids, attention_mask=attention_mask, logprobs_of=labels, labels_to_keep=K,
                         temperature=self.temperature, policy_loss=loss_kw)
@@ -323,24 +329,33 @@ class RLADTrainer(GRPOTrainer):
 
     def _log_loss_metrics(self, mode: str, m: dict, A: torch.Tensor, mask: torch.Tensor, cfg: PolicyLossConfig):
         """The fused loss's metrics as global token means (sums and counts reduced over processes, one
-        transfer), under TRL's names where the meaning is TRL's and ``rlad/`` otherwise."""
+        transfer), under TRL's names where the meaning is TRL's and ``rlad/`` otherwise. At sequence
+        level TRL's clip ratios count sequences; the fused loss's count tokens, so they are logged
+        as ``rlad/clip_frac*`` there."""
         valid = mask.bool()
         n = m["num_tokens"]
         n_pos, n_neg = ((A > 0) & valid).sum().float(), ((A < 0) & valid).sum().float()
-        sums = {"entropy": m["entropy_mean"] * n,
-                "clip_ratio/high_mean": m["clip_frac_pos"] * n_pos,
-                "clip_ratio/low_mean": m["clip_frac_neg"] * n_neg,
-                "clip_ratio/region_mean": m["clip_frac"] * n,
-                "rlad/ratio_mean": m["ratio_mean"] * n}
+        sums = {"entropy": (m["entropy_mean"] * n, n), "rlad/ratio_mean": (m["ratio_mean"] * n, n)}
+        high, low, region = m["clip_frac_pos"] * n_pos, m["clip_frac_neg"] * n_neg, m["clip_frac"] * n
+        if cfg.cispo:  # TRL: weights capped on A > 0 tokens; the fused loss: capped whatever the sign
+            sums["cispo_clip_ratio"] = (high, n)
+            sums["rlad/cispo_cap_frac"] = (m["cispo_cap_frac"] * n, n)
+        elif cfg.sequence_level:
+            sums.update({"rlad/clip_frac_pos": (high, n), "rlad/clip_frac_neg": (low, n),
+                         "rlad/clip_frac": (region, n)})
+        else:
+            sums.update({"clip_ratio/high_mean": (high, n), "clip_ratio/low_mean": (low, n),
+                         "clip_ratio/region_mean": (region, n)})
         if "ref_kl_mean" in m:
-            sums["kl"] = m["ref_kl_mean"] * n
+            sums["kl"] = (m["ref_kl_mean"] * n, n)
         for name in ("teacher_gap", "teacher_clamp_frac", "teacher_clamp_hi", "teacher_clamp_lo",
-                     "teacher_gate_frac", "kd_mean", "dual_clip_frac"):
+                     "teacher_gate_frac", "kd_mean"):
             if name in m:
-                sums[f"rlad/{name}"] = m[name] * (n_neg if name == "dual_clip_frac" else n)
-        counts = {"rlad/dual_clip_frac": n_neg}
+                sums[f"rlad/{name}"] = (m[name] * n, n)
+        if "dual_clip_frac" in m:
+            sums["rlad/dual_clip_frac"] = (m["dual_clip_frac"] * n_neg, n_neg)
         names = sorted(sums)  # the same order on every process
-        local = torch.stack([torch.stack([sums[k].float(), counts.get(k, n).float()]) for k in names])
+        local = torch.stack([torch.stack([sums[k][0].float(), sums[k][1].float()]) for k in names])
         total = self.accelerator.reduce(local, reduction="sum").tolist()
         for k, (s, c) in zip(names, total, strict=True):
             self._metrics[mode][k].append(s / max(c, 1.0))

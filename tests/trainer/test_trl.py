@@ -1,8 +1,9 @@
 """``rlad.integrations.trl``: RLAD inside TRL's ``GRPOTrainer``.
 
 * With ``alpha=1`` the fused loss and its gradients equal TRL's own ``GRPOTrainer._compute_loss``
-  on the same batch, for each aggregation (grpo, bnpo, dr_grpo, dapo), with the reference KL
-  (``beta``) and two-sided clipping (``delta``); the reference is TRL's code itself.
+  on the same batch, for each aggregation (grpo, bnpo, dr_grpo, dapo), CISPO, GSPO (sequence-level
+  ratio), the reference KL (``beta``), two-sided clipping (``delta``) and the entropy bonus under
+  gradient accumulation; the reference is TRL's code itself.
 * With ``alpha < 1`` the loss is the TRRD formula written out here on TRL's own per-token
   log-probs (float64).
 * Two training steps end to end (generation, rewards, teacher scoring, the fused loss, an
@@ -99,6 +100,12 @@ CASES = [
     pytest.param(dict(loss_type="dr_grpo"), id="dr_grpo"),
     pytest.param(dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False), id="dapo-beta"),
     pytest.param(dict(loss_type="dapo", delta=1.5), id="dapo-delta"),
+    pytest.param(dict(loss_type="cispo", epsilon_high=2.0), id="cispo"),
+    pytest.param(dict(loss_type="grpo", importance_sampling_level="sequence"), id="gspo"),
+    pytest.param(dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.04,
+                      use_bias_correction_kl=False), id="gspo-dapo-beta"),
+    pytest.param(dict(loss_type="bnpo", entropy_coef=0.05), id="bnpo-entropy"),
+    pytest.param(dict(loss_type="grpo", entropy_coef=0.05, gradient_accumulation_steps=2), id="grpo-entropy-accum2"),
 ]
 
 
@@ -108,10 +115,13 @@ def test_alpha_one_equals_trl_grpo(models, tmp_path, kw):
     # log-probs, so the two agree to float32 rounding of the log-probs (relative ~1e-7), not further
     dtype = torch.float64
     theirs, ours = _pair(models, tmp_path, dtype, **kw)
+    for t in (theirs, ours):
+        t.current_gradient_accumulation_steps = kw.get("gradient_accumulation_steps", 1)
     inputs = _batch(ours.processing_class, dtype)
     lp = _trl_logps(theirs, theirs.model, inputs)
     g = torch.Generator().manual_seed(1)
-    inputs["old_per_token_logps"] = lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=dtype)  # some clipped
+    noise = 0.6 if kw["loss_type"] == "cispo" else 0.3
+    inputs["old_per_token_logps"] = lp + noise * torch.randn(lp.shape, generator=g, dtype=dtype)  # some clipped
     if "beta" in kw:
         inputs["ref_per_token_logps"] = lp + 0.2 * torch.randn(lp.shape, generator=g, dtype=dtype)
     ref_loss = theirs._compute_loss(theirs.model, dict(inputs))
@@ -119,18 +129,24 @@ def test_alpha_one_equals_trl_grpo(models, tmp_path, kw):
     ref_grads = _grads(theirs.model)
     mask = inputs["completion_mask"].bool()
     ratio = (lp - inputs["old_per_token_logps"]).exp()[mask]
-    assert ((ratio < 0.8) | (ratio > 1.2)).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+    lo, hi = (0.0, 2.0) if kw["loss_type"] == "cispo" else (0.8, 1.2)
+    if kw.get("importance_sampling_level") != "sequence":
+        assert ((ratio < lo) | (ratio > hi)).any() and ((ratio > lo) & (ratio < hi)).any()
 
     ours_inputs = dict(inputs, teacher_per_token_logps=lp - 1.0)  # present, but alpha=1 ignores it
     loss = ours._compute_loss(ours.model, ours_inputs)
-    assert math.isclose(loss.item(), ref_loss.item(), rel_tol=2e-6), (loss.item(), ref_loss.item())
+    # abs_tol: with the entropy bonus the loss is a difference of O(1) terms (TRL's float32 entropies)
+    assert math.isclose(loss.item(), ref_loss.item(), rel_tol=2e-6, abs_tol=1e-6), (loss.item(), ref_loss.item())
     loss.backward()
     grads = _grads(ours.model)
     assert grads.keys() == ref_grads.keys()
     for n, ref in ref_grads.items():
         assert_rel(grads[n], ref, 2e-5, f"grad of {n}")  # measured: at most 4.2e-6 (q_proj, layer 0)
-    region = ours._metrics["train"]["clip_ratio/region_mean"][-1]
-    assert region == pytest.approx(theirs._metrics["train"]["clip_ratio/region_mean"][-1], abs=1e-6)
+    metric = {"cispo": "cispo_clip_ratio"}.get(kw["loss_type"], "clip_ratio/region_mean")
+    if kw.get("importance_sampling_level") != "sequence":  # TRL counts sequences there, the fused loss tokens
+        assert ours._metrics["train"][metric][-1] == pytest.approx(theirs._metrics["train"][metric][-1], abs=1e-6)
+        assert theirs._metrics["train"][metric][-1] > 0
+    assert ours._metrics["train"]["entropy"][-1] == pytest.approx(theirs._metrics["train"]["entropy"][-1], rel=1e-5)
     if "beta" in kw:
         assert ours._metrics["train"]["kl"][-1] == pytest.approx(theirs._metrics["train"]["kl"][-1], rel=1e-5)
 
@@ -215,6 +231,7 @@ def test_mismatched_teacher_tokenizer_is_refused(models, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(beta=0.1), "use_bias_correction_kl=True with beta != 0"),
     (dict(delta=1.1), r"delta=1.1 <= 1 \+ epsilon_high"),
