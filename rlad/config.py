@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 # TrainConfig fields that are PolicyLossConfig options of the same name: PolicyLossConfig validates them
 POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "teacher_clamp_grad", "teacher_align_threshold",
-                  "teacher_adv_threshold", "dual_clip", "mixture", "kd_estimator", "ref_kl_coef", "entropy_coef")
+                  "teacher_adv_threshold", "dual_clip", "mixture", "kd_estimator", "ref_kl_coef", "entropy_coef",
+                  "ratio_level", "objective", "cispo_max")
 TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teacher))  # for the help text
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -116,6 +117,13 @@ class TrainConfig:
                                                    "ratio", "algorithm")
     dual_clip: float | None = _f(None, "dual clip constant (> 1) for A < 0 tokens (None: off)", "algorithm")
     mixture: str = _f("geometric", "TRRD anchor: geometric (RLAD) or arithmetic", "algorithm")
+    ratio_level: str = _f("token", "policy losses: token (PPO / GRPO / TRRD ratio per token) or sequence (GSPO: one "
+                                   "ratio per response, the exp of its tokens' mean log-ratio; with rlad, the TRRD "
+                                   "token log-ratios are averaged)", "algorithm")
+    objective: str = _f("clip", "policy losses: clip (the PPO clipped surrogate) or cispo (MiniMax-M1's CISPO: "
+                                "-sg(min(r, cispo_max)) A lp; eps_low / eps_high unused)", "algorithm")
+    cispo_max: float = _f(5.0, "cispo: the cap on the importance weight (an absolute bound on the ratio)",
+                          "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")
     aggregation: str = _f("token_mean", "token_mean (global over the batch), seq_mean, or constant", "algorithm")
     ref_kl_coef: float = _f(0.0, "weight of the k3 KL to the reference model", "algorithm")

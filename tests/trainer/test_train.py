@@ -41,6 +41,8 @@ ALGOS = [
     dict(algo="rlad"),
     dict(algo="rlad", mixture="arithmetic", dual_clip=3.0, ref_kl_coef=0.05, entropy_coef=0.01),
     dict(algo="grpo", adv_std_norm=False, aggregation="seq_mean"),
+    dict(algo="rlad", ratio_level="sequence"),  # GSPO + TRRD
+    dict(algo="grpo", objective="cispo", cispo_max=2.0),
     dict(algo="kdrl", kd_estimator="k2"),
     dict(algo="kdrl", kd_estimator="full", aggregation="constant"),
     dict(algo="opd", opd_kind="jsd"),
