@@ -189,6 +189,10 @@ class RLADTrainer(GRPOTrainer):
             raise ValueError(f"distillation={args.distillation!r} needs a teacher: set RLADConfig.teacher_model or "
                              f"pass teacher_model= (or use distillation='none')")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        if ds is not None and ds.zero_stage == 3:
+            raise ValueError("RLADTrainer: DeepSpeed ZeRO-3 gathers the lm_head weight only inside the lm_head's own "
+                             "forward, which the fused loss bypasses; use ZeRO-1/2 or FSDP")
         self._pending_rewards = None
         student = self.model.get_base_model() if is_peft_model(self.model) else self.model
         apply_rlad_kernels(student, impl=args.rlad_impl)
