@@ -17,11 +17,52 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     from .config import config_from_args
+    from .distributed import launched
     from .train import train
 
+    if args.nproc is not None and not launched():  # `rlad train --nproc N ...`: the same command under torchrun
+        return _relaunch(args.nproc)
     cfg = config_from_args(args)
-    train(cfg)
+    if launched():  # torchrun: a failure is recorded for torchrun's summary (its error file), then re-raised
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(train)(cfg)
+    else:
+        train(cfg)
     return 0
+
+
+def _relaunch(nproc: int) -> int:
+    """Run this ``rlad train`` command again under ``torch.distributed.run`` with ``nproc``
+    processes on this machine (``--standalone``: a free local port), without ``--nproc``."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: must be >= 1")
+    argv, rest, i = sys.argv[1:], [], 0
+    while i < len(argv):
+        if argv[i] == "--nproc":
+            i += 2
+            continue
+        if argv[i].startswith("--nproc="):
+            i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+           "rlad", *rest]
+    print(f"rlad train: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _where() -> str:
+    """``rank R of W: `` in a torchrun launch (every rank prints its own errors), else nothing."""
+    import os
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: "
+    return ""
 
 
 def _eval(args) -> int:
@@ -118,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "work starts. An out-dir holding an earlier run is refused unless --resume true (continue "
                        "it) or --overwrite true (delete it first); one trainer at a time per out-dir (rlad.lock).")
     t.add_argument("--config", help="YAML file of settings (flags override it)")
+    t.add_argument("--nproc", type=int, default=None, help="data-parallel processes on this machine: runs this "
+                   "command again under `torchrun --standalone --nproc-per-node N` (for several machines, use "
+                   "torchrun directly: `torchrun --nnodes ... -m rlad train ...`)")
     add_config_arguments(t)
     t.set_defaults(func=_train)
 
@@ -170,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, or a disk / permission problem: one line, no traceback
-        print(f"rlad {args.command}: error: {err}", file=sys.stderr)
+        print(f"rlad {args.command}: {_where()}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rlad {args.command}: interrupted", file=sys.stderr)
+        print(f"rlad {args.command}: {_where()}interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # torchrun: name the rank, then the traceback (a non-zero exit ends the job)
+        if _where():
+            print(f"rlad {args.command}: {_where()}failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ REWARD_ERRORS = ("fail", "zero")
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 # (micro_batch_size and threads change float rounding only); steps too, with a constant schedule
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
-               "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "reward_timeout", "reward_errors")
+               "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "reward_timeout", "reward_errors",
+               "dist_timeout")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -55,6 +56,9 @@ class TrainConfig:
     dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", "run")
     quiet: bool = _f(False, "no progress bars (log lines only)", "run")
+    dist_timeout: float = _f(300.0, "torchrun: seconds a rank waits in a collective (all-reduce, barrier, ...) before "
+                                    "it fails; a rank that died or hangs then ends the job instead of blocking it",
+                             "run")
     overwrite: bool = _f(False, "start over in an out_dir that holds an earlier run: delete its config.json, "
                                 "metrics, checkpoints, summary and plots first (other files are left alone); without "
                                 "it, such an out_dir is refused unless resume=true", "run")
@@ -247,6 +251,8 @@ class TrainConfig:
         problem = template_problem(self.prompt_template)
         if problem:
             bad("prompt_template", problem)
+        if not self.dist_timeout > 0:
+            bad("dist_timeout", "must be > 0 seconds")
         if self.reward_timeout < 0:
             bad("reward_timeout", "must be >= 0 seconds (0: no limit)")
         if self.reward_errors not in REWARD_ERRORS:

@@ -1,0 +1,250 @@
+"""Data-parallel training (torchrun, FSDP2, gloo on CPU): 2 ranks compute what 1 rank computes on
+the same global batch; sharded checkpoints resume on another world size; a failing rank ends the
+job with its rank named, and the run resumes; the normalizer and the metrics are reduced over ranks.
+
+Every run is a real ``python -m torch.distributed.run ... -m rlad train`` subprocess (2 CPU
+processes, gloo) on untrained ``preset:micro`` models: opd (full-vocabulary JSD to a random
+teacher) has a non-zero gradient on every token, so every step moves every parameter, and it runs
+the teacher's sharded head inside the student's loss.
+
+Tolerance of the parameter comparison: the runs are float32 and the same arithmetic, except that
+the gradient is a sum over ranks (FSDP2's reduce-scatter) and the loss normalizer and the metrics
+are all-reduced, so sums are taken in another order. Measured after 3 AdamW steps at lr 1e-3: at
+most 9e-8 (a parameter moves by ~1e-3 per step), so 2e-6 leaves a factor 20; a normalizer that
+is not reduced over ranks doubles the logged loss (checked with rel 1e-4) and moves the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rlad
+
+REPO = str(Path(rlad.__file__).resolve().parents[1])
+PARAM_TOL = 2e-6
+METRIC_TOL = 1e-4
+TIMED = ("tokens_per_s", "rollout_s", "step_s")
+
+
+def _args(out: Path, steps: int = 3, *extra: str) -> list[str]:
+    return ["train", "--out-dir", str(out), "--algo", "opd", "--teacher", "preset:micro", "--student", "preset:micro",
+            "--task", "echo", "--levels", "1", "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "2",
+            "--max-new-tokens", "4", "--micro-batch-size", "8", "--mini-batches", "1", "--eval-prompts", "2",
+            "--eval-every", "0", "--save-every", "1", "--quiet", "true", "--threads", "1", "--lr", "1e-3", *extra]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLAD_FAIL", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                     "MASTER_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    return env
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m rlad <args>``, run from
+    the repository (so ``-m rlad`` is this checkout)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "rlad", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlad", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step_{step:06d}" / "model" / "model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _records(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k not in TIMED} for r in rows]
+
+
+def _assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys(), (ra.keys(), rb.keys())
+        for k, v in ra.items():
+            if isinstance(v, float):
+                assert rb[k] == pytest.approx(v, rel=METRIC_TOL, abs=1e-9), (ra["step"], k, v, rb[k])
+            else:
+                assert rb[k] == v, (ra["step"], k)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    """The reference: 3 steps on 1 rank (torchrun, so the same per-prompt sampling seeds)."""
+    out = tmp_path_factory.mktemp("dist") / "one"
+    _ok(torchrun(1, _args(out)))
+    return out
+
+
+def test_two_ranks_compute_what_one_rank_computes(tmp_path, one_rank):
+    """Same global batch and seed: after 3 steps the parameters agree within float32 summation
+    order, and so does every logged metric (loss, divergence, gradient norm, rewards, eval)."""
+    two = tmp_path / "two"
+    t0 = time.perf_counter()
+    proc = torchrun(2, _args(two))
+    _ok(proc)
+    assert "distributed: 2 ranks (gloo), 2 prompts per rank per step" in proc.stdout
+    assert proc.stdout.count("step 3/3") == 1  # only rank 0 logs
+    diff = _max_diff(_weights(one_rank, 3), _weights(two, 3))
+    assert diff <= PARAM_TOL, diff
+    _assert_same_metrics(_records(one_rank), _records(two))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["checkpoint"].endswith("step_000003")
+    ck = two / "checkpoints" / "step_000003"
+    assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((ck / "COMPLETE").read_text())["world_size"] == 2
+    print(f"2-rank run {time.perf_counter() - t0:.1f} s, max |param diff| vs 1 rank {diff:.3g}")
+
+
+def test_prompts_per_step_must_divide_among_ranks(tmp_path):
+    proc = torchrun(2, _args(tmp_path / "odd", 1, "--prompts-per-step", "3"))
+    assert proc.returncode != 0
+    assert "prompts_per_step=3: must be divisible by the number of ranks (2)" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_a_sharded_checkpoint_resumes_on_another_world_size(tmp_path, one_rank, first, then):
+    """2 steps on ``first`` ranks, then 1 more on ``then`` ranks from its checkpoint: the same
+    parameters and metrics as 3 uninterrupted steps (DCP reshards; the prompt stream and the
+    per-prompt sampling seeds are global)."""
+    out = tmp_path / "run"
+    _ok(torchrun(first, _args(out, 2)))
+    proc = torchrun(then, _args(out, 3, "--resume", "true"))
+    _ok(proc)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert f"written on {first}" in proc.stdout
+    assert _max_diff(_weights(one_rank, 3), _weights(out, 3)) <= PARAM_TOL
+    _assert_same_metrics(_records(one_rank), _records(out))
+
+
+@pytest.mark.slow
+def test_a_single_process_resumes_a_sharded_checkpoint(tmp_path, one_rank):
+    """Without torchrun, a 2-rank checkpoint loads into the plain model (DCP without a process
+    group): its step-2 weights are those of the 2-rank run, and the run goes on (sampling then
+    draws from torch's global stream, as a single process does)."""
+    out = tmp_path / "run"
+    _ok(torchrun(2, _args(out, 2)))
+    proc = single(_args(out, 3, "--resume", "true"))
+    _ok(proc)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert (out / "checkpoints" / "step_000003" / "model" / "model.safetensors").is_file()  # a plain checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["raise", "exit"])
+def test_a_failing_rank_ends_the_job_and_the_run_resumes(tmp_path, one_rank, mode):
+    """Rank 1 raises (or dies at once, ``os._exit(1)``) at the start of step 3: the job ends
+    within a bounded time with a non-zero exit and a message naming rank 1; ``--resume true``
+    continues from the step-2 checkpoint to the uninterrupted run's parameters."""
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = torchrun(2, _args(out), timeout=240, RLAD_FAIL_STEP="2", RLAD_FAIL_RANK="1", RLAD_FAIL_MODE=mode)
+    took = time.perf_counter() - t0
+    assert proc.returncode != 0
+    assert took < 180, took
+    text = proc.stdout + proc.stderr
+    if mode == "raise":
+        assert "rank 1 of 2: failed: RuntimeError: test hook: rank 1 fails at step 2" in text, text[-3000:]
+    else:
+        assert "rank 1: test hook: exiting at step 2" in text or "rank      : 1" in text, text[-3000:]
+    assert "rank      : 1" in text  # torchrun's failure summary names the failed rank
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000001", "step_000002"]
+    proc = torchrun(2, _args(out, 3, "--resume", "true"))
+    _ok(proc)
+    assert "at step 2" in proc.stdout
+    assert _max_diff(_weights(one_rank, 3), _weights(out, 3)) <= PARAM_TOL
+
+
+# ----------------------------------------------------------------------------- reductions
+def _reduction_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from rlad import distributed as D
+    from rlad.train import host_metrics, normalizer_for
+
+    D.init(torch.device("cpu"), 60)
+    try:
+        roll, cfgs = _reduction_batch()
+        mine = slice(rank * 4, rank * 4 + 4)
+        part = roll.select(torch.arange(8)[mine])
+        out = {}
+        for name, cfg in cfgs.items():
+            norm, tw = normalizer_for(cfg, part, torch.arange(4))
+            out[name] = float(norm)
+        lengths = part.loss_mask.sum(-1).float()
+        stats = {"tok": [(lengths.mean(), lengths.sum())], "row": [(lengths.sum(), 1)],
+                 "none": [(torch.tensor(5.0), torch.tensor(0.0))] if rank == 0 else [(torch.tensor(1.0), 1)]}
+        out["metrics"] = host_metrics(stats)
+        Path(result_dir, f"{rank}.json").write_text(json.dumps(out))
+    finally:
+        D.close()
+
+
+def _reduction_batch():
+    """8 rows with response lengths 1..8 (rank 0 holds the short ones), one row dropped."""
+    from rlad.config import TrainConfig
+    from rlad.rollout import Rollout
+
+    B, L = 8, 10
+    targets = torch.full((B, L - 1), -100)
+    for i in range(B):
+        targets[i, :i + 1] = 3
+    ids = torch.zeros(B, L, dtype=torch.long)
+    roll = Rollout(ids, torch.ones_like(ids), torch.zeros_like(ids), targets, [], [""] * B, torch.zeros(B), 2,
+                   keep=torch.tensor([True] * 7 + [False]))
+    base = dict(algo="grpo", task="echo", max_new_tokens=16, quiet=True)
+    cfgs = {a: TrainConfig(aggregation=a, **base) for a in ("token_mean", "seq_mean", "constant")}
+    return roll, cfgs
+
+
+def test_normalizer_and_metrics_are_reduced_over_ranks(tmp_path):
+    """Two gloo processes, each with half of a batch whose token counts differ between them: the
+    normalizer of every aggregation and every metric are those of the whole batch in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rlad.train import host_metrics, normalizer_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_reduction_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    roll, cfgs = _reduction_batch()
+    for name, cfg in cfgs.items():
+        assert results[0][name] == pytest.approx(float(normalizer_for(cfg, roll, torch.arange(8))[0]), rel=1e-6)
+    assert results[0]["token_mean"] == 1 + 2 + 3 + 4 + 5 + 6 + 7  # the dropped row's 8 tokens leave it
+    lengths = roll.loss_mask.sum(-1).float()
+    whole = host_metrics({"tok": [(lengths[:4].mean(), lengths[:4].sum()), (lengths[4:].mean(), lengths[4:].sum())],
+                          "row": [(lengths[:4].sum(), 1), (lengths[4:].sum(), 1)],
+                          "none": [(torch.tensor(5.0), torch.tensor(0.0)), (torch.tensor(1.0), 1)]})
+    assert results[0]["metrics"] == pytest.approx(whole, rel=1e-12)
