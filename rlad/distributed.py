@@ -237,8 +237,8 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def fail_hook(step: int) -> None:
-    """Test hook: rank ``RLAD_FAIL_RANK`` fails at step ``RLAD_FAIL_STEP`` (raises, or exits at once
-    with ``RLAD_FAIL_MODE=exit``, as a killed process would)."""
+    """Test hook: rank ``RLAD_FAIL_RANK`` fails at step ``RLAD_FAIL_STEP``: raises, or exits at once
+    with ``RLAD_FAIL_MODE=exit`` (as a killed process would), or hangs with ``RLAD_FAIL_MODE=hang``."""
     if os.environ.get(FAIL_STEP) is None or int(os.environ[FAIL_STEP]) != step:
         return
     if int(os.environ.get(FAIL_RANK, "0")) != _STATE.rank:
@@ -246,4 +246,9 @@ def fail_hook(step: int) -> None:
     if os.environ.get(FAIL_MODE) == "exit":
         print(f"rank {_STATE.rank}: test hook: exiting at step {step}", flush=True)
         os._exit(1)
+    if os.environ.get(FAIL_MODE) == "hang":  # the other ranks wait in a collective until dist_timeout
+        import time
+
+        print(f"rank {_STATE.rank}: test hook: hanging at step {step}", flush=True)
+        time.sleep(10**6)
     raise RuntimeError(f"test hook: rank {_STATE.rank} fails at step {step}")

@@ -375,7 +375,9 @@ def train_distributed(cfg: TrainConfig, setup: Setup) -> dict:
 
         path = D.on_main(begin)
         start = held.get("start") if dist.main else (read_checkpoint(path, check=False) if path else None)
-        return run(cfg, dataclasses.replace(setup, device=device), start)
+        summary = run(cfg, dataclasses.replace(setup, device=device), start)
+        D.barrier()  # no rank leaves (and closes its connections) while another still works
+        return summary
     finally:
         if lock is not None:
             lock.release()

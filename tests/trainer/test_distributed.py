@@ -62,6 +62,8 @@ def single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        Path("/tmp/hd/last_failed_run.log").write_text(proc.stdout + "\n----\n" + proc.stderr)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
 
 
@@ -139,7 +141,8 @@ def test_a_sharded_checkpoint_resumes_on_another_world_size(tmp_path, one_rank, 
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert f"written on {first}" in proc.stdout
     assert _max_diff(_weights(one_rank, 3), _weights(out, 3)) <= PARAM_TOL
-    _assert_same_metrics(_records(one_rank), _records(out))
+    steps = [[r for r in _records(d) if not r.get("eval")] for d in (one_rank, out)]  # the 2-step run's final
+    _assert_same_metrics(*steps)                                                     # eval is extra
 
 
 @pytest.mark.slow
@@ -156,23 +159,28 @@ def test_a_single_process_resumes_a_sharded_checkpoint(tmp_path, one_rank):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["raise", "exit"])
+@pytest.mark.parametrize("mode", ["raise", "exit", "hang"])
 def test_a_failing_rank_ends_the_job_and_the_run_resumes(tmp_path, one_rank, mode):
-    """Rank 1 raises (or dies at once, ``os._exit(1)``) at the start of step 3: the job ends
-    within a bounded time with a non-zero exit and a message naming rank 1; ``--resume true``
-    continues from the step-2 checkpoint to the uninterrupted run's parameters."""
+    """Rank 1 raises, dies at once (``os._exit(1)``) or hangs at the start of step 3: the job ends
+    within a bounded time with a non-zero exit and a message naming the rank (a hang: rank 0's
+    collective times out after ``--dist-timeout``); ``--resume true`` continues from the step-2
+    checkpoint to the uninterrupted run's parameters."""
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    proc = torchrun(2, _args(out), timeout=240, RLAD_FAIL_STEP="2", RLAD_FAIL_RANK="1", RLAD_FAIL_MODE=mode)
+    extra = ["--dist-timeout", "10"] if mode == "hang" else []
+    proc = torchrun(2, _args(out, 3, *extra), timeout=240, RLAD_FAIL_STEP="2", RLAD_FAIL_RANK="1",
+                    RLAD_FAIL_MODE=mode)
     took = time.perf_counter() - t0
     assert proc.returncode != 0
-    assert took < 180, took
+    assert took < 120, took
     text = proc.stdout + proc.stderr
     if mode == "raise":
         assert "rank 1 of 2: failed: RuntimeError: test hook: rank 1 fails at step 2" in text, text[-3000:]
-    else:
-        assert "rank 1: test hook: exiting at step 2" in text or "rank      : 1" in text, text[-3000:]
-    assert "rank      : 1" in text  # torchrun's failure summary names the failed rank
+        assert "rank      : 1" in text  # torchrun's failure summary names the failed rank
+    elif mode == "exit":
+        assert "rank      : 1" in text and "exitcode  : 1" in text, text[-3000:]
+    else:  # rank 0 gives up waiting for rank 1
+        assert "rank 0 of 2: failed:" in text and "rank      : 0" in text, text[-3000:]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert ckpts == ["step_000001", "step_000002"]
     proc = torchrun(2, _args(out, 3, "--resume", "true"))
