@@ -286,6 +286,36 @@ def load_sharded(path, model, optimizer) -> None:
     set_state_dict(keyed, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def export_checkpoint(path, out) -> Path:
+    """``rlad export``: the model of a checkpoint (sharded or not) as a ``save_pretrained`` folder
+    ``out`` with its tokenizer, in one process (a sharded one is read through DCP, no process
+    group needed; the student is rebuilt from the checkpoint's config first)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from .models import load_model
+    from .runtime import tokenizer_for
+
+    path, out = Path(path), Path(out)
+    verify(path)
+    if not (path / SHARDED).is_dir():  # a single-process checkpoint: its model/ is the export
+        shutil.copytree(path / "model", out, dirs_exist_ok=True)
+        return out
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    cfg = trainer.get("config") or {}
+    if not cfg.get("student"):
+        raise CheckpointError(f"{path}: trainer.pt records no config (student), so the model cannot be rebuilt")
+    tok = tokenizer_for(cfg["student"], cfg.get("tokenizer"))
+    model = load_model(cfg["student"], tok, seed=cfg.get("seed", 0), dtype=torch.float32, role="student")
+    keyed = _keyed(model)
+    state = {"model": get_model_state_dict(keyed)}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_model_state_dict(keyed, state["model"])
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def load_plain_optimizer(model, optimizer, saved: dict[str, Any], names: list[str]) -> None:
     """A single-process checkpoint's optimizer state (keyed by parameter index, ``names`` the
     trained parameters' names in that order) into a sharded model's optimizer."""

@@ -1,4 +1,4 @@
-"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``."""
+"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``, ``rlad export``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out} (load it with transformers' AutoModelForCausalLM.from_pretrained, or rlad eval --model)")
+    return 0
+
+
 def _study(args) -> int:
     from .study import aggregate, load_study, run_study
 
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval,export}")
 
     d = sub.add_parser("demo", help="train a small teacher, distill a smaller student with RLAD (CPU, minutes)")
     d.add_argument("--out-dir", default="runs/demo", help="where models, metrics and plots go (default: runs/demo)")
@@ -179,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_study)
+
+    x = sub.add_parser("export", help="a checkpoint's model as a transformers folder (save_pretrained)",
+                       description="Writes the student of a checkpoint (checkpoints/step_NNNNNN) as a folder that "
+                       "plain transformers loads: a sharded checkpoint of a torchrun run is gathered in one process "
+                       "(torch.distributed.checkpoint, no GPU or process group needed); a single-process one is "
+                       "copied. The checkpoint is verified against its COMPLETE manifest first.")
+    x.add_argument("checkpoint", help="the checkpoint folder (out_dir/checkpoints/step_NNNNNN)")
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")
     e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")

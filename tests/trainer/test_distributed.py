@@ -256,3 +256,18 @@ def test_normalizer_and_metrics_are_reduced_over_ranks(tmp_path):
                           "row": [(lengths[:4].sum(), 1), (lengths[4:].sum(), 1)],
                           "none": [(torch.tensor(5.0), torch.tensor(0.0)), (torch.tensor(1.0), 1)]})
     assert results[0]["metrics"] == pytest.approx(whole, rel=1e-12)
+
+
+def test_export_gathers_a_sharded_checkpoint_in_one_process(tmp_path, one_rank):
+    """``rlad export`` reads a sharded checkpoint's DCP shards without a process group into a
+    ``transformers`` folder: the weights the run gathered into its own ``model/``, exactly."""
+    from transformers import AutoModelForCausalLM
+
+    ck = one_rank / "checkpoints" / "step_000003"
+    proc = single(["export", str(ck), "--out", str(tmp_path / "exported")])
+    _ok(proc)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    gathered = _weights(one_rank, 3)
+    for k, v in gathered.items():
+        assert torch.equal(exported[k], v), k
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
