@@ -28,9 +28,14 @@ advantages; ``collect`` and ``micro_loss`` read the row):
         the sampled-token form with per-token advantage -(lp - lp_teacher)
   sft   offline distillation: NLL on teacher solutions, kept only when correct
 
-Simplifications: one process (scale out with torchrun/FSDP2 around the same loss), the
-teacher and reference run in the same process, sampling and training use the same weights
-(no separate inference engine), and the old policy's log-probs are recomputed by the trainer.
+Scale-out: ``torchrun --nproc-per-node N -m rlad train ...`` runs the same loop on N ranks
+(``rlad/distributed.py``: FSDP2-sharded student, teacher and reference; each rank samples its
+share of the step's prompts; the normalizer and the metrics are all-reduced; sharded DCP
+checkpoints). Without torchrun it is one process, exactly as before.
+
+Simplifications: the teacher and reference run in the trainer's processes, sampling and training
+use the same weights (no separate inference engine), and the old policy's log-probs are
+recomputed by the trainer.
 
     rlad train --algo rlad --teacher preset:tiny-teacher --task arithmetic --steps 50
     rlad train --config run.yaml --lr 5e-5          # YAML, then flag overrides
