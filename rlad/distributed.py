@@ -194,6 +194,25 @@ def forward_in(model, fn: Callable, *args, **kwargs):
     return root(fn, *args, **kwargs)
 
 
+def generate_in(model, fn: Callable, *args, **kwargs):
+    """``forward_in`` for generation: a sharded model's layers are gathered once for the whole call
+    (not once per generated token, which would all-gather every layer at every token) and
+    resharded after it; for that call every rank holds the whole model (in the student's compute
+    dtype)."""
+    root = model.__dict__.get("_rlad_root") if model is not None else None
+    if root is None:
+        return fn(model, *args, **kwargs)
+    units = root.__dict__["_rlad_units"]  # [(FSDP unit, its reshard_after_forward)], set by shard
+    root.set_reshard_after_forward(False)
+    try:
+        return root(fn, *args, **kwargs)
+    finally:
+        for m, reshard in units:
+            m.set_reshard_after_forward(reshard, recurse=False)
+            if reshard:
+                m.reshard()
+
+
 def is_sharded(model) -> bool:
     return model is not None and model.__dict__.get("_rlad_root") is not None
 
@@ -225,6 +244,7 @@ def shard(model: torch.nn.Module, device: torch.device, *, trainable: bool) -> R
         fully_shard(layer, reshard_after_forward=True, **kw)
     root = Root(model)
     fully_shard(root, reshard_after_forward=trainable, **kw)
+    root.__dict__["_rlad_units"] = [*((layer, True) for layer in layers), (root, trainable)]
     return root
 
 

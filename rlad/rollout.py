@@ -16,7 +16,7 @@ import torch
 
 from rlad_kernels import linear_logprobs
 
-from .distributed import forward_in, is_sharded
+from .distributed import forward_in, generate_in, is_sharded
 from .models import context_length, decoder_hidden, lm_head, logit_map
 from .tasks import Example, Task
 from .tokenizer import encode_texts
@@ -213,7 +213,8 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     """Sample ``group_size`` responses per example (greedy: one each) and score them with the task.
     ``seeds`` (one per example): response ``j`` of example ``i`` is sampled from its own stream,
     seeded with ``seeds[i] + j`` (``SeededSampler``), instead of torch's global one. A sharded
-    model generates inside its FSDP2 root, in step with the other ranks (``synced_gpus``)."""
+    model generates inside its FSDP2 root, gathered whole for the call (``distributed.generate_in``),
+    in step with the other ranks (``synced_gpus``)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
     check_context(examples, prompt_mask.sum(-1).tolist(), max_new_tokens, context_length(model.config))
@@ -232,10 +233,10 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
         kw["synced_gpus"] = True
     was_training = model.training
     model.eval()
-    out = forward_in(model, lambda m: m.generate(input_ids=gen_ids, attention_mask=gen_mask,
-                                                 max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                                 pad_token_id=tokenizer.pad_token_id,
-                                                 eos_token_id=tokenizer.eos_token_id, **kw))
+    out = generate_in(model, lambda m: m.generate(input_ids=gen_ids, attention_mask=gen_mask,
+                                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id, **kw))
     model.train(was_training)
     P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)

@@ -144,6 +144,25 @@ def test_two_ranks_compute_what_one_rank_computes_kdrl_with_a_reference_model(tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["rlad", "sft"])
+def test_two_ranks_compute_what_one_rank_computes_with_trained_models(tmp_path, models, algo):
+    """The trained echo student and teacher (mixed rewards, so the TRRD ratio and the group
+    advantages are non-zero; sft: the teacher's correct solutions, its pool built on every rank and
+    its picks drawn globally): 2 ranks match 1 rank."""
+    runs = {n: tmp_path / f"r{n}" for n in (1, 2)}
+    for n, out in runs.items():
+        args = _args(out, 2, "--algo", algo, "--student", models["student"], "--teacher", models["teacher"],
+                     "--group-size", "4", "--max-new-tokens", "6", "--sft-prompts", "16")
+        _ok(torchrun(n, args))
+    diff = _max_diff(_weights(runs[1], 2), _weights(runs[2], 2))
+    print(f"{algo}: max |param diff| 2 ranks vs 1 rank {diff:.3g}")
+    assert diff <= PARAM_TOL, diff
+    _assert_same_metrics(_records(runs[1]), _records(runs[2]))
+    if algo == "rlad":
+        assert 0 < _records(runs[2])[1]["reward"] < 1  # mixed rewards: advantages are not all 0
+
+
+@pytest.mark.slow
 def test_nproc_relaunches_under_torchrun(tmp_path):
     proc = single([*_args(tmp_path / "run", 1), "--nproc", "2"])
     _ok(proc)
