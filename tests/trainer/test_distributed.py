@@ -14,8 +14,12 @@ parameter moves by ~1e-3 per step): at most 9e-8 (opd) and 9e-7 (kdrl with the f
 reference KL, seq_mean; AdamW's per-coordinate normalization magnifies the rounding of tiny
 gradients), so 5e-6 leaves a factor 5 over the worst; a normalizer that is not reduced over ranks
 moves the parameters by 4e-4 and doubles the logged loss (metrics are checked at rel 1e-4).
-``num_tokens`` (the fused loss's token count per call, i.e. per micro-batch) is left out of the
-metric comparison: it is a micro-batch size, not a mean, so it depends on the rows per rank.
+Left out of the metric comparison: ``num_tokens`` (the fused loss's token count per call: a
+micro-batch size, not a mean, so it depends on the rows per rank), and ``clip_frac_pos`` /
+``clip_frac_neg`` / ``dual_clip_frac``, fractions of a micro-batch's tokens with A > 0 (A < 0)
+that the trainer averages with token weights, not with their own denominators, so their step
+value depends on how the rows fall into micro-batches (as it already does on micro_batch_size in
+one process); every other metric is a token or step mean and is compared.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import rlad
 REPO = str(Path(rlad.__file__).resolve().parents[1])
 PARAM_TOL = 5e-6
 METRIC_TOL = 1e-4
-TIMED = ("tokens_per_s", "rollout_s", "step_s", "num_tokens")  # timings, and the per-micro-batch token count
+# timings, and the metrics that depend on the micro-batch composition (see the module docstring)
+TIMED = ("tokens_per_s", "rollout_s", "step_s", "num_tokens", "clip_frac_pos", "clip_frac_neg", "dual_clip_frac")
 
 
 def _args(out: Path, steps: int = 3, *extra: str) -> list[str]:
