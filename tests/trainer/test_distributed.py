@@ -346,3 +346,24 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(tmp_path, tok):
     steps = {float(s["step"]) for s in opt.state_dict()["state"].values()}
     assert steps == {3.0}, steps
     assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path):
+    """One rank's shard of the newest checkpoint is altered: rank 0 finds it against the manifest,
+    sets the checkpoint aside, and every rank resumes from the previous one, reaching the
+    uninterrupted run's parameters."""
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    _ok(torchrun(2, _args(out, 2)))
+    _ok(torchrun(2, _args(straight, 3)))
+    _ok(torchrun(2, _args(out, 3, "--resume", "true", "--save-every", "1")))  # step 3 on top of step 2
+    shard = out / "checkpoints" / "step_000003" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = torchrun(2, _args(out, 3, "--resume", "true"))
+    _ok(proc)
+    assert "dcp/__1_0.distcp is corrupted" in proc.stdout and "at step 2" in proc.stdout
+    assert (out / "checkpoints" / "unusable" / "step_000003").is_dir()
+    assert _max_diff(_weights(straight, 3), _weights(out, 3)) <= PARAM_TOL
