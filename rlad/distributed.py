@@ -88,6 +88,21 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
     return _STATE, device
 
 
+def check_launch(prompts_per_step: int) -> None:
+    """Before any work in a torchrun launch: ``prompts_per_step`` must divide among the ranks (a
+    ValueError on every rank otherwise), and only rank 0 prints (the other ranks' stdout goes to
+    /dev/null; their errors still reach stderr)."""
+    import sys
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if prompts_per_step % world:
+        raise ValueError(f"config: prompts_per_step={prompts_per_step}: must be divisible by the number of ranks "
+                         f"({world}), so that every rank samples the same number of prompts (each with its whole "
+                         f"group)")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+
+
 def state() -> Dist:
     return _STATE
 

@@ -341,6 +341,8 @@ def train(cfg: TrainConfig) -> dict:
     time), a crash's temporary files are removed, an earlier run there is refused unless resumed
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (see ``resume_point``)."""
+    if D.launched():
+        D.check_launch(cfg.prompts_per_step)  # before any work: the batch divides among the ranks
     setup = preflight(cfg)
     cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
     if not D.launched():  # one process
@@ -356,18 +358,10 @@ def train_distributed(cfg: TrainConfig, setup: Setup) -> dict:
     prepares the folder and picks the checkpoint to resume from (its decision, or its error, is
     given to every rank); every rank then runs the loop on its share of each batch."""
     import dataclasses
-    import os
-    import sys
 
     dist, device = D.init(setup.device, cfg.dist_timeout)
     lock = RunLock(cfg.out_dir) if dist.main else None
     try:
-        if cfg.prompts_per_step % dist.world:
-            raise ValueError(f"config: prompts_per_step={cfg.prompts_per_step}: must be divisible by the number of "
-                             f"ranks ({dist.world}), so that every rank samples the same number of prompts (each "
-                             f"with its whole group)")
-        if not dist.main:  # one log: rank 0's (errors still reach stderr from every rank)
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         print(f"distributed: {dist.world} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}), "
               f"{cfg.prompts_per_step // dist.world} prompts per rank per step", flush=True)
         held = {}
