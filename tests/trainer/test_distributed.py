@@ -168,6 +168,25 @@ def test_two_ranks_compute_what_one_rank_computes_with_trained_models(tmp_path, 
 
 
 @pytest.mark.slow
+def test_two_ranks_compute_what_one_rank_computes_with_an_untied_head(tmp_path, tok):
+    """A student whose lm_head is its own parameter (not the embedding): the root FSDP unit owns
+    both, and the head's gradient is reduced like every other."""
+    from rlad.models import preset_config
+
+    config = preset_config("micro", len(tok))
+    config.tie_word_embeddings = False
+    spec = tmp_path / "untied.json"
+    spec.write_text(json.dumps(config.to_dict()))
+    runs = {n: tmp_path / f"r{n}" for n in (1, 2)}
+    for n, out in runs.items():
+        _ok(torchrun(n, _args(out, 3, "--student", f"config:{spec}")))
+    a, b = _weights(runs[1], 3), _weights(runs[2], 3)
+    assert "lm_head.weight" in a  # saved on its own: not tied
+    assert _max_diff(a, b) <= PARAM_TOL
+    _assert_same_metrics(_records(runs[1]), _records(runs[2]))
+
+
+@pytest.mark.slow
 def test_nproc_relaunches_under_torchrun(tmp_path):
     proc = single([*_args(tmp_path / "run", 1), "--nproc", "2"])
     _ok(proc)
