@@ -11,14 +11,15 @@ What each rank does:
 * **Data.** Every rank draws the step's *global* prompts from the same data RNG and keeps its
   contiguous slice (``prompts_per_step / world`` prompts, each with its whole group, so group
   advantages need no communication). Sampling is seeded per prompt and response from
-  ``(seed, step, global prompt index, response index)`` (``row_seeds``), so the global batch
-  is the same whatever the world size.
+  ``(seed, step, global prompt index)`` plus the response's index (``row_seed``,
+  ``rollout.SeededSampler``), so the global batch is the same whatever the world size.
 * **Models.** ``shard`` wraps a model in ``Root`` (a module whose forward runs a function of the
   model) and applies FSDP2 ``fully_shard`` to every decoder layer, then to the root, which owns
   the embedding, the final norm and the lm_head (tied or not). The fused loss reads the lm_head
   weight directly, so it must run where FSDP2 has that weight unsharded: inside the root's
-  forward. ``forward_in(model, fn)`` runs ``fn(model)`` there (generation, scoring, the loss);
-  on an unsharded model it is just ``fn(model)``. The student's root reshards after each forward
+  forward. ``forward_in(model, fn)`` runs ``fn(model)`` there (scoring, the loss), and
+  ``generate_in`` too, with the whole model gathered once for a ``generate`` call; on an
+  unsharded model both are just ``fn(model)``. The student's root reshards after each forward
   (and gathers again in its backward); the frozen teacher's and reference model's roots stay
   gathered after their first forward (they have no backward to regather in, and the divergence
   losses keep the teacher's head for the student's backward). FSDP2 averages gradients over ranks;
@@ -26,7 +27,9 @@ What each rank does:
   runs on ``world x`` its loss (``micro_loss``). A divide factor of 1 (``set_gradient_divide_factor``)
   would say it directly, but it needs ``ReduceOp.PREMUL_SUM``, which gloo does not have.
 * **Reductions.** The loss normalizer and every logged metric are sums and counts all-reduced
-  over ranks (``all_sum``), so the loss is the one a single process computes on the global batch.
+  over ranks (``all_sum``), so the loss is the one a single process computes on the global batch
+  (up to float summation order). Evaluation is not sharded: every rank evaluates the whole eval
+  set in step (FSDP needs every rank in each forward) and rank 0 logs it.
 """
 
 from __future__ import annotations
@@ -40,8 +43,7 @@ from typing import Any
 
 import torch
 
-ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# test hooks: make rank RLAD_FAIL_RANK fail at step RLAD_FAIL_STEP (raise, or os._exit with RLAD_FAIL_MODE=exit)
+# test hooks: make rank RLAD_FAIL_RANK fail at step RLAD_FAIL_STEP (see fail_hook)
 FAIL_STEP, FAIL_RANK, FAIL_MODE = "RLAD_FAIL_STEP", "RLAD_FAIL_RANK", "RLAD_FAIL_MODE"
 
 
@@ -124,6 +126,10 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     y = x.detach().clone()
+    if dist.get_backend() == "nccl" and not y.is_cuda:  # nccl reduces GPU tensors only
+        y = y.cuda()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y.to(x.device)
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y
 
@@ -274,16 +280,18 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 def fail_hook(step: int) -> None:
     """Test hook: rank ``RLAD_FAIL_RANK`` fails at step ``RLAD_FAIL_STEP``: raises, or exits at once
     with ``RLAD_FAIL_MODE=exit`` (as a killed process would), or hangs with ``RLAD_FAIL_MODE=hang``."""
+    import sys
+
     if os.environ.get(FAIL_STEP) is None or int(os.environ[FAIL_STEP]) != step:
         return
     if int(os.environ.get(FAIL_RANK, "0")) != _STATE.rank:
         return
     if os.environ.get(FAIL_MODE) == "exit":
-        print(f"rank {_STATE.rank}: test hook: exiting at step {step}", flush=True)
+        print(f"rank {_STATE.rank}: test hook: exiting at step {step}", file=sys.stderr, flush=True)
         os._exit(1)
     if os.environ.get(FAIL_MODE) == "hang":  # the other ranks wait in a collective until dist_timeout
         import time
 
-        print(f"rank {_STATE.rank}: test hook: hanging at step {step}", flush=True)
+        print(f"rank {_STATE.rank}: test hook: hanging at step {step}", file=sys.stderr, flush=True)
         time.sleep(10**6)
     raise RuntimeError(f"test hook: rank {_STATE.rank} fails at step {step}")

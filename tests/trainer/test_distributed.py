@@ -251,6 +251,7 @@ def test_a_failing_rank_ends_the_job_and_the_run_resumes(tmp_path, one_rank, mod
         assert "rank 1 of 2: failed: RuntimeError: test hook: rank 1 fails at step 2" in text, text[-3000:]
         assert "rank      : 1" in text  # torchrun's failure summary names the failed rank
     elif mode == "exit":
+        assert "rank 1: test hook: exiting at step 2" in text, text[-3000:]
         assert "rank      : 1" in text and "exitcode  : 1" in text, text[-3000:]
     else:  # rank 0 gives up waiting for rank 1
         assert "rank 0 of 2: failed:" in text and "rank      : 0" in text, text[-3000:]
