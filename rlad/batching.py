@@ -119,3 +119,15 @@ def micro_batches(roll: Rollout, idx: torch.Tensor, token_weights: torch.Tensor 
     for micro, cols in plan(roll.attention_mask, idx, tokens):
         tw = token_weights[micro][:, cols.start:cols.stop - 1] if token_weights is not None else None
         yield trim(roll.select(micro), cols), tw
+
+
+def same_count(parts: list) -> Iterator[tuple]:
+    """``(*part, real)`` for each of ``parts``, then, under torchrun, ``(*parts[-1], False)`` until
+    every rank has yielded as many as the rank with the most: FSDP2 gathers each sharded layer in
+    every forward, so all ranks must run the same number of them. A padding part (``real`` False)
+    repeats a real one; its result must be dropped (scoring) or weighted by 0 (the loss)."""
+    from .distributed import all_max
+
+    n = all_max(len(parts))
+    for i in range(n):
+        yield (*parts[min(i, len(parts) - 1)], i < len(parts))

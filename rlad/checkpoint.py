@@ -13,10 +13,21 @@ into memory before anything is applied; a damaged one (a truncated or altered fi
 tried. Once a usable one is found, the damaged newer ones are moved to ``checkpoints/unusable/``
 (kept for inspection, never loaded or pruned). Checkpoints written before manifests existed
 (``COMPLETE`` holding only the step) still load: they are checked by reading them.
+
+A distributed run (torchrun, FSDP2; ``rlad/distributed.py``) writes *sharded* checkpoints
+(``save_sharded_checkpoint``): ``dcp/`` is the model and optimizer state written by every rank
+through ``torch.distributed.checkpoint`` (each rank its own shards, plus DCP's ``.metadata``),
+``trainer.pt`` the trainer state (rank 0's), and, in the run's last checkpoint, ``model/``: the
+consolidated weights gathered to rank 0 (``save_pretrained``, loadable by plain ``transformers``).
+The same temporary folder, manifest, rename and verification apply: every rank writes its shards
+into the temporary folder, all ranks meet at a barrier, then rank 0 writes ``COMPLETE`` and
+renames. DCP reshards on load, so a checkpoint written by N ranks resumes with M ranks, or in a
+single process (``load_sharded`` works without a process group).
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -34,6 +45,7 @@ import torch
 _STEP = re.compile(r"^step_(\d{6,})$")
 MARKER = "COMPLETE"
 UNUSABLE = "unusable"
+SHARDED = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 class CheckpointError(ValueError):
@@ -148,6 +160,173 @@ def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[st
     return final
 
 
+def _keyed(model) -> torch.nn.Module:
+    """The module whose state dict keys a sharded checkpoint uses: the FSDP2 root around the model
+    (``model.`` + the model's own keys), or an unsharded stand-in with the same keys."""
+    root = model.__dict__.get("_rlad_root")
+    if root is None:
+        root = torch.nn.Module()
+        root.model = model
+    return root
+
+
+def save_sharded_checkpoint(out_dir, step: int, model, optimizer, tokenizer, trainer_state: dict[str, Any],
+                            keep: int = 2, export: bool = False) -> Path:
+    """A sharded checkpoint (see the module docstring); every rank calls it. ``export``: also the
+    consolidated ``model/`` (gathered to rank 0, ``save_pretrained``). A failed write on any rank
+    raises ``CheckpointWriteError`` on every rank; the previous checkpoints are untouched."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from . import distributed as D
+
+    main = D.state().main
+    root = checkpoint_dir(out_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp-{D.broadcast(os.getpid())}"  # rank 0's PID: _prune knows when it is gone
+
+    def fail(err: BaseException) -> CheckpointWriteError:
+        try:
+            free = shutil.disk_usage(root if root.is_dir() else Path(out_dir)).free
+        except OSError:
+            free = None
+        return CheckpointWriteError(_write_failure(final, err, free, latest_checkpoint(out_dir)))
+
+    def begin():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except Exception as err:
+            raise fail(err) from err
+
+    D.on_main(begin)
+    keyed = _keyed(model)
+    error = None
+    try:
+        msd, osd = get_state_dict(keyed, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
+        full = D.full_state_dict(keyed) if export else None  # a collective: every rank takes part
+        if main:
+            torch.save(trainer_state, tmp / "trainer.pt")
+            if export:
+                _export(model, {k[len("model."):]: v for k, v in full.items()}, tokenizer, tmp / "model")
+    except Exception as err:  # every rank learns whether every rank succeeded
+        error = f"{type(err).__name__}: {err}"
+        print(f"rank {D.state().rank}: checkpoint {final}: {error}", flush=True)
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise fail(RuntimeError("; ".join(errors)))
+
+    def finish():
+        try:
+            marker = {"step": step, "files": _manifest(tmp), "config": trainer_state.get("config"),
+                      "world_size": D.state().world}
+            with open(tmp / MARKER, "w") as f:
+                json.dump(marker, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise fail(err) from err
+        _prune(root, keep, step)
+
+    D.on_main(finish)
+    return final
+
+
+def _gather(obj) -> list:
+    from . import distributed as D
+
+    if not D.state().enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * D.state().world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _export(model, weights: dict[str, torch.Tensor], tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of a full state dict into ``folder`` (with the tokenizer), through a
+    fresh unsharded copy of the model built from its config."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(weights)
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    plain.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_sharded(path, model, optimizer) -> None:
+    """Read a sharded checkpoint's ``dcp/`` into ``model`` and ``optimizer`` (FSDP2-sharded, on
+    any number of ranks, or plain in a single process: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    keyed = _keyed(model)
+    msd, osd = get_state_dict(keyed, optimizer)
+    state = {"model": msd, "optim": osd}
+    try:
+        dcp.load(state, checkpoint_id=str(Path(path) / SHARDED))
+    except Exception as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path}: its sharded state cannot be read into this model: {type(e).__name__}: "
+                              f"{first}"[:400]) from None
+    set_state_dict(keyed, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def export_checkpoint(path, out) -> Path:
+    """``rlad export``: the model of a checkpoint (sharded or not) as a ``save_pretrained`` folder
+    ``out`` with its tokenizer, in one process (a sharded one is read through DCP, no process
+    group needed; the student is rebuilt from the checkpoint's config first)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from .models import load_model
+    from .runtime import tokenizer_for
+
+    path, out = Path(path), Path(out)
+    verify(path)
+    if not (path / SHARDED).is_dir():  # a single-process checkpoint: its model/ is the export
+        shutil.copytree(path / "model", out, dirs_exist_ok=True)
+        return out
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    cfg = trainer.get("config") or {}
+    if not cfg.get("student"):
+        raise CheckpointError(f"{path}: trainer.pt records no config (student), so the model cannot be rebuilt")
+    tok = tokenizer_for(cfg["student"], cfg.get("tokenizer"))
+    model = load_model(cfg["student"], tok, seed=cfg.get("seed", 0), dtype=torch.float32, role="student")
+    keyed = _keyed(model)
+    state = {"model": get_model_state_dict(keyed)}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_model_state_dict(keyed, state["model"])
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def load_plain_optimizer(model, optimizer, saved: dict[str, Any], names: list[str]) -> None:
+    """A single-process checkpoint's optimizer state (keyed by parameter index, ``names`` the
+    trained parameters' names in that order) into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    keyed = [f"model.{n}" for n in names]
+    full = {"state": {keyed[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [keyed[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(_keyed(model), optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
 def _prune(root: Path, keep: int, newest: int) -> None:
     """Keep the ``keep`` newest checkpoints up to step ``newest`` (the one just written); remove
     the temporary folders of saves whose process is gone."""
@@ -233,8 +412,12 @@ class Checkpoint:
 
     path: Path
     step: int
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None  # None: a sharded checkpoint (``dcp/``, read by ``load_sharded``)
     trainer: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.weights is None
 
     def load_weights(self, model) -> None:
         """Copy the weights into ``model`` in place, in the model's own dtypes."""
@@ -248,16 +431,21 @@ class Checkpoint:
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in self.weights.items()})
 
 
-def read_checkpoint(path) -> Checkpoint:
+def read_checkpoint(path, check: bool = True) -> Checkpoint:
     """Verify the checkpoint, then read its weights and trainer state into memory (nothing is
-    applied: a checkpoint that fails half-way leaves the caller's model untouched)."""
+    applied: a checkpoint that fails half-way leaves the caller's model untouched). A sharded
+    checkpoint's weights stay on disk (``load_sharded`` reads them into the sharded model).
+    ``check=False``: no verification (the other ranks of a run whose rank 0 verified it)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    info = verify(path)
+    info = verify(path) if check else {"step": int(_STEP.match(path.name).group(1))}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path / "model")
-        weights = loaded.state_dict()
+        if (path / SHARDED).is_dir():
+            weights = None
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(path / "model")
+            weights = loaded.state_dict()
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # any failure to read a damaged file
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")

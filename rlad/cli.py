@@ -1,4 +1,4 @@
-"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``."""
+"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``, ``rlad export``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,52 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     from .config import config_from_args
+    from .distributed import launched
     from .train import train
 
+    if args.nproc is not None and not launched():  # `rlad train --nproc N ...`: the same command under torchrun
+        return _relaunch(args.nproc)
     cfg = config_from_args(args)
-    train(cfg)
+    if launched():  # torchrun: a failure is recorded for torchrun's summary (its error file), then re-raised
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(train)(cfg)
+    else:
+        train(cfg)
     return 0
+
+
+def _relaunch(nproc: int) -> int:
+    """Run this ``rlad train`` command again under ``torch.distributed.run`` with ``nproc``
+    processes on this machine (``--standalone``: a free local port), without ``--nproc``."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: must be >= 1")
+    argv, rest, i = sys.argv[1:], [], 0
+    while i < len(argv):
+        if argv[i] == "--nproc":
+            i += 2
+            continue
+        if argv[i].startswith("--nproc="):
+            i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+           "rlad", *rest]
+    print(f"rlad train: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _where() -> str:
+    """``rank R of W: `` in a torchrun launch (every rank prints its own errors), else nothing."""
+    import os
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: "
+    return ""
 
 
 def _eval(args) -> int:
@@ -88,6 +129,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out} (load it with transformers' AutoModelForCausalLM.from_pretrained, or rlad eval --model)")
+    return 0
+
+
 def _study(args) -> int:
     from .study import aggregate, load_study, run_study
 
@@ -104,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval,export}")
 
     d = sub.add_parser("demo", help="train a small teacher, distill a smaller student with RLAD (CPU, minutes)")
     d.add_argument("--out-dir", default="runs/demo", help="where models, metrics and plots go (default: runs/demo)")
@@ -118,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "work starts. An out-dir holding an earlier run is refused unless --resume true (continue "
                        "it) or --overwrite true (delete it first); one trainer at a time per out-dir (rlad.lock).")
     t.add_argument("--config", help="YAML file of settings (flags override it)")
+    t.add_argument("--nproc", type=int, default=None, help="data-parallel processes on this machine: runs this "
+                   "command again under `torchrun --standalone --nproc-per-node N` (for several machines, use "
+                   "torchrun directly: `torchrun --nnodes ... -m rlad train ...`)")
     add_config_arguments(t)
     t.set_defaults(func=_train)
 
@@ -135,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_study)
+
+    x = sub.add_parser("export", help="a checkpoint's model as a transformers folder (save_pretrained)",
+                       description="Writes the student of a checkpoint (checkpoints/step_NNNNNN) as a folder that "
+                       "plain transformers loads: a sharded checkpoint of a torchrun run is gathered in one process "
+                       "(torch.distributed.checkpoint, no GPU or process group needed); a single-process one is "
+                       "copied. The checkpoint is verified against its COMPLETE manifest first.")
+    x.add_argument("checkpoint", help="the checkpoint folder (out_dir/checkpoints/step_NNNNNN)")
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.set_defaults(func=_export)
 
     e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")
     e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")
@@ -170,11 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, or a disk / permission problem: one line, no traceback
-        print(f"rlad {args.command}: error: {err}", file=sys.stderr)
+        print(f"rlad {args.command}: {_where()}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rlad {args.command}: interrupted", file=sys.stderr)
+        print(f"rlad {args.command}: {_where()}interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # torchrun: name the rank, then the traceback (a non-zero exit ends the job)
+        if _where():
+            print(f"rlad {args.command}: {_where()}failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ REWARD_ERRORS = ("fail", "zero")
 # (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
-               "reward_timeout", "reward_errors")
+               "reward_timeout", "reward_errors", "dist_timeout")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -57,6 +57,9 @@ class TrainConfig:
     dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", "run")
     quiet: bool = _f(False, "no progress bars (log lines only)", "run")
+    dist_timeout: float = _f(300.0, "torchrun: seconds a rank waits in a collective (all-reduce, barrier, ...) before "
+                                    "it fails; a rank that died or hangs then ends the job instead of blocking it",
+                             "run")
     overwrite: bool = _f(False, "start over in an out_dir that holds an earlier run: delete its config.json, "
                                 "metrics, checkpoints, summary and plots first (other files are left alone); without "
                                 "it, such an out_dir is refused unless resume=true", "run")
@@ -261,6 +264,8 @@ class TrainConfig:
         problem = template_problem(self.prompt_template)
         if problem:
             bad("prompt_template", problem)
+        if not self.dist_timeout > 0:
+            bad("dist_timeout", "must be > 0 seconds")
         if self.reward_timeout < 0:
             bad("reward_timeout", "must be >= 0 seconds (0: no limit)")
         if self.reward_errors not in REWARD_ERRORS:

@@ -16,6 +16,7 @@ import torch
 
 from rlad_kernels import linear_logprobs
 
+from .distributed import forward_in, generate_in, is_sharded
 from .models import context_length, decoder_hidden, lm_head, logit_map
 from .tasks import Example, Task
 from .tokenizer import encode_texts
@@ -184,20 +185,58 @@ def assemble(prompt_ids, prompt_mask, response_ids, eos_id: int, pad_id: int):
     return input_ids, attention_mask, targets
 
 
+class SeededSampler:
+    """Sampling at ``temperature`` / ``top_p`` with one random stream per row (a logits processor
+    for greedy decoding: the Gumbel-max trick, ``argmax(logits + Gumbel noise)`` is a draw from
+    ``softmax(logits)``). Row ``b`` draws its noise from a generator seeded with ``seeds[b]``, so a
+    response does not depend on which other rows share its batch (or its rank)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device):
+        from transformers import TopPLogitsWarper
+
+        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.gens])
+        return scores - torch.log(-torch.log(u))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group_size: int, temperature: float,
-             top_p: float, max_new_tokens: int, template: str, greedy: bool = False) -> Rollout:
-    """Sample ``group_size`` responses per example (greedy: one each) and score them with the task."""
+             top_p: float, max_new_tokens: int, template: str, greedy: bool = False,
+             seeds: Sequence[int] | None = None) -> Rollout:
+    """Sample ``group_size`` responses per example (greedy: one each) and score them with the task.
+    ``seeds`` (one per example): response ``j`` of example ``i`` is sampled from its own stream,
+    seeded with ``seeds[i] + j`` (``SeededSampler``), instead of torch's global one. A sharded
+    model generates inside its FSDP2 root, gathered whole for the call (``distributed.generate_in``),
+    in step with the other ranks (``synced_gpus``)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
     check_context(examples, prompt_mask.sum(-1).tolist(), max_new_tokens, context_length(model.config))
     G = 1 if greedy else group_size
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if seeds is not None and not greedy:
+        from transformers import LogitsProcessorList
+
+        sampler = SeededSampler([s + j for s in seeds for j in range(G)], temperature, top_p, device)
+        # greedy decoding of the Gumbel-perturbed scores; it takes one sequence per row, so the rows are repeated
+        kw = dict(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
+        gen_ids, gen_mask, n = prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), 1
+    else:
+        gen_ids, gen_mask, n = prompt_ids, prompt_mask, G
+    if is_sharded(model):
+        kw["synced_gpus"] = True
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         num_return_sequences=G, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **kw)
+    out = generate_in(model, lambda m: m.generate(input_ids=gen_ids, attention_mask=gen_mask,
+                                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id, **kw))
     model.train(was_training)
     P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)
@@ -223,13 +262,22 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
     ``head_rows`` cuts a padded lm_head to the student's vocabulary (a teacher scoring student
     tokens normalizes over the same V columns as the student). With ``micro_batch_tokens`` the
     rows go in length-sorted groups of at most that many padded tokens, each cut to its own
-    window of columns (``rlad.batching``); the values are the same up to float rounding."""
-    from .batching import plan
+    window of columns (``rlad.batching``); the values are the same up to float rounding. Under
+    torchrun every rank runs the same number of forwards (``batching.same_count``), as FSDP2's
+    gathers need."""
+    from .batching import plan, same_count
 
-    weight, bias = lm_head(model)
-    if head_rows is not None:
-        weight = weight[:head_rows]
-        bias = bias[:head_rows] if bias is not None else None
+    def part(m, rows, cols):  # inside the FSDP2 root's forward when sharded: the lm_head weight is gathered there
+        weight, bias = lm_head(m)
+        if head_rows is not None:
+            weight = weight[:head_rows]
+            bias = bias[:head_rows] if bias is not None else None
+        s, e = cols.start, cols.stop
+        h = decoder_hidden(m, roll.input_ids[rows, s:e], roll.attention_mask[rows, s:e], roll.position_ids[rows, s:e])
+        tcols = slice(s, e - 1 if e is not None else None)  # targets [B, L-1] line up with columns s .. e-2
+        return linear_logprobs(h[:, :-1], weight, roll.targets[rows, tcols], bias=bias, temperature=temperature,
+                               impl=impl, **logit_map(m)).float(), tcols
+
     out = torch.zeros(roll.targets.shape, dtype=torch.float32, device=roll.targets.device)
     if micro_batch_tokens:
         parts = plan(roll.attention_mask, torch.arange(len(roll), device=roll.input_ids.device), micro_batch_tokens)
@@ -237,13 +285,10 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
         parts = [(slice(i, i + micro_batch), slice(None)) for i in range(0, len(roll), micro_batch)]
     was_training = model.training
     model.eval()
-    for rows, cols in parts:
-        s, e = cols.start, cols.stop
-        h = decoder_hidden(model, roll.input_ids[rows, s:e], roll.attention_mask[rows, s:e],
-                           roll.position_ids[rows, s:e])
-        tcols = slice(s, e - 1 if e is not None else None)  # targets [B, L-1] line up with columns s .. e-2
-        out[rows, tcols] = linear_logprobs(h[:, :-1], weight, roll.targets[rows, tcols], bias=bias,
-                                           temperature=temperature, impl=impl, **logit_map(model)).float()
+    for rows, cols, real in same_count(parts):
+        lp, tcols = forward_in(model, part, rows, cols)
+        if real:  # a padding forward (another rank has more parts) only takes part in the gathers
+            out[rows, tcols] = lp
     model.train(was_training)
     return out
 

@@ -28,9 +28,14 @@ advantages; ``collect`` and ``micro_loss`` read the row):
         the sampled-token form with per-token advantage -(lp - lp_teacher)
   sft   offline distillation: NLL on teacher solutions, kept only when correct
 
-Simplifications: one process (scale out with torchrun/FSDP2 around the same loss), the
-teacher and reference run in the same process, sampling and training use the same weights
-(no separate inference engine), and the old policy's log-probs are recomputed by the trainer.
+Scale-out: ``torchrun --nproc-per-node N -m rlad train ...`` runs the same loop on N ranks
+(``rlad/distributed.py``: FSDP2-sharded student, teacher and reference; each rank samples its
+share of the step's prompts; the normalizer and the metrics are all-reduced; sharded DCP
+checkpoints). Without torchrun it is one process, exactly as before.
+
+Simplifications: the teacher and reference run in the trainer's processes, sampling and training
+use the same weights (no separate inference engine), and the old policy's log-probs are
+recomputed by the trainer.
 
     rlad train --algo rlad --teacher preset:tiny-teacher --task arithmetic --steps 50
     rlad train --config run.yaml --lr 5e-5          # YAML, then flag overrides
@@ -52,9 +57,21 @@ import torch
 
 from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
 
+from . import distributed as D
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
-from .batching import micro_batches
-from .checkpoint import Checkpoint, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state
+from .batching import micro_batches, same_count
+from .checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_latest,
+    load_plain_optimizer,
+    load_sharded,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .evaluate import eval_key_order, evaluate
 from .models import check_vocab, decoder_hidden, lm_head, load_model, logit_map
@@ -77,16 +94,19 @@ def lr_lambda(cfg: TrainConfig, total: int):
 
 
 # ----------------------------------------------------------------------------- rollouts
-def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool) -> Rollout:
+def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool, seeds=None) -> Rollout:
     """The step's batch, as the algorithm's row says: sampled responses with rewards, the per-token
-    log-probs it scores, its advantages and KD weights; or teacher solutions drawn from the pool."""
+    log-probs it scores, its advantages and KD weights; or teacher solutions drawn from the pool.
+    ``seeds``: one sampling seed per example (see ``rollout.generate``); None: torch's global stream.
+    Distributed: ``examples`` are this rank's; sft draws the global picks and keeps this rank's share."""
     alg = cfg.algorithm
     if alg.batch == TEACHER_SOLUTIONS:  # offline distillation: the teacher's correct solutions, drawn from the pool
         picks = [sft_pool[i] for i in torch.randint(len(sft_pool), (cfg.prompts_per_step,)).tolist()]
+        picks = picks[D.my_slice(len(picks))]
         return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.prompt_template,
                           device=next(student.parameters()).device)
     roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template, seeds=seeds)
     if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
         roll.keep = ~roll.truncated
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
@@ -142,7 +162,15 @@ def build_sft_pool(cfg, teacher, tok, task, levels, seed: int):
 # ----------------------------------------------------------------------------- the loss
 def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, token_weights, step: int):
     """The algorithm's loss on one micro-batch, already divided by the global normalizer, and its
-    metrics as detached scalar tensors (no host sync)."""
+    metrics as detached scalar tensors (no host sync). A sharded student computes it inside its
+    FSDP2 root's forward, where its lm_head weight is gathered (``distributed.forward_in``)."""
+    loss, metrics = D.forward_in(student, _micro_loss, cfg, teacher, mb, normalizer, token_weights, step)
+    if D.is_sharded(student):  # FSDP2 averages the gradients over ranks; the global loss is their sum
+        loss = loss * D.state().world
+    return loss, metrics
+
+
+def _micro_loss(student, cfg: TrainConfig, teacher, mb: Rollout, normalizer, token_weights, step: int):
     alg = cfg.algorithm
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
     weight, bias = lm_head(student)
@@ -152,10 +180,12 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
     tokens = mb.loss_mask.sum().clamp_min(1)
 
     def teacher_hidden():
-        with torch.no_grad():
-            ht = decoder_hidden(teacher, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-        wt, bt = lm_head(teacher)
-        return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
+        def run(t):  # a sharded teacher's root stays gathered after its forward (distributed.shard)
+            with torch.no_grad():
+                ht = decoder_hidden(t, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
+            wt, bt = lm_head(t)
+            return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
+        return D.forward_in(teacher, run)
 
     if alg.loss == NLL:
         lp = linear_logprobs(h, weight, targets, bias=bias, **student_map)
@@ -188,13 +218,13 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
 
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     """(normalizer, token weights [B, L-1] | None) of one optimizer step over rows ``idx``:
-    global over all of its micro-batches, so accumulation gives the full batch's gradient. Rows
+    global over all of its micro-batches (and ranks), so accumulation gives the full batch's gradient. Rows
     left out of the loss (``roll.keep``, drop_truncated) count neither their tokens nor themselves."""
     mask = roll.loss_mask
-    if cfg.aggregation == "token_mean":
-        return mask[idx].sum().clamp_min(1).float(), None
+    if cfg.aggregation == "token_mean":  # distributed: summed over ranks (each holds its share of the rows)
+        return D.all_sum(mask[idx].sum()).clamp_min(1).float(), None
     rows = roll.keep[idx].sum() if roll.keep is not None else torch.tensor(len(idx), device=mask.device)
-    count = rows.float().clamp_min(1)
+    count = D.all_sum(rows).float().clamp_min(1)
     if cfg.aggregation == "seq_mean":  # every sequence weighs 1/|o_i|; the weights cover all rows
         per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
         return count, per_seq.expand(roll.targets.shape)
@@ -209,24 +239,36 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
     values on device: one per micro-batch, and ``loss`` / ``grad_norm`` one per optimizer step."""
     params = [p for p in student.parameters() if p.requires_grad]
     stats = defaultdict(list)
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(len(roll), device=roll.input_ids.device)
+    for epoch in range(cfg.ppo_epochs):
+        gen = _perm_generator(cfg, step, epoch, roll)
+        perm = torch.randperm(len(roll), device=roll.input_ids.device, generator=gen)
         for mini in perm.tensor_split(cfg.mini_batches):  # exactly mini_batches, sizes differing by at most one
             norm, tw = normalizer_for(cfg, roll, mini)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=norm.device)
-            for mb, mtw in micro_batches(roll, mini, tw, size=cfg.micro_batch_size, tokens=cfg.micro_batch_tokens):
+            parts = list(micro_batches(roll, mini, tw, size=cfg.micro_batch_size, tokens=cfg.micro_batch_tokens))
+            for mb, mtw, real in same_count(parts):  # under torchrun, as many on every rank (FSDP2's gathers)
                 with amp():
                     loss, m = micro_loss(cfg, student, teacher, mb, norm, mtw, step)
+                if not real:  # a padding micro-batch: in the collectives, not in the gradient
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
                 total = total + loss.detach()
                 tokens = mb.loss_mask.sum()  # the micro-batch's metrics are means over its loss tokens
                 for k, v in m.items():
                     stats[k].append((v, tokens))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor, already the norm over every rank's shard
+                gnorm = gnorm.full_tensor()
+            if D.state().enabled:  # the loss over every rank (each divided by the same global normalizer)
+                total, tokens_all = D.all_sum(torch.stack([total / D.state().world,  # see micro_loss
+                                                           roll.loss_mask[mini].sum().to(total.dtype)]))
+            else:
+                tokens_all = roll.loss_mask[mini].any()
             # the one host sync of an optimizer step: whether to skip it
             finite, has_tokens = torch.stack([torch.isfinite(total) & torch.isfinite(gnorm),
-                                              roll.loss_mask[mini].any()]).tolist()
+                                              tokens_all > 0]).tolist()
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 state["nan_skips"] += 1
@@ -258,7 +300,10 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     device = next(x.device for values in stats.values() for pair in values for x in pair if torch.is_tensor(x))
     flat = torch.stack([x.detach().to(torch.float64) if torch.is_tensor(x)
                         else torch.tensor(float(x), dtype=torch.float64, device=device)
-                        for values in stats.values() for pair in values for x in pair]).tolist()  # one transfer
+                        for values in stats.values() for pair in values for x in pair])
+    if D.state().enabled:  # sum(v * w) and sum(w) of each metric over every rank: the global batch's means
+        return reduced_metrics(stats, flat)
+    flat = flat.tolist()  # one transfer
     out, i = {}, 0
     for k, values in stats.items():
         vals, weights = flat[i:i + 2 * len(values):2], flat[i + 1:i + 2 * len(values):2]
@@ -269,6 +314,29 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     return out
 
 
+def reduced_metrics(stats: dict[str, list[tuple]], flat: torch.Tensor) -> dict[str, float]:
+    """``host_metrics`` over ranks: each metric's ``sum(v * w)`` and ``sum(w)`` all-reduced (one
+    all-reduce, one transfer), then divided. Every rank holds the same metric names (the same
+    micro-batch and optimizer-step counts), so the reduced vectors line up."""
+    sums, weights, i = [], [], 0
+    for values in stats.values():
+        pairs = flat[i:i + 2 * len(values)].view(-1, 2)
+        sums.append((pairs[:, 0] * pairs[:, 1]).sum())
+        weights.append(pairs[:, 1].sum())
+        i += 2 * len(values)
+    s, w = D.reduce_weighted(torch.stack(sums), torch.stack(weights))
+    both = torch.stack([s, w]).tolist()
+    return {k: both[0][j] / both[1][j] for j, k in enumerate(stats) if both[1][j] > 0}
+
+
+def _perm_generator(cfg: TrainConfig, step: int, epoch: int, roll: Rollout) -> torch.Generator | None:
+    """Distributed: the mini-batch permutation's own stream, seeded from (seed, step, epoch) (the
+    same on every rank, not drawn from torch's global stream); single process: None (the global one)."""
+    if not D.state().enabled:
+        return None
+    return torch.Generator(device=roll.input_ids.device).manual_seed(D.row_seed(cfg.seed, step, epoch, 7))
+
+
 # ----------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Run ``cfg`` in ``cfg.out_dir`` and return its summary. Every setting, the output folder,
@@ -277,12 +345,46 @@ def train(cfg: TrainConfig) -> dict:
     time), a crash's temporary files are removed, an earlier run there is refused unless resumed
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (see ``resume_point``)."""
+    if D.launched():
+        D.check_launch(cfg.prompts_per_step)  # before any work: the batch divides among the ranks
     setup = preflight(cfg)
     cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
-    with RunLock(cfg.out_dir):
-        prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-        start = resume_point(cfg) if cfg.resume else None
-        return run(cfg, setup, start)
+    if not D.launched():  # one process
+        with RunLock(cfg.out_dir):
+            prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+            start = resume_point(cfg) if cfg.resume else None
+            return run(cfg, setup, start)
+    return train_distributed(cfg, setup)
+
+
+def train_distributed(cfg: TrainConfig, setup: Setup) -> dict:
+    """``train`` on every rank of a torchrun launch: join the process group; rank 0 locks and
+    prepares the folder and picks the checkpoint to resume from (its decision, or its error, is
+    given to every rank); every rank then runs the loop on its share of each batch."""
+    import dataclasses
+
+    dist, device = D.init(setup.device, cfg.dist_timeout)
+    lock = RunLock(cfg.out_dir) if dist.main else None
+    try:
+        print(f"distributed: {dist.world} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+              f"{cfg.prompts_per_step // dist.world} prompts per rank per step", flush=True)
+        held = {}
+
+        def begin():
+            lock.acquire()
+            prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+            held["start"] = resume_point(cfg) if cfg.resume else None
+            return str(held["start"].path) if held["start"] is not None else None
+
+        path = D.on_main(begin)
+        start = held.get("start") if dist.main else (read_checkpoint(path, check=False) if path else None)
+        summary = run(cfg, dataclasses.replace(setup, device=device), start)
+        D.barrier()  # no rank leaves (and closes its connections) while another still works
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+        D.close()
 
 
 def resume_point(cfg: TrainConfig) -> Checkpoint | None:
@@ -339,6 +441,9 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     """The run itself, in its locked and prepared folder: from step 0, or from ``start``."""
     out = Path(cfg.out_dir)
     device, tok, task, levels, eval_set = setup.device, setup.tok, setup.task, setup.levels, setup.eval_set
+    dist = D.state()
+    main = dist.main  # rank 0 writes the metrics, the config, the summary and the plot
+    quiet = cfg.quiet or not main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp = autocast_for(cfg.dtype, device)
@@ -362,6 +467,14 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         ref = frozen(load_model(cfg.ref, tok, device=device, dtype=frozen_dtype, role="ref") if cfg.ref
                      else copy.deepcopy(student).to(frozen_dtype))
         check_vocab(student, ref, tok, role="reference model")
+    trained_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    if dist.enabled:  # FSDP2: the weights of a single-process checkpoint go in before sharding
+        if start is not None and not start.sharded:
+            start.load_weights(student)
+        student_root = D.shard(student, device, trainable=True)
+        teacher_root = D.shard(teacher, device, trainable=False) if teacher is not None else None
+        ref_root = D.shard(ref, device, trainable=False) if ref is not None else None
+        del student_root, teacher_root, ref_root  # the models keep them (distributed.forward_in)
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -372,26 +485,41 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     log = MetricsLog(out / "metrics.jsonl")
     state = {"step": 0, "nan_skips": 0, "reward_errors": 0}
     if start is not None:
-        start.load_weights(student)
-        optimizer.load_state_dict(start.trainer["optimizer"])
+        if start.sharded:  # torch.distributed.checkpoint reshards to this run's ranks (or one process)
+            load_sharded(start.path, student, optimizer)
+        elif dist.enabled:  # a single-process checkpoint: weights loaded before sharding, the optimizer here
+            load_plain_optimizer(student, optimizer, start.trainer["optimizer"], trained_names)
+        else:
+            start.load_weights(student)
+            optimizer.load_state_dict(start.trainer["optimizer"])
         scheduler.load_state_dict(start.trainer["scheduler"])
         set_rng_state(start.trainer["rng"], data_rng)
         state.update(start.trainer["state"])
-        log.rewind(state["step"])
+        saved_world = start.trainer.get("world_size", 1)
+        if saved_world != dist.world or bool(start.trainer.get("distributed")) != dist.enabled:
+            print(f"note: resuming on {dist.world} rank(s) from a checkpoint written on {saved_world}: the prompts "
+                  f"and their sampling seeds continue exactly; float sums (all-reduce order) and, with "
+                  f"mini_batches > 1, the mini-batch split follow the new world size"
+                  + ("" if dist.enabled == bool(start.trainer.get("distributed")) else
+                     "; sampling switches between per-prompt seeds (torchrun) and torch's global stream (one "
+                     "process)"), flush=True)
+        if main:
+            log.rewind(state["step"])
         print(f"resumed from {start.path} at step {state['step']}", flush=True)
-    else:
+    elif main:
         log.reset()
-    write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    if main:
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     counts_reward_errors = getattr(task, "user_reward", False)  # a module:function reward's failures, scored 0
 
     def reward_errors() -> int:  # failures so far (reward_errors=zero), the task's new ones moved into state
         if counts_reward_errors:
-            state["reward_errors"] += task.failures
+            state["reward_errors"] += int(D.all_sum(torch.tensor(task.failures)))  # every rank's
             task.failures = 0
         return state["reward_errors"]
 
-    def run_eval(step):
-        bar = progress(cfg.quiet, total=len(eval_set), desc="eval", leave=False)
+    def run_eval(step):  # distributed: every rank evaluates the whole set in step (identical results); rank 0 logs
+        bar = progress(quiet, total=len(eval_set), desc="eval", leave=False)
         # its own random stream, so evaluating (or not) never changes the training run
         with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 2_000_003)
@@ -399,19 +527,25 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
                            max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
                            temperature=cfg.temperature, top_p=cfg.top_p, progress=bar)
         bar.close()
-        log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})
+        if main:
+            log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})
         return res
 
     if state["step"] == 0:
         first = run_eval(0)
         print(f"eval step 0: accuracy {first['accuracy']:.3f}", flush=True)
-    bar = progress(cfg.quiet, total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps")
+    bar = progress(quiet, total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps")
     for step in range(state["step"], cfg.steps):
+        D.fail_hook(step)
         t0 = time.perf_counter()
         student.eval()
+        examples, seeds = task.sample(data_rng, cfg.prompts_per_step, levels), None
+        if dist.enabled:  # the global batch on every rank, then this rank's share; sampling seeded per prompt
+            seeds = [D.row_seed(cfg.seed, step, i) for i in range(len(examples))]
+            mine = D.my_slice(len(examples))
+            examples, seeds = examples[mine], seeds[mine]
         with amp():
-            roll = collect(cfg, student, teacher, ref, tok, task, task.sample(data_rng, cfg.prompts_per_step, levels),
-                           sft_pool)
+            roll = collect(cfg, student, teacher, ref, tok, task, examples, sft_pool, seeds)
         t_roll = time.perf_counter() - t0
         student.train()
         stats = update(cfg, student, teacher, roll, optimizer, scheduler, step, amp, state)
@@ -421,14 +555,15 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
                          truncated_frac=[(roll.truncated.float().mean(), 1)])
         m = host_metrics(stats)  # the step's metrics reach the host here, once
         dt = time.perf_counter() - t0
-        m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * (1 + cfg.ppo_epochs) / dt,
+        m.update(lr=scheduler.get_last_lr()[0], tokens_per_s=m.pop("tokens") * dist.world * (1 + cfg.ppo_epochs) / dt,
                  rollout_s=t_roll, step_s=dt, nan_skips=state["nan_skips"])
         if alg.kd:
             m["kd_coef"] = cfg.kd_coef(step)
         if counts_reward_errors:
             m["reward_errors"] = reward_errors()
         state["step"] = step + 1
-        log.write({"step": step + 1, **m})
+        if main:
+            log.write({"step": step + 1, **m})
         bar.write(log_line(step + 1, cfg.steps, m))
         bar.update(1)
         bar.set_postfix({k: f"{m[k]:.3f}" for k in ("reward", "nll", "divergence") if k in m})
@@ -437,22 +572,33 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
             res = run_eval(step + 1)
             bar.write(f"eval step {step + 1}: accuracy {res['accuracy']:.3f}")
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
-            save_checkpoint(out, step + 1, student, tok, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(data_rng),
-                "state": dict(state), "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+            trainer_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(data_rng), "state": dict(state),
+                             "config": cfg.to_dict()}
+            if dist.enabled:  # every rank writes its shards; the last checkpoint also gets the full model/
+                save_sharded_checkpoint(out, step + 1, student, optimizer, tok, {
+                    **trainer_state, "world_size": dist.world, "distributed": True}, keep=cfg.keep_checkpoints,
+                    export=last)
+            else:
+                save_checkpoint(out, step + 1, student, tok, {"optimizer": optimizer.state_dict(), **trainer_state},
+                                keep=cfg.keep_checkpoints)
     bar.close()
 
     # the final evaluation, unless it is already in the log (a finished run resumed, or one that
     # died between its final evaluation and its summary): never two records of it
-    records = log.records()
+    records = log.records() if main else []
     done = [r for r in records if r.get("eval") and r["step"] == cfg.steps] if state["step"] == cfg.steps else []
+    done = D.broadcast(done)
     if start is not None and done:
         final = {k[len("eval/"):]: v for k, v in sorted(done[-1].items(), key=lambda kv: eval_key_order(kv[0][5:]))
                  if k.startswith("eval/")}
         print(f"final evaluation (step {cfg.steps}) already in {log.path}; not repeated", flush=True)
     else:
         final = run_eval(cfg.steps)
-        records = log.records()
+        records = log.records() if main else []
+    if counts_reward_errors:
+        reward_errors()  # a collective when distributed: before rank 0 alone writes the summary
+    if not main:
+        return {"final": final}
     plot_path = plot(records, out / "curves.png", title=f"{cfg.algo} on {cfg.task}")
     first = next((r for r in records if r.get("eval") and r["step"] == 0), None)
     start_res = {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")}
@@ -464,7 +610,7 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
                "plots": str(plot_path) if plot_path else None,
                "checkpoint": str(latest_checkpoint(out))}
     if counts_reward_errors:
-        summary["reward_errors"] = reward_errors()
+        summary["reward_errors"] = state["reward_errors"]
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_atomic(out / "summary.md", f"# {cfg.algo} on {cfg.task}\n\n{table}\n")
     print(f"\n{table}\n\nmetrics: {log.path}\nplots: {plot_path}\ncheckpoint: {summary['checkpoint']}", flush=True)
