@@ -366,13 +366,15 @@ def test_ranks_run_the_same_number_of_micro_batches(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_with_token_budget_micro_batches(tmp_path, models):
+def test_two_ranks_with_token_budget_micro_batches_and_gradient_checkpointing(tmp_path, models):
     """``--micro-batch-tokens``: each rank packs its own rows (their number of micro-batches may
-    differ; the padding ones weigh 0), and 2 ranks still compute what 1 rank computes."""
+    differ; the padding ones weigh 0); the 2-rank run also recomputes its sharded decoder layers
+    (``--gradient-checkpointing``), and still computes what 1 rank computes without it."""
     runs = {n: tmp_path / f"r{n}" for n in (1, 2)}
     for n, out in runs.items():
         args = _args(out, 2, "--algo", "rlad", "--student", models["student"], "--teacher", models["teacher"],
-                     "--group-size", "4", "--max-new-tokens", "8", "--micro-batch-tokens", "40")
+                     "--group-size", "4", "--max-new-tokens", "8", "--micro-batch-tokens", "40",
+                     *(["--gradient-checkpointing", "true"] if n == 2 else []))
         _ok(torchrun(n, args))
     diff = _max_diff(_weights(runs[1], 2), _weights(runs[2], 2))
     print(f"token budget: max |param diff| 2 ranks vs 1 rank {diff:.3g}")
