@@ -95,3 +95,38 @@ def tiny_lm_config(family: str, vocab_size: int, tie: bool):
     if family == "gemma3":
         return transformers.Gemma3TextConfig(final_logit_softcapping=4.0, attn_implementation="eager", **common)
     raise ValueError(f"unknown family {family!r}")
+
+
+# ---------------------------------------------------------------------------- policy-loss tests
+def leaves(hidden, weight, bias, dtype, device="cpu"):
+    """Fresh leaf copies (requires_grad) of hidden, weight and bias in ``dtype`` on ``device``."""
+    return [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+
+
+def rel_finite(actual, expected) -> float:
+    """max |actual - expected| / max |expected|, asserting ``actual`` has no NaN."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert not torch.isnan(a).any()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+
+
+def ref_gate(A, old, teacher, cfg):
+    """Tokens whose teacher term gated TRRD drops: |lp_old - lp_T| > align, or |A| < adv."""
+    gate = torch.zeros_like(A, dtype=torch.bool)
+    if cfg.teacher_align_threshold is not None:
+        gate |= (old - teacher).abs() > cfg.teacher_align_threshold
+    if cfg.teacher_adv_threshold is not None:
+        gate |= A.abs() < cfg.teacher_adv_threshold
+    return gate
+
+
+def run_policy_loss(impl, h, w, b, targets, tok, names, cfg, *, temperature, **kw):
+    """``linear_policy_loss`` on the leaves' device: the per-token inputs ``names`` of ``tok`` (and
+    the advantages and old log-probs) follow them there in their dtype, tensors in ``kw`` too."""
+    from rlad_kernels import linear_policy_loss
+
+    t = dict(device=h.device, dtype=h.dtype)
+    inputs = {n: tok[n].to(**t) for n in names}
+    kw = {k: (v.to(h.device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    return linear_policy_loss(h, w, targets.to(h.device), tok["advantages"].to(**t), tok["old_logp"].to(**t),
+                              bias=b, temperature=temperature, config=cfg, impl=impl, **inputs, **kw)

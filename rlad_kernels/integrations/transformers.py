@@ -130,9 +130,9 @@ def apply_rlad_kernels(model, *, impl: str | None = None):
     if state is not None:
         state["impl"] = impl
         return model
-    had_own = "forward" in model.__dict__  # someone (accelerate, another patch) set an instance forward
     original = model.forward
-    state = {"impl": impl, "original": original, "had_own": had_own, "own": model.__dict__.get("forward")}
+    # "own": an instance forward someone (accelerate, another patch) set before us, restored on removal
+    state = {"impl": impl, "own": model.__dict__.get("forward")}
 
     @functools.wraps(original)
     def forward(*args, logprobs_of=None, temperature: float = 1.0, return_entropy: bool = False,
@@ -144,8 +144,9 @@ def apply_rlad_kernels(model, *, impl: str | None = None):
                 if given is not None:
                     raise ValueError(f"{type(model).__name__} (rlad_kernels patch): {name}= needs logprobs_of=")
             return original(*args, **kwargs)
-        opts = _Options(temperature, return_entropy, labels_to_keep, vocab_size, policy_loss)
-        return _logprobs_forward(model, state["impl"], args, kwargs, logprobs_of, opts)
+        return _logprobs_forward(model, state["impl"], args, kwargs, logprobs_of, temperature=temperature,
+                                 return_entropy=return_entropy, labels_to_keep=labels_to_keep, vocab_size=vocab_size,
+                                 policy_loss=policy_loss)
 
     model.__dict__[_STATE] = state
     model.forward = forward
@@ -158,23 +159,15 @@ def remove_rlad_kernels(model):
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return model
-    if state["had_own"]:
+    if state["own"] is not None:
         model.forward = state["own"]
     else:
         del model.forward
     return model
 
 
-@dataclass(frozen=True)
-class _Options:
-    temperature: float
-    return_entropy: bool
-    labels_to_keep: int | None
-    vocab_size: int | None
-    policy_loss: dict | None
-
-
-def _logprobs_forward(model, impl, args, kwargs, labels, opts: _Options):
+def _logprobs_forward(model, impl, args, kwargs, labels, *, temperature: float, return_entropy: bool,
+                      labels_to_keep: int | None, vocab_size: int | None, policy_loss: dict | None):
     name = type(model).__name__
     keep = kwargs.get("logits_to_keep")
     for refused, given in (("labels", kwargs.get("labels") is not None),
@@ -195,16 +188,16 @@ def _logprobs_forward(model, impl, args, kwargs, labels, opts: _Options):
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"{name} (rlad_kernels patch): logprobs_of must be a tensor shaped like input_ids {shape} "
                          f"(labels aligned with input_ids, shifted inside); got {got}")
-    K = opts.labels_to_keep
+    K = labels_to_keep
     if K is not None and (isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= shape[1] - 1):
         raise ValueError(f"{name} (rlad_kernels patch): labels_to_keep must be an int in [1, {shape[1] - 1}] (the "
                          f"number of trailing labels to score), got {K!r}")
-    if opts.policy_loss is not None and not isinstance(opts.policy_loss, dict):
+    if policy_loss is not None and not isinstance(policy_loss, dict):
         raise TypeError(f"{name} (rlad_kernels patch): policy_loss must be a dict of linear_policy_loss keyword "
-                        f"arguments, got {type(opts.policy_loss).__name__}")
-    head = _head(model)
+                        f"arguments, got {type(policy_loss).__name__}")
+    head = model.get_output_embeddings()  # apply_rlad_kernels checked the model (_head)
     weight, bias = head.weight, getattr(head, "bias", None)
-    V = opts.vocab_size
+    V = vocab_size
     if V is not None:
         if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= weight.shape[0]:
             raise ValueError(f"{name} (rlad_kernels patch): vocab_size must be an int in [1, {weight.shape[0]}] (rows "
@@ -216,18 +209,18 @@ def _logprobs_forward(model, impl, args, kwargs, labels, opts: _Options):
     targets = labels[:, 1:].to(hidden.device)
     if K is not None:
         hidden, targets = hidden[:, -K:], targets[:, -K:]
-    common = dict(bias=bias, temperature=opts.temperature, impl=impl, **logit_map(model))
-    if opts.policy_loss is not None:
+    common = dict(bias=bias, temperature=temperature, impl=impl, **logit_map(model))
+    if policy_loss is not None:
         refused = {"hidden", "weight", "targets", "bias", "temperature", "impl", "logit_scale", "softcap"}
-        clash = sorted(refused & opts.policy_loss.keys())
+        clash = sorted(refused & policy_loss.keys())
         if clash:
             raise ValueError(f"{name} (rlad_kernels patch): policy_loss must not set {', '.join(clash)}; the patch "
                              f"takes them from the model and the forward's own arguments")
-        pl = dict(opts.policy_loss)
+        pl = dict(policy_loss)
         out = linear_policy_loss(hidden, weight, targets, pl.pop("advantages", None), pl.pop("old_logp", None),
                                  **common, **pl)
-        ent = out.entropy if opts.return_entropy else None
+        ent = out.entropy if return_entropy else None
         return _output_class()(loss=out.loss, logits=None, logprobs=out.logp, entropy=ent, metrics=out.metrics)
-    out = linear_logprobs(hidden, weight, targets, return_entropy=opts.return_entropy, **common)
-    logp, ent = out if opts.return_entropy else (out, None)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=return_entropy, **common)
+    logp, ent = out if return_entropy else (out, None)
     return _output_class()(logits=None, logprobs=logp, entropy=ent)

@@ -150,6 +150,8 @@ def linear_policy_loss(
                          f"{cfg.entropy_aggregation!r}); set it in PolicyLossConfig or drop entropy_normalizer")
     norm = as_normalizer(normalizer, hidden.device)
     ent_norm = as_normalizer(entropy_normalizer, hidden.device, "entropy_normalizer")
+    if cfg.entropy_token_mean and ent_norm is None:  # the default: the call's valid tokens (1 when none)
+        ent_norm = token_mean_normalizer((li.targets != ignore_index).sum().float())
     if teacher_logp is None and teacher_hidden is not None:
         V = li.weight.shape[0]
         with torch.no_grad():
@@ -229,5 +231,5 @@ def _policy_two_phase(li: LinearInputs, tok: TokenInputs, cfg: PolicyLossConfig,
         norm = token_mean_normalizer(sums[1])
     loss = sums[0] / norm.to(sums.dtype)
     if cfg.entropy_token_mean:
-        loss = loss + entropy_token_mean(torch.where(valid, ent, zero).sum(), sums[2], cfg, ent_norm)
+        loss = loss + entropy_token_mean(torch.where(valid, ent, zero).sum(), cfg, ent_norm)
     return loss, sums, lp.detach(), (ent.detach() if ent is not None else None)

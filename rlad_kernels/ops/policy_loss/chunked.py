@@ -47,8 +47,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
         # entropy_aggregation="token_mean": dL/dH_t = -entropy_coef / entropy_normalizer on every valid token
         g_e_mean = None
         if cfg.entropy_token_mean:
-            e_norm = ent_norm if ent_norm is not None else torch.tensor(float(max(Nv, 1)), device=dev)
-            g_e_mean = -cfg.entropy_coef * scale / e_norm.to(cdt)
+            g_e_mean = -cfg.entropy_coef * scale / ent_norm.to(cdt)
         want_ent = cfg.needs_entropy
         lp_v = torch.empty(Nv, dtype=cdt, device=dev)
         ent_v = torch.empty(Nv, dtype=cdt, device=dev) if want_ent else None
@@ -107,7 +106,7 @@ class ChunkedPolicyLoss(torch.autograd.Function):
             sums = torch.zeros(len(STAT_FIELDS), dtype=cdt, device=dev)
         loss = sums[0] / norm
         if cfg.entropy_token_mean:
-            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], sums[2], cfg, ent_norm)
+            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], cfg, ent_norm)
         lp_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, lp_v)
         ent_out = torch.zeros(N, dtype=cdt, device=dev).index_copy_(0, idx, ent_v) if want_ent else None
         ctx.save_for_backward(dx, dw, db)

@@ -269,9 +269,8 @@ def finalize_metrics(sums: torch.Tensor, cfg: PolicyLossConfig, *, has_teacher: 
     return m
 
 
-def entropy_token_mean(entropy_sum: torch.Tensor, valid_count: torch.Tensor, cfg: PolicyLossConfig,
-                       entropy_normalizer: torch.Tensor | None) -> torch.Tensor:
+def entropy_token_mean(entropy_sum: torch.Tensor, cfg: PolicyLossConfig,
+                       entropy_normalizer: torch.Tensor) -> torch.Tensor:
     """The bonus of ``entropy_aggregation="token_mean"``: ``-entropy_coef * sum_t H_t / entropy_normalizer``
-    (default: the call's number of valid tokens, or 1 when there is none)."""
-    norm = entropy_normalizer if entropy_normalizer is not None else valid_count.clamp(min=1)
-    return -cfg.entropy_coef * entropy_sum / norm.to(entropy_sum.dtype)
+    (``linear_policy_loss`` defaults the normalizer to the call's number of valid tokens, or 1 when there is none)."""
+    return -cfg.entropy_coef * entropy_sum / entropy_normalizer.to(entropy_sum.dtype)

@@ -69,10 +69,8 @@ class TritonPolicyLoss(torch.autograd.Function):
         loss = sums[0] / normalizer
         ent_scale = normalizer  # the backward scales gent by grad_output / ent_scale
         if cfg.entropy_token_mean:  # -entropy_coef * sum_t H_t / entropy_normalizer, outside the epilogue
-            if ent_norm is None:
-                ent_norm = sums[2].clamp(min=1)
-            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], sums[2], cfg, ent_norm)
-            gent = torch.where(targets != ignore_index, -cfg.entropy_coef, 0.0).float()
+            loss = loss + entropy_token_mean(sums[STAT_INDEX["entropy"]], cfg, ent_norm)
+            gent = torch.full_like(out.glp, -cfg.entropy_coef)  # the backward kernel reads it on valid rows only
             ent_scale = ent_norm
         ctx.save_for_backward(hidden, weight, bias, targets, out.glp, gent, normalizer, ent_scale, *rows)
         ctx.lmap, ctx.ignore_index, ctx.cfg = lmap, ignore_index, cfg_t  # the backward tiles as the forward's

@@ -18,7 +18,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_kernels import PolicyLossConfig, linear_policy_loss
+from rlad_kernels import PolicyLossConfig
+
+from helpers import leaves, ref_gate, run_policy_loss
+from helpers import rel_finite as rel
 
 IMPLS = ["naive", "torch", "triton"]
 IGNORE = -100
@@ -36,16 +39,6 @@ def ref_lp_ent(hidden, weight, targets, bias=None, temperature=TEMP, logit_scale
     lp = logp_all.gather(-1, idx[:, None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
     return lp, ent
-
-
-def ref_gate(A, old, teacher, cfg):
-    """Tokens whose teacher term gated TRRD drops: |lp_old - lp_T| > align, or |A| < adv."""
-    gate = torch.zeros_like(A, dtype=torch.bool)
-    if cfg.teacher_align_threshold is not None:
-        gate |= (old - teacher).abs() > cfg.teacher_align_threshold
-    if cfg.teacher_adv_threshold is not None:
-        gate |= A.abs() < cfg.teacher_adv_threshold
-    return gate
 
 
 def ref_token_loss(lp, ent, A, old, cfg, teacher=None, ref=None, kd_w=None):
@@ -155,24 +148,8 @@ CASES = {
 }
 
 
-def leaves(hidden, weight, bias, dtype, device="cpu"):
-    return [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in (hidden, weight, bias)]
-
-
-def rel(actual, expected):
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert not torch.isnan(a).any()
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
-
-
-def run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer=None):
-    """The library on the leaves' device (the per-token inputs and targets follow them there)."""
-    t = dict(device=h.device, dtype=h.dtype)
-    kw = {n: tok[n].to(**t) for n in names}
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(h.device)
-    return linear_policy_loss(h, w, targets.to(h.device), tok["advantages"].to(**t), tok["old_logp"].to(**t),
-                              bias=b, temperature=TEMP, config=cfg, impl=impl, normalizer=normalizer, **kw)
+def run_lib(*args, **kw):
+    return run_policy_loss(*args, temperature=TEMP, **kw)
 
 
 # ---------------------------------------------------------------------------- 1 + 2: loss, grads, metrics
@@ -207,7 +184,7 @@ def check_against_reference(spec, impl, seed, device):
     loss_ref.backward()
 
     h, w, b = leaves(hidden, weight, bias, dtype, device)
-    out = run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer)
+    out = run_lib(impl, h, w, b, targets, tok, names, cfg, normalizer=normalizer)
     out.loss.backward()
     assert torch.isfinite(loss_ref)
     # relative to the loss, or to the sum of |terms| when they cancel (float32 sums err by eps * that)
