@@ -120,6 +120,23 @@ def ref_gate(A, old, teacher, cfg):
     return gate
 
 
+def ref_token_log_ratio(lp, A, old, teacher, cfg):
+    """The token log-ratio of the specification: GRPO, or TRRD (geometric with its clamp, straight-through
+    or not, or arithmetic), the GRPO ratio where gated TRRD drops the teacher term."""
+    if teacher is None:
+        return lp - old
+    if cfg.mixture == "geometric":
+        d = lp - teacher
+        if cfg.teacher_clamp is not None:
+            dc = d.clamp(-cfg.teacher_clamp, cfg.teacher_clamp)
+            # straight-through: the clamped value, derivative 1 (as if unclamped)
+            d = d + (dc - d).detach() if cfg.teacher_clamp_grad == "straight_through" else dc
+        log_r = cfg.alpha * (lp - old) + (1 - cfg.alpha) * d
+    else:
+        log_r = lp - torch.log(cfg.alpha * old.exp() + (1 - cfg.alpha) * teacher.exp())
+    return torch.where(ref_gate(A, old, teacher, cfg), lp - old, log_r)
+
+
 def run_policy_loss(impl, h, w, b, targets, tok, names, cfg, *, temperature, **kw):
     """``linear_policy_loss`` on the leaves' device: the per-token inputs ``names`` of ``tok`` (and
     the advantages and old log-probs) follow them there in their dtype, tensors in ``kw`` too."""

@@ -20,7 +20,7 @@ import torch
 
 from rlad_kernels import PolicyLossConfig
 
-from helpers import leaves, ref_gate, run_policy_loss
+from helpers import leaves, ref_gate, ref_token_log_ratio, run_policy_loss
 from helpers import rel_finite as rel
 
 IMPLS = ["naive", "torch", "triton"]
@@ -43,19 +43,7 @@ def ref_lp_ent(hidden, weight, targets, bias=None, temperature=TEMP, logit_scale
 
 def ref_token_loss(lp, ent, A, old, cfg, teacher=None, ref=None, kd_w=None):
     """Per-token L_t, ratio r_t and the KD / ref-KL values, straight from the specification."""
-    if teacher is None:
-        log_r = lp - old
-    elif cfg.mixture == "geometric":
-        d = lp - teacher
-        if cfg.teacher_clamp is not None:
-            dc = d.clamp(-cfg.teacher_clamp, cfg.teacher_clamp)
-            # straight-through: the clamped value, derivative 1 (as if unclamped)
-            d = d + (dc - d).detach() if cfg.teacher_clamp_grad == "straight_through" else dc
-        log_r = cfg.alpha * (lp - old) + (1 - cfg.alpha) * d
-    else:
-        log_r = lp - torch.log(cfg.alpha * old.exp() + (1 - cfg.alpha) * teacher.exp())
-    if teacher is not None:  # gated TRRD: the GRPO ratio where the teacher term is dropped
-        log_r = torch.where(ref_gate(A, old, teacher, cfg), lp - old, log_r)
+    log_r = ref_token_log_ratio(lp, A, old, teacher, cfg)
     r = torch.exp(log_r.clamp(max=20.0))
     L = torch.maximum(-A * r, -A * r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
     if cfg.dual_clip is not None:

@@ -17,7 +17,7 @@ import torch
 
 from rlad_kernels import LinearPolicyLoss, PolicyLossConfig, linear_policy_loss
 
-from helpers import leaves, ref_gate, run_policy_loss
+from helpers import leaves, ref_gate, ref_token_log_ratio, run_policy_loss
 from helpers import rel_finite as rel
 
 IMPLS = ["naive", "torch", "triton"]
@@ -38,23 +38,6 @@ def ref_lp_ent(hidden, weight, bias, targets):
     lp = logp_all.gather(-1, idx[..., None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
     return lp, ent
-
-
-def ref_token_log_ratio(lp, A, old, teacher, cfg):
-    """The token log-ratio of the specification: GRPO, or TRRD (geometric with its clamp, straight-through
-    or not, or arithmetic), the GRPO ratio where gated TRRD drops the teacher term."""
-    if teacher is None:
-        return lp - old
-    if cfg.mixture == "geometric":
-        d = lp - teacher
-        if cfg.teacher_clamp is not None:
-            dc = d.clamp(-cfg.teacher_clamp, cfg.teacher_clamp)
-            # straight-through: the clamped value, derivative 1 (as if unclamped)
-            d = d + (dc - d).detach() if cfg.teacher_clamp_grad == "straight_through" else dc
-        log_r = cfg.alpha * (lp - old) + (1 - cfg.alpha) * d
-    else:
-        log_r = lp - torch.log(cfg.alpha * old.exp() + (1 - cfg.alpha) * teacher.exp())
-    return torch.where(ref_gate(A, old, teacher, cfg), lp - old, log_r)
 
 
 def ref_loss(lp, ent, valid, tok, cfg, normalizer=None, entropy_normalizer=None):
