@@ -87,10 +87,15 @@ def plan(attention_mask: torch.Tensor, rows: torch.Tensor, budget: int) -> list[
     return out
 
 
+def token_columns(cols: slice) -> slice:
+    """The ``[B, L-1]`` per-token columns that line up with the ``[B, L]`` window ``cols``."""
+    return slice(cols.start, cols.stop - 1)
+
+
 def trim(roll: Rollout, cols: slice) -> Rollout:
     """``roll`` cut to the columns ``cols`` (a window of the ``[B, L]`` fields; the ``[B, L-1]``
-    per-token fields are cut to ``cols.start:cols.stop - 1``). Every column cut off must be
-    padding in every row (see the module's docstring)."""
+    per-token fields are cut to ``token_columns(cols)``). Every column cut off must be padding in
+    every row (see the module's docstring)."""
     s, e = cols.start, cols.stop
     cut = {}
     for f in fields(roll):
@@ -100,24 +105,29 @@ def trim(roll: Rollout, cols: slice) -> Rollout:
         if f.name in SEQ_FIELDS:
             cut[f.name] = v[:, s:e]
         elif f.name in TOKEN_FIELDS:
-            cut[f.name] = v[:, s:e - 1]
+            cut[f.name] = v[:, token_columns(cols)]
         else:  # a new per-token field must be named in SEQ_FIELDS or TOKEN_FIELDS, or it would not line up
             raise TypeError(f"Rollout.{f.name} has shape {tuple(v.shape)}: name it in rlad.batching's SEQ_FIELDS or "
                             f"TOKEN_FIELDS")
     return replace(roll, **cut)
 
 
+def parts(attention_mask: torch.Tensor, idx: torch.Tensor, *, size: int,
+          tokens: int | None) -> list[tuple[torch.Tensor, slice]]:
+    """The micro-batches of the rows ``idx``, as (row indices, window of columns): ``size`` rows
+    each in order, over all columns (``tokens`` 0 or None), or, with a token budget, ``plan``'s
+    length-sorted groups and their windows."""
+    if tokens:
+        return plan(attention_mask, idx, tokens)
+    return [(micro, slice(0, attention_mask.shape[1])) for micro in idx.split(size)]
+
+
 def micro_batches(roll: Rollout, idx: torch.Tensor, token_weights: torch.Tensor | None, *, size: int,
                   tokens: int | None) -> Iterator[tuple[Rollout, torch.Tensor | None]]:
-    """The micro-batches of the rows ``idx`` of ``roll`` and their token weights (``[B, L-1]``
-    or None): ``size`` rows each in order (``tokens`` 0 or None), or, with a token budget, the
-    length-sorted groups of ``pack`` cut to their windows (``trim``)."""
-    if not tokens:
-        for micro in idx.split(size):
-            yield roll.select(micro), (token_weights[micro] if token_weights is not None else None)
-        return
-    for micro, cols in plan(roll.attention_mask, idx, tokens):
-        tw = token_weights[micro][:, cols.start:cols.stop - 1] if token_weights is not None else None
+    """The micro-batches of the rows ``idx`` of ``roll`` (``parts``), each cut to its window
+    (``trim``), and their token weights (``[B, L-1]`` or None)."""
+    for micro, cols in parts(roll.attention_mask, idx, size=size, tokens=tokens):
+        tw = token_weights[micro][:, token_columns(cols)] if token_weights is not None else None
         yield trim(roll.select(micro), cols), tw
 
 

@@ -123,6 +123,40 @@ def _write_failure(final: Path, err: BaseException, free: int | None, previous: 
            f"--resume true"
 
 
+def _fresh(root: Path, tmp: Path) -> None:
+    """An empty temporary folder ``tmp`` for a checkpoint under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _commit(root: Path, tmp: Path, final: Path, marker: dict[str, Any]) -> None:
+    """Make the written ``tmp`` the checkpoint ``final``: the ``COMPLETE`` manifest (``marker`` plus
+    every file's size and SHA-256), synced, then the rename (a re-run of the same step replaces it)."""
+    marker = {**marker, "files": _manifest(tmp)}
+    with open(tmp / MARKER, "w") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _write_error(out_dir, final: Path, err: BaseException) -> CheckpointWriteError:
+    """The one-line error of a checkpoint that could not be written: the cause, the free space and
+    the intact previous checkpoint."""
+    root = final.parent
+    try:
+        free = shutil.disk_usage(root if root.is_dir() else Path(out_dir)).free
+    except OSError:
+        free = None
+    return CheckpointWriteError(_write_failure(final, err, free, latest_checkpoint(out_dir)))
+
+
 def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``checkpoints/step_NNNNNN`` atomically (see the module docstring), then keep the
     ``keep`` newest checkpoints up to this one. A failed write removes its temporary folder and
@@ -131,31 +165,15 @@ def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[st
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        _fresh(root, tmp)
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         torch.save(trainer_state, tmp / "trainer.pt")
-        marker = {"step": step, "files": _manifest(tmp), "config": trainer_state.get("config")}
-        with open(tmp / MARKER, "w") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _commit(root, tmp, final, {"step": step, "config": trainer_state.get("config")})
     except Exception as err:
-        try:
-            free = shutil.disk_usage(root if root.is_dir() else Path(out_dir)).free
-        except OSError:
-            free = None
+        error = _write_error(out_dir, final, err)  # the free space before the temporary folder goes
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(out_dir)
-        raise CheckpointWriteError(_write_failure(final, err, free, previous)) from err
+        raise error from err
     _prune(root, keep, step)
     return final
 
@@ -185,21 +203,11 @@ def save_sharded_checkpoint(out_dir, step: int, model, optimizer, tokenizer, tra
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{D.broadcast(os.getpid())}"  # rank 0's PID: _prune knows when it is gone
 
-    def fail(err: BaseException) -> CheckpointWriteError:
-        try:
-            free = shutil.disk_usage(root if root.is_dir() else Path(out_dir)).free
-        except OSError:
-            free = None
-        return CheckpointWriteError(_write_failure(final, err, free, latest_checkpoint(out_dir)))
-
     def begin():
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            _fresh(root, tmp)
         except Exception as err:
-            raise fail(err) from err
+            raise _write_error(out_dir, final, err) from err
 
     D.on_main(begin)
     keyed = _keyed(model)
@@ -215,44 +223,24 @@ def save_sharded_checkpoint(out_dir, step: int, model, optimizer, tokenizer, tra
     except Exception as err:  # every rank learns whether every rank succeeded
         error = f"{type(err).__name__}: {err}"
         print(f"rank {D.state().rank}: checkpoint {final}: {error}", flush=True)
-    errors = [e for e in _gather(error) if e]
+    errors = [e for e in D.all_gather(error) if e]
     if errors:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise fail(RuntimeError("; ".join(errors)))
+        raise _write_error(out_dir, final, RuntimeError("; ".join(errors)))
 
     def finish():
         try:
-            marker = {"step": step, "files": _manifest(tmp), "config": trainer_state.get("config"),
-                      "world_size": D.state().world}
-            with open(tmp / MARKER, "w") as f:
-                json.dump(marker, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
+            _commit(root, tmp, final, {"step": step, "config": trainer_state.get("config"),
+                                       "world_size": D.state().world})
         except Exception as err:
+            error = _write_error(out_dir, final, err)
             shutil.rmtree(tmp, ignore_errors=True)
-            raise fail(err) from err
+            raise error from err
         _prune(root, keep, step)
 
     D.on_main(finish)
     return final
-
-
-def _gather(obj) -> list:
-    from . import distributed as D
-
-    if not D.state().enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * D.state().world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _export(model, weights: dict[str, torch.Tensor], tokenizer, folder: Path) -> None:

@@ -60,9 +60,9 @@ def _where() -> str:
     """``rank R of W: `` in a torchrun launch (every rank prints its own errors), else nothing."""
     import os
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: "
-    return ""
+    from .distributed import launched
+
+    return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if launched() else ""
 
 
 def _eval(args) -> int:

@@ -119,31 +119,36 @@ def close() -> None:
 
 
 # ----------------------------------------------------------------------------- collectives
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over ranks (a new tensor; ``x`` itself when not distributed)."""
-    if not _STATE.enabled:
-        return x
+def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
+    """``x`` reduced over ranks with ``op`` ("SUM", "MAX"): a new tensor on ``x``'s device."""
     import torch.distributed as dist
 
     y = x.detach().clone()
     if dist.get_backend() == "nccl" and not y.is_cuda:  # nccl reduces GPU tensors only
         y = y.cuda()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM)
-        return y.to(x.device)
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
+    dist.all_reduce(y, op=getattr(dist.ReduceOp, op))
+    return y.to(x.device)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over ranks (a new tensor; ``x`` itself when not distributed)."""
+    return _all_reduce(x, "SUM") if _STATE.enabled else x
 
 
 def all_max(n: int) -> int:
     """The largest of the ranks' ``n`` (``n`` itself when not distributed)."""
+    return int(_all_reduce(torch.tensor([n]), "MAX").item()) if _STATE.enabled else n
+
+
+def all_gather(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
     if not _STATE.enabled:
-        return n
+        return [obj]
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    out = [None] * _STATE.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast(obj: Any) -> Any:
@@ -182,12 +187,6 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
-
-
-def reduce_weighted(sums: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-metric ``sum(v * w)`` and ``sum(w)`` over ranks, in one all-reduce."""
-    both = all_sum(torch.stack([sums, weights]))
-    return both[0], both[1]
 
 
 # ----------------------------------------------------------------------------- sampling seeds

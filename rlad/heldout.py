@@ -17,6 +17,7 @@ standard error.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,12 +36,16 @@ class HeldOut:
 
     task: Task                  # scores the eval responses (the training task, or eval_task)
     examples: list[Example]
-    sizes: dict[int, int]       # eval prompts per level
     dropped_from_training: int  # JSONL training rows removed because their prompt is in the eval set
 
     @property
     def keys(self) -> set[str]:
         return {prompt_key(e.prompt) for e in self.examples}
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        """Eval prompts per level, in the order the levels first appear."""
+        return dict(Counter(e.level for e in self.examples))
 
 
 def generated_eval_set(task: Task, levels: Sequence[int], per_level: int, seed: int) -> tuple[list[Example], list[str]]:
@@ -118,8 +123,8 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
         log(f"note: {note}")
     if not examples:
         raise ValueError(f"eval_task={eval_task!r}: no evaluation prompts")
-    keys = {prompt_key(e.prompt) for e in examples}
-    dropped = task.hold_out(keys)
+    held = HeldOut(scorer, examples, 0)
+    dropped = task.hold_out(held.keys)
     if dropped:
         log(f"warning: {dropped} training example(s) of {task.name!r} share a prompt with the eval set and are left "
             f"out of training")
@@ -128,7 +133,5 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
         if emptied:
             raise ValueError(f"{task.path}: every prompt of level(s) {emptied} is in the eval set, so none is left to "
                              f"train on; give an eval_task without them, or add data")
-    sizes: dict[int, int] = {}
-    for e in examples:
-        sizes[e.level] = sizes.get(e.level, 0) + 1
-    return HeldOut(scorer, examples, sizes, dropped)
+    held.dropped_from_training = dropped
+    return held

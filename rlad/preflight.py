@@ -27,7 +27,7 @@ from .heldout import HeldOut, build_held_out
 from .models import context_length, model_config
 from .rollout import check_context, prompt_lengths
 from .rundir import check_out_dir
-from .runtime import resolve_device, tokenizer_for
+from .runtime import resolve_device, tokenizer_for, tokenizer_spec
 from .tasks import Example, JsonlTask, Task, get_task
 from .tokenizer import ASSET, TOKENIZER_FILES, load_tokenizer, tokenizer_mismatch
 
@@ -62,11 +62,10 @@ def models_of(cfg: TrainConfig) -> dict[str, str]:
 
 def tokenizer_source(cfg: TrainConfig) -> str:
     """Where the run's tokenizer comes from, for messages."""
-    if cfg.tokenizer:
-        return repr(cfg.tokenizer)
-    if not cfg.student.startswith(("preset:", "config:")):
-        return f"{cfg.student!r} (the student's)"
-    return f"the built-in tokenizer ({ASSET})"
+    spec = tokenizer_spec(cfg.student, cfg.tokenizer or None)
+    if spec is None:
+        return f"the built-in tokenizer ({ASSET})"
+    return repr(spec) if cfg.tokenizer else f"{spec!r} (the student's)"
 
 
 def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
@@ -77,7 +76,7 @@ def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
     files (or a hub id whose tokenizer cannot be loaded) is assumed to share the run's, with a
     note, and only its vocabulary size is checked when it is loaded (``models.check_vocab``)."""
     source = tokenizer_source(cfg)
-    run_spec = cfg.tokenizer or (None if cfg.student.startswith(("preset:", "config:")) else cfg.student)
+    run_spec = tokenizer_spec(cfg.student, cfg.tokenizer or None)
     for role, spec in roles.items():
         if role == "student" or spec.startswith(("preset:", "config:")) or spec == run_spec:
             continue
@@ -141,7 +140,8 @@ def preflight(cfg: TrainConfig) -> Setup:
     held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
                           eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
                           reward_errors=cfg.reward_errors)
-    held.task.check_reward()
+    if held.task is not task:  # an eval_task scores the eval set with its own reward
+        held.task.check_reward()
     eval_set = held.examples
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or

@@ -265,30 +265,26 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
     window of columns (``rlad.batching``); the values are the same up to float rounding. Under
     torchrun every rank runs the same number of forwards (``batching.same_count``), as FSDP2's
     gathers need."""
-    from .batching import plan, same_count
+    from .batching import parts, same_count, token_columns
 
     def part(m, rows, cols):  # inside the FSDP2 root's forward when sharded: the lm_head weight is gathered there
         weight, bias = lm_head(m)
         if head_rows is not None:
             weight = weight[:head_rows]
             bias = bias[:head_rows] if bias is not None else None
-        s, e = cols.start, cols.stop
-        h = decoder_hidden(m, roll.input_ids[rows, s:e], roll.attention_mask[rows, s:e], roll.position_ids[rows, s:e])
-        tcols = slice(s, e - 1 if e is not None else None)  # targets [B, L-1] line up with columns s .. e-2
-        return linear_logprobs(h[:, :-1], weight, roll.targets[rows, tcols], bias=bias, temperature=temperature,
-                               impl=impl, **logit_map(m)).float(), tcols
+        h = decoder_hidden(m, roll.input_ids[rows, cols], roll.attention_mask[rows, cols],
+                           roll.position_ids[rows, cols])
+        return linear_logprobs(h[:, :-1], weight, roll.targets[rows, token_columns(cols)], bias=bias,
+                               temperature=temperature, impl=impl, **logit_map(m)).float()
 
     out = torch.zeros(roll.targets.shape, dtype=torch.float32, device=roll.targets.device)
-    if micro_batch_tokens:
-        parts = plan(roll.attention_mask, torch.arange(len(roll), device=roll.input_ids.device), micro_batch_tokens)
-    else:
-        parts = [(slice(i, i + micro_batch), slice(None)) for i in range(0, len(roll), micro_batch)]
+    rows = torch.arange(len(roll), device=roll.input_ids.device)
     was_training = model.training
     model.eval()
-    for rows, cols, real in same_count(parts):
-        lp, tcols = forward_in(model, part, rows, cols)
+    for micro, cols, real in same_count(parts(roll.attention_mask, rows, size=micro_batch, tokens=micro_batch_tokens)):
+        lp = forward_in(model, part, micro, cols)
         if real:  # a padding forward (another rank has more parts) only takes part in the gathers
-            out[rows, tcols] = lp
+            out[micro, token_columns(cols)] = lp
     model.train(was_training)
     return out
 

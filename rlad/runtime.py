@@ -38,12 +38,17 @@ def progress(quiet: bool, **kw):
     return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kw)
 
 
-def tokenizer_for(model: str, tokenizer: str | None = None):
-    """The tokenizer given, else the model's when it is a path or hub id, else the built-in one
-    (``preset:`` and ``config:`` models are built for it)."""
+def tokenizer_spec(model: str, tokenizer: str | None = None) -> str | None:
+    """Which tokenizer a run of ``model`` uses: the one given, else the model's when it is a path
+    or hub id, else None: the built-in one (``preset:`` and ``config:`` models are built for it)."""
     if tokenizer is None and not model.startswith(("preset:", "config:")):
-        tokenizer = model
-    return load_tokenizer(tokenizer)
+        return model
+    return tokenizer
+
+
+def tokenizer_for(model: str, tokenizer: str | None = None):
+    """The run's tokenizer (``tokenizer_spec``), loaded."""
+    return load_tokenizer(tokenizer_spec(model, tokenizer))
 
 
 def frozen(model):

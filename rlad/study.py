@@ -16,7 +16,7 @@ A study is a YAML file::
       grpo: {algo: grpo, lr: 3.0e-4}
       rlad-a0.25: {algo: rlad, alpha: 0.25}
 
-Every arm runs on the same budget: the budget settings (``BUDGET``: steps, prompts per step,
+Every arm runs on the same budget: the budget settings (``budget_of``: steps, prompts per step,
 responses per prompt, PPO epochs, mini-batches, response length) may not differ between arms,
 except that an sft arm draws ``prompts_per_step x group_size`` teacher solutions per step, so it
 trains on as many responses, with as many optimizer steps, as the RL arms. Each run is ``rlad
@@ -52,7 +52,6 @@ from .evaluate import metric_names
 from .report import MetricsLog, markdown_table, save_figure
 from .rundir import write_atomic
 
-BUDGET = ("steps", "prompts_per_step", "group_size", "ppo_epochs", "mini_batches", "max_new_tokens")
 STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
 DIAGNOSTICS = ("reward", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac", "teacher_clamp_hi",
@@ -285,7 +284,7 @@ def aggregate(study: Study) -> dict:
     metrics = list(dict.fromkeys(m for r in done for m in metric_names(data[r.name]["summary"]["final"])))
     finals = {}
     for r in done:
-        final = data[r.name]["summary"]["final"]
+        final = finals_of[r.name]
         row = {"arm": r.arm, "seed": r.seed, "algo": r.config.algo, "lr": r.config.lr}
         for m in metrics:
             for suffix in [""] + [f"/L{lv}" for lv in levels]:

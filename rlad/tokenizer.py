@@ -108,13 +108,13 @@ def tokenizer_mismatch(tok, other, names: tuple[str, str] = ("one", "the other")
     return None
 
 
-if __name__ == "__main__":
-    t = build_tokenizer()
-    print(f"wrote {ASSET} (vocabulary {len(t)})")
-
-
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of user texts (prompts, responses), no special tokens added: special-token text
     written in them stays text (``split_special_tokens``), so data cannot inject an EOS, a pad or
     a chat marker."""
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+if __name__ == "__main__":
+    t = build_tokenizer()
+    print(f"wrote {ASSET} (vocabulary {len(t)})")

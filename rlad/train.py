@@ -261,11 +261,10 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor, already the norm over every rank's shard
                 gnorm = gnorm.full_tensor()
-            if D.state().enabled:  # the loss over every rank (each divided by the same global normalizer)
-                total, tokens_all = D.all_sum(torch.stack([total / D.state().world,  # see micro_loss
-                                                           roll.loss_mask[mini].sum().to(total.dtype)]))
-            else:
-                tokens_all = roll.loss_mask[mini].any()
+            # the loss over every rank (each divided by the same global normalizer; see micro_loss for the world
+            # factor) and the mini-batch's loss tokens; one process: the two as they are
+            total, tokens_all = D.all_sum(torch.stack([total / D.state().world,
+                                                       roll.loss_mask[mini].sum().to(total.dtype)]))
             # the one host sync of an optimizer step: whether to skip it
             finite, has_tokens = torch.stack([torch.isfinite(total) & torch.isfinite(gnorm),
                                               tokens_all > 0]).tolist()
@@ -293,40 +292,23 @@ def host_metrics(stats: dict[str, list[tuple]]) -> dict[str, float]:
     transfer for them all. The weights say what a value is a mean over: a micro-batch's token
     metrics weigh its valid tokens (so the step's value is the mean over all of the step's
     tokens, whatever the micro-batch sizes), an optimizer step's loss and gradient norm weigh 1.
-    A metric whose weights are all 0 (every token dropped) is left out."""
+    Distributed: each metric's ``sum(v * w)`` and ``sum(w)`` are summed over ranks (one all-reduce;
+    every rank holds the same metric names, with the same micro-batch and optimizer-step counts),
+    so the values are the global batch's. A metric whose weights are all 0 (every token dropped)
+    is left out."""
     stats = {k: v for k, v in stats.items() if v}
     if not stats:
         return {}
     device = next(x.device for values in stats.values() for pair in values for x in pair if torch.is_tensor(x))
-    flat = torch.stack([x.detach().to(torch.float64) if torch.is_tensor(x)
-                        else torch.tensor(float(x), dtype=torch.float64, device=device)
-                        for values in stats.values() for pair in values for x in pair])
-    if D.state().enabled:  # sum(v * w) and sum(w) of each metric over every rank: the global batch's means
-        return reduced_metrics(stats, flat)
-    flat = flat.tolist()  # one transfer
-    out, i = {}, 0
-    for k, values in stats.items():
-        vals, weights = flat[i:i + 2 * len(values):2], flat[i + 1:i + 2 * len(values):2]
-        total = sum(weights)
-        if total > 0:  # a metric of no tokens (all dropped) is left out of the record, not NaN
-            out[k] = sum(v * w for v, w in zip(vals, weights, strict=True)) / total
-        i += 2 * len(values)
-    return out
 
+    def f64(x):
+        return x.detach().to(torch.float64) if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64,
+                                                                                    device=device)
 
-def reduced_metrics(stats: dict[str, list[tuple]], flat: torch.Tensor) -> dict[str, float]:
-    """``host_metrics`` over ranks: each metric's ``sum(v * w)`` and ``sum(w)`` all-reduced (one
-    all-reduce, one transfer), then divided. Every rank holds the same metric names (the same
-    micro-batch and optimizer-step counts), so the reduced vectors line up."""
-    sums, weights, i = [], [], 0
-    for values in stats.values():
-        pairs = flat[i:i + 2 * len(values)].view(-1, 2)
-        sums.append((pairs[:, 0] * pairs[:, 1]).sum())
-        weights.append(pairs[:, 1].sum())
-        i += 2 * len(values)
-    s, w = D.reduce_weighted(torch.stack(sums), torch.stack(weights))
-    both = torch.stack([s, w]).tolist()
-    return {k: both[0][j] / both[1][j] for j, k in enumerate(stats) if both[1][j] > 0}
+    sums = torch.stack([sum(f64(v) * f64(w) for v, w in values) for values in stats.values()])
+    weights = torch.stack([sum(f64(w) for _, w in values) for values in stats.values()])
+    s, w = D.all_sum(torch.stack([sums, weights])).tolist()  # one transfer
+    return {k: s[j] / w[j] for j, k in enumerate(stats) if w[j] > 0}
 
 
 def _perm_generator(cfg: TrainConfig, step: int, epoch: int, roll: Rollout) -> torch.Generator | None:
@@ -471,10 +453,9 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     if dist.enabled:  # FSDP2: the weights of a single-process checkpoint go in before sharding
         if start is not None and not start.sharded:
             start.load_weights(student)
-        student_root = D.shard(student, device, trainable=True)
-        teacher_root = D.shard(teacher, device, trainable=False) if teacher is not None else None
-        ref_root = D.shard(ref, device, trainable=False) if ref is not None else None
-        del student_root, teacher_root, ref_root  # the models keep them (distributed.forward_in)
+        for model, trainable in ((student, True), (teacher, False), (ref, False)):
+            if model is not None:  # the model keeps its FSDP2 root (distributed.forward_in)
+                D.shard(model, device, trainable=trainable)
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)

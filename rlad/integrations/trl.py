@@ -53,7 +53,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from rlad_kernels import PolicyLossConfig, apply_rlad_kernels
 from rlad_kernels.ops.policy_loss.config import CLAMP_GRADS, KD_ESTIMATORS, MIXTURES
 
-from ..tokenizer import tokenizer_mismatch
+from ..models import check_vocab
 
 TRL_MIN, TRL_MAX = Version("1.16"), Version("2.0")
 if not TRL_MIN <= Version(trl.__version__) < TRL_MAX:
@@ -199,10 +199,10 @@ class RLADTrainer(GRPOTrainer):
         self._vocab = student.get_output_embeddings().weight.shape[0]
         self.teacher = None
         if args.distillation != "none":
-            self.teacher = self._load_teacher(teacher_model, teacher_processing_class)
+            self.teacher = self._load_teacher(student, teacher_model, teacher_processing_class)
 
     # ------------------------------------------------------------------ the teacher
-    def _load_teacher(self, spec, teacher_processing_class):
+    def _load_teacher(self, student, spec, teacher_processing_class):
         args = self.args
         if isinstance(spec, str):
             kw = dict(args.teacher_model_init_kwargs or {})
@@ -223,15 +223,8 @@ class RLADTrainer(GRPOTrainer):
                                      "tokenizer must be checked against the student's)")
         else:
             raise TypeError(f"teacher_model must be a model id/path or a PreTrainedModel, got {type(spec).__name__}")
-        student_tok = _tokenizer_of(self.processing_class)
-        problem = tokenizer_mismatch(student_tok, _tokenizer_of(teacher_tok), names=("the student's", "the teacher's"))
-        if problem:
-            raise ValueError(f"RLADTrainer: the teacher's tokenizer differs from the student's: {problem}; the teacher "
-                             f"scores the student's token ids, so they must tokenize identically")
-        vt = teacher.get_output_embeddings().weight.shape[0]
-        if vt < self._vocab:
-            raise ValueError(f"RLADTrainer: the teacher's lm_head has {vt} rows, fewer than the student's "
-                             f"{self._vocab}; they cannot share token ids")
+        # the same ids on both sides: the heads' sizes and the tokenizers (rlad train's own check)
+        check_vocab(student, teacher, _tokenizer_of(self.processing_class), _tokenizer_of(teacher_tok))
         teacher.eval()
         teacher.requires_grad_(False)
         apply_rlad_kernels(teacher, impl=args.rlad_impl)

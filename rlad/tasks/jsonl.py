@@ -205,9 +205,7 @@ class JsonlTask(Task):
         self.timeout, self.on_error = timeout, on_error
         self.failures = 0  # responses scored 0 because the user reward failed (on_error="zero")
         self.warned = False
-        self.by_level: dict[int, list[Example]] = {}  # indexed once: a draw does not scan the file
-        for e in self.examples:
-            self.by_level.setdefault(e.level, []).append(e)
+        self.by_level = _by_level(self.examples)  # indexed once: a draw does not scan the file
         self.levels = tuple(sorted(self.by_level))
 
     def make(self, rng: random.Random, level: int) -> Example:
@@ -219,9 +217,7 @@ class JsonlTask(Task):
         keep = [e for e in self.examples if prompt_key(e.prompt) not in keys]
         dropped = len(self.examples) - len(keep)
         self.examples = keep
-        self.by_level = {}
-        for e in keep:
-            self.by_level.setdefault(e.level, []).append(e)
+        self.by_level = _by_level(keep)
         return dropped
 
     def response_budget(self, tokenizer, levels):
@@ -267,3 +263,11 @@ class JsonlTask(Task):
             self.reward(ex, f"{ANSWER_MARK} {ex.answer}")
             self.failures = 0
             self.warned = False
+
+
+def _by_level(examples: list[Example]) -> dict[int, list[Example]]:
+    """The examples of each level, in file order."""
+    out: dict[int, list[Example]] = {}
+    for e in examples:
+        out.setdefault(e.level, []).append(e)
+    return out
