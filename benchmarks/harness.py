@@ -33,7 +33,8 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 CSV_FIELDS = ["date", "commit", "device", "torch", "triton", "op", "provider", "mode", "N", "H", "V", "H_t",
-              "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "mem_inc_mib", "mem_peak_mib", "status", "note"]
+              "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "mem_inc_mib", "mem_peak_mib", "status", "note",
+              "first_s", "mem_extra_mib"]
 MODES = ("fwd", "bwd", "full")
 
 
@@ -62,6 +63,7 @@ class Provider:
     note: str = ""
     grads_in_forward: bool = False  # computes gradients inside its forward: no separate backward to time
     leaves: list[str] = field(default_factory=lambda: ["hidden", "weight"])
+    backward: bool = True  # False: the closure is the whole fwd+bwd work (the GEMM speed of light), timed as is
 
 
 def git_commit() -> str:
@@ -91,33 +93,40 @@ def env_info(device: torch.device) -> dict[str, str]:
             "device": name, "torch": torch.__version__, "triton": tv}
 
 
-def _peaked_weight(V: int, H: int, gen: torch.Generator, spread: float = 8.0) -> torch.Tensor:
-    return torch.randn(V, H, generator=gen) * (spread / math.sqrt(H))
+def _peaked_weight(V: int, H: int, gen: torch.Generator, dtype: torch.dtype, spread: float = 8.0) -> torch.Tensor:
+    w = torch.randn(V, H, generator=gen, device=gen.device)
+    return w.mul_(spread / math.sqrt(H)).to(dtype)
 
 
 @torch.no_grad()
-def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int = 1024):
+def _sample_targets(hidden: torch.Tensor, weight: torch.Tensor, gen: torch.Generator, chunk: int = 4096):
+    """One token per row sampled from softmax(hidden @ weight.T), on the inputs' device (a GPU
+    samples 32k x 152k in well under a second; the CPU takes seconds per 1k rows)."""
     out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
     for i in range(0, hidden.shape[0], chunk):
         p = torch.softmax(hidden[i:i + chunk].float() @ weight.float().T, dim=-1)
-        out[i:i + chunk] = torch.multinomial(p.cpu(), 1, generator=gen)[:, 0].to(hidden.device)
+        out[i:i + chunk] = torch.multinomial(p, 1, generator=gen)[:, 0]
+        del p
     return out
 
 
 def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    to = dict(device=device, dtype=shape.dtype)
-    hidden = torch.randn(shape.N, shape.H, generator=gen)
-    weight = _peaked_weight(shape.V, shape.H, gen)
-    inputs = {"hidden": hidden.to(**to), "weight": weight.to(**to)}
+    """Every input made on ``device`` from a generator there (no host round trip)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = shape.dtype
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device)
+
+    inputs = {"hidden": randn(shape.N, shape.H).to(dt), "weight": _peaked_weight(shape.V, shape.H, gen, dt)}
     inputs["targets"] = _sample_targets(inputs["hidden"], inputs["weight"], gen)
-    lp = torch.full((shape.N,), -1.0)
-    inputs["advantages"] = torch.randn(shape.N, generator=gen).to(device)
-    inputs["old_logp"] = (lp + 0.1 * torch.randn(shape.N, generator=gen)).to(device)
-    inputs["teacher_logp"] = (lp + torch.randn(shape.N, generator=gen)).to(device)
+    inputs["advantages"] = randn(shape.N)
+    inputs["old_logp"] = -1.0 + 0.1 * randn(shape.N)
+    inputs["teacher_logp"] = -1.0 + randn(shape.N)
     if shape.H_t:
-        inputs["teacher_hidden"] = torch.randn(shape.N, shape.H_t, generator=gen).to(**to)
-        inputs["teacher_weight"] = _peaked_weight(shape.V, shape.H_t, gen).to(**to)
+        inputs["teacher_hidden"] = randn(shape.N, shape.H_t).to(dt)
+        inputs["teacher_weight"] = _peaked_weight(shape.V, shape.H_t, gen, dt)
     return inputs
 
 
@@ -166,23 +175,33 @@ def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tenso
         closure = provider.make(inputs)
     except Unavailable as e:
         return [dict(base, mode=m, status="unavailable", note=str(e)) for m in modes]
+    grad_mib = sum(t.numel() * t.element_size() for t in leaves) / 2**20
     for mode in modes:
         row = dict(base, mode=mode)
         if mode == "bwd" and provider.grads_in_forward:
             rows.append(dict(row, status="n/a", note="gradients are computed in the forward; see fwd and full"))
             continue
+        if mode != "full" and not provider.backward:
+            rows.append(dict(row, status="n/a", note="times fwd+bwd as one piece of work; see full"))
+            continue
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-            if mode == "fwd":
+            if mode == "fwd" or not provider.backward:
                 fn = closure
             elif mode == "bwd":
                 fn = functools.partial(closure().backward, retain_graph=True)
             else:
                 fn = lambda: closure().backward()  # noqa: E731
-            fn()  # compile / warm up outside the measurement
+            t0 = time.perf_counter()
+            fn()  # compile / warm up outside the measurement; its time is first_s
             if device.type == "cuda":
+                torch.cuda.synchronize()
+            row["first_s"] = round(time.perf_counter() - t0, 3)
+            if device.type == "cuda":
+                for t in leaves:  # the measured call allocates dX and dW itself
+                    t.grad = None
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
@@ -191,6 +210,8 @@ def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tenso
                 peak = torch.cuda.max_memory_allocated()
                 row["mem_inc_mib"] = round((peak - before) / 2**20, 1)
                 row["mem_peak_mib"] = round(peak / 2**20, 1)
+                if mode == "full":  # beyond the gradients of the leaves (dX, dW), which any provider returns
+                    row["mem_extra_mib"] = round((peak - before) / 2**20 - grad_mib, 1)
             p50, p20, p80 = _quantiles(fn, device, reps, grad_to_none=leaves)
             row.update(ms_p50=round(p50, 3), ms_p20=round(p20, 3), ms_p80=round(p80, 3),
                        tflops=float(f"{flops(op, shape, mode) / (p50 * 1e-3) / 1e12:.4g}"), status="ok")
@@ -210,7 +231,18 @@ def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tenso
 
 
 def append_csv(rows: list[dict], env: dict[str, str], path: Path = RESULTS / "bench.csv") -> Path:
+    """Append rows; a file written with an older column list is rewritten with the current one first."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != CSV_FIELDS:
+            with path.open(newline="") as f:
+                old = list(csv.DictReader(f))
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

@@ -49,6 +49,40 @@ def _batched(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // T, T, *x.shape[1:])
 
 
+def _gemm_6nhv(x):
+    """The speed of light of any loss on the lm_head: its three GEMMs in the inputs' dtype, timed
+    as one piece of work (logits Z = X W^T, then dX = dZ W and dW = dZ^T X with dZ of Z's shape),
+    outputs preallocated. 6NHV FLOPs, nothing else."""
+    h, w = x["hidden"].detach(), x["weight"].detach()
+    z = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+    dx, dw = torch.empty_like(h), torch.empty_like(w)
+
+    def run():
+        torch.matmul(h, w.T, out=z)
+        torch.matmul(z, w, out=dx)
+        torch.matmul(z.T, h, out=dw)
+    return run
+
+
+GEMM = dict(name="gemm-6nhv", make=_gemm_6nhv, note="speed of light: the 3 GEMMs (X W^T, dZ W, dZ^T X), nothing else",
+            leaves=[], backward=False)
+
+
+def _cce_module():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as e:
+        raise Unavailable(f"cut-cross-entropy not installed ({e}); pip install cut-cross-entropy") from e
+    return linear_cross_entropy
+
+
+def _cce_ce(x):
+    """Cut Cross-Entropy's mean cross-entropy, fwd+bwd: one head, no policy epilogue (a floor)."""
+    _needs_cuda(x["hidden"], "Cut Cross-Entropy's kernel")
+    lce = _cce_module()
+    return lambda: lce(x["hidden"], x["weight"], x["targets"])
+
+
 # ------------------------------------------------------------------------------------ policy
 def _eager_trrd(hidden, weight, targets, adv, old, teacher):
     logits = (hidden @ weight.T).float() / TEMP
@@ -98,6 +132,8 @@ def policy_providers(seq_len: int) -> list[Provider]:
         Provider("liger-grpo", liger(False), "LigerFusedLinearGRPOLoss, GRPO", grads_in_forward=True),
         Provider("liger-trrd-noclamp", liger(True), "Liger GRPO with the TRRD anchor as old log-probs; "
                  "no teacher clamp", grads_in_forward=True),
+        Provider("cce-ce", _cce_ce, "Cut Cross-Entropy mean CE fwd+bwd: one head, no policy math (a floor)"),
+        Provider(**GEMM),
     ]
 
 
@@ -139,10 +175,7 @@ def logprob_providers(seq_len: int) -> list[Provider]:
 
     def cce(x):
         _needs_cuda(x["hidden"], "Cut Cross-Entropy's kernel")
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as e:
-            raise Unavailable(f"cut-cross-entropy not installed ({e}); pip install cut-cross-entropy") from e
+        linear_cross_entropy = _cce_module()
         g1, _ = upstream(x)
         return lambda: (-linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="none") * g1).sum()
 
@@ -159,6 +192,7 @@ def logprob_providers(seq_len: int) -> list[Provider]:
         Provider("torch.compile", eager(True), "log-prob + entropy, compiled eager"),
         Provider("cce", cce, "Cut Cross-Entropy reduction='none': log-prob only (no entropy)"),
         Provider("liger-flce", liger_flce, "Liger fused linear CE reduction='none': log-prob only (no entropy)"),
+        Provider(**GEMM),
     ]
 
 

@@ -80,6 +80,10 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank} has LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
+                               f"visible CUDA device(s): start at most that many processes per node "
+                               f"(--nproc / --nproc-per-node), or train on the CPU with --device cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -1,6 +1,9 @@
 """Bad input gets a clear error naming the argument; non-finite input never yields a finite loss;
 degenerate batches (all tokens ignored, no tokens) give 0 without NaN."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -90,13 +93,36 @@ def test_non_integer_targets(inputs):
         linear_logprobs(hidden, weight, targets > 3)
 
 
+# On CUDA the range check is a device-side assert (no host sync in the hot path): it ends the CUDA
+# context of the process it fires in, so it runs in a child process of its own there.
+_ASSERT_CHILD = """
+import sys, torch
+from rlad_kernels import linear_logprobs
+V, bad = int(sys.argv[1]), int(sys.argv[2])
+hidden = torch.randn(12, 16, device="cuda")
+weight = torch.randn(V, 16, device="cuda")
+targets = torch.zeros(12, dtype=torch.long, device="cuda")
+targets[4] = bad
+linear_logprobs(hidden, weight, targets)
+torch.cuda.synchronize()
+print("no assert")
+"""
+
+
 @pytest.mark.parametrize("bad", [V, V + 7, -1, -101])
 def test_targets_out_of_range(inputs, bad):
     hidden, weight, _, targets, _ = inputs
     t = targets.clone()
     t[4] = bad
-    with pytest.raises(ValueError, match=rf"targets has ids outside \[0, {V}\).*first bad id: {bad}"):
-        linear_logprobs(hidden, weight, t)
+    if hidden.is_cuda:
+        proc = subprocess.run([sys.executable, "-c", _ASSERT_CHILD, str(V), str(bad)], capture_output=True,
+                              text=True, timeout=300)
+        # the assert fires at the sync (its message reaches stderr only where torch prints it)
+        assert proc.returncode != 0 and "no assert" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
+        assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]
+    else:
+        with pytest.raises(ValueError, match=rf"targets has ids outside \[0, {V}\).*first bad id: {bad}"):
+            linear_logprobs(hidden, weight, t)
     # ignore_index itself is fine, whatever its value
     t[4] = -7
     t[t == -100] = -7

@@ -53,7 +53,10 @@ def _args(out: Path, steps: int = 3, *extra: str) -> list[str]:
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLAD_FAIL", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_", "TORCHELASTIC"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    # the ranks are CPU processes (gloo) on any machine: on a GPU machine they would each take a
+    # GPU (LOCAL_RANK picks it), and a one-GPU machine has no cuda:1
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               **extra)
     return env
 
 
