@@ -26,7 +26,8 @@ else ``benchmarks/results/gpu/<name>/``: summary.md, bench.csv, kernels.csv, ses
 session.log, tests.log; each carries the device, the commit and the date, and is rewritten or
 appended as results come, so a call killed at its limit keeps what it measured.
 
-The commit is read with git, else from ``RLAD_COMMIT`` (the lent machine's copy of the tree has no .git).
+The commit is ``RLAD_COMMIT`` when set, else read with git: the lent machine's copy of the tree may
+carry a .git of another commit (the first GPU session's files were stamped with it, and corrected).
 """
 
 from __future__ import annotations
@@ -83,12 +84,15 @@ def utc_now() -> _dt.datetime:
 
 
 def commit() -> str:
+    """RLAD_COMMIT when set (the device tool's copy of the tree may carry a stale .git), else git."""
+    if os.environ.get("RLAD_COMMIT", "").strip():
+        return os.environ["RLAD_COMMIT"].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
-    return out or os.environ.get("RLAD_COMMIT", "").strip() or "unknown"
+    return out or "unknown"
 
 
 def slug(text: str) -> str:
@@ -620,10 +624,12 @@ def plot(folder: Path) -> list[Path]:
         rs = [r for r in rows if r["op"] == op and r["V"] == V]
         gemm = {int(r["N"]): float(r["ms_p50"]) for r in rs if r["provider"] == GEMM}
         fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-        for prov in [p for p in PROVIDERS.get(op, []) if any(r["provider"] == p for r in rs)]:
+        for i, prov in enumerate(PROVIDERS.get(op, [])):
+            if not any(r["provider"] == prov for r in rs):
+                continue
             pts = sorted((int(r["N"]), float(r["ms_p50"]), _num(r.get("mem_inc_mib"))) for r in rs
                          if r["provider"] == prov)
-            style = dict(marker="o", label=prov, lw=2.5 if prov == OURS else 1.2)
+            style = dict(marker="o", label=prov, lw=2.5 if prov == OURS else 1.2, color=f"C{i}")
             ax[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             rat = [(n, ms / gemm[n]) for n, ms, _ in pts if n in gemm]
             if rat and prov != GEMM:

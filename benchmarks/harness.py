@@ -67,14 +67,16 @@ class Provider:
 
 
 def git_commit() -> str:
-    """The checkout's short commit; where git cannot tell (a copy of the tree without .git, as on a
-    lent GPU machine) the ``RLAD_COMMIT`` environment variable; else "unknown"."""
+    """``RLAD_COMMIT`` when set (a lent GPU machine's copy of the tree may carry a stale .git), else
+    the checkout's short commit, else "unknown"."""
+    if os.environ.get("RLAD_COMMIT", "").strip():
+        return os.environ["RLAD_COMMIT"].strip()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return commit or os.environ.get("RLAD_COMMIT", "").strip() or "unknown"
+    return commit or "unknown"
 
 
 def env_info(device: torch.device) -> dict[str, str]:

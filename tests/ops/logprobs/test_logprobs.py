@@ -123,7 +123,8 @@ def test_logprobs_normalize(impl, small_chunks, device):
     hidden, weight, _, _ = make_lm_inputs(N, H, V, ignore_frac=0.0, seed=13)
     all_targets = torch.arange(V, device=hidden.device).repeat(N, 1)
     lp = linear_logprobs(hidden[:, None, :].expand(N, V, H), weight, all_targets, impl=impl)
-    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(N, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(N, dtype=torch.float64, device=lp.device), rtol=0,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

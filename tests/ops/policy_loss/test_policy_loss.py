@@ -38,7 +38,7 @@ def branch_inputs(N=97, H=31, V=131, dtype=torch.float32, seed=0, bias=True):
     hidden, weight, b, targets = make_lm_inputs(N, H, V, dtype=dtype, bias=bias, seed=seed, ignore_frac=0.1)
     with torch.no_grad():
         lp = linear_logprobs(hidden.double(), weight.double(), targets, bias=b.double() if bias else None,
-                             temperature=0.8, impl="naive").float()
+                             temperature=0.8, impl="naive").float().cpu()  # drawn on the CPU, moved below
     g = torch.Generator().manual_seed(seed + 1)
     adv = torch.randn(N, generator=g) * 1.5
     adv[::9] = 0.0
