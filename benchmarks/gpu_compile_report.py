@@ -8,7 +8,7 @@ step records the launch instead of building it. Each distinct launch is then com
 ``cuobjdump`` that ships inside the triton wheel: registers, spill stack, shared memory, the
 tensor-core instruction the loop uses and whether its loads are pipelined.
 
-    python benchmarks/gpu_compile_report.py                  # the table -> benchmarks/results/gpu_compile.{csv,md}
+    python benchmarks/gpu_compile_report.py                  # the tables -> benchmarks/results/gpu_compile*.{csv,md}
     python benchmarks/gpu_compile_report.py --archs 80 --dtypes fp32 --no-write
 
 Variants (``--groups``):
@@ -29,7 +29,17 @@ Cache: every result is stored in ``benchmarks/results/gpu_compile.json`` under t
 itself compiles by (the kernel's source and everything it calls, the specialized signature,
 constexprs and attributes, the target, warps, stages, the triton version), so a run compiles
 only the launches whose code or configuration changed since the cache was written; the test
-suite reads it the same way (``--no-write`` leaves it untouched).
+suite reads it the same way (``--no-write`` leaves it untouched). The cache holds one full
+default run per Triton version (each result names its ``triton``; ``versions`` holds each run's
+date, commit, torch and architectures): a full default run replaces the entries of its own
+version and keeps those of the others, so running the report under each installed Triton (e.g.
+3.9 as in CI, 3.6 as on the GPU image) fills it for both. Other runs (``--calls``, ``--override``,
+fewer groups, dtypes or archs, another ``--shape``) never write the cache.
+
+Tables, one pair per Triton version in the cache: the newest version's in ``gpu_compile.csv`` /
+``gpu_compile.md``, every other version's in ``gpu_compile_triton<version>.csv`` / ``.md`` (e.g.
+``gpu_compile_triton3.6.0.md``). A full run rewrites every version's tables from the merged cache;
+any other run writes only its own results, under its version's names.
 """
 
 from __future__ import annotations
@@ -315,6 +325,7 @@ class Result:
     loads: str = ""
     problems: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    triton: str = triton.__version__  # the version that compiled it (part of ``key`` too)
 
 
 _LAUNCHES: list[Launch] = []  # read by the forked compile workers
@@ -412,32 +423,78 @@ def environment() -> dict:
                 torch=torch.__version__)
 
 
-def write_table(results: list[Result], out: Path, env: dict) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(results, key=lambda r: (r.kernel, r.arch, r.dtype, r.variant))
-    csv_path = out / "gpu_compile.csv"
+def version_order(version: str) -> tuple:
+    """Sort key of a Triton version string: its numbers, then the string (3.10.0 after 3.9.0)."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)), version
+
+
+def load_cache(path: Path) -> tuple[dict, list[dict]]:
+    """The cache file's runs (version -> environment and archs) and results, each result with its
+    ``triton`` version; a file of the older one-run layout is read as that run's version."""
+    if not path.is_file():
+        return {}, []
+    data = json.loads(path.read_text())
+    if "versions" in data:
+        return data["versions"], data["results"]
+    env = {k: data[k] for k in ("date", "commit", "triton", "torch", "archs") if k in data}
+    return {env["triton"]: env}, [dict(r, triton=r.get("triton", env["triton"])) for r in data["results"]]
+
+
+def merge_cache(versions: dict, entries: list[dict], run: dict, results: list[dict]) -> tuple[dict, list[dict]]:
+    """The cache after a full default run (``run``: its environment and archs): this run's results
+    replace every entry of its Triton version (and any entry with the same key); the entries of
+    other versions stay."""
+    keys = {r["key"] for r in results}
+    kept = [e for e in entries if e["triton"] != run["triton"] and e["key"] not in keys]
+    versions = {v: env for v, env in versions.items() if v != run["triton"]} | {run["triton"]: run}
+    versions = dict(sorted(versions.items(), key=lambda kv: version_order(kv[0])))
+    return versions, kept + results
+
+
+def table_paths(out: Path, version: str, newest: str) -> tuple[Path, Path]:
+    stem = "gpu_compile" if version == newest else f"gpu_compile_triton{version}"
+    return out / f"{stem}.csv", out / f"{stem}.md"
+
+
+def write_table(results: list[dict], env: dict, paths: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The csv and markdown tables of ``results`` (dicts of ``Result`` fields), made under ``env``."""
+    csv_path, md_path = paths
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted(results, key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["variant"]))
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(("date", "commit", "triton") + FIELDS)
-        for r in rows:
-            d = asdict(r)
+        for d in rows:
             w.writerow((env["date"], env["commit"], env["triton"])
                        + tuple("; ".join(d[k]) if k == "problems" else d[k] for k in FIELDS))
-    md_path = out / "gpu_compile.md"
-    bad = [r for r in rows if r.problems]
+    bad = [r for r in rows if r["problems"]]
     lines = [f"# Triton launches compiled for GPUs without a GPU ({env['date']}, commit {env['commit']}, "
              f"triton {env['triton']})", "",
-             "Regenerate: `python benchmarks/gpu_compile_report.py`. Spill = register spill stack in bytes; "
-             "smem = shared memory per block in bytes.", "",
+             "Regenerate: `python benchmarks/gpu_compile_report.py` under this Triton version. Spill = register "
+             "spill stack in bytes; smem = shared memory per block in bytes.", "",
              f"{len(rows)} compiles, {len(bad)} with problems.", "",
              "| kernel | sm | dtype | variant | tiles | warps | stages | regs | spill | smem | mma | loads "
              "| problems |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.variant} | {r.tiles} | {r.warps} | {r.stages} | "
-                     f"{r.regs} | {r.spill_bytes} | {r.smem} | {r.mma} | {r.loads} | {'; '.join(r.problems)} |")
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['variant']} | {r['tiles']} | {r['warps']} | "
+                     f"{r['stages']} | {r['regs']} | {r['spill_bytes']} | {r['smem']} | {r['mma']} | {r['loads']} | "
+                     f"{'; '.join(r['problems'])} |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def write_tables(versions: dict, entries: list[dict], out: Path) -> list[Path]:
+    """Every version's tables from the merged cache: the newest under the plain names."""
+    newest = max(versions, key=version_order)
+    stale = table_paths(out, newest, "")  # the newest version's numbered tables, from when it was not the newest
+    for p in stale:
+        p.unlink(missing_ok=True)
+    written = []
+    for version, env in versions.items():
+        written += write_table([e for e in entries if e["triton"] == version], env,
+                               table_paths(out, version, newest))
+    return written
 
 
 def main(argv=None) -> int:
@@ -468,8 +525,8 @@ def main(argv=None) -> int:
     override = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in
                 (kv.split("=", 1) for kv in args.override.split(",") if kv)}
     cache_path = args.out / "gpu_compile.json"
-    cache = {} if args.no_cache or not cache_path.is_file() else {
-        r["key"]: r for r in json.loads(cache_path.read_text())["results"]}
+    stored_versions, stored = load_cache(cache_path)
+    cache = {} if args.no_cache else {r["key"]: r for r in stored}
     results = []
     import rlad_kernels as rk
 
@@ -489,15 +546,22 @@ def main(argv=None) -> int:
               f"loads={r.loads:8s} {r.variant} {'; '.join(r.problems)}")
     bad = [r for r in results if r.problems]
     print(f"{len(results)} compiled; " + ("no problems" if not bad else f"{len(bad)} with problems"))
-    report = json.dumps(dict(environment(), archs=archs, results=[asdict(r) for r in results]))
+    run = dict(environment(), archs=archs)
+    rows = [asdict(r) for r in results]
     if args.json:
-        args.json.write_text(report)
+        args.json.write_text(json.dumps(dict(run, results=rows)))
+    full = (not (args.calls or override) and set(args.groups) == set(GROUPS) and set(args.dtypes) == set(DTYPES)
+            and set(archs) == set(supported_archs()) and args.shape == ap.get_default("shape"))
     if not args.no_write:
-        for p in write_table(results, args.out, environment()):
+        if not full:  # its own tables only: the cache holds full default runs
+            newest = max([*stored_versions, run["triton"]], key=version_order)
+            written = list(write_table(rows, run, table_paths(args.out, run["triton"], newest)))
+        else:
+            versions, entries = merge_cache(stored_versions, stored, run, rows)
+            cache_path.write_text(json.dumps(dict(versions=versions, results=entries)))
+            written = [cache_path, *write_tables(versions, entries, args.out)]
+        for p in written:
             print(f"wrote {p}")
-        if not (args.calls or override):  # the cache holds the full default run only
-            cache_path.write_text(report)
-            print(f"wrote {cache_path}")
     return 1 if bad else 0
 
 
