@@ -5,9 +5,11 @@ anisotropic unembeddings, plus an O(1) spread), temperatures 0.1 to 10, float32 
 inputs, both fused implementations. Each gradient (hidden and weight) is compared normwise
 with a float64 reference on the same input values; the baseline is eager autograd computing in
 float32 (``log_softmax`` of the materialized logits), whose gradients are rounded to the
-inputs' dtype like ours. The bound holds for the RMS error over three draws: one draw's error
+inputs' dtype like ours. The bound holds for the RMS error over eight draws: one draw's error
 is a handful of roundings that can cancel for one method by luck (seen: 2.35x on one draw of
-eight, about 1x on the others).
+eight, about 1x on the others), and three draws were not enough to average that out: on an AMD
+EPYC CPU the RMS over three gave 3.27x for the float32 d_weight at logits 1e3, T 0.1, and 0.73x
+over twelve; over these eight the worst ratio there is 1.51x.
 
 What this guards: the backward forms log p = (z - shift) - log_sum and z - E_p[z] = log p + H
 relative to the row's max, not from absolute values saved in the forward (10-200x worse here),
@@ -28,7 +30,7 @@ from rlad_kernels import linear_divergence, linear_logprobs
 from helpers import DEVICE, DTYPES
 
 N, H, V = 29, 32, 131
-SEEDS = (0, 1, 2)
+SEEDS = tuple(range(8))
 
 
 def extreme_inputs(seed, scale, dtype, H=H):
