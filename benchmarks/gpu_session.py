@@ -83,18 +83,6 @@ def utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def commit() -> str:
-    """RLAD_COMMIT when set (the device tool's copy of the tree may carry a stale .git), else git."""
-    if os.environ.get("RLAD_COMMIT", "").strip():
-        return os.environ["RLAD_COMMIT"].strip()
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out or "unknown"
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "device"
 
@@ -207,102 +195,44 @@ def run_child(cmd: list[str], env: dict, deadline: float, out: Out, tag: str, lo
 
 
 # ----------------------------------------------------------------------------------- the benchmark worker
-def _size(N: int, V: int, H: int, H_t: int) -> float:
-    return float(N) * V * (H + H_t)
-
-
-def estimate_s(history: list[dict], provider: str, size: float, guess: dict) -> float:
-    """Seconds one provider should take at a shape of ``size``: from the largest shape it ran, its
-    steady-state time scaled to this size for about 10 calls (the warm-up, the memory call and
-    do_bench's), plus its compile time where it compiles per shape (torch.compile); a first guess
-    when it never ran."""
-    runs = [h for h in history if h["provider"] == provider and h.get("ms")]
-    if not runs:
-        return guess.get(provider, guess["default"])
-    h = max(runs, key=lambda r: r["size"])
-    ms = h["ms"] * size / h["size"]
-    compile_s = max(h["first_s"] - h["ms"] / 1e3, 0.0) if provider == "torch.compile" else 0.0
-    return compile_s + 10 * ms / 1e3 + 0.5
-
-
 def worker(spec: dict) -> int:
-    """One benchmark step (one op; its shapes in order) in this process; rows appended to spec['csv']
-    as each provider finishes, the kernels Triton compiled dumped to spec['dump'] after each shape."""
+    """One benchmark step (one op, its shapes in order) in this process, through ``run.sweep`` with
+    the step's deadline; the providers' history is what bench.csv already holds for this op. The
+    kernels Triton compiled are dumped to spec['dump'] after each shape."""
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
     import torch
 
-    with contextlib.suppress(Exception):  # torch.compile recompiles per shape (dynamic=False): never fall back
-        import torch._dynamo
-
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    from harness import Shape, append_csv, env_info, make_inputs, run
-    from providers import PROVIDERS as MAKERS
+    import run as runmod
+    from harness import Shape, env_info
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = env_info(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
-    by_name = {p.name: p for p in MAKERS[spec["op"]](spec["seq_len"])}
-    providers = [by_name[n] for n in spec["providers"]]
-    history = list(spec.get("history", []))
-    deadline = spec["deadline"]  # wall clock (time.time()), shared with the session
-    H_t = spec["H_t"] if spec["op"] == "divergence" else 0
-    csv_path = Path(spec["csv"])
-
-    def skipped(shape, names, why):
-        rows = [dict(op=spec["op"], provider=n, mode="full", N=shape.N, H=shape.H, V=shape.V, H_t=shape.H_t or "",
-                     dtype=str(dtype).replace("torch.", ""), status="skipped", note=why) for n in names]
-        append_csv(rows, env, csv_path)
+    op, csv_path = spec["op"], Path(spec["csv"])
+    by_name = {p.name: p for p in runmod.PROVIDERS[op](spec["seq_len"])}
+    H_t = spec["H_t"] if op == "divergence" else None
+    shapes = [Shape(N=N, H=spec["H"], V=V, H_t=H_t, dtype=runmod.DTYPES[spec["dtype"]], seq_len=spec["seq_len"])
+              for V, N in spec["shapes"]]
+    history = [dict(provider=r["provider"], ms=float(r["ms_p50"]), first_s=float(r["first_s"] or 0),
+                    size=runmod.shape_size(Shape(N=int(r["N"]), H=int(r["H"]), V=int(r["V"]), H_t=int(r["H_t"] or 0))))
+               for r in read_csv(csv_path) if r["status"] == "ok" and r["op"] == op and r["mode"] == "full"]
 
     def dump():
         write_atomic(Path(spec["dump"]), json.dumps(kernel_records(), default=str))
 
+    def after_shape(shape, inputs):
+        if device.type == "cuda" and spec.get("profile") and spec["deadline"] - time.time() > 20:
+            profile(op, by_name[OURS], shape, inputs)
+        dump()
+
     try:
-        for V, N in spec["shapes"]:
-            shape = Shape(N=N, H=spec["H"], V=V, H_t=H_t or None, dtype=dtype, seq_len=spec["seq_len"])
-            size = _size(N, V, spec["H"], H_t)
-            left = deadline - time.time()
-            need = min(estimate_s(history, p.name, size, spec["guess"]) for p in providers)
-            if left < need:
-                print(f"{shape.label}: not started ({left:.0f} s left, the fastest provider needs about {need:.0f} s)",
-                      flush=True)
-                skipped(shape, [p.name for p in providers], f"not started: {left:.0f} s left, needs ~{need:.0f} s")
-                continue
-            t = time.time()
-            inputs = make_inputs(shape, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            print(f"{shape.label} {spec['dtype']}: inputs made on {device.type} in {time.time() - t:.1f} s", flush=True)
-            for p in providers:
-                est, left = estimate_s(history, p.name, size, spec["guess"]), deadline - time.time()
-                if est > left:
-                    print(f"  {p.name:<16} not started (estimated {est:.0f} s, {left:.0f} s left)", flush=True)
-                    skipped(shape, [p.name], f"not started: estimated {est:.0f} s, {left:.0f} s left")
-                    continue
-                t = time.time()
-                rows = run(spec["op"], p, shape, inputs, ["full"], device, reps=spec.get("reps", 3))
-                append_csv(rows, env, csv_path)
-                for r in rows:
-                    if r["status"] == "ok":
-                        history.append(dict(provider=p.name, size=size, ms=r["ms_p50"], first_s=r["first_s"]))
-                        mem = f"+{r['mem_inc_mib']} MiB" if "mem_inc_mib" in r else ""
-                        print(f"  {p.name:<16} {r['ms_p50']:9.2f} ms {r['tflops']:7.1f} TF/s {mem:>14} "
-                              f"(first call {r['first_s']:.1f} s; {time.time() - t:.1f} s in all)", flush=True)
-                    else:
-                        print(f"  {p.name:<16} {r['status']}: {r.get('note', '')}", flush=True)
-            if device.type == "cuda" and spec.get("profile") and deadline - time.time() > 20:
-                profile(spec["op"], by_name[OURS], shape, inputs)
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            dump()
+        runmod.sweep(op, shapes, [by_name[n] for n in spec["providers"]], device, env_info(device), modes=["full"],
+                     reps=spec.get("reps", 3), csv_path=csv_path, deadline=spec["deadline"], history=history,
+                     guess=spec["guess"], after_shape=after_shape)
     except KeyboardInterrupt:
         print("stopped at the step's time limit; the rows so far are in bench.csv", flush=True)
-        dump()
         return 130
-    dump()
+    finally:
+        dump()
     return 0
 
 
@@ -484,7 +414,10 @@ class Session:
         self.cfg = DRY if a.dry_run else GPU
         self.t0 = time.monotonic()
         self.end = self.t0 + (a.budget_s or self.cfg["budget_s"])
-        self.commit = commit()
+        sys.path.insert(0, str(HERE))
+        from harness import git_commit  # RLAD_COMMIT first: the lent machine's copy may carry a stale .git
+
+        self.commit = git_commit()
         self.env = dict(os.environ, RLAD_COMMIT=self.commit, PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH", "")]))
         if a.dry_run:
@@ -551,14 +484,10 @@ class Session:
                 self.out.log(f"{s['name']}: not started ({max(left, 0):.0f} s left)")
                 self.step(s["name"], "skipped", 0, f"{max(left, 0):.0f} s left")
                 continue
-            history = [dict(provider=r["provider"], size=_size(int(r["N"]), int(r["V"]), int(r["H"]),
-                                                               int(r["H_t"] or 0)),
-                            ms=float(r["ms_p50"]), first_s=float(r["first_s"] or 0))
-                       for r in read_csv(self.out.path("bench.csv")) if r["status"] == "ok" and r["op"] == s["op"]]
             dump = self.tmp / f"kernels_{s['name']}.json"
             spec = dict(op=s["op"], shapes=s["shapes"], H=s["H"], H_t=s["H_t"], dtype=s["dtype"],
                         seq_len=s["seq_len"], reps=self.cfg.get("reps", 3), providers=self.cfg["providers"][s["op"]],
-                        guess=self.cfg["first_guess_s"], history=history, deadline=time.time() + budget,
+                        guess=self.cfg["first_guess_s"], deadline=time.time() + budget,
                         profile=s["name"] in SHARE,
                         csv=str(self.out.path("bench.csv")), dump=str(dump))
             self.out.log(f"{s['name']}: (V, N) {s['shapes']}: {', '.join(spec['providers'])} (limit {budget:.0f} s)")

@@ -162,12 +162,24 @@ def flops(op: str, shape: Shape, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
+def fwd_bwd(provider: Provider, closure: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One forward and backward of a provider's closure (the closure alone when it is the whole work)."""
+    if not provider.backward:
+        return closure
+    return lambda: closure().backward()
+
+
+def row_base(op: str, provider: str, shape: Shape, note: str = "") -> dict:
+    """The CSV fields that name a cell: op, provider, shape, dtype."""
+    return dict(op=op, provider=provider, N=shape.N, H=shape.H, V=shape.V, H_t=shape.H_t or "",
+                dtype=str(shape.dtype).replace("torch.", ""), note=note)
+
+
 def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tensor], modes: Iterable[str],
         device: torch.device, reps: int = 5) -> list[dict]:
     """Rows for one provider at one shape; a provider that cannot run yields rows that say why."""
     rows = []
-    base = dict(op=op, provider=provider.name, N=shape.N, H=shape.H, V=shape.V, H_t=shape.H_t or "",
-                dtype=str(shape.dtype).replace("torch.", ""), note=provider.note)
+    base = row_base(op, provider.name, shape, provider.note)
     leaves = []
     for name in provider.leaves:
         t = inputs[name].detach().requires_grad_()
@@ -190,12 +202,12 @@ def run(op: str, provider: Provider, shape: Shape, inputs: dict[str, torch.Tenso
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-            if mode == "fwd" or not provider.backward:
+            if mode == "fwd":
                 fn = closure
             elif mode == "bwd":
                 fn = functools.partial(closure().backward, retain_graph=True)
             else:
-                fn = lambda: closure().backward()  # noqa: E731
+                fn = fwd_bwd(provider, closure)
             t0 = time.perf_counter()
             fn()  # compile / warm up outside the measurement; its time is first_s
             if device.type == "cuda":
@@ -259,9 +271,10 @@ def print_rows(rows: list[dict]) -> None:
     for r in rows:
         if r.get("status") == "ok":
             mem = f"{r['mem_inc_mib']:>9} MiB" if "mem_inc_mib" in r else ""
-            print(f"  {r['provider']:<22} {r['mode']:<5} {r['ms_p50']:>10.2f} ms  {r['tflops']:>7.1f} TF/s {mem}")
+            print(f"  {r['provider']:<22} {r['mode']:<5} {r['ms_p50']:>10.2f} ms  {r['tflops']:>7.1f} TF/s {mem}"
+                  f"  (first call {r['first_s']:.1f} s)", flush=True)
         else:
-            print(f"  {r['provider']:<22} {r['mode']:<5} {r['status']}: {r.get('note', '')}")
+            print(f"  {r['provider']:<22} {r['mode']:<5} {r['status']}: {r.get('note', '')}", flush=True)
 
 
 def plot(csv_path: Path = RESULTS / "bench.csv", out_dir: Path = RESULTS) -> list[Path]:

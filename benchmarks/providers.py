@@ -26,6 +26,13 @@ def _needs_cuda(x: torch.Tensor, what: str) -> None:
 
 
 def _compiled(fn):
+    """``torch.compile(fn, dynamic=False)``: it compiles again for every shape of a sweep, so the
+    recompile limit is raised (past it, torch would fall back to eager silently)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     try:
         return torch.compile(fn, dynamic=False)
     except Exception as e:  # pragma: no cover - depends on the toolchain

@@ -1,9 +1,10 @@
 """Command line shared by the per-op benchmark scripts (bench_policy_loss.py, bench_logprobs.py,
 bench_divergence.py): a sweep of shapes x providers x modes, appended to one long-format CSV.
 
-Rows are appended after each provider (a sweep killed part-way keeps what it measured), and
-``--budget-s`` starts a shape only when its estimated time (from the shapes measured so far,
-``estimate_s``) fits in what is left: ``gpu_session.py`` runs the grid this way inside a time limit.
+Rows are appended after each provider (a sweep killed part-way keeps what it measured). With a
+deadline (``--budget-s``; ``gpu_session.py`` gives each of its steps one) a provider starts at a
+shape only if ``estimate_s`` says it fits in what is left; a cell not started gets a ``skipped`` row
+that says why.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from harness import (  # noqa: E402
     make_inputs,
     plot,
     print_rows,
+    row_base,
     run,
 )
 from providers import PROVIDERS  # noqa: E402
@@ -56,11 +58,8 @@ def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--plot", action="store_true", help="render plots from the CSV afterwards")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="start a shape only if its estimated time fits in what is left of this many seconds "
-                         "(from the shapes measured so far: a fixed part plus one proportional to N*V*(H+H_t); "
-                         "the first shape's is --first-estimate-s)")
-    ap.add_argument("--first-estimate-s", type=float, default=0.0,
-                    help="estimated seconds of the first shape, for --budget-s (default 0: always started)")
+                    help="start a provider at a shape only if its estimated time fits in what is left of this many "
+                         "seconds (its compile time and its steady-state time scaled from the shapes it ran)")
     return ap
 
 
@@ -82,61 +81,80 @@ def shapes(op: str, args: argparse.Namespace) -> list[Shape]:
                   seq_len=args.seq_len) for V in args.V for N in args.N]
 
 
-def _size(shape: Shape) -> float:
+# a provider's seconds at its first shape, before anything about it is measured
+GUESS_S = {"torch.compile": 60.0, "default": 25.0}
+
+
+def shape_size(shape: Shape) -> float:
+    """The GEMM size the time of a shape scales with."""
     return float(shape.N) * shape.V * (shape.H + (shape.H_t or 0))
 
 
-def estimate_s(done: list[tuple[Shape, float]], shape: Shape, first: float) -> float:
-    """Seconds ``shape`` should take: a fixed part (compiling, e.g. torch.compile per shape) plus
-    one proportional to the GEMM size, through the last two shapes; from one shape, all of its time
-    scaled (an overestimate); from none, ``first``."""
-    if not done:
-        return first
-    (s2, t2) = done[-1]
-    if len(done) > 1:
-        (s1, t1) = done[-2]
-        if _size(s2) != _size(s1) and t2 > t1:
-            b = (t2 - t1) / (_size(s2) - _size(s1))
-            return max(t2 - b * _size(s2), 0.0) + b * _size(shape)
-    return t2 * _size(shape) / _size(s2)
+def estimate_s(history: list[dict], provider: str, size: float, guess: dict = GUESS_S) -> float:
+    """Seconds one provider should take at a shape of ``size``: from the largest shape it ran, its
+    steady-state time scaled to this size for about 10 calls (the warm-up, the memory call and
+    do_bench's), plus its compile time where it compiles per shape (torch.compile); a first guess
+    when it never ran. ``history``: dicts of provider, size, ms (median) and first_s (first call)."""
+    runs = [h for h in history if h["provider"] == provider and h.get("ms")]
+    if not runs:
+        return guess.get(provider, guess["default"])
+    h = max(runs, key=lambda r: r["size"])
+    ms = h["ms"] * size / h["size"]
+    compile_s = max(h["first_s"] - h["ms"] / 1e3, 0.0) if provider == "torch.compile" else 0.0
+    return compile_s + 10 * ms / 1e3 + 0.5
 
 
-def sweep(op: str, args: argparse.Namespace, providers: list[Provider], device: torch.device, env: dict,
-          on_provider: Callable[[Shape, Provider, list[dict]], None] | None = None) -> dict:
-    """Every provider at every shape of ``args``; rows are appended to ``args.csv`` after each
-    provider (unless ``args.no_csv``). Returns the rows, each shape's seconds, and the shapes not
-    started for ``args.budget_s``."""
-    t0 = time.perf_counter()
+def sweep(op: str, shapes: list[Shape], providers: list[Provider], device: torch.device, env: dict, *,
+          modes: list[str], reps: int, csv_path: Path | None, deadline: float | None = None,
+          history: list[dict] | None = None, guess: dict = GUESS_S,
+          after_shape: Callable[[Shape, dict], None] | None = None) -> list[dict]:
+    """Every provider at every shape, in order; rows appended to ``csv_path`` after each provider.
+    With a ``deadline`` (``time.time()`` seconds), a provider starts only if ``estimate_s`` (from
+    ``history``, extended as providers finish) fits in what is left; otherwise a ``skipped`` row.
+    ``after_shape(shape, inputs)`` runs before a shape's inputs are freed."""
+    history = [] if history is None else history
     all_rows: list[dict] = []
-    done: list[tuple[Shape, float]] = []
-    not_started: list[Shape] = []
-    cuda = device.type == "cuda"
-    for shape in shapes(op, args):
-        if args.budget_s is not None:
-            left = args.budget_s - (time.perf_counter() - t0)
-            est = estimate_s(done, shape, args.first_estimate_s)
-            if est > left:
-                print(f"budget: not starting {shape.label} (estimated {est:.0f} s, {max(left, 0):.0f} s left)",
-                      flush=True)
-                not_started.append(shape)
+
+    def record(rows):
+        print_rows(rows)
+        all_rows.extend(rows)
+        if csv_path is not None:
+            append_csv(rows, env, csv_path)
+
+    def skip(shape, names, why):
+        print(f"{shape.label}: not started: {', '.join(names)} ({why})", flush=True)
+        record([dict(row_base(op, n, shape), mode=m, status="skipped", note=f"not started: {why}")
+                for n in names for m in modes])
+
+    for shape in shapes:
+        n = shape_size(shape)
+        if deadline is not None:
+            left, need = deadline - time.time(), min(estimate_s(history, p.name, n, guess) for p in providers)
+            if need > left:
+                skip(shape, [p.name for p in providers], f"{max(left, 0):.0f} s left, the fastest needs ~{need:.0f} s")
                 continue
-        ts = time.perf_counter()
+        t = time.time()
         inputs = make_inputs(shape, device)
-        print(f"{shape.label} {args.dtype}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"{shape.label} {str(shape.dtype).replace('torch.', '')}: inputs made on {device.type} in "
+              f"{time.time() - t:.1f} s", flush=True)
         for p in providers:
-            rows = run(op, p, shape, inputs, args.modes, device, reps=args.reps)
-            print_rows(rows)
-            sys.stdout.flush()
-            all_rows += rows
-            if not args.no_csv:
-                append_csv(rows, env, args.csv)
-            if on_provider is not None:
-                on_provider(shape, p, rows)
+            if deadline is not None:
+                est, left = estimate_s(history, p.name, n, guess), deadline - time.time()
+                if est > left:
+                    skip(shape, [p.name], f"estimated {est:.0f} s, {max(left, 0):.0f} s left")
+                    continue
+            rows = run(op, p, shape, inputs, modes, device, reps=reps)
+            record(rows)
+            history += [dict(provider=p.name, size=n, ms=r["ms_p50"], first_s=r["first_s"])
+                        for r in rows if r["status"] == "ok" and r["mode"] == "full"]
+        if after_shape is not None:
+            after_shape(shape, inputs)
         del inputs
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-        done.append((shape, time.perf_counter() - ts))
-    return dict(rows=all_rows, shape_s=done, not_started=not_started)
+    return all_rows
 
 
 def main(op: str, argv=None) -> int:
@@ -147,9 +165,11 @@ def main(op: str, argv=None) -> int:
     env = env_info(device)
     providers = select_providers(op, args, ap)
     print(f"{op} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    result = sweep(op, args, providers, device, env)
+    deadline = time.time() + args.budget_s if args.budget_s is not None else None
+    rows = sweep(op, shapes(op, args), providers, device, env, modes=args.modes, reps=args.reps,
+                 csv_path=None if args.no_csv else args.csv, deadline=deadline)
     if not args.no_csv:
-        print(f"appended {len(result['rows'])} rows to {args.csv}")
+        print(f"appended {len(rows)} rows to {args.csv}")
         if args.plot:
             for p in plot(args.csv, args.csv.parent):
                 print(f"plot: {p}")

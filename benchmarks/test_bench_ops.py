@@ -10,7 +10,7 @@ output are the bench_*.py scripts.
 import pytest
 import torch
 
-from harness import Shape, Unavailable, make_inputs
+from harness import Shape, Unavailable, fwd_bwd, make_inputs
 from providers import PROVIDERS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,10 +37,12 @@ def test_fwd_bwd(benchmark, inputs, op, name):
     except Unavailable as e:
         pytest.skip(f"{name}: {e}")
 
+    call = fwd_bwd(prov, closure)
+
     def step():
         for t in leaves:
             t.grad = None
-        closure().backward()
+        call()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 

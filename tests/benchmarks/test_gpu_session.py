@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_session as gs  # noqa: E402
 
+import run as runmod  # noqa: E402
+from harness import Shape  # noqa: E402
+
 GUESS = {"torch.compile": 60.0, "default": 25.0}
 
 
@@ -31,18 +34,19 @@ def test_plan_puts_the_performance_bar_first():
 
 
 def test_estimates_scale_steady_state_time_and_add_compile_time_per_shape():
-    size = gs._size(8192, 151936, 4096, 0)
+    size = runmod.shape_size(Shape(N=8192, H=4096, V=151936))
+    assert size == 8192 * 151936 * 4096 and runmod.shape_size(Shape(N=2, H=3, V=5, H_t=7)) == 2 * 5 * 10
     hist = [dict(provider="rlad-triton", size=size, ms=40.0, first_s=12.0),
             dict(provider="torch.compile", size=size, ms=100.0, first_s=30.1)]
     # never ran: the first guess
-    assert gs.estimate_s(hist, "eager", 4 * size, GUESS) == 25.0
+    assert runmod.estimate_s(hist, "eager", 4 * size, GUESS) == 25.0
     # ours compiled once: 10 calls of the scaled time (4 x 40 ms) and a fixed half second
-    assert gs.estimate_s(hist, "rlad-triton", 4 * size, GUESS) == pytest.approx(10 * 0.160 + 0.5)
+    assert runmod.estimate_s(hist, "rlad-triton", 4 * size, GUESS) == pytest.approx(10 * 0.160 + 0.5)
     # torch.compile compiles again per shape: its first call less one steady call, plus the calls
-    assert gs.estimate_s(hist, "torch.compile", 4 * size, GUESS) == pytest.approx(30.0 + 10 * 0.4 + 0.5)
+    assert runmod.estimate_s(hist, "torch.compile", 4 * size, GUESS) == pytest.approx(30.0 + 10 * 0.4 + 0.5)
     # the largest shape measured is the one scaled from
     hist.append(dict(provider="rlad-triton", size=4 * size, ms=100.0, first_s=0.2))
-    assert gs.estimate_s(hist, "rlad-triton", 8 * size, GUESS) == pytest.approx(10 * 0.2 + 0.5)
+    assert runmod.estimate_s(hist, "rlad-triton", 8 * size, GUESS) == pytest.approx(10 * 0.2 + 0.5)
 
 
 def _row(provider, ms, **kw):
