@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,9 +41,9 @@ from typing import Any
 
 import torch
 
-_STEP = re.compile(r"^step_(\d{6,})$")
+from .rundir import STEP, UNUSABLE, staged_folder
+
 MARKER = "COMPLETE"
-UNUSABLE = "unusable"
 SHARDED = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
@@ -274,10 +273,39 @@ def load_sharded(path, model, optimizer) -> None:
     set_state_dict(keyed, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def export_checkpoint(path, out) -> Path:
+EXPORT_MARKER = "rlad-export.json"  # in a folder rlad export wrote: only such a folder is ever replaced
+
+
+def check_export_target(path, out, *, overwrite: bool = False) -> None:
+    """``rlad export`` may write ``out``: it is not the checkpoint, inside it, or a folder holding
+    it; and it is absent or empty, or (``overwrite``) an earlier export. ``CheckpointError``
+    naming ``--out`` otherwise."""
+    from .rundir import check_inputs
+
+    path, out = Path(path), Path(out)
+    check_inputs(out, {"checkpoint": str(path)}, setting="--out")
+    if path.exists() and path.resolve() in out.resolve().parents:
+        raise CheckpointError(f"--out={str(out)!r}: is inside the checkpoint {path}; rlad never writes where its "
+                              f"inputs are: choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out={str(out)!r}: is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"--out={str(out)!r}: is not empty; choose a new or empty folder, or add --overwrite "
+                              f"to replace an earlier rlad export there")
+    if not (out / EXPORT_MARKER).is_file():
+        raise CheckpointError(f"--out={str(out)!r}: is not an earlier rlad export (it has no {EXPORT_MARKER}), so "
+                              f"--overwrite may not replace it: rlad never deletes what it did not write; choose "
+                              f"another --out")
+
+
+def export_checkpoint(path, out, *, overwrite: bool = False) -> Path:
     """``rlad export``: the model of a checkpoint (sharded or not) as a ``save_pretrained`` folder
     ``out`` with its tokenizer, in one process (a sharded one is read through DCP, no process
-    group needed; the student is rebuilt from the checkpoint's config first)."""
+    group needed; the student is rebuilt from the checkpoint's config first). Written to a
+    temporary folder beside ``out`` and renamed into place, with ``rlad-export.json`` (the
+    checkpoint and its step); ``out`` must be new or empty, or an earlier export (``overwrite``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -285,22 +313,27 @@ def export_checkpoint(path, out) -> Path:
     from .runtime import tokenizer_for
 
     path, out = Path(path), Path(out)
-    verify(path)
-    if not (path / SHARDED).is_dir():  # a single-process checkpoint: its model/ is the export
-        shutil.copytree(path / "model", out, dirs_exist_ok=True)
-        return out
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    cfg = trainer.get("config") or {}
-    if not cfg.get("student"):
-        raise CheckpointError(f"{path}: trainer.pt records no config (student), so the model cannot be rebuilt")
-    tok = tokenizer_for(cfg["student"], cfg.get("tokenizer"))
-    model = load_model(cfg["student"], tok, seed=cfg.get("seed", 0), dtype=torch.float32, role="student")
-    keyed = _keyed(model)
-    state = {"model": get_model_state_dict(keyed)}
-    dcp.load(state, checkpoint_id=str(path / SHARDED))
-    set_model_state_dict(keyed, state["model"])
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    check_export_target(path, out, overwrite=overwrite)
+    info = verify(path)
+    with staged_folder(out, replace=overwrite) as tmp:
+        if not (path / SHARDED).is_dir():  # a single-process checkpoint: its model/ is the export
+            shutil.copytree(path / "model", tmp)
+        else:
+            trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+            cfg = trainer.get("config") or {}
+            if not cfg.get("student"):
+                raise CheckpointError(f"{path}: trainer.pt records no config (student), so the model cannot be "
+                                      f"rebuilt")
+            tok = tokenizer_for(cfg["student"], cfg.get("tokenizer"))
+            model = load_model(cfg["student"], tok, seed=cfg.get("seed", 0), dtype=torch.float32, role="student")
+            keyed = _keyed(model)
+            state = {"model": get_model_state_dict(keyed)}
+            dcp.load(state, checkpoint_id=str(path / SHARDED))
+            set_model_state_dict(keyed, state["model"])
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        record = {"format": 1, "checkpoint": str(path.resolve()), "step": info.get("step")}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -318,7 +351,7 @@ def load_plain_optimizer(model, optimizer, saved: dict[str, Any], names: list[st
 def _prune(root: Path, keep: int, newest: int) -> None:
     """Keep the ``keep`` newest checkpoints up to step ``newest`` (the one just written); remove
     the temporary folders of saves whose process is gone."""
-    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)))
+    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP.match(p.name)))
     older = [p for s, p in done if s <= newest]
     for p in older[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
@@ -343,7 +376,7 @@ def checkpoints(out_dir) -> list[Path]:
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name))), reverse=True)
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP.match(p.name))), reverse=True)
     return [p for _, p in found]
 
 
@@ -427,7 +460,7 @@ def read_checkpoint(path, check: bool = True) -> Checkpoint:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    info = verify(path) if check else {"step": int(_STEP.match(path.name).group(1))}
+    info = verify(path) if check else {"step": int(STEP.match(path.name).group(1))}
     try:
         if (path / SHARDED).is_dir():
             weights = None

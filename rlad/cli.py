@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -23,6 +24,11 @@ def _train(args) -> int:
     if args.nproc is not None and not launched():  # `rlad train --nproc N ...`: the same command under torchrun
         return _relaunch(args.nproc)
     cfg = config_from_args(args)
+    own = Path(cfg.out_dir, "run.yaml").resolve()  # the file rlad study writes for the run, in its folder
+    if args.config and Path(args.config).resolve() != own:  # an input: the out_dir may never be or hold it
+        from .rundir import check_inputs
+
+        check_inputs(cfg.out_dir, {"config file": args.config})
     if launched():  # torchrun: a failure is recorded for torchrun's summary (its error file), then re-raised
         from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -132,7 +138,7 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from .checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out)
+    out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (load it with transformers' AutoModelForCausalLM.from_pretrained, or rlad eval --model)")
     return 0
 
@@ -192,9 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes the student of a checkpoint (checkpoints/step_NNNNNN) as a folder that "
                        "plain transformers loads: a sharded checkpoint of a torchrun run is gathered in one process "
                        "(torch.distributed.checkpoint, no GPU or process group needed); a single-process one is "
-                       "copied. The checkpoint is verified against its COMPLETE manifest first.")
+                       "copied. The checkpoint is verified against its COMPLETE manifest first. The folder is written "
+                       "beside --out under a temporary name and renamed into place, with rlad-export.json.")
     x.add_argument("checkpoint", help="the checkpoint folder (out_dir/checkpoints/step_NNNNNN)")
-    x.add_argument("--out", required=True, help="the folder to write")
+    x.add_argument("--out", required=True, help="the folder to write: new or empty, never the checkpoint or a "
+                   "folder holding it")
+    x.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier rlad export "
+                   "(rlad-export.json); any other non-empty folder is still refused")
     x.set_defaults(func=_export)
 
     e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")

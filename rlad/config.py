@@ -51,7 +51,8 @@ def _f(default, help: str, group: str, **kw):
 @dataclass
 class TrainConfig:
     # run
-    out_dir: str = _f("runs/rlad", "output folder: metrics.jsonl, plots, summary, checkpoints", "run")
+    out_dir: str = _f("runs/rlad", "output folder: metrics.jsonl, plots, summary, checkpoints; new, empty or an "
+                                   "earlier rlad run's (rlad-run.json), and never a folder holding an input", "run")
     seed: int = _f(0, "seed of data, sampling and initialization", "run")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)", "run")
     dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
@@ -60,9 +61,9 @@ class TrainConfig:
     dist_timeout: float = _f(300.0, "torchrun: seconds a rank waits in a collective (all-reduce, barrier, ...) before "
                                     "it fails; a rank that died or hangs then ends the job instead of blocking it",
                              "run")
-    overwrite: bool = _f(False, "start over in an out_dir that holds an earlier run: delete its config.json, "
-                                "metrics, checkpoints, summary and plots first (other files are left alone); without "
-                                "it, such an out_dir is refused unless resume=true", "run")
+    overwrite: bool = _f(False, "start over in an out_dir that holds an earlier rlad run: delete the files that run "
+                                "wrote (config.json, metrics, checkpoints/step_*, summary and plots; anything else is "
+                                "left alone); without it, such an out_dir is refused unless resume=true", "run")
 
     # models
     student: str = _f("preset:tiny-student", "student: path, hub id, config:<json> or preset:<name>", "models")

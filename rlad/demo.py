@@ -34,6 +34,7 @@ from .heldout import build_held_out
 from .models import decoder_hidden, lm_head, load_model
 from .report import markdown_table
 from .rollout import from_pairs
+from .rundir import claim
 from .runtime import progress
 from .tasks import ANSWER_MARK, Example, Task, get_task
 from .tokenizer import load_tokenizer
@@ -119,7 +120,7 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_
              teacher_steps: int = 500, warmup_steps: int = 300, prose_fraction: float = 0.6) -> dict:
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "demo", setting="--out-dir")  # a new or empty folder, or an earlier demo's: never someone else's
     torch.manual_seed(seed)
     tok = load_tokenizer()
     task = get_task("arithmetic")

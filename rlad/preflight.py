@@ -115,8 +115,28 @@ def resolve_max_new_tokens(cfg: TrainConfig, task: Task, tok, levels: list[int])
     return cfg
 
 
+def inputs_of(cfg: TrainConfig) -> dict[str, str]:
+    """Every local file or folder the run reads, by setting (models, tokenizer, task files, the
+    reward's module): the out_dir may never be or hold one of them (``rundir.check_inputs``)."""
+    found = {name: getattr(cfg, name) for name in ("student", "teacher", "ref", "tokenizer")}
+    for name in ("task", "eval_task"):
+        spec = getattr(cfg, name) or ""
+        found[f"{name} file"] = spec[len("jsonl:"):] if spec.startswith("jsonl:") else None
+    if ":" in (cfg.reward or ""):  # module:function: its module's file or package (found, not imported)
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(cfg.reward.split(":")[0].split(".")[0])
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and spec.has_location:
+            origin = Path(spec.origin)
+            found["reward module"] = str(origin.parent if origin.name == "__init__.py" else origin)
+    return {name: path for name, path in found.items() if path and not str(path).startswith(("preset:", "config:"))}
+
+
 def preflight(cfg: TrainConfig) -> Setup:
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, inputs_of(cfg))
     device = resolve_device(cfg.device)
     roles = models_of(cfg)
     configs = {}

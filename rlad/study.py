@@ -50,7 +50,7 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, read_yaml, type_problem
 from .evaluate import metric_names
 from .report import MetricsLog, markdown_table, save_figure
-from .rundir import write_atomic
+from .rundir import claim, owner_problem, write_atomic
 
 STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
@@ -180,7 +180,7 @@ def run_state(run: Run) -> str:
 
 def launch(run: Run, resume: bool) -> int:
     """``rlad train`` for one run in a subprocess, its output in ``<run>/train.log``."""
-    run.out.mkdir(parents=True, exist_ok=True)
+    claim(run.out, "run", setting="study run folder")  # rlad's (the marker) before the log goes in
     spec = run.out / "run.yaml"
     import yaml
 
@@ -204,6 +204,10 @@ def run_study(study: Study, *, quiet: bool = False) -> dict:
     aggregated."""
     from .runtime import progress
 
+    claim(study.out_dir, "study", setting="study out_dir")  # new, empty or a study's: never someone else's
+    for r in study.runs:  # every run folder: new, empty or an rlad run's, before any run starts
+        if problem := owner_problem(r.out, "run"):
+            raise StudyError(f"study run folder {problem}")
     states = {r.name: run_state(r) for r in study.runs}
     todo = [r for r in study.runs if states[r.name] != "done"]
     total = sum(r.config.steps for r in study.runs)

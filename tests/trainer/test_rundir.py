@@ -46,6 +46,203 @@ def _cli_args(cfg):
     return args
 
 
+# ----------------------------------------------------------------------------- 0. what rlad did not write
+def _one_line_error(capsys, command="train"):
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlad {command}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert len(err) < 600, err  # one readable line, not a dump of every file
+    return err
+
+
+def _model_folder(path, tok):
+    """A user's transformers model folder (weights, config.json, tokenizer)."""
+    from rlad.models import load_model
+
+    load_model("preset:micro", tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("student", ["the model", "preset:micro"])
+@pytest.mark.parametrize("flag", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_model_folder_is_never_taken_as_out_dir(tiny_config, tok, tmp_path, capsys, student, flag):
+    """--out-dir M with M a model folder (--student M too, or not): refused before any work, one
+    line naming the folder, every file of M as it was, whatever --overwrite or --resume say."""
+    model = _model_folder(tmp_path / "M", tok)
+    before = _files(model)
+    cfg = tiny_config(out_dir=str(model), student=str(model) if student == "the model" else student, **flag)
+    capsys.readouterr()
+    assert main(_cli_args(cfg)) == 2
+    err = _one_line_error(capsys)
+    if student == "the model":
+        assert f"config: out_dir={str(model)!r}: is the student {model}; rlad never writes where its inputs" in err
+    else:
+        assert (f"config: out_dir={str(model)!r}: {model} is not empty and is not a folder rlad made (it has no "
+                f"rlad-run.json)") in err
+    assert _files(model) == before
+
+
+@pytest.mark.parametrize("flag", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_folder_with_a_lone_config_json_is_not_a_failed_start(tiny_config, capsys, flag):
+    """A user's folder holding only a config.json is not rlad's: refused, the file kept."""
+    cfg = tiny_config(**flag)
+    out = Path(cfg.out_dir)
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "llama"}')
+    capsys.readouterr()
+    assert main(_cli_args(cfg)) == 2
+    assert "is not a folder rlad made" in _one_line_error(capsys)
+    assert _files(out) == {"config.json": b'{"model_type": "llama"}'}
+
+
+def test_files_that_merely_have_rlads_names_are_never_deleted(tiny_config, capsys):
+    """--overwrite true in a folder rlad did not make, holding files named like a run's."""
+    cfg = tiny_config(overwrite=True)
+    out = Path(cfg.out_dir)
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "epoch=3.ckpt").write_bytes(b"weights")
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"loss": 1}\n')
+    before = _files(out)
+    capsys.readouterr()
+    assert main(_cli_args(cfg)) == 2
+    assert "is not a folder rlad made" in _one_line_error(capsys)
+    assert _files(out) == before
+
+
+def test_an_empty_out_dir_setting_is_refused(tiny_config, tmp_path, monkeypatch, capsys):
+    """--out-dir "" would be the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*_cli_args(tiny_config()), "--out-dir", ""]) == 2
+    assert ("config: out_dir='': empty; name the output folder (an empty name would be the current directory)"
+            in _one_line_error(capsys))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_out_dir_never_holds_an_input(tiny_config, tmp_path, capsys):
+    """An overwrite (or a checkpoint prune) would delete an input inside out_dir: a model from one
+    of its checkpoints, the task file, the config file. Refused, nothing touched."""
+    import yaml
+
+    cfg = tiny_config()
+    train(cfg)
+    out = Path(cfg.out_dir)
+    model = out / "checkpoints" / "step_000002" / "model"
+    data = out / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Echo 3.", "answer": "3"}) + "\n")
+    config = out / "mine.yaml"
+    config.write_text(yaml.safe_dump({"lr": 1e-3}))
+    before = _files(out)
+    cases = [({"student": str(model)}, f"holds the student {model}"),
+             ({"algo": "rlad", "teacher": str(model)}, f"holds the teacher {model}"),
+             ({"task": f"jsonl:{data}", "levels": []}, f"holds the task file {data}")]
+    for kw, expected in cases:
+        capsys.readouterr()
+        assert main(_cli_args(tiny_config(overwrite=True, **kw))) == 2, kw
+        assert f"config: out_dir={str(out)!r}: {expected}; rlad never writes where its inputs are" in \
+            _one_line_error(capsys)
+    assert main([*_cli_args(tiny_config(overwrite=True)), "--config", str(config)]) == 2
+    assert f"holds the config file {config}" in _one_line_error(capsys)
+    assert _files(out) == before
+
+
+def test_the_demo_and_a_study_refuse_a_folder_rlad_did_not_make(tmp_path, capsys):
+    import yaml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "teacher").mkdir()
+    (mine / "teacher" / "config.json").write_text("{}")
+    before = _files(mine)
+    assert main(["demo", "--out-dir", str(mine), "--quiet"]) == 2
+    assert "--out-dir " + f"{mine} is not empty and is not a folder rlad made" in _one_line_error(capsys, "demo")
+    spec = tmp_path / "study.yaml"
+    spec.write_text(yaml.safe_dump({"out_dir": str(mine), "seeds": [0], "arms": {"grpo": {"algo": "grpo"}},
+                                    "base": {"student": "preset:micro", "task": "echo", "levels": [1], "steps": 1,
+                                             "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4}}))
+    assert main(["study", str(spec), "--quiet"]) == 2
+    assert f"study out_dir {mine} is not empty and is not a folder rlad made" in _one_line_error(capsys, "study")
+    assert _files(mine) == before
+    # a study's run folder that is someone else's: refused before any run starts
+    from rlad.rundir import claim
+
+    spec.write_text(spec.read_text().replace(str(mine), str(tmp_path / "study")))
+    claim(tmp_path / "study", "study")
+    (tmp_path / "study" / "grpo" / "seed_0").mkdir(parents=True)
+    (tmp_path / "study" / "grpo" / "seed_0" / "notes.txt").write_text("mine")
+    assert main(["study", str(spec), "--quiet"]) == 2
+    assert "study run folder " in _one_line_error(capsys, "study")
+    assert sorted(p.name for p in (tmp_path / "study" / "grpo" / "seed_0").iterdir()) == ["notes.txt"]
+
+
+def test_export_never_writes_into_a_folder_it_did_not_make(tiny_config, tmp_path, capsys):
+    """rlad export refuses the run folder (it holds the checkpoint), the checkpoint itself, a
+    folder inside it and a user's non-empty folder, with one line each (no shutil.Error dump);
+    --overwrite replaces only an earlier export, through a temporary folder beside it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config()
+    train(cfg)
+    out = Path(cfg.out_dir)
+    ck = out / "checkpoints" / "step_000002"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    run_before, mine_before = _files(out), _files(mine)
+    refused = [(out, ["--overwrite"], f"--out={str(out)!r}: holds the checkpoint {ck}; rlad never writes where"),
+               (ck, [], f"--out={str(ck)!r}: is the checkpoint {ck}; rlad never writes where"),
+               (ck / "model", ["--overwrite"], f"--out={str(ck / 'model')!r}: is inside the checkpoint {ck}"),
+               (mine, [], f"--out={str(mine)!r}: is not empty; choose a new or empty folder, or add --overwrite"),
+               (mine, ["--overwrite"], f"--out={str(mine)!r}: is not an earlier rlad export (it has no "
+                                       f"rlad-export.json), so --overwrite may not replace it")]
+    for target, flags, expected in refused:
+        capsys.readouterr()
+        assert main(["export", str(ck), "--out", str(target), *flags]) == 2, target
+        assert expected in _one_line_error(capsys, "export")
+    assert _files(out) == run_before and _files(mine) == mine_before
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(ck), "--out", str(exported)]) == 0
+    assert _files(exported) == {**{f: b for f, b in _files(ck / "model").items()},
+                                "rlad-export.json": (exported / "rlad-export.json").read_bytes()}
+    assert json.loads((exported / "rlad-export.json").read_text())["step"] == 2
+    capsys.readouterr()
+    assert main(["export", str(ck), "--out", str(exported)]) == 2  # an earlier export: only with --overwrite
+    assert "is not empty" in _one_line_error(capsys, "export")
+    older = out / "checkpoints" / "step_000001"
+    assert main(["export", str(older), "--out", str(exported), "--overwrite"]) == 0
+    assert json.loads((exported / "rlad-export.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "mine", "run"]  # no temporary left beside
+    AutoModelForCausalLM.from_pretrained(exported)
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(tiny_config, tmp_path, monkeypatch, capsys):
+    """The disk fills up during an export that replaces an earlier one: the earlier export is as
+    it was and no temporary folder is left."""
+    import shutil
+
+    cfg = tiny_config()
+    train(cfg)
+    ck = Path(cfg.out_dir) / "checkpoints" / "step_000002"
+    exported = tmp_path / "exported"
+    assert main(["export", str(ck.with_name("step_000001")), "--out", str(exported)]) == 0
+    before = _files(exported)
+    real = shutil.copytree
+
+    def full(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", full)
+    capsys.readouterr()
+    assert main(["export", str(ck), "--out", str(exported), "--overwrite"]) == 2
+    assert f"No space left on device: cannot write {exported}" in _one_line_error(capsys, "export")
+    assert _files(exported) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]
+
+
 # ----------------------------------------------------------------------------- 1. an earlier run
 def test_a_new_run_in_a_used_out_dir_is_refused_and_the_old_run_kept(tiny_config):
     cfg = tiny_config()
@@ -59,24 +256,33 @@ def test_a_new_run_in_a_used_out_dir_is_refused_and_the_old_run_kept(tiny_config
 
 
 def test_overwrite_deletes_the_earlier_run_and_nothing_else(tiny_config, capsys):
+    from rlad.rundir import read_marker
+
     cfg = tiny_config(steps=3, save_every=1, keep_checkpoints=5)
     train(cfg)
+    first_id = read_marker(cfg.out_dir)["run_id"]
     notes = Path(cfg.out_dir) / "notes.txt"
     notes.write_text("mine")
+    mine = Path(cfg.out_dir) / "checkpoints" / "epoch=3.ckpt"  # the user's, in rlad's folder
+    mine.write_bytes(b"weights")
     summary = train(tiny_config(steps=2, seed=1, overwrite=True))
     assert "overwrite: deleted the earlier run's config.json, metrics.jsonl" in capsys.readouterr().out
-    assert notes.read_text() == "mine"
+    assert notes.read_text() == "mine" and mine.read_bytes() == b"weights"
     ckpts = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").iterdir())
-    assert ckpts == ["step_000001", "step_000002"]  # the new run's, none of the old run's step 3
+    assert ckpts == ["epoch=3.ckpt", "step_000001", "step_000002"]  # the new run's, none of the old run's step 3
+    assert read_marker(cfg.out_dir)["run_id"] != first_id  # a new run
     assert summary["checkpoint"].endswith("step_000002")
     assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["seed"] == 1
     assert [r["step"] for r in _records(cfg.out_dir)] == [0, 1, 2, 2]  # eval 0, steps 1-2, final eval
 
 
 def test_a_start_that_recorded_nothing_is_not_an_earlier_run(tiny_config):
-    """A failed start leaves only config.json (no metrics, no checkpoint): the next start replaces it."""
+    """A failed start leaves its marker and config.json (no metrics, no checkpoint): the next
+    start replaces it."""
+    from rlad.rundir import claim
+
     cfg = tiny_config()
-    Path(cfg.out_dir).mkdir()
+    claim(cfg.out_dir)
     (Path(cfg.out_dir) / "config.json").write_text("{}")
     (Path(cfg.out_dir) / "checkpoints").mkdir()
     train(cfg)
@@ -136,9 +342,11 @@ def test_steps_may_not_end_before_the_checkpoint(tiny_config):
 def test_resume_without_a_checkpoint_checks_the_settings_too(tiny_config):
     """A run that died before its first checkpoint left config.json and metrics: --resume restarts
     it from step 0 when its settings are the same, and refuses different ones."""
+    from rlad.rundir import claim
+
     cfg = tiny_config(save_every=0)
     out = Path(cfg.out_dir)
-    out.mkdir()
+    claim(out)
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
     (out / "metrics.jsonl").write_text('{"step": 0, "eval": true}\n')
     with pytest.raises(ValueError, match=r"settings differ from those .*config.json was written with.*seed: 0 -> 5"):

@@ -330,7 +330,9 @@ def _out_dir_is_a_file(tmp_path):
 
 
 def _file_at(tmp_path, name):
-    (tmp_path / "run").mkdir(exist_ok=True)
+    from rlad.rundir import claim
+
+    claim(tmp_path / "run")  # a run folder of rlad's, where something took the name of a run file
     (tmp_path / "run" / name).write_text("mine")
     return {}
 
