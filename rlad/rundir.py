@@ -44,6 +44,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "summary.md", "curv
 STEP = re.compile(r"^step_(\d{6,})$")  # a checkpoint's folder in checkpoints/
 _CHECKPOINT = re.compile(r"^step_\d{6,}(\.\d+)?$")  # also a set-aside one (step_000003.2)
 UNUSABLE = "unusable"  # checkpoints/unusable/: damaged checkpoints set aside (rlad/checkpoint.py)
+STUDY_FILES = ("run.yaml", "train.log")  # what rlad study writes in a run's folder beside the run's files
 _LEGACY_TEMPS = ("metrics.tmp",)  # written by MetricsLog.rewind before it truncated in place
 
 
@@ -234,6 +235,8 @@ def owner_problem(out_dir, kind: str) -> str | None:
     if _vacant(out):
         return None
     info = read_marker(out)
+    if info is None and kind == "run" and _unmarked_run(out):
+        return None
     if info is None:
         return (f"{out} is not empty and is not a folder rlad made (it has no {MARKER}); rlad writes only into a new "
                 f"or empty folder or one of its own, and never deletes what it did not write: choose another folder")
@@ -251,9 +254,27 @@ def claim(out_dir, kind: str = "run", *, setting: str = "out_dir") -> dict:
         raise RunDirError(f"{setting} {problem}")
     info = read_marker(out)
     if info is None:
+        adopted = not _vacant(out)  # a run of an rlad from before the marker (owner_problem allowed it)
         out.mkdir(parents=True, exist_ok=True)
         info = _write_marker(out, kind)
+        if adopted:
+            print(f"{setting} {out}: a run written before rlad marked its folders; marked it as rlad's "
+                  f"({MARKER})", flush=True)
     return info
+
+
+def _unmarked_run(out: Path) -> bool:
+    """A run folder of an rlad from before the marker: its ``config.json`` holds rlad's settings
+    with this very folder as ``out_dir``, and nothing in it has a name rlad does not write there.
+    No one else's folder has that config.json: a model's config.json names no out_dir."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        same = isinstance(saved, dict) and {"algo", "student", "steps", "seed"} <= saved.keys() and \
+            Path(saved["out_dir"]).resolve() == out.resolve()
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    known = {*RUN_FILES, LOCK, *STUDY_FILES, *_LEGACY_TEMPS}
+    return same and all(p.name in known or p.name.startswith(".") and ".tmp-" in p.name for p in out.iterdir())
 
 
 def _write_marker(out: Path, kind: str) -> dict:

@@ -177,6 +177,26 @@ def test_the_demo_and_a_study_refuse_a_folder_rlad_did_not_make(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "study" / "grpo" / "seed_0").iterdir()) == ["notes.txt"]
 
 
+def test_a_run_from_before_the_marker_resumes(tiny_config, capsys):
+    """A run folder written before rlad marked its folders (its config.json names this folder as
+    out_dir; nothing foreign in it) is still rlad's: it resumes and gets its marker. One more file
+    of someone else's in it, and it is refused."""
+    cfg = tiny_config(steps=2)
+    train(cfg)
+    out = Path(cfg.out_dir)
+    (out / "rlad-run.json").unlink()
+    capsys.readouterr()
+    train(tiny_config(steps=3, resume=True))
+    assert "a run written before rlad marked its folders; marked it as rlad's (rlad-run.json)" in \
+        capsys.readouterr().out
+    assert (out / "rlad-run.json").is_file()
+    assert [r["step"] for r in _records(out) if not r.get("eval")] == [1, 2, 3]
+    (out / "rlad-run.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a folder rlad made"):
+        train(tiny_config(steps=4, resume=True))
+
+
 def test_export_never_writes_into_a_folder_it_did_not_make(tiny_config, tmp_path, capsys):
     """rlad export refuses the run folder (it holds the checkpoint), the checkpoint itself, a
     folder inside it and a user's non-empty folder, with one line each (no shutil.Error dump);
