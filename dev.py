@@ -7,8 +7,9 @@
 
 Setup, done once and skipped when nothing changed (safe to re-run, or to interrupt and re-run):
 a virtual environment in ``.venv`` (``RLAD_VENV`` overrides), the CPU build of torch first (an
-unpinned ``torch`` would pull the CUDA wheels), then this project in editable mode: plain for the
-demo, with the ``dev`` and ``trl`` extras for the tests and the linter. Extra arguments go to
+unpinned ``torch`` would pull the CUDA wheels), then this project in editable mode: with its
+``train`` extra (the trainer's dependencies) for the demo, with the ``dev`` and ``trl`` extras too
+for the tests, with ``dev`` for the linter. Extra arguments go to
 the job (``python3 dev.py test -k trl``, ``python3 dev.py demo --seed 1``). The exit status is
 the job's (pytest's 5, "no tests collected", included).
 
@@ -36,7 +37,7 @@ if not VENV.is_absolute():
 TORCH = os.environ.get("RLAD_TORCH", "torch==2.13.0")
 TORCH_INDEX = os.environ.get("RLAD_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
 STAMP = VENV / ".rlad-setup.json"
-EXTRAS = {"demo": "", "test": "dev,trl", "lint": "dev"}
+EXTRAS = {"demo": "train", "test": "train,dev,trl", "lint": "dev"}
 
 
 def say(msg: str) -> None:

@@ -233,8 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+TRAINER_DEPENDENCIES = {"transformers": "transformers", "tokenizers": "tokenizers", "yaml": "pyyaml", "tqdm": "tqdm",
+                        "matplotlib": "matplotlib"}
+
+
+def missing_dependencies() -> list[str]:
+    """The trainer's dependencies that are not installed (``pip install rlad`` is the fused ops alone)."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # a finder that refuses it: as good as absent
+            return True
+
+    return [dist for module, dist in TRAINER_DEPENDENCIES.items() if absent(module)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if missing := missing_dependencies():
+        print(f"rlad {args.command}: error: the trainer needs {', '.join(missing)}, which are not installed; "
+              f"install them with: pip install \"rlad[train]\" (pip install -e \".[train]\" in a checkout)",
+              file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars and log lines describe the run

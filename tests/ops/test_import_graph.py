@@ -11,6 +11,7 @@ Run this file as a script to print the module-level import graph:
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,3 +126,46 @@ if __name__ == "__main__":
     bad = violations(g)
     print("\nlayering:", "ok" if not bad else "\n  " + "\n  ".join(bad))
     sys.exit(1 if bad else 0)
+
+
+TRAINER_ONLY = ("transformers", "tokenizers", "yaml", "tqdm", "matplotlib", "trl", "safetensors", "huggingface_hub")
+KERNELS_ALONE = f"""
+import importlib.abc, os, sys
+
+class TrainerDependency(importlib.abc.MetaPathFinder):  # as if installed without the train extra
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TRAINER_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, TrainerDependency())
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
+
+h, w, t = torch.randn(6, 16), torch.randn(40, 16), torch.randint(0, 40, (6,))
+for impl in ("torch", "triton"):
+    linear_logprobs(h, w, t, impl=impl)
+    linear_divergence(h, w, h, w, impl=impl)
+    linear_policy_loss(h, w, t, torch.randn(6), torch.randn(6), impl=impl)
+print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {TRAINER_ONLY!r}))
+"""
+
+
+def test_the_kernels_need_only_torch_and_triton():
+    """``pip install rlad`` (no ``train`` extra) gives torch, Triton and numpy: every op, on both
+    paths, imports and runs with the trainer's dependencies absent (.ci/run also installs the
+    package alone in a fresh environment)."""
+    proc = subprocess.run([sys.executable, "-c", KERNELS_ALONE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok []"
+
+
+def test_the_rlad_command_without_the_train_extra_says_what_to_install():
+    blocker = KERNELS_ALONE.split("import torch")[0]
+    code = blocker + "from rlad.cli import main\nsys.exit(main(['train']))\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == ("rlad train: error: the trainer needs transformers, tokenizers, pyyaml, tqdm, matplotlib, "
+                           "which are not installed; install them with: pip install \"rlad[train]\" (pip install -e "
+                           "\".[train]\" in a checkout)\n")
