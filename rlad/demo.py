@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from rlad_kernels import linear_logprobs
+from rlad_kernels import LMHead, linear_logprobs
 
 from .config import TrainConfig
 from .evaluate import evaluate, with_se
 from .heldout import build_held_out
-from .models import decoder_hidden, lm_head, load_model
+from .models import decoder_hidden, load_model
 from .report import markdown_table
 from .rollout import from_pairs
 from .rundir import claim
@@ -78,8 +78,7 @@ def sft_on_solutions(model, tok, task: Task, levels: Sequence[int], *, steps: in
         exs = task.sample(rng, batch, levels)
         roll = from_pairs(tok, exs, [e.solution for e in exs], None, template=TEMPLATE, device=device)
         h = decoder_hidden(model, roll.input_ids, roll.attention_mask, roll.position_ids)[:, :-1]
-        w, b = lm_head(model)
-        lp = linear_logprobs(h, w, roll.targets, bias=b)
+        lp = linear_logprobs(h, LMHead.of(model), roll.targets)
         loss = -lp.sum() / roll.response_mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rlad_kernels.integrations.transformers import decoder_hidden, logit_map  # noqa: F401  (re-exported)
+from rlad_kernels import LMHead
+from rlad_kernels.integrations.transformers import decoder_hidden  # noqa: F401  (re-exported)
 
 # Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
 PRESETS = {
@@ -107,20 +108,13 @@ def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None 
     return model.to(device)
 
 
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head); rlad needs a causal LM")
-    return head.weight, getattr(head, "bias", None)
-
-
 def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: str = "teacher") -> None:
     """Student and teacher must score the same token ids. A teacher with a padded (larger) lm_head
     is fine; a smaller one, or a different tokenizer (``teacher_tokenizer``, when given), is
     refused. ``rlad.preflight.check_tokenizers`` compares the tokenizers before any model is
     loaded; this is the check of the loaded heads."""
-    vs = lm_head(student)[0].shape[0]
-    vt = lm_head(teacher)[0].shape[0]
+    vs = LMHead.of(student).weight.shape[0]
+    vt = LMHead.of(teacher).weight.shape[0]
     n = len(tokenizer)
     if vs < n:
         raise ValueError(f"the student's lm_head has {vs} rows but the tokenizer has {n} tokens")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from rlad_kernels import linear_logprobs
+from rlad_kernels import LMHead, linear_logprobs
 
 from .distributed import forward_in, generate_in, is_sharded
-from .models import context_length, decoder_hidden, lm_head, logit_map
+from .models import context_length, decoder_hidden
 from .tasks import Example, Task
 from .tokenizer import encode_texts
 
@@ -268,14 +268,14 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
     from .batching import parts, same_count, token_columns
 
     def part(m, rows, cols):  # inside the FSDP2 root's forward when sharded: the lm_head weight is gathered there
-        weight, bias = lm_head(m)
+        head = LMHead.of(m)
         if head_rows is not None:
-            weight = weight[:head_rows]
-            bias = bias[:head_rows] if bias is not None else None
+            head = LMHead(head.weight[:head_rows], head.bias[:head_rows] if head.bias is not None else None,
+                          head.logit_scale, head.softcap)
         h = decoder_hidden(m, roll.input_ids[rows, cols], roll.attention_mask[rows, cols],
                            roll.position_ids[rows, cols])
-        return linear_logprobs(h[:, :-1], weight, roll.targets[rows, token_columns(cols)], bias=bias,
-                               temperature=temperature, impl=impl, **logit_map(m)).float()
+        return linear_logprobs(h[:, :-1], head, roll.targets[rows, token_columns(cols)], temperature=temperature,
+                               impl=impl).float()
 
     out = torch.zeros(roll.targets.shape, dtype=torch.float32, device=roll.targets.device)
     rows = torch.arange(len(roll), device=roll.input_ids.device)

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from rlad_kernels import linear_divergence, linear_logprobs, linear_policy_loss
+from rlad_kernels import LMHead, TokenInputs, linear_divergence, linear_logprobs, linear_policy_loss
 
 from . import distributed as D
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
@@ -74,7 +74,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .evaluate import eval_key_order, evaluate
-from .models import check_vocab, decoder_hidden, lm_head, load_model, logit_map
+from .models import check_vocab, decoder_hidden, load_model
 from .preflight import Setup, preflight
 from .report import MetricsLog, log_line, markdown_table, plot
 from .rollout import Rollout, from_pairs, generate, group_advantages, score
@@ -113,7 +113,7 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
     if alg.scores_old:
         roll.old_logp = score(student, roll, **kw)
     if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
-        roll.teacher_logp = score(teacher, roll, head_rows=lm_head(student)[0].shape[0], **kw)
+        roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
     if ref is not None:
         roll.ref_logp = score(ref, roll, **kw)
     if alg.advantages == GROUP:
@@ -173,9 +173,7 @@ def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, toke
 def _micro_loss(student, cfg: TrainConfig, teacher, mb: Rollout, normalizer, token_weights, step: int):
     alg = cfg.algorithm
     h = decoder_hidden(student, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-    weight, bias = lm_head(student)
-    student_map = logit_map(student)  # its logit_scale and final-logit soft cap, if it has them
-    teacher_map = logit_map(teacher) if teacher is not None else None
+    head = LMHead.of(student)  # its weight, bias, logit scale and final-logit soft cap
     targets = mb.loss_targets  # the response tokens of the rows kept in the loss (drop_truncated)
     tokens = mb.loss_mask.sum().clamp_min(1)
 
@@ -183,36 +181,30 @@ def _micro_loss(student, cfg: TrainConfig, teacher, mb: Rollout, normalizer, tok
         def run(t):  # a sharded teacher's root stays gathered after its forward (distributed.shard)
             with torch.no_grad():
                 ht = decoder_hidden(t, mb.input_ids, mb.attention_mask, mb.position_ids)[:, :-1]
-            wt, bt = lm_head(t)
-            return ht.detach(), wt.detach(), (bt.detach() if bt is not None else None)
+            return ht.detach(), LMHead.of(t).detach()
         return D.forward_in(teacher, run)
 
     if alg.loss == NLL:
-        lp = linear_logprobs(h, weight, targets, bias=bias, **student_map)
+        lp = linear_logprobs(h, head, targets)
         w = token_weights if token_weights is not None else 1.0
         loss = -(lp * w).sum() / normalizer
         return loss, {"nll": loss.detach() * normalizer / tokens}
     if alg.loss == DIVERGENCE:  # beta is JSD's (the other kinds ignore it)
-        ht, wt, bt = teacher_hidden()
-        loss = linear_divergence(h, weight, ht, wt, kind=alg.divergence, beta=cfg.opd_beta,
-                                 temperature=cfg.temperature, student_bias=bias, teacher_bias=bt,
-                                 student_softcap=student_map["softcap"], teacher_softcap=teacher_map["softcap"],
-                                 student_logit_scale=student_map["logit_scale"],
-                                 teacher_logit_scale=teacher_map["logit_scale"],
-                                 mask=mb.loss_mask, token_weights=token_weights, normalizer=normalizer,
-                                 reduction="mean")
+        ht, teacher_head = teacher_hidden()
+        loss = linear_divergence(h, head, ht, teacher_head, kind=alg.divergence, beta=cfg.opd_beta,
+                                 temperature=cfg.temperature, mask=mb.loss_mask, token_weights=token_weights,
+                                 normalizer=normalizer, reduction="mean")
         return loss, {"divergence": loss.detach() * normalizer / tokens}
     assert alg.loss == POLICY, alg
     pcfg = cfg.policy_config(step)
     kw = {}
     if pcfg.kd_estimator == "full":  # the exact reverse KL needs the teacher's hidden states and head
-        kw.update(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher_hidden(), strict=True))
-        kw.update(teacher_softcap=teacher_map["softcap"], teacher_logit_scale=teacher_map["logit_scale"])
-    out = linear_policy_loss(h, weight, targets, mb.token_advantage(), mb.old_logp,
-                             teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None,
-                             ref_logp=mb.ref_logp, token_weights=token_weights, kd_weights=mb.kd_weights,
-                             normalizer=normalizer, bias=bias, temperature=cfg.temperature, config=pcfg, **student_map,
-                             **kw)
+        kw.update(zip(("teacher_hidden", "teacher_head"), teacher_hidden(), strict=True))
+    inputs = TokenInputs(advantages=mb.token_advantage(), old_logp=mb.old_logp,
+                         teacher_logp=mb.teacher_logp if alg.teacher_in_policy_loss else None, ref_logp=mb.ref_logp,
+                         token_weights=token_weights, kd_weights=mb.kd_weights)
+    out = linear_policy_loss(h, head, targets, inputs, normalizer=normalizer, temperature=cfg.temperature,
+                             config=pcfg, **kw)
     return out.loss, {k: v.detach() for k, v in out.metrics.items()}
 
 

@@ -5,16 +5,20 @@ hidden states and the lm_head weight without materializing the ``[tokens x vocab
 """
 
 from .integrations.transformers import apply_rlad_kernels, remove_rlad_kernels
-from .modules import LinearLogprobs, LinearPolicyLoss
+from .losses import PolicyLossOutput, linear_policy_loss
+from .modules import LinearDivergence, LinearLogprobs, LinearPolicyLoss
+from .ops.common.head import LMHead
 from .ops.common.launch import TritonConfig, triton_config
 from .ops.divergence.api import linear_divergence
 from .ops.logprobs.api import linear_logprobs
-from .ops.policy_loss.api import PolicyLossOutput, linear_policy_loss
 from .ops.policy_loss.config import PolicyLossConfig
+from .ops.policy_loss.math import TokenInputs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LMHead",
+    "TokenInputs",
     "linear_logprobs",
     "linear_policy_loss",
     "linear_divergence",
@@ -22,6 +26,7 @@ __all__ = [
     "PolicyLossOutput",
     "LinearLogprobs",
     "LinearPolicyLoss",
+    "LinearDivergence",
     "apply_rlad_kernels",
     "remove_rlad_kernels",
     "TritonConfig",

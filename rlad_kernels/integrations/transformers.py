@@ -34,21 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses import linear_policy_loss
+from ..ops.common.head import LMHead
 from ..ops.logprobs.api import linear_logprobs
-from ..ops.policy_loss.api import linear_policy_loss
+from ..ops.policy_loss.math import TokenInputs
 
 _STATE = "_rlad_kernels_patch"  # instance attribute holding what remove_rlad_kernels restores
 
 
 def logit_map(model) -> dict:
-    """How the model turns its lm_head output into logits, as keyword arguments of the fused ops:
-    ``logit_scale`` (Cohere's ``config.logit_scale`` multiplies, Granite's ``logits_scaling``
-    divides) and ``softcap`` (Gemma 2/3's ``final_logit_softcapping``). Plain models give
+    """How the model turns its lm_head output into logits: ``logit_scale`` (Cohere's
+    ``config.logit_scale`` multiplies, Granite's ``logits_scaling`` divides) and ``softcap`` (Gemma
+    2/3's ``final_logit_softcapping``), as :meth:`LMHead.of` reads them. Plain models give
     ``{"logit_scale": 1.0, "softcap": None}``."""
-    cfg = model.config
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    return {"logit_scale": scale, "softcap": float(cap) if cap else None}
+    head = LMHead.of(model)
+    return {"logit_scale": head.logit_scale, "softcap": head.softcap}
 
 
 def decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
@@ -112,9 +112,10 @@ def apply_rlad_kernels(model, *, impl: str | None = None):
     * ``vocab_size=V``: normalize over the first V rows of the lm_head only (a teacher whose head is
       padded beyond the student's vocabulary, scoring the student's tokens).
     * ``policy_loss=dict(...)``: keyword arguments of :func:`rlad_kernels.linear_policy_loss`
-      (``advantages``, ``old_logp``, ``teacher_logp``, ``ref_logp``, ``token_weights``,
-      ``kd_weights``, ``normalizer``, ``config``, ...), every per-token tensor shaped like the
-      output log-probs. The output's ``loss`` is then the policy loss, ``metrics`` its metrics, and
+      (``inputs=TokenInputs(...)``, ``teacher_hidden``, ``teacher_head``, ``normalizer``, ``config``,
+      ...), every per-token tensor shaped like the output log-probs; the per-token inputs may also
+      be given as keys of their own (``advantages``, ``old_logp``, ``teacher_logp``, ``ref_logp``,
+      ``token_weights``, ``kd_weights``). The output's ``loss`` is then the policy loss, ``metrics`` its metrics, and
       ``logprobs`` / ``entropy`` the detached per-token values the loss op computed.
 
     Other keyword arguments go to the decoder (``use_cache`` defaults to False); ``labels`` and
@@ -195,32 +196,36 @@ def _logprobs_forward(model, impl, args, kwargs, labels, *, temperature: float, 
     if policy_loss is not None and not isinstance(policy_loss, dict):
         raise TypeError(f"{name} (rlad_kernels patch): policy_loss must be a dict of linear_policy_loss keyword "
                         f"arguments, got {type(policy_loss).__name__}")
-    head = model.get_output_embeddings()  # apply_rlad_kernels checked the model (_head)
-    weight, bias = head.weight, getattr(head, "bias", None)
+    head = LMHead.of(model)  # apply_rlad_kernels checked the model (_head)
     V = vocab_size
     if V is not None:
-        if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= weight.shape[0]:
-            raise ValueError(f"{name} (rlad_kernels patch): vocab_size must be an int in [1, {weight.shape[0]}] (rows "
+        rows = head.weight.shape[0]
+        if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V <= rows:
+            raise ValueError(f"{name} (rlad_kernels patch): vocab_size must be an int in [1, {rows}] (rows "
                              f"of its lm_head), got {V!r}")
-        weight, bias = weight[:V], (bias[:V] if bias is not None else None)
+        head = LMHead(head.weight[:V], head.bias[:V] if head.bias is not None else None, head.logit_scale,
+                      head.softcap)
     attention_mask = kwargs.pop("attention_mask", None)
     position_ids = kwargs.pop("position_ids", None)
     hidden = decoder_hidden(model, input_ids, attention_mask, position_ids, **kwargs)[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
     if K is not None:
         hidden, targets = hidden[:, -K:], targets[:, -K:]
-    common = dict(bias=bias, temperature=temperature, impl=impl, **logit_map(model))
     if policy_loss is not None:
-        refused = {"hidden", "weight", "targets", "bias", "temperature", "impl", "logit_scale", "softcap"}
+        refused = {"hidden", "head", "weight", "targets", "bias", "temperature", "impl", "logit_scale", "softcap"}
         clash = sorted(refused & policy_loss.keys())
         if clash:
             raise ValueError(f"{name} (rlad_kernels patch): policy_loss must not set {', '.join(clash)}; the patch "
                              f"takes them from the model and the forward's own arguments")
         pl = dict(policy_loss)
-        out = linear_policy_loss(hidden, weight, targets, pl.pop("advantages", None), pl.pop("old_logp", None),
-                                 **common, **pl)
+        per_token = {k: pl.pop(k) for k in TokenInputs._fields if k in pl}
+        if per_token and "inputs" in pl:
+            raise ValueError(f"{name} (rlad_kernels patch): policy_loss has inputs= and {', '.join(per_token)}; give "
+                             f"the per-token inputs one way")
+        inputs = pl.pop("inputs", None) or TokenInputs(**{"advantages": None, "old_logp": None, **per_token})
+        out = linear_policy_loss(hidden, head, targets, inputs, temperature=temperature, impl=impl, **pl)
         ent = out.entropy if return_entropy else None
         return _output_class()(loss=out.loss, logits=None, logprobs=out.logp, entropy=ent, metrics=out.metrics)
-    out = linear_logprobs(hidden, weight, targets, return_entropy=return_entropy, **common)
+    out = linear_logprobs(hidden, head, targets, return_entropy=return_entropy, temperature=temperature, impl=impl)
     logp, ent = out if return_entropy else (out, None)
     return _output_class()(logits=None, logprobs=logp, entropy=ent)

@@ -8,6 +8,7 @@ import torch
 
 from ...utils.dispatch import resolve_impl
 from ...utils.validation import check_float_param, check_linear_inputs, check_targets
+from .head import LMHead
 from .numerics import LogitMap
 
 
@@ -41,26 +42,30 @@ class LinearInputs:
     softcap: float | None = None
 
 
-def prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl,
-                   softcap=None) -> LinearInputs:
-    """Validate ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]``, ``bias [V]`` and the
-    logit mapping, resolve ``impl``, apply autocast and flatten."""
-    check_linear_inputs(hidden, weight, bias)
+def prepare_linear(hidden, head: LMHead, targets, temperature, ignore_index, impl, *,
+                   names: tuple[str, str] = ("hidden", "")) -> LinearInputs:
+    """Validate ``hidden [..., H]``, the head (``weight [V, H]``, ``bias [V]``, its logit map),
+    ``targets [...]`` and the temperature, resolve ``impl``, apply autocast and flatten. ``names``:
+    how errors call the hidden states and the head's fields (``("hidden", "")`` -> ``weight``, ``bias``;
+    ``("student_hidden", "student_")`` -> ``student_weight`` ...)."""
+    hidden_name, prefix = names
+    check_linear_inputs(hidden, head.weight, head.bias, hidden_name=hidden_name, weight_name=prefix + "weight",
+                        bias_name=prefix + "bias")
     check_float_param("temperature", temperature, positive=True)
-    check_float_param("logit_scale", logit_scale, positive=True)
-    check_float_param("softcap", softcap, positive=True, allow_none=True)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    check_float_param(prefix + "logit_scale", head.logit_scale, positive=True)
+    check_float_param(prefix + "softcap", head.softcap, positive=True, allow_none=True)
+    check_targets(targets, hidden.shape[:-1], head.weight.shape[0], ignore_index, hidden.device)
     impl = resolve_impl(impl, hidden.device)
-    hidden, weight, bias = autocast_cast(hidden.device.type, hidden, weight, bias)
+    hidden, weight, bias = autocast_cast(hidden.device.type, hidden, head.weight, head.bias)
     return LinearInputs(
         hidden=rows(hidden),
         weight=weight,
         bias=bias,
         targets=targets.reshape(-1).to(torch.long).contiguous(),
-        lmap=LogitMap.of(logit_scale, temperature, softcap),
+        lmap=LogitMap.of(head.logit_scale, temperature, head.softcap),
         shape=targets.shape,
         impl=impl,
-        logit_scale=float(logit_scale),
+        logit_scale=float(head.logit_scale),
         temperature=float(temperature),
-        softcap=float(softcap) if softcap is not None else None,
+        softcap=float(head.softcap) if head.softcap is not None else None,
     )

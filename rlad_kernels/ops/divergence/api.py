@@ -15,6 +15,7 @@ from ...utils.validation import (
     token_mean_normalizer,
 )
 from ..common import autotune
+from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import autocast_cast, rows
 from ..common.numerics import LogitMap
 from .chunked import FKL, JSD, RKL, ChunkedDivergence
@@ -54,44 +55,36 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
 
 def linear_divergence(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_head: LMHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: LMHead,
     *,
     kind: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str | None = None,
+    **legacy,
 ) -> torch.Tensor:
     """Full-vocabulary divergence between the student's and the teacher's next-token distributions.
 
-    ``p_s = softmax((student_hidden @ student_weight.T + student_bias) / temperature)``, ``p_t``
-    likewise from the teacher; neither ``[N, V]`` logits tensor is materialized (except by
-    ``impl="naive"``).
+    ``p_s = softmax(logits_s)`` with ``logits_s`` from ``student_hidden`` and ``student_head``
+    (``(h @ weight.T + bias) * logit_scale``, soft-capped when the head has a cap, over
+    ``temperature``), ``p_t`` likewise from the teacher; neither ``[N, V]`` logits tensor is
+    materialized (except by ``impl="naive"``).
 
     Args:
-        student_hidden: ``[..., H_s]``; student_weight ``[V, H_s]``.
-        teacher_hidden: ``[..., H_t]`` for the same tokens; teacher_weight ``[V_t, H_t]`` with
-            ``V_t >= V``: a padded teacher vocabulary is cut to its first V columns and
-            renormalized. Teacher tensors must not require grad.
+        student_hidden: ``[..., H_s]``; student_head: its :class:`LMHead` (``weight [V, H_s]``).
+        teacher_hidden: ``[..., H_t]`` for the same tokens; teacher_head: its :class:`LMHead`
+            (``weight [V_t, H_t]`` with ``V_t >= V``: a padded teacher vocabulary is cut to its
+            first V columns and renormalized). Teacher tensors must not require grad.
         kind: ``"reverse_kl"`` KL(p_s || p_t), ``"forward_kl"`` KL(p_t || p_s), or ``"jsd"``:
             ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = beta p_t + (1 - beta) p_s``;
             ``beta = 0`` is forward KL and ``beta = 1`` reverse KL (special-cased, as in GKD).
         temperature: divides both logits (> 0).
-        student_softcap, teacher_softcap: each model's final-logit soft cap ``c`` (Gemma 2/3), or
-            None: its logits are ``c tanh(raw * logit_scale / c) / temperature``.
-        student_logit_scale, teacher_logit_scale: each model's logit multiplier (> 0), for models
-            that scale their logits (default 1).
         mask: ``[...]`` bool, False positions contribute 0 (default: all tokens).
         token_weights: ``[...]`` per-token weights ``w_t`` (default 1).
         normalizer: divides the weighted sum; default ``sum_t w_t`` over unmasked tokens for
@@ -101,21 +94,27 @@ def linear_divergence(
         impl: ``"triton"``, ``"torch"`` (vocab-chunked) or ``"naive"``; default by device.
 
     Returns float32 (float64 for float64 inputs with torch/naive), differentiable w.r.t.
-    ``student_hidden``, ``student_weight`` and ``student_bias``.
+    ``student_hidden``, ``student_head.weight`` and ``student_head.bias``.
+
+    The form of earlier releases (``student_weight`` / ``teacher_weight`` tensors with
+    ``student_bias=``, ``teacher_softcap=``, ``student_logit_scale=`` ... keywords) still works for
+    one release, with a ``DeprecationWarning``.
     """
-    check_linear_inputs(student_hidden, student_weight, student_bias, hidden_name="student_hidden",
+    student_head = legacy_head("linear_divergence", student_head, legacy, prefix="student_", role="student_head")
+    teacher_head = legacy_head("linear_divergence", teacher_head, legacy, prefix="teacher_", role="teacher_head")
+    reject_unknown("linear_divergence", legacy)
+    check_linear_inputs(student_hidden, student_head.weight, student_head.bias, hidden_name="student_hidden",
                         weight_name="student_weight", bias_name="student_bias")
-    V = student_weight.shape[0]
+    V = student_head.weight.shape[0]
     shape = student_hidden.shape[:-1]
-    check_teacher(teacher_hidden, teacher_weight, teacher_bias, shape, V, student_hidden.device)
+    check_teacher(teacher_hidden, teacher_head.weight, teacher_head.bias, shape, V, student_hidden.device)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
     check_float_param("beta", beta, low=0.0, high=1.0)
     check_float_param("temperature", temperature, positive=True)
-    check_float_param("student_softcap", student_softcap, positive=True, allow_none=True)
-    check_float_param("teacher_softcap", teacher_softcap, positive=True, allow_none=True)
-    check_float_param("student_logit_scale", student_logit_scale, positive=True)
-    check_float_param("teacher_logit_scale", teacher_logit_scale, positive=True)
+    for who, h in (("student", student_head), ("teacher", teacher_head)):
+        check_float_param(f"{who}_softcap", h.softcap, positive=True, allow_none=True)
+        check_float_param(f"{who}_logit_scale", h.logit_scale, positive=True)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor (True = token counts)")
@@ -127,11 +126,12 @@ def linear_divergence(
     norm = as_normalizer(normalizer, student_hidden.device)
     impl = resolve_impl(impl, student_hidden.device)
 
-    hs, ws, bs, ht, wt, bt = autocast_cast(student_hidden.device.type, student_hidden, student_weight, student_bias,
-                                           teacher_hidden, teacher_weight, teacher_bias)
+    hs, ws, bs, ht, wt, bt = autocast_cast(student_hidden.device.type, student_hidden, student_head.weight,
+                                           student_head.bias, teacher_hidden, teacher_head.weight, teacher_head.bias)
     valid = (mask if mask is not None else torch.ones(shape, dtype=torch.bool, device=hs.device)).reshape(-1)
     D = divergence_2d(rows(hs), ws, bs, rows(ht), wt, bt, valid, kind, float(beta), float(temperature), impl,
-                      (student_softcap, teacher_softcap), (float(student_logit_scale), float(teacher_logit_scale)))
+                      (student_head.softcap, teacher_head.softcap),
+                      (float(student_head.logit_scale), float(teacher_head.logit_scale)))
     if reduction == "none":
         return D.reshape(shape)
     zero = torch.zeros((), dtype=D.dtype, device=D.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..common import autotune
+from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import LinearInputs, prepare_linear
 from .chunked import linear_logprobs_chunked
 from .naive import linear_logprobs_naive
@@ -34,36 +35,37 @@ def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
                                           want_entropy)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False, softcap: float | None = None,
-                    impl: str | None = None):
+def linear_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False, impl: str | None = None, **legacy):
     """Per-token log-probabilities (and entropies) of ``targets`` under ``softmax(logits)``.
 
-    ``logits = (hidden @ weight.T + bias) * logit_scale / temperature``, or with ``softcap=c``
-    ``c * tanh((hidden @ weight.T + bias) * logit_scale / c) / temperature``; never materialized
-    (except by ``impl="naive"``).
+    ``logits = (hidden @ head.weight.T + head.bias) * head.logit_scale / temperature``, or with
+    ``head.softcap = c`` ``c * tanh((hidden @ weight.T + bias) * logit_scale / c) / temperature``;
+    never materialized (except by ``impl="naive"``).
 
     Args:
         hidden: ``[..., H]`` final hidden states (after the final norm), float32/bf16/fp16
             (float64 with ``impl="torch"`` or ``"naive"``).
-        weight: ``[V, H]`` lm_head weight (``model.get_output_embeddings().weight``).
+        head: the :class:`LMHead`: ``weight [V, H]`` (``model.get_output_embeddings().weight``),
+            optional ``bias [V]``, ``logit_scale`` (> 0) and ``softcap`` (> 0 or None);
+            ``LMHead.of(model)`` reads them from a ``transformers`` model.
         targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
-        bias: optional ``[V]`` lm_head bias.
         temperature: divides the logits; use the sampler's temperature (> 0).
-        logit_scale: multiplies the logits (> 0), for models that scale their logits.
         ignore_index: target id of positions to skip: they give 0 and receive no gradient.
         return_entropy: also return the entropy of each position's distribution.
-        softcap: the model's final-logit soft cap ``c > 0`` (Gemma 2/3's
-            ``config.final_logit_softcapping``), or None; applied before the temperature.
         impl: ``"triton"`` (fused kernels), ``"torch"`` (vocab-chunked, O(N) memory) or
             ``"naive"`` (materialized logits, the reference). Default: triton on CUDA, torch otherwise.
 
     Returns:
         ``logp [...]`` float32 (float64 for float64 inputs), and ``entropy [...]`` when
-        ``return_entropy``. Both are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``return_entropy``. Both are differentiable w.r.t. ``hidden``, ``head.weight`` and ``head.bias``.
+
+    The form of earlier releases, ``linear_logprobs(hidden, weight, targets, bias=..., logit_scale=...,
+    softcap=...)``, still works for one release, with a ``DeprecationWarning``.
     """
-    li = prepare_linear(hidden, weight, targets, bias, temperature, logit_scale, ignore_index, impl, softcap)
+    head = legacy_head("linear_logprobs", head, legacy)
+    reject_unknown("linear_logprobs", legacy)
+    li = prepare_linear(hidden, head, targets, temperature, ignore_index, impl)
     logp, ent = logprobs_2d(li, ignore_index, return_entropy)
     logp = logp.reshape(li.shape)
     if return_entropy:

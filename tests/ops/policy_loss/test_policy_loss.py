@@ -297,9 +297,9 @@ def test_full_kd_errors(device):
     ht, wt, bt = _teacher(20, 60, device=device)
     cfg = PolicyLossConfig(alpha=1.0, kd_estimator="full", kd_coef=0.1)
     args = (hidden, weight, targets, tok["advantages"], tok["old_logp"])
-    with pytest.raises(ValueError, match="kd_estimator='full' needs teacher_hidden and teacher_weight"):
+    with pytest.raises(ValueError, match="kd_estimator='full' needs teacher_hidden and teacher_head"):
         linear_policy_loss(*args, teacher_logp=tok["teacher_logp"], config=cfg)
-    with pytest.raises(ValueError, match="pass teacher_hidden and teacher_weight together"):
+    with pytest.raises(ValueError, match="pass teacher_hidden and teacher_head together"):
         linear_policy_loss(*args, teacher_hidden=ht, config=cfg)
     with pytest.raises(ValueError, match="teacher vocabulary \\(50\\) is smaller"):
         linear_policy_loss(*args, teacher_hidden=ht, teacher_weight=wt[:50], config=cfg)
