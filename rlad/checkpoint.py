@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .rundir import STEP, UNUSABLE, staged_folder
+from .signals import check_writer
 
 MARKER = "COMPLETE"
 SHARDED = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
@@ -163,13 +164,17 @@ def save_checkpoint(out_dir, step: int, model, tokenizer, trainer_state: dict[st
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
+    check_writer(f"checkpoint {final}")
     try:
         _fresh(root, tmp)
         model.save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         torch.save(trainer_state, tmp / "trainer.pt")
         _commit(root, tmp, final, {"step": step, "config": trainer_state.get("config")})
-    except Exception as err:
+    except BaseException as err:  # a failure, or a stop that abandons the write: no temporary folder stays
+        if not isinstance(err, Exception):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         error = _write_error(out_dir, final, err)  # the free space before the temporary folder goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise error from err
@@ -201,6 +206,7 @@ def save_sharded_checkpoint(out_dir, step: int, model, optimizer, tokenizer, tra
     root = checkpoint_dir(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{D.broadcast(os.getpid())}"  # rank 0's PID: _prune knows when it is gone
+    check_writer(f"checkpoint {final}")
 
     def begin():
         try:

@@ -41,9 +41,6 @@ def _train(args) -> int:
 def _relaunch(nproc: int) -> int:
     """Run this ``rlad train`` command again under ``torch.distributed.run`` with ``nproc``
     processes on this machine (``--standalone``: a free local port), without ``--nproc``."""
-    import os
-    import subprocess
-
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: must be >= 1")
     argv, rest, i = sys.argv[1:], [], 0
@@ -59,7 +56,35 @@ def _relaunch(nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
            "rlad", *rest]
     print(f"rlad train: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    return run_child(cmd, what=f"torchrun and its {nproc} ranks")
+
+
+def run_child(cmd: list[str], *, what: str, grace_s: float = 60.0) -> int:
+    """Run ``cmd`` (torchrun) to its end and return its exit code. It dies with this process
+    (``PR_SET_PDEATHSIG``, Linux), and SIGINT / SIGTERM sent here are passed on to it (torchrun
+    passes them to its ranks, which stop gracefully); a child still running ``grace_s`` seconds
+    later is killed. Then this process exits with ``128 + signal``."""
+    import signal
+    import subprocess
+
+    from .signals import Stopped, die_with_parent, graceful_stop, name
+
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+    with graceful_stop():
+        try:
+            return proc.wait()
+        except Stopped as stop:
+            print(f"rlad train: {name(stop.signum)}: stopping {what} (at most {grace_s:.0f} s)", file=sys.stderr,
+                  flush=True)
+            proc.send_signal(stop.signum)
+            try:
+                proc.wait(grace_s)
+            except (subprocess.TimeoutExpired, Stopped):  # too slow, or told again: now
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+            stop.where = (f"{what} stopped (exit {proc.returncode}); continue with the same command and --resume "
+                          f"true")
+            raise
 
 
 def _where() -> str:
@@ -251,6 +276,9 @@ def missing_dependencies() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .signals import Stopped, adopt_parent
+
+    adopt_parent()  # started by rlad study, rlad train --nproc or torchrun: end when that parent ends
     args = build_parser().parse_args(argv)
     if missing := missing_dependencies():
         print(f"rlad {args.command}: error: the trainer needs {', '.join(missing)}, which are not installed; "
@@ -265,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input, or a disk / permission problem: one line, no traceback
         print(f"rlad {args.command}: {_where()}error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rlad {args.command}: {_where()}interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGINT during a run (rlad.signals.Stopped)
+        what = str(err) if isinstance(err, Stopped) else "interrupted"
+        where = f"; {err.where}" if getattr(err, "where", "") else ""
+        print(f"rlad {args.command}: {_where()}{what}{where}", file=sys.stderr, flush=True)
+        return getattr(err, "exit_code", 130)
     except Exception as err:  # torchrun: name the rank, then the traceback (a non-zero exit ends the job)
         if _where():
             print(f"rlad {args.command}: {_where()}failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .rundir import atomic_path
+from .signals import check_writer
 
 # metric -> (log-line label, format); the log line shows those present, in this order
 LOG_LINE = (
@@ -55,6 +56,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
+        check_writer(str(self.path))
         try:
             with self.path.open("a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -78,6 +80,7 @@ class MetricsLog:
         line a crash left without its newline."""
         if not self.path.is_file():
             return
+        check_writer(str(self.path))
         keep = 0
         with self.path.open("rb") as f:
             for line in f:
@@ -98,6 +101,7 @@ class MetricsLog:
     def reset(self) -> None:
         """Empty the log (a run that starts from step 0)."""
         if self.path.is_file():
+            check_writer(str(self.path))
             os.truncate(self.path, 0)
 
 

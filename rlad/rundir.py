@@ -36,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .signals import check_writer
+
 LOCK = "rlad.lock"
 MARKER = "rlad-run.json"
 MARKER_FORMAT = 1
@@ -121,6 +123,35 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+def lock_holder(out_dir) -> dict | None:
+    """The record (PID, host, start) of the process holding ``out_dir``'s lock, or None when no
+    live process holds it (no lock file, or a stale one). Probes with a shared lock, released at once."""
+    path = Path(out_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return RunLock._read(fd) or {"pid": "?", "host": "?", "started": "?"}
+    except OSError:  # no flock on this filesystem: RunLock decides by the PID when the run starts
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(info: dict) -> str:
+    """The lock holder, and whether it is still running on this host (an orphan, perhaps)."""
+    text = _describe(info)
+    if info.get("host") == socket.gethostname() and _pid_alive(info.get("pid")):
+        text += f"; it is still running: stop it with `kill {info.get('pid')}`"
+    return text
+
+
 class RunLock:
     """``with RunLock(out_dir):`` hold the run directory's lock (see the module docstring).
     ``taken_over`` is the stale holder's record when a dead run's lock was taken over."""
@@ -140,8 +171,9 @@ class RunLock:
             except BlockingIOError:
                 info = self._read(fd)
                 os.close(fd)
-                raise RunDirError(f"out_dir {self.out} is in use by another rlad run ({_describe(info)}; lock file "
-                                  f"{self.path}); wait for it to end or stop it, or choose another --out-dir") from None
+                raise RunDirError(f"out_dir {self.out} is in use by another rlad run ({describe_holder(info)}; lock "
+                                  f"file {self.path}); wait for it to end or stop it, or choose another --out-dir"
+                                  ) from None
             except OSError as e:
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
                     os.close(fd)
@@ -187,6 +219,7 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
+        check_writer(f"the lock {self.path}")  # a forked copy of the holder never removes its lock
         try:  # remove the file while still holding the lock (see acquire); only if it is still ours
             if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
                 os.unlink(self.path)
@@ -382,6 +415,7 @@ def atomic_path(path):
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds,
     removed when it fails. An OSError names ``path``."""
     path = Path(path)
+    check_writer(str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -403,6 +437,7 @@ def staged_folder(path, *, replace: bool = False):
     half-written. ``path`` must then be absent or empty, or, with ``replace``, it is moved aside,
     the new folder renamed into place, and the old one deleted. An OSError names ``path``."""
     path = Path(path)
+    check_writer(str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     for p in (tmp, old):

@@ -36,12 +36,14 @@ per level; diagnostics), and the plots ``accuracy.png`` (held-out accuracy again
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +52,8 @@ from pathlib import Path
 from .config import ConfigError, TrainConfig, read_yaml, type_problem
 from .evaluate import metric_names
 from .report import MetricsLog, markdown_table, save_figure
-from .rundir import claim, owner_problem, write_atomic
+from .rundir import claim, describe_holder, lock_holder, owner_problem, write_atomic
+from .signals import Stopped, child_environment, graceful_stop
 
 STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
@@ -160,8 +163,10 @@ def check_budgets(runs: list[Run]) -> None:
 
 # ----------------------------------------------------------------------------- running
 def run_state(run: Run) -> str:
-    """``done`` (a summary and the same settings), ``partial`` (started with the same settings),
-    ``new``; a run folder written with other settings is refused."""
+    """``done`` (a summary of exactly this run: the same settings, the budget included),
+    ``partial`` (started with the same settings, or finished with fewer steps under a schedule
+    that does not depend on them: it is resumed and carried on to the study's steps), ``new``;
+    a run folder written with other settings is refused."""
     saved_path = run.out / "config.json"
     if not saved_path.is_file():
         return "new"
@@ -169,16 +174,75 @@ def run_state(run: Run) -> str:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError):
         return "partial"  # a crash while writing it: resume decides
-    if run.config.max_new_tokens is None and isinstance(saved, dict):  # resolved from the task by the run
+    if not isinstance(saved, dict):
+        return "partial"
+    if run.config.max_new_tokens is None:  # resolved from the task by the run
         saved = {**saved, "max_new_tokens": None}
     changes = run.config.resume_changes(saved)
     if changes:
         raise StudyError(f"{run.out}: written with other settings ({'; '.join(changes)}); give the study another "
                          f"out_dir, or delete that run")
-    return "done" if (run.out / "summary.json").is_file() else "partial"
+    if saved.get("steps") != run.config.steps:  # resume_changes lets steps change under a constant schedule
+        if not isinstance(saved.get("steps"), int) or saved["steps"] > run.config.steps:
+            raise StudyError(f"{run.out}: ran to steps={saved.get('steps')!r}, but the study asks for "
+                             f"steps={run.config.steps}; give the study another out_dir, or delete that run")
+        return "partial"  # fewer steps: continued from its last checkpoint to the study's budget
+    try:
+        summary = json.loads((run.out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "partial"
+    return "done" if isinstance(summary, dict) and summary.get("steps") == run.config.steps else "partial"
 
 
-def launch(run: Run, resume: bool) -> int:
+GRACE_S = 60.0  # how long a stopped study waits for its runs to stop before it kills them
+
+
+class Children:
+    """The ``rlad train`` processes a study has running. Each runs in its own session (a terminal's
+    Ctrl-C reaches the study alone, which passes it on once) and dies with the study
+    (``rlad.signals.adopt_parent``: SIGTERM when the study dies, even by SIGKILL)."""
+
+    def __init__(self):
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def run(self, name: str, cmd: list[str], log) -> int | None:
+        """Run ``cmd`` to its end; None when the study is stopping and it was not started."""
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=child_environment())
+            self.procs[name] = proc
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.procs.pop(name, None)
+
+    def stop(self, signum: int, grace_s: float = GRACE_S) -> list[str]:
+        """Pass ``signum`` to every running run, wait ``grace_s`` for them (a run stops within a
+        step, or after the checkpoint it is writing), then kill the rest. Returns their names."""
+        with self.lock:
+            self.stopping = True
+            procs = dict(self.procs)
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+        deadline = time.monotonic() + grace_s
+        for proc in procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except (subprocess.TimeoutExpired, Stopped) as why:
+                if isinstance(why, Stopped):  # told again: kill the rest at once
+                    deadline = 0.0
+                proc.kill()
+                proc.wait()
+        return list(procs)
+
+
+def launch(run: Run, resume: bool, children: Children) -> int | None:
     """``rlad train`` for one run in a subprocess, its output in ``<run>/train.log``."""
     claim(run.out, "run", setting="study run folder")  # rlad's (the marker) before the log goes in
     spec = run.out / "run.yaml"
@@ -189,19 +253,22 @@ def launch(run: Run, resume: bool) -> int:
     with open(run.out / "train.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return children.run(run.name, cmd, log)
 
 
 def steps_done(run: Run) -> int:
     """The last step in a run's metrics log (for the progress bar)."""
+    if not (run.out / "metrics.jsonl").is_file():  # MetricsLog would make the run's folder: not before its claim
+        return 0
     records = MetricsLog(run.out / "metrics.jsonl").records()
     return int(records[-1].get("step", 0)) if records else 0
 
 
 def run_study(study: Study, *, quiet: bool = False) -> dict:
     """Run what is not done yet (``jobs`` at a time), then aggregate. Raises StudyError naming the
-    failed runs and their logs, after the others have finished and the finished ones are
-    aggregated."""
+    failed runs and their logs (a non-zero exit, or no summary), after the others have finished
+    and the finished ones are aggregated: every run asked for is in runs.csv or named there.
+    SIGINT / SIGTERM stop the running runs (passed on, ``GRACE_S`` to stop) and raise ``Stopped``."""
     from .runtime import progress
 
     claim(study.out_dir, "study", setting="study out_dir")  # new, empty or a study's: never someone else's
@@ -210,14 +277,18 @@ def run_study(study: Study, *, quiet: bool = False) -> dict:
             raise StudyError(f"study run folder {problem}")
     states = {r.name: run_state(r) for r in study.runs}
     todo = [r for r in study.runs if states[r.name] != "done"]
+    busy = {r.name: holder for r in todo if (holder := lock_holder(r.out))}
+    if busy:  # an earlier study's run still going (an orphan, or another study sharing out_dir)
+        raise StudyError("runs in use by another process: " + "; ".join(f"{n} ({describe_holder(h)})"
+                                                                       for n, h in busy.items()))
     total = sum(r.config.steps for r in study.runs)
     skipped = len(study.runs) - len(todo)
     print(f"study {study.out_dir}: {len(study.runs)} runs ({len(study.arms)} arms x {len(study.seeds)} seeds), "
           f"{skipped} already done, {len(todo)} to run, {study.jobs} at a time", flush=True)
-    failed: dict[str, int] = {}
+    children = Children()
     bar = progress(quiet, total=total, desc="study steps")
-    with ThreadPoolExecutor(study.jobs) as pool:
-        futures = {r.name: pool.submit(launch, r, states[r.name] == "partial") for r in todo}
+    with graceful_stop(), ThreadPoolExecutor(study.jobs) as pool:
+        futures = {r.name: pool.submit(launch, r, states[r.name] == "partial", children) for r in todo}
         try:
             while True:
                 finished = all(f.done() for f in futures.values())
@@ -229,18 +300,27 @@ def run_study(study: Study, *, quiet: bool = False) -> dict:
                 if finished:
                     break
                 time.sleep(1.0)
-        except KeyboardInterrupt:
+        except Stopped as stop:
             for f in futures.values():
                 f.cancel()
+            stopped = children.stop(stop.signum)
+            stop.where = (f"runs stopped: {', '.join(stopped) or 'none'}; the same rlad study command resumes "
+                          f"them from their last checkpoints")
             raise
     bar.close()
-    for name, f in futures.items():
-        if f.result() != 0:
-            failed[name] = f.result()
-    result = aggregate(study)
+    failed = {name: f"exit {f.result()}" for name, f in futures.items() if f.result() != 0}
+    try:
+        result = aggregate(study)
+    except StudyError:
+        if not failed:
+            raise
+        result = {"runs": {}}
+    for r in study.runs:  # asked for, not failed, yet not in runs.csv: a summary missing or of another run
+        if r.name not in result["runs"] and r.name not in failed:
+            failed[r.name] = "exit 0 without a summary.json" if r.name in futures else "no summary.json"
     if failed:
-        raise StudyError("runs failed: " + "; ".join(f"{n} (exit {c}, log {study.out_dir / n / 'train.log'})"
-                                                     for n, c in failed.items()))
+        raise StudyError("runs failed: " + "; ".join(f"{n} ({why}, log {study.out_dir / n / 'train.log'})"
+                                                     for n, why in failed.items()))
     return result
 
 
@@ -265,6 +345,8 @@ def read_run(run: Run) -> dict | None:
     try:
         summary = json.loads((run.out / "summary.json").read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != run.config.steps:  # another budget's summary
         return None
     records = MetricsLog(run.out / "metrics.jsonl").records()
     steps = [r for r in records if not r.get("eval")]

@@ -58,6 +58,7 @@ import torch
 from rlad_kernels import LMHead, TokenInputs, linear_divergence, linear_logprobs, linear_policy_loss
 
 from . import distributed as D
+from . import signals
 from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
 from .batching import micro_batches, same_count
 from .checkpoint import (
@@ -323,12 +324,26 @@ def train(cfg: TrainConfig) -> dict:
         D.check_launch(cfg.prompts_per_step)  # before any work: the batch divides among the ranks
     setup = preflight(cfg)
     cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
-    if not D.launched():  # one process
-        with RunLock(cfg.out_dir):
-            prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-            start = resume_point(cfg) if cfg.resume else None
-            return run(cfg, setup, start)
-    return train_distributed(cfg, setup)
+    with signals.graceful_stop():  # SIGTERM / SIGINT: the lock released, the last line says where to resume
+        signals.own_writes()  # a process forked inside the run (by a reward) never writes its files
+        try:
+            if not D.launched():  # one process
+                with RunLock(cfg.out_dir):
+                    prepare(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+                    start = resume_point(cfg) if cfg.resume else None
+                    return run(cfg, setup, start)
+            return train_distributed(cfg, setup)
+        except signals.Stopped as stop:
+            stop.where = resume_hint(cfg)
+            raise
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    """Where a stopped run can continue from, in a line."""
+    last = latest_checkpoint(cfg.out_dir) if Path(cfg.out_dir, "checkpoints").is_dir() else None
+    if last is None:
+        return f"no checkpoint in {cfg.out_dir} yet: --resume true starts it again from step 0"
+    return f"the last checkpoint is {last}: continue with --resume true (same settings, out_dir {cfg.out_dir})"
 
 
 def train_distributed(cfg: TrainConfig, setup: Setup) -> dict:
@@ -504,6 +519,17 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
             log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})
         return res
 
+    def save(step, last):  # every rank writes its shards; the last checkpoint also gets the full model/
+        trainer_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(data_rng), "state": dict(state),
+                         "config": cfg.to_dict()}
+        if dist.enabled:
+            save_sharded_checkpoint(out, step, student, optimizer, tok, {
+                **trainer_state, "world_size": dist.world, "distributed": True}, keep=cfg.keep_checkpoints,
+                export=last)
+        else:
+            save_checkpoint(out, step, student, tok, {"optimizer": optimizer.state_dict(), **trainer_state},
+                            keep=cfg.keep_checkpoints)
+
     if state["step"] == 0:
         first = run_eval(0)
         print(f"eval step 0: accuracy {first['accuracy']:.3f}", flush=True)
@@ -545,15 +571,8 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
             res = run_eval(step + 1)
             bar.write(f"eval step {step + 1}: accuracy {res['accuracy']:.3f}")
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
-            trainer_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(data_rng), "state": dict(state),
-                             "config": cfg.to_dict()}
-            if dist.enabled:  # every rank writes its shards; the last checkpoint also gets the full model/
-                save_sharded_checkpoint(out, step + 1, student, optimizer, tok, {
-                    **trainer_state, "world_size": dist.world, "distributed": True}, keep=cfg.keep_checkpoints,
-                    export=last)
-            else:
-                save_checkpoint(out, step + 1, student, tok, {"optimizer": optimizer.state_dict(), **trainer_state},
-                                keep=cfg.keep_checkpoints)
+            with signals.finish_first():  # a stop signal waits for the checkpoint (a second one abandons it)
+                save(step + 1, last)
     bar.close()
 
     # the final evaluation, unless it is already in the log (a finished run resumed, or one that

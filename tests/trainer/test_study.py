@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from rlad.rundir import claim
 from rlad.study import StudyError, aggregate, load_study, mean_ci, run_study
 
 BASE = {"student": "preset:micro", "task": "echo", "levels": [1, 2], "steps": 2, "prompts_per_step": 2,
@@ -32,11 +33,13 @@ def test_mean_ci_by_hand():
 
 def _fake_run(study, arm, seed, acc, levels, curve, diag):
     run = next(r for r in study.runs if r.arm == arm and r.seed == seed)
-    run.out.mkdir(parents=True)
+    claim(study.out_dir, "study")
+    claim(run.out, "run")
     final = {"n": 6.0, "accuracy": acc, "accuracy_se": 0.1}
     for lv, a in levels.items():
         final.update({f"n/L{lv}": 3.0, f"accuracy/L{lv}": a, f"accuracy_se/L{lv}": 0.2})
-    (run.out / "summary.json").write_text(json.dumps({"final": final, "start": {"accuracy": 0.0}}))
+    (run.out / "summary.json").write_text(json.dumps({"steps": run.config.steps, "final": final,
+                                                      "start": {"accuracy": 0.0}}))
     records = [{"step": s, "eval": True, "eval/accuracy": a} for s, a in curve]
     records += [{"step": s + 1, **diag} for s in range(2)]
     (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -105,3 +108,33 @@ def test_a_real_grid_runs_then_skips_and_resumes(tmp_path, capsys):
     assert "--resume true" in (tmp_path / "out" / "grpo" / "seed_1" / "train.log").read_text()
     with pytest.raises(StudyError, match="written with other settings"):
         run_study(load_study(_spec(tmp_path, {"grpo": {"algo": "grpo", "lr": 2e-3}}, jobs=2)), quiet=True)
+
+    # the budget: 2 -> 3 steps under the constant schedule (which resume allows) is no finished run:
+    # both are continued to step 3; fewer steps than a run already made are refused
+    more = _spec(tmp_path, {"grpo": {"algo": "grpo", "lr": 1e-3}}, jobs=2, base={**BASE, "steps": 3})
+    res = run_study(load_study(more), quiet=True)
+    assert "0 already done, 2 to run" in capsys.readouterr().out
+    for seed in (0, 1):
+        run = tmp_path / "out" / "grpo" / f"seed_{seed}"
+        assert json.loads((run / "summary.json").read_text())["steps"] == 3
+        assert "resumed from" in (run / "train.log").read_text()
+    assert "Budget per run: 3 steps" in res["markdown"]
+    with pytest.raises(StudyError, match=r"ran to steps=3, but the study asks for steps=2"):
+        run_study(load_study(_spec(tmp_path, {"grpo": {"algo": "grpo", "lr": 1e-3}}, jobs=2)), quiet=True)
+
+
+def test_every_run_asked_for_is_in_runs_csv_or_failed(tmp_path, monkeypatch):
+    """A trainer that exits 0 without writing its summary is a failed run, not a missing row."""
+    import rlad.study
+
+    study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"}}))
+    _fake_run(study, "grpo", 0, 0.5, {1: 0.5}, [(0, 0.1), (2, 0.5)], {})
+
+    def exits_0(self, name, cmd, log):  # as a trainer that returned without a summary would
+        return 0
+
+    monkeypatch.setattr(rlad.study.Children, "run", exits_0)
+    with pytest.raises(StudyError, match=r"runs failed: grpo/seed_1 \(exit 0 without a summary.json"):
+        run_study(study, quiet=True)
+    with open(tmp_path / "out" / "runs.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0"]  # the finished run is aggregated all the same
