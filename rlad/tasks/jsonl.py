@@ -13,7 +13,9 @@ A ``module:function`` reward must return a finite real number in [-REWARD_LIMIT,
 (``True``/``False`` count as 1/0; accuracy counts rewards >= 1 as correct). Each call runs in a
 helper thread with a timeout. A call that raises or returns anything else either stops the run
 with an error naming the reward, the example and the value (``on_error="fail"``), or scores that
-response 0 and is counted (``"zero"``); a call that times out always stops the run.
+response 0 and is counted (``"zero"``); a call that times out, or that tries to end the process
+(``sys.exit()``, any ``BaseException`` that is not an ``Exception``), always stops the run with a
+``RewardError``. A ``KeyboardInterrupt`` in the main thread (Ctrl-C) still interrupts the run.
 """
 
 from __future__ import annotations
@@ -165,12 +167,35 @@ class _Timeout(Exception):
     pass
 
 
+class _Ended(Exception):
+    """A call that raised a ``BaseException`` that is not an ``Exception`` (``sys.exit()``,
+    ``KeyboardInterrupt`` raised by the function itself, ...): it asked to end the process."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+    def describe(self) -> str:
+        e = self.error
+        if isinstance(e, SystemExit):
+            return f"called sys.exit({'' if e.code is None else repr(e.code)})"
+        return f"raised {type(e).__name__}" + (f": {e}" if str(e) else "")
+
+
 def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     """``fn(*args)`` in a daemon thread, waiting at most ``timeout`` seconds (0: no limit, called
     here). A call that overruns raises ``_Timeout``; its thread is left behind (Python cannot stop
-    it) and, being a daemon, does not keep the process alive."""
+    it) and, being a daemon, does not keep the process alive. A call that raises a
+    ``BaseException`` that is not an ``Exception`` (``sys.exit()``) raises ``_Ended``: never the
+    caller's exit. Called here (no limit), a ``KeyboardInterrupt`` propagates (it may be Ctrl-C);
+    in the thread it can only come from the function, since signals reach the main thread."""
     if not timeout:
-        return fn(*args)
+        try:
+            return fn(*args)
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # SystemExit, GeneratorExit, ...
+            raise _Ended(e) from None
     box = {}
 
     def target():
@@ -185,6 +210,8 @@ def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     if worker.is_alive():
         raise _Timeout
     if "error" in box:
+        if not isinstance(box["error"], Exception):
+            raise _Ended(box["error"])
         raise box["error"]
     return box["value"]
 
@@ -238,6 +265,9 @@ class JsonlTask(Task):
         except _Timeout:
             raise RewardError(f"{where}: took more than reward_timeout={self.timeout:g} s; fix the function, or "
                               f"raise reward_timeout") from None
+        except _Ended as e:  # never scored 0: the function wanted the process to end
+            raise RewardError(f"{where}: {e.describe()}; a reward must return a number, not end the process; fix "
+                              f"the function") from None
         except Exception as e:
             problem = f"raised {type(e).__name__}: {e}"
         else:

@@ -4,11 +4,12 @@ import itertools
 import json
 import random
 import sys
+import threading
 
 import pytest
 
 from rlad.tasks import ANSWER_MARK, Arithmetic, Chains, Echo, KnightsAndKnaves, extract_answer, get_task, read_jsonl
-from rlad.tasks.jsonl import JsonlTask, load_reward
+from rlad.tasks.jsonl import JsonlTask, RewardError, load_reward
 from rlad.tasks.knights import Is, Op, evaluate, parse_assignment, solutions
 
 
@@ -245,6 +246,16 @@ def fails_without_marker(response, answer):
     if "####" not in response:
         raise KeyError("no marker")
     return 1.0
+
+def exits(response, answer):
+    import sys
+    sys.exit(3)
+
+def exits_quietly(response, answer):
+    raise SystemExit
+
+def interrupts(response, answer):
+    raise KeyboardInterrupt
 '''
 
 
@@ -313,3 +324,55 @@ def test_a_user_reward_module_that_fails_to_import_is_reported(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match=r"cannot load reward function 'broken_rewards:f': RuntimeError: bad module"):
         load_reward("broken_rewards:f")
+
+
+# ---------------------------------------------------------------- a reward that ends the process
+@pytest.mark.parametrize("timeout", [60.0, 0.0], ids=["thread", "no-timeout"])
+@pytest.mark.parametrize("on_error", ["fail", "zero"])
+@pytest.mark.parametrize("fn,problem", [("exits", r"called sys.exit\(3\)"), ("exits_quietly", r"called sys.exit\(\)")])
+def test_a_user_reward_that_calls_sys_exit_stops_the_run_with_an_error(user_rewards, timeout, on_error, fn, problem):
+    """sys.exit() in a reward is never the run's exit (status 0, no summary): it is a RewardError
+    naming the reward and the example, whatever reward_errors says (a reward that wants to end the
+    process has not scored the response)."""
+    task = JsonlTask(user_rewards, reward=f"user_rewards:{fn}", timeout=timeout, on_error=on_error)
+    with pytest.raises(RewardError, match=rf"^reward 'user_rewards:{fn}' on the example at .*data.jsonl:1 \(response "
+                                          rf"'#### 5'\): {problem}; a reward must return a number, not end the "
+                                          rf"process; fix the function$"):
+        task.reward(task.examples[0], "#### 5")
+    with pytest.raises(RewardError, match=problem):  # caught before any work starts
+        task.check_reward()
+    assert task.failures == 0
+
+
+def test_a_keyboard_interrupt_raised_by_a_reward_in_its_thread_is_an_error(user_rewards):
+    task = JsonlTask(user_rewards, reward="user_rewards:interrupts", on_error="zero")
+    with pytest.raises(RewardError, match=r"data.jsonl:1 \(response '#### 5'\): raised KeyboardInterrupt; a reward "
+                                          r"must return a number"):
+        task.reward(task.examples[0], "#### 5")
+    # without a timeout the reward runs in the main thread, where it cannot be told from Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        JsonlTask(user_rewards, reward="user_rewards:interrupts", timeout=0).reward(task.examples[0], "#### 5")
+
+
+def test_ctrl_c_while_a_reward_runs_still_interrupts(user_rewards):
+    import os
+    import signal
+
+    task = JsonlTask(user_rewards, reward="user_rewards:hangs", timeout=30)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            task.reward(task.examples[0], "#### 5")
+    finally:
+        timer.cancel()
+
+
+def test_rlad_eval_with_a_reward_that_calls_sys_exit_fails_in_one_line(user_rewards, capsys):
+    from rlad.cli import main
+
+    assert main(["eval", "--model", "preset:micro", "--task", f"jsonl:{user_rewards}", "--reward",
+                 "user_rewards:exits", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlad eval: error: reward 'user_rewards:exits' on the example at ") and \
+        err.endswith("called sys.exit(3); a reward must return a number, not end the process; fix the function\n")
