@@ -335,7 +335,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Settings from a YAML file, then ``overrides`` (the command line's flags). The file is read
-        strictly: UTF-8, no key given twice, ``1e-4`` is a number, and each value must have its
+        strictly: UTF-8, no key given twice, ``1e-4`` is a number, no YAML 1.1 form that YAML 1.2
+        reads otherwise (``010``, ``1:30``, ``1_000``, ``yes``: ``yaml11_problem``), and each value must have its
         setting's type (a quoted ``"3"`` is not a number, ``"false"`` is not a boolean); an error
         names the file and the line."""
         overrides = overrides or {}
@@ -482,8 +483,27 @@ def _strict_loader():
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 fixes: ``1e-4`` is a float (1.1 wants
-        ``1.0e-4``), and a key given twice in a mapping is an error (1.1 keeps the last silently)."""
+        """PyYAML's safe loader (YAML 1.1) with YAML 1.2 fixes: ``1e-4`` is a float (1.1 wants
+        ``1.0e-4``), a key given twice in a mapping is an error (1.1 keeps the last silently), and
+        the plain scalars that YAML 1.1 reads otherwise than 1.2 are errors (``yaml11_problem``:
+        ``010`` is 8, ``1:30`` is 90, ``1_000`` is 1000, ``0b101`` is 5, ``yes``/``off`` are
+        booleans), each naming its line, column and how to write it plainly."""
+
+        def _refuse_yaml11(self, node, construct):
+            value = construct(self, node)
+            problem = yaml11_problem(node.value, value) if node.style is None else None  # a plain scalar
+            if problem:
+                raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+            return value
+
+        def construct_yaml_int(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_int)
+
+        def construct_yaml_float(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_float)
+
+        def construct_yaml_bool(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_bool)
 
         def construct_mapping(self, node, deep=False):
             seen = {}
@@ -499,7 +519,38 @@ def _strict_loader():
     StrictLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
         list("-+0123456789."))
+    for tag, construct in (("int", StrictLoader.construct_yaml_int), ("float", StrictLoader.construct_yaml_float),
+                           ("bool", StrictLoader.construct_yaml_bool)):
+        StrictLoader.add_constructor(f"tag:yaml.org,2002:{tag}", construct)
     return StrictLoader
+
+
+def yaml11_problem(text: str, value) -> str | None:
+    """Why the plain YAML scalar ``text``, which PyYAML (YAML 1.1) reads as ``value`` (an int, a
+    float or a boolean), must be refused: YAML 1.2 (and most readers of the same file) read it
+    otherwise. None for the forms both read alike (``40``, ``-3``, ``3.0e-4``, ``0x1A``, ``.inf``,
+    ``true``/``True``)."""
+    quote = f'or quote it ("{text}") for the text'
+    if isinstance(value, bool):
+        if text.lower() in ("yes", "no", "on", "off"):
+            return f"{text} is ambiguous: YAML 1.1 reads it as {str(value).lower()}, YAML 1.2 as text; write " \
+                   f"{str(value).lower()}, {quote}"
+        return None
+    digits = text.lstrip("+-")
+    plain = f"{value:g}" if isinstance(value, float) else str(value)
+    if ":" in text:
+        return f"{text} is ambiguous: YAML 1.1 reads it as the base-60 number {plain}, YAML 1.2 as text; write " \
+               f"{plain}, {quote}"
+    if "_" in text:
+        return f"{text} is ambiguous: YAML 1.1 reads it as {plain} (underscores ignored), YAML 1.2 as text; write " \
+               f"{plain}, {quote}"
+    if isinstance(value, int) and digits.startswith("0b"):
+        return f"{text} is ambiguous: YAML 1.1 reads it as binary ({value}), YAML 1.2 as text; write {value}, {quote}"
+    if isinstance(value, int) and len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+        decimal = int(text, 10)
+        return f"{text} is ambiguous: YAML 1.1 reads a leading zero as octal ({value}), YAML 1.2 as {decimal}; " \
+               f"write {value} or {decimal}, {quote}"
+    return None
 
 
 def _parse_optional(cast):
