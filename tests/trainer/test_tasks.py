@@ -188,6 +188,42 @@ def test_jsonl_that_is_not_utf8_names_the_file_and_line(tmp_path):
         read_jsonl(p)
 
 
+# ---------------------------------------------------------------- JSONL: number answers, one answer per prompt
+def test_jsonl_number_answers_keep_the_text_written_in_the_file(tmp_path):
+    """``1e2`` was stored as "100.0" and ``1.50`` as "1.5", which a response writing the file's
+    answer never matched under ``exact``; every number keeps its text (levels are still integers)."""
+    lines = ['{"prompt": "a", "answer": 0.0}', '{"prompt": "b", "answer": 1e2, "level": 2}',
+             '{"prompt": "c", "answer": 1.50}', '{"prompt": "d", "answer": -0}', '{"prompt": "e", "answer": 4}',
+             '{"prompt": "f", "answer": 12345678901234567890123}', '{"prompt": "g", "answer": 2.0E-3}']
+    examples = read_jsonl(_write(tmp_path, lines))
+    assert [e.answer for e in examples] == ["0.0", "1e2", "1.50", "-0", "4", "12345678901234567890123", "2.0E-3"]
+    assert [e.level for e in examples] == [0, 2, 0, 0, 0, 0, 0] and isinstance(examples[1].level, int)
+    task = JsonlTask(_write(tmp_path, lines))
+    assert all(task.reward(e, f"#### {e.answer}") == 1.0 for e in task.examples)
+    numeric = JsonlTask(_write(tmp_path, lines), reward="numeric")
+    assert numeric.reward(numeric.examples[1], "#### 100") == 1.0
+    with pytest.raises(ValueError, match=r"data.jsonl:1: 'level' must be an integer, got 1.0"):
+        read_jsonl(_write(tmp_path, ['{"prompt": "a", "answer": 1, "level": 1.0}']))
+    with pytest.raises(ValueError, match=r"data.jsonl:1: 'prompt' must be a non-empty string"):
+        read_jsonl(_write(tmp_path, ['{"prompt": 5, "answer": 1}']))
+
+
+def test_jsonl_the_same_prompt_with_two_answers_is_refused_with_both_lines(tmp_path):
+    rows = [json.dumps({"prompt": "What is 2+2?", "answer": 4}), json.dumps({"prompt": "other", "answer": 1}),
+            json.dumps({"prompt": "  what is 2+2? ", "answer": "5", "level": 3})]
+    with pytest.raises(ValueError, match=r"^.*data.jsonl:3: the prompt of line 1 \(the same after case-folding and "
+                                         r"collapsing whitespace\) with another answer: '5' here, '4' on line 1; give "
+                                         r"each prompt one answer$"):
+        read_jsonl(_write(tmp_path, rows))
+    # the same answer twice is a duplicate row, not a contradiction; so are 2 and 2.0 under numeric
+    same = [json.dumps({"prompt": "Q", "answer": 4}), json.dumps({"prompt": "q", "answer": " 4"})]
+    assert len(read_jsonl(_write(tmp_path, same))) == 2
+    numbers = ['{"prompt": "Q", "answer": 2}', '{"prompt": "Q", "answer": 2.0}']
+    assert len(read_jsonl(_write(tmp_path, numbers), reward="numeric")) == 2
+    with pytest.raises(ValueError, match=r"data.jsonl:2: the prompt of line 1 .* '2.0' here, '2' on line 1"):
+        read_jsonl(_write(tmp_path, numbers), reward="exact")
+
+
 # ---------------------------------------------------------------- JSONL: indexed once
 class _NoScan(list):
     def __iter__(self):
