@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def _where() -> str:
 def _eval(args) -> int:
     import torch
 
-    from .config import template_problem
+    from .config import temperature_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
     from .heldout import fixed_eval_set
     from .models import context_length, load_model, model_config
@@ -89,9 +88,10 @@ def _eval(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.samples < 0:
         raise ValueError(f"--samples {args.samples}: must be >= 0")
-    if not (math.isfinite(args.temperature) and args.temperature > 0) or not 0 < args.top_p <= 1:
-        raise ValueError(f"--temperature {args.temperature} / --top-p {args.top_p}: the temperature must be a "
-                         f"positive number and top-p in (0, 1]")
+    if (problem := temperature_problem(args.temperature)) is not None:  # rlad train's range
+        raise ValueError(f"--temperature {args.temperature:g}: {problem}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
     if (problem := template_problem(args.prompt_template)) is not None:
         raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
     device = resolve_device(args.device)
@@ -155,7 +155,7 @@ def _study(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_arguments
+    from .config import TEMPERATURE_RANGE, add_config_arguments
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "jsonl file, its first distinct prompts")
     e.add_argument("--eval-seed", type=int, default=0, help="seed of a built-in task's fixed eval set")
     e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
-    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the --samples, in "
+                   "[{:g}, {:g}] as for rlad train (the greedy accuracy takes none; default: 1.0)"
+                   .format(*TEMPERATURE_RANGE))
     e.add_argument("--top-p", type=float, default=1.0)
     e.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest response (default: from the task and levels, as for rlad train)")

@@ -40,6 +40,26 @@ REWARD_ERRORS = ("fail", "zero")
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
                "reward_timeout", "reward_errors", "dist_timeout")
+# The sampling temperature's range, for rlad train and rlad eval. Log-probs are
+# log_softmax(logits / T) in float32 (the fused ops and the trainer alike; the ops accept any T > 0).
+# float32 rounds at 2^-24 ~ 6e-8 relative, so a logit z carries ~|z| * 6e-8 / T nats of rounding
+# after the division, and two computations of one token's log-prob (the rollout's old log-prob and
+# the loss's new one: other batch shapes, other kernels) differ by that much with unchanged weights.
+# Unnormalized LLM logits reach |z| ~ 100: at T = 0.01 that is ~6e-4 nats, far inside the clip range
+# (0.2); at T = 1e-4 it is ~0.06, and at T = 1e-30 the ratio is rounding noise (2e8 was logged).
+# Below 0.01, sampling is greedy in all but name anyway (a logit gap of 0.1 weighs e^10): evaluate
+# greedily instead. Above 100, logits of typical magnitude (< 50) shrink below 0.5: sampling is
+# close to uniform over the vocabulary, not the model's policy.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def temperature_problem(value) -> str | None:
+    """Why ``value`` is not a sampling temperature (outside ``TEMPERATURE_RANGE``), or None."""
+    lo, hi = TEMPERATURE_RANGE
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi:
+        return None
+    return (f"must be in [{lo:g}, {hi:g}] (logits / temperature in float32: below {lo:g}, rounding swamps the "
+            f"log-prob ratios and sampling is greedy in all but name; above {hi:g}, sampling is near-uniform)")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -91,7 +111,9 @@ class TrainConfig:
     steps: int = _f(50, "RL steps (one rollout batch each)", "rollout")
     prompts_per_step: int = _f(16, "prompts per rollout batch", "rollout")
     group_size: int = _f(8, "G: responses sampled per prompt (>= 2)", "rollout")
-    temperature: float = _f(1.0, "sampling temperature; log-probs use the same", "rollout")
+    temperature: float = _f(1.0, "sampling temperature, in [{:g}, {:g}] (logits / T in float32: below {:g}, "
+                                 "rounding swamps the log-prob ratios; above {:g}, sampling is near-uniform); "
+                                 "log-probs use the same".format(*TEMPERATURE_RANGE, *TEMPERATURE_RANGE), "rollout")
     top_p: float = _f(1.0, "nucleus sampling", "rollout")
     max_new_tokens: int | None = _f(None, "longest response, in tokens (None: from the task and levels: the "
                                           "longest worked solution, x1.5 rounded up and at least +16; at least 256 "
@@ -236,10 +258,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "eval_samples", "threads", "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("temperature", "lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, "must be a positive number")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "must be a positive number")
+        if (problem := temperature_problem(self.temperature)) is not None:
+            bad("temperature", problem)
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         self._check_policy_options(bad)

@@ -1,5 +1,7 @@
 """TrainConfig validation, YAML and command-line sources, and the CLI's error exit."""
 
+import re
+
 import pytest
 
 from rlad.cli import build_parser, main
@@ -256,3 +258,31 @@ def test_a_study_file_with_a_yaml_11_number_names_its_line(tmp_path):
                  f"  eval_prompts: 010\narms:\n  a: {{}}\n")
     with pytest.raises(ValueError, match=r"study.yaml:6:17: invalid YAML: 010 is ambiguous"):
         load_study(p)
+
+
+# ---------------------------------------------------------------- the temperature's range
+@pytest.mark.parametrize("value", [1e-30, 1e-3, 0.0099, 101.0, 1e30])
+def test_a_temperature_outside_the_range_of_meaningful_fp32_log_probs_is_refused(value):
+    """--temperature 1e-30 was accepted, and the logged ratio was 2e8: logits / T in fp32 carry
+    rounding of |logits| * 6e-8 / T nats, noise that a tiny T blows past the clip range."""
+    with pytest.raises(ValueError, match=rf"config: temperature={re.escape(repr(value))}: must be in \[0.01, 100\] "
+                                         rf"\(logits / temperature in float32"):
+        TrainConfig(algo="grpo", temperature=value)
+
+
+@pytest.mark.parametrize("value", [0.01, 0.7, 1.0, 100.0])
+def test_temperatures_in_the_range_are_accepted(value):
+    assert TrainConfig(algo="grpo", temperature=value).temperature == value
+
+
+def test_rlad_eval_refuses_the_same_temperatures(capsys):
+    assert main(["eval", "--model", "preset:micro", "--temperature", "1e-30", "--samples", "2"]) == 2
+    assert capsys.readouterr().err.startswith("rlad eval: error: --temperature 1e-30: must be in [0.01, 100] (logits / "
+                                              "temperature in float32")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sampling temperature, in [0.01, 100]" in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert "in [0.01, 100]" in " ".join(capsys.readouterr().out.split())
