@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -96,29 +95,87 @@ def _where() -> str:
     return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if launched() else ""
 
 
+# rlad eval's defaults, when neither a flag nor the run's config.json gives the setting
+EVAL_DEFAULTS = {"task": "arithmetic", "eval_task": None, "levels": None, "prompts": 128, "eval_split": None,
+                 "eval_seed": 0, "reward": "exact", "reward_timeout": 60.0, "max_new_tokens": None,
+                 "prompt_template": "{prompt}\n", "samples": 0, "temperature": 1.0, "top_p": 1.0}
+
+
+def _eval_settings(args) -> Path | None:
+    """Fill ``args``' unset settings from the run (``--run``, else the run that ``--model`` is in),
+    then from ``EVAL_DEFAULTS``; the run's folder, or None. A ``--task`` other than the run's
+    takes none of the run's task settings (``TASK_SETTINGS``)."""
+    from .heldout import RUN_EVAL_SETTINGS, TASK_SETTINGS, run_config, run_model, run_of
+
+    run = Path(args.run) if args.run else run_of(args.model) if args.model else None
+    if args.run and run_config(run) is None:
+        raise ValueError(f"--run {args.run}: no config.json of an rlad run in it; give the run's out_dir")
+    if args.model is None:
+        if run is None:
+            raise ValueError("give --model, or --run RUN_DIR (its newest checkpoint's model, on its held-out set)")
+        args.model = run_model(run)
+    elif run is not None and Path(args.model).resolve() == run.resolve():  # the run folder: its newest model
+        args.model = run_model(run)
+    elif Path(args.model, "COMPLETE").is_file():  # a checkpoint: its model/
+        if not Path(args.model, "model", "config.json").is_file():
+            raise ValueError(f"--model {args.model}: a checkpoint without model/ (a torchrun run's intermediate "
+                             f"checkpoint); write one with rlad export, and give that")
+        args.model = str(Path(args.model, "model"))
+    saved = run_config(run) if run is not None else {}
+    other_task = args.task is not None and args.task != saved.get("task", args.task)
+    if other_task:
+        print(f"note: --task {args.task} is not the task of the run {run} ({saved['task']}): scoring its own eval "
+              f"set, not the run's held-out set", flush=True)
+    for name, setting in RUN_EVAL_SETTINGS.items():
+        if getattr(args, name) is None and not (other_task and name in TASK_SETTINGS):
+            setattr(args, name, (saved.get(setting) or None) if name == "levels" else saved.get(setting))
+        if getattr(args, name) is None:
+            setattr(args, name, EVAL_DEFAULTS[name])
+    if run is not None and not other_task:
+        print(f"evaluating {args.model} on the held-out set of the run {run}, rebuilt from its config.json (task "
+              f"{args.task}, eval_task {args.eval_task}, levels {args.levels or 'all'}, {args.prompts} prompts per "
+              f"level, eval_split {args.eval_split}, eval_seed {args.eval_seed}; flags given override)", flush=True)
+        return run
+    return None
+
+
+def _notes_only(line: str) -> None:
+    """build_held_out's log in rlad eval: its notes, not its warnings about the training rows."""
+    if line.startswith("note:"):
+        print(line, flush=True)
+
+
 def _eval(args) -> int:
     import torch
 
-    from .config import template_problem
+    from .config import temperature_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
-    from .heldout import fixed_eval_set
+    from .heldout import DEFAULT_JSONL_SPLIT, build_held_out, fixed_eval_set
     from .models import context_length, load_model, model_config
     from .report import markdown_table
     from .rollout import check_context, prompt_lengths
     from .runtime import progress, resolve_device, tokenizer_for
-    from .tasks import get_task
+    from .tasks import JsonlTask, get_task
 
+    given_levels = args.levels is not None  # on the command line, not the run's
+    run = _eval_settings(args)
     # everything checked before the model is loaded
     for name in ("prompts", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.samples < 0:
         raise ValueError(f"--samples {args.samples}: must be >= 0")
-    if not (math.isfinite(args.temperature) and args.temperature > 0) or not 0 < args.top_p <= 1:
-        raise ValueError(f"--temperature {args.temperature} / --top-p {args.top_p}: the temperature must be a "
-                         f"positive number and top-p in (0, 1]")
+    if (problem := temperature_problem(args.temperature)) is not None:  # rlad train's range
+        raise ValueError(f"--temperature {args.temperature:g}: {problem}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
     if (problem := template_problem(args.prompt_template)) is not None:
         raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
+    if args.eval_split is not None and not 0 < args.eval_split < 1:
+        raise ValueError(f"--eval-split {args.eval_split}: must be in (0, 1)")
+    if args.eval_split is not None and (not args.task.startswith("jsonl:") or args.eval_task is not None):
+        raise ValueError(f"--eval-split {args.eval_split}: only splits a jsonl task that has no --eval-task (a "
+                         f"built-in task has a fixed eval set of its own)")
     device = resolve_device(args.device)
     if not args.model.startswith("preset:"):
         model_config(args.model, None, role="--model")
@@ -134,22 +191,41 @@ def _eval(args) -> int:
         budget = task.response_budget(tok, levels)
         args.max_new_tokens = budget.tokens
         print(f"max_new_tokens: {budget.tokens}, from the task ({budget.explain()})", flush=True)
-    # a built-in task: the same fixed problems that `rlad train` holds out with the same --eval-seed
-    examples, notes = fixed_eval_set(task, levels, args.prompts, args.eval_seed)
-    for note in notes:
-        print(f"note: {note}")
+    scorer = task
+    if run is not None or args.eval_split is not None or args.eval_task is not None:
+        # the held-out set of a run with these settings, built as `rlad train` builds it (rlad.preflight)
+        held = build_held_out(task, levels, per_level=args.prompts, seed=args.eval_seed, eval_task=args.eval_task,
+                              eval_split=args.eval_split, reward=args.reward, reward_timeout=args.reward_timeout,
+                              reward_errors="fail", log=_notes_only)
+        examples, scorer = held.examples, held.task
+        if scorer is not task:
+            scorer.check_reward()
+        if args.eval_task is not None and given_levels:  # an eval_task's set spans its own levels
+            examples = [e for e in examples if e.level in levels]
+            if not examples:
+                raise ValueError(f"--levels {' '.join(map(str, levels))}: the eval task {args.eval_task!r} has no "
+                                 f"prompts of these levels")
+    else:  # a built-in task: the same fixed problems that `rlad train` holds out with the same --eval-seed
+        examples, notes = fixed_eval_set(task, levels, args.prompts, args.eval_seed)
+        for note in notes:
+            print(f"note: {note}")
+        if isinstance(task, JsonlTask):
+            print(f"note: scoring the first {args.prompts} distinct prompts of each level of {task.path}; for a model "
+                  f"trained on it, give --run RUN_DIR (or --eval-split, --eval-seed and --prompts as in training: "
+                  f"{DEFAULT_JSONL_SPLIT}, 0 and 128 by default) to score only the prompts the run held out",
+                  flush=True)
     limit = context_length(model_config(args.model, tok, role="--model"))
     check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], args.prompt_template),
                   args.max_new_tokens, limit, what=f"the model {args.model!r}")
     torch.manual_seed(args.seed)
     model = load_model(args.model, tok, device=device, role="--model").eval()
     bar = progress(args.quiet, total=len(examples), desc="eval")
-    res = evaluate(model, tok, task, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
+    res = evaluate(model, tok, scorer, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
                    samples=args.samples, temperature=args.temperature, top_p=args.top_p, progress=bar)
     bar.close()
     metrics = metric_names(res)
     rows = [(f"level {lv}", int(res.get(f"n/L{lv}", 0)), *(with_se(res, m, lv) for m in metrics))
-            for lv in sorted(set(levels))]
+            for lv in sorted({e.level for e in examples})]
     rows.append(("all", int(res["n"]), *(with_se(res, m) for m in metrics)))
     print(markdown_table(["", "prompts", *(f"{m} ± s.e." for m in metrics)], rows))
     if args.out:
@@ -180,7 +256,7 @@ def _study(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_arguments
+    from .config import TEMPERATURE_RANGE, add_config_arguments
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
@@ -232,23 +308,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "(rlad-export.json); any other non-empty folder is still refused")
     x.set_defaults(func=_export)
 
-    e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level")
-    e.add_argument("--model", required=True, help="path, hub id, config:<json> or preset:<name>")
-    e.add_argument("--task", default="arithmetic", help="knights, arithmetic, echo or jsonl:<path>")
-    e.add_argument("--reward", default="exact", help="reward for jsonl tasks")
-    e.add_argument("--reward-timeout", type=float, default=60.0,
-                   help="seconds one call of a module:function reward may take (0: no limit)")
-    e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: all)")
-    e.add_argument("--prompts", type=int, default=128, help="prompts per level: of a built-in task, its fixed eval "
-                   "set (the problems `rlad train` holds out with the same --eval-seed and --eval-prompts); of a "
-                   "jsonl file, its first distinct prompts")
-    e.add_argument("--eval-seed", type=int, default=0, help="seed of a built-in task's fixed eval set")
-    e.add_argument("--samples", type=int, default=0, help="k samples per prompt for mean@k / pass@k (0: greedy only)")
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--top-p", type=float, default=1.0)
+    e = sub.add_parser("eval", help="accuracy, mean@k and pass@k of a model on held-out problems, per level",
+                       description="Scores a model on held-out prompts. Given a run (--run RUN_DIR, or a --model "
+                       "inside one: the run folder, a checkpoint, its model/, or an rlad export of it), the eval set "
+                       "is the run's held-out set, rebuilt from RUN_DIR/config.json exactly as training built it "
+                       "(task, eval_task, levels, eval_prompts, eval_split, eval_seed, reward), so no training "
+                       "prompt is scored; the run's max_new_tokens, prompt_template, eval_samples, temperature and "
+                       "top_p are the defaults too. A flag given overrides the run's setting; a --task other than "
+                       "the run's is scored on its own eval set. Without a run, the defaults below apply.")
+    e.add_argument("--run", default=None, help="the run folder (its out_dir) whose held-out set to score; the model "
+                   "defaults to its newest checkpoint's model/")
+    e.add_argument("--model", default=None, help="path, hub id, config:<json> or preset:<name> (default with --run: "
+                   "the run's newest checkpoint's model)")
+    e.add_argument("--task", default=None, help="knights, arithmetic, echo or jsonl:<path> (default: the run's, "
+                   "else arithmetic)")
+    e.add_argument("--eval-task", default=None, help="score this task's fixed eval set, as a run's eval_task "
+                   "(default: the run's, else none)")
+    e.add_argument("--reward", default=None, help="reward for jsonl tasks (default: the run's, else exact)")
+    e.add_argument("--reward-timeout", type=float, default=None,
+                   help="seconds one call of a module:function reward may take (0: no limit; default: the run's, "
+                   "else 60)")
+    e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: the run's, else all)")
+    e.add_argument("--prompts", type=int, default=None, help="prompts per level (a run's eval_prompts; default: the "
+                   "run's, else 128): of a built-in task, its fixed eval set (the problems `rlad train` holds out "
+                   "with the same --eval-seed and --eval-prompts); of a jsonl file with --eval-split, the seeded "
+                   "split that `rlad train` holds out; of a jsonl file without it, its first distinct prompts")
+    e.add_argument("--eval-split", type=float, default=None, help="of a jsonl task, score the fraction of each "
+                   "level's distinct prompts that `rlad train` holds out with the same --eval-split, --eval-seed and "
+                   "--prompts (default: the run's, else none: the file's first prompts)")
+    e.add_argument("--eval-seed", type=int, default=None, help="seed of a built-in task's fixed eval set and of a "
+                   "jsonl split (default: the run's, else 0)")
+    e.add_argument("--samples", type=int, default=None, help="k samples per prompt for mean@k / pass@k (0: greedy "
+                   "only; default: the run's eval_samples, else 0)")
+    e.add_argument("--temperature", type=float, default=None, help="sampling temperature of the --samples, in "
+                   "[{:g}, {:g}] as for rlad train (the greedy accuracy takes none; default: the run's, else 1.0)"
+                   .format(*TEMPERATURE_RANGE))
+    e.add_argument("--top-p", type=float, default=None, help="default: the run's, else 1.0")
     e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest response (default: from the task and levels, as for rlad train)")
-    e.add_argument("--prompt-template", default="{prompt}\n")
+                   help="longest response (default: the run's, else from the task and levels, as for rlad train)")
+    e.add_argument("--prompt-template", default=None, help="default: the run's, else '{prompt}\\n'")
     e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     e.add_argument("--device", default="auto")

@@ -40,6 +40,26 @@ REWARD_ERRORS = ("fail", "zero")
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
                "reward_timeout", "reward_errors", "dist_timeout")
+# The sampling temperature's range, for rlad train and rlad eval. Log-probs are
+# log_softmax(logits / T) in float32 (the fused ops and the trainer alike; the ops accept any T > 0).
+# float32 rounds at 2^-24 ~ 6e-8 relative, so a logit z carries ~|z| * 6e-8 / T nats of rounding
+# after the division, and two computations of one token's log-prob (the rollout's old log-prob and
+# the loss's new one: other batch shapes, other kernels) differ by that much with unchanged weights.
+# Unnormalized LLM logits reach |z| ~ 100: at T = 0.01 that is ~6e-4 nats, far inside the clip range
+# (0.2); at T = 1e-4 it is ~0.06, and at T = 1e-30 the ratio is rounding noise (2e8 was logged).
+# Below 0.01, sampling is greedy in all but name anyway (a logit gap of 0.1 weighs e^10): evaluate
+# greedily instead. Above 100, logits of typical magnitude (< 50) shrink below 0.5: sampling is
+# close to uniform over the vocabulary, not the model's policy.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def temperature_problem(value) -> str | None:
+    """Why ``value`` is not a sampling temperature (outside ``TEMPERATURE_RANGE``), or None."""
+    lo, hi = TEMPERATURE_RANGE
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi:
+        return None
+    return (f"must be in [{lo:g}, {hi:g}] (logits / temperature in float32: below {lo:g}, rounding swamps the "
+            f"log-prob ratios and sampling is greedy in all but name; above {hi:g}, sampling is near-uniform)")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -91,7 +111,9 @@ class TrainConfig:
     steps: int = _f(50, "RL steps (one rollout batch each)", "rollout")
     prompts_per_step: int = _f(16, "prompts per rollout batch", "rollout")
     group_size: int = _f(8, "G: responses sampled per prompt (>= 2)", "rollout")
-    temperature: float = _f(1.0, "sampling temperature; log-probs use the same", "rollout")
+    temperature: float = _f(1.0, "sampling temperature, in [{:g}, {:g}] (logits / T in float32: below {:g}, "
+                                 "rounding swamps the log-prob ratios; above {:g}, sampling is near-uniform); "
+                                 "log-probs use the same".format(*TEMPERATURE_RANGE, *TEMPERATURE_RANGE), "rollout")
     top_p: float = _f(1.0, "nucleus sampling", "rollout")
     max_new_tokens: int | None = _f(None, "longest response, in tokens (None: from the task and levels: the "
                                           "longest worked solution, x1.5 rounded up and at least +16; at least 256 "
@@ -236,10 +258,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "eval_samples", "threads", "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("temperature", "lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, "must be a positive number")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "must be a positive number")
+        if (problem := temperature_problem(self.temperature)) is not None:
+            bad("temperature", problem)
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         self._check_policy_options(bad)
@@ -335,7 +357,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Settings from a YAML file, then ``overrides`` (the command line's flags). The file is read
-        strictly: UTF-8, no key given twice, ``1e-4`` is a number, and each value must have its
+        strictly: UTF-8, no key given twice, ``1e-4`` is a number, no YAML 1.1 form that YAML 1.2
+        reads otherwise (``010``, ``1:30``, ``1_000``, ``yes``: ``yaml11_problem``), and each value must have its
         setting's type (a quoted ``"3"`` is not a number, ``"false"`` is not a boolean); an error
         names the file and the line."""
         overrides = overrides or {}
@@ -482,8 +505,27 @@ def _strict_loader():
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 fixes: ``1e-4`` is a float (1.1 wants
-        ``1.0e-4``), and a key given twice in a mapping is an error (1.1 keeps the last silently)."""
+        """PyYAML's safe loader (YAML 1.1) with YAML 1.2 fixes: ``1e-4`` is a float (1.1 wants
+        ``1.0e-4``), a key given twice in a mapping is an error (1.1 keeps the last silently), and
+        the plain scalars that YAML 1.1 reads otherwise than 1.2 are errors (``yaml11_problem``:
+        ``010`` is 8, ``1:30`` is 90, ``1_000`` is 1000, ``0b101`` is 5, ``yes``/``off`` are
+        booleans), each naming its line, column and how to write it plainly."""
+
+        def _refuse_yaml11(self, node, construct):
+            value = construct(self, node)
+            problem = yaml11_problem(node.value, value) if node.style is None else None  # a plain scalar
+            if problem:
+                raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+            return value
+
+        def construct_yaml_int(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_int)
+
+        def construct_yaml_float(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_float)
+
+        def construct_yaml_bool(self, node):
+            return self._refuse_yaml11(node, yaml.SafeLoader.construct_yaml_bool)
 
         def construct_mapping(self, node, deep=False):
             seen = {}
@@ -499,7 +541,38 @@ def _strict_loader():
     StrictLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
         list("-+0123456789."))
+    for tag, construct in (("int", StrictLoader.construct_yaml_int), ("float", StrictLoader.construct_yaml_float),
+                           ("bool", StrictLoader.construct_yaml_bool)):
+        StrictLoader.add_constructor(f"tag:yaml.org,2002:{tag}", construct)
     return StrictLoader
+
+
+def yaml11_problem(text: str, value) -> str | None:
+    """Why the plain YAML scalar ``text``, which PyYAML (YAML 1.1) reads as ``value`` (an int, a
+    float or a boolean), must be refused: YAML 1.2 (and most readers of the same file) read it
+    otherwise. None for the forms both read alike (``40``, ``-3``, ``3.0e-4``, ``0x1A``, ``.inf``,
+    ``true``/``True``)."""
+    quote = f'or quote it ("{text}") for the text'
+    if isinstance(value, bool):
+        if text.lower() in ("yes", "no", "on", "off"):
+            return f"{text} is ambiguous: YAML 1.1 reads it as {str(value).lower()}, YAML 1.2 as text; write " \
+                   f"{str(value).lower()}, {quote}"
+        return None
+    digits = text.lstrip("+-")
+    plain = f"{value:g}" if isinstance(value, float) else str(value)
+    if ":" in text:
+        return f"{text} is ambiguous: YAML 1.1 reads it as the base-60 number {plain}, YAML 1.2 as text; write " \
+               f"{plain}, {quote}"
+    if "_" in text:
+        return f"{text} is ambiguous: YAML 1.1 reads it as {plain} (underscores ignored), YAML 1.2 as text; write " \
+               f"{plain}, {quote}"
+    if isinstance(value, int) and digits.startswith("0b"):
+        return f"{text} is ambiguous: YAML 1.1 reads it as binary ({value}), YAML 1.2 as text; write {value}, {quote}"
+    if isinstance(value, int) and len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+        decimal = int(text, 10)
+        return f"{text} is ambiguous: YAML 1.1 reads a leading zero as octal ({value}), YAML 1.2 as {decimal}; " \
+               f"write {value} or {decimal}, {quote}"
+    return None
 
 
 def _parse_optional(cast):

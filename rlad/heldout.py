@@ -12,14 +12,20 @@ collapsed), so "Compute 3+4." and "compute  3+4. " are the same problem.
 
 ``HeldOut`` records the eval set's size per level; ``evaluate`` reports every accuracy with its
 standard error.
+
+``rlad eval`` of a run (``--run``, or a model inside the run's folder: ``run_of``) rebuilds the
+run's held-out set with ``build_held_out`` from the run's config.json (``RUN_EVAL_SETTINGS``),
+so it scores the prompts the run evaluated, never its training prompts.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .tasks import Example, JsonlTask, Task, get_task, prompt_key
 
@@ -135,3 +141,60 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
                              f"train on; give an eval_task without them, or add data")
     held.dropped_from_training = dropped
     return held
+
+
+# ----------------------------------------------------------------------------- rlad eval of a run
+# rlad eval's settings that a run's config.json provides (rlad eval's name -> the run's setting),
+# when the flag is not given: those that define the held-out set, then those of the run's own eval
+RUN_EVAL_SETTINGS = {"task": "task", "eval_task": "eval_task", "levels": "levels", "prompts": "eval_prompts",
+                     "eval_split": "eval_split", "eval_seed": "eval_seed", "reward": "reward",
+                     "reward_timeout": "reward_timeout", "max_new_tokens": "max_new_tokens",
+                     "prompt_template": "prompt_template", "samples": "eval_samples", "temperature": "temperature",
+                     "top_p": "top_p"}
+TASK_SETTINGS = ("task", "eval_task", "levels", "eval_split", "reward", "max_new_tokens")  # of the run's task alone
+
+
+def run_config(run) -> dict | None:
+    """The settings of the rlad run in folder ``run`` (its config.json), or None when it is not one
+    (a model's config.json has no ``task`` or ``eval_seed``)."""
+    try:
+        saved = json.loads((Path(run) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"task", "eval_seed", "out_dir"} <= saved.keys() else None
+
+
+def run_of(model: str) -> Path | None:
+    """The run folder ``model`` belongs to: the run folder itself, one of its checkpoints
+    (``checkpoints/step_NNNNNN``) or that checkpoint's ``model/``, or an ``rlad export`` of one of
+    its checkpoints (``rlad-export.json`` names the checkpoint); None for any other model."""
+    from .checkpoint import EXPORT_MARKER
+    from .rundir import STEP
+
+    p = Path(model)
+    if not p.is_dir():
+        return None
+    found = [p]
+    if (p / EXPORT_MARKER).is_file():
+        try:
+            found.append(Path(json.loads((p / EXPORT_MARKER).read_text())["checkpoint"]).parent.parent)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    p = p.resolve()
+    if p.name == "model":
+        p = p.parent
+    if STEP.match(p.name) and p.parent.name == "checkpoints":
+        found.append(p.parent.parent)
+    return next((r for r in found if run_config(r) is not None), None)
+
+
+def run_model(run) -> str:
+    """The model of the run's newest complete checkpoint that has one (``model/``: every
+    single-process checkpoint, and a torchrun run's last)."""
+    from .checkpoint import MARKER, checkpoints
+
+    for ckpt in checkpoints(run):
+        if (ckpt / MARKER).is_file() and (ckpt / "model" / "config.json").is_file():
+            return str(ckpt / "model")
+    raise ValueError(f"--run {run}: no checkpoint with a model/ folder; give --model (a checkpoint's model/ or an "
+                     f"rlad export)")

@@ -5,15 +5,19 @@ Rewards: ``exact`` (string equality after stripping), ``numeric`` (numbers equal
 ``contains`` (the reference occurs in the extracted answer), or ``module:function``: a
 callable ``f(response: str, answer: str) -> float`` importable from the Python path.
 
-With a built-in reward, answers that no response could ever match (several lines, the ``####``
-marker) and empty answers (which any response ending in ``####`` matches) are refused with the
-file and line; answers that are not numbers get a warning under ``numeric``.
+A number answer keeps its text as written (``1e2`` stays "1e2"); the same prompt with two
+different answers is refused, naming both lines. With a built-in reward, answers that no response
+could ever match (several lines, the ``####`` marker) and empty answers (which any response ending
+in ``####`` matches) are refused with the file and line; answers that are not numbers get a
+warning under ``numeric``.
 
 A ``module:function`` reward must return a finite real number in [-REWARD_LIMIT, REWARD_LIMIT]
 (``True``/``False`` count as 1/0; accuracy counts rewards >= 1 as correct). Each call runs in a
 helper thread with a timeout. A call that raises or returns anything else either stops the run
 with an error naming the reward, the example and the value (``on_error="fail"``), or scores that
-response 0 and is counted (``"zero"``); a call that times out always stops the run.
+response 0 and is counted (``"zero"``); a call that times out, or that tries to end the process
+(``sys.exit()``, any ``BaseException`` that is not an ``Exception``), always stops the run with a
+``RewardError``. A ``KeyboardInterrupt`` in the main thread (Ctrl-C) still interrupts the run.
 """
 
 from __future__ import annotations
@@ -96,13 +100,37 @@ def _is_number(answer: str) -> bool:
         return False
 
 
+class _Number(str):
+    """A JSON number as written in the file: an answer ``1e2`` stays "1e2" (``float`` would make it
+    "100.0", which ``exact`` never matches against the file's answer)."""
+
+
+def _numbers(value):
+    """``value`` with its JSON numbers (``_Number``) read as int or float, for every field but the answer."""
+    if isinstance(value, _Number):
+        return float(value) if any(c in value for c in ".eEIN") else int(value)  # I, N: Infinity, NaN
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _same_answer(a: str, b: str, reward: str) -> bool:
+    a, b = a.strip(), b.strip()
+    return a == b or (reward == "numeric" and _is_number(a) and _is_number(b) and float(a) == float(b))
+
+
 def read_jsonl(path, reward: str = "exact") -> list[Example]:
     """Examples of a JSONL file (UTF-8); a malformed line raises ValueError naming the file and
-    line. With a built-in ``reward``, answers it could never (or would always) reward are refused."""
+    line. A number answer keeps its text as written (``1e2``, ``0.0``, ``1.50``). The same prompt
+    (``prompt_key``) with two different answers is refused, naming both lines. With a built-in
+    ``reward``, answers it could never (or would always) reward are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL task file not found: {path}")
     out = []
+    first: dict[str, Example] = {}  # the first example of each prompt_key
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -116,11 +144,13 @@ def read_jsonl(path, reward: str = "exact") -> list[Example]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_int=_Number, parse_float=_Number, parse_constant=_Number)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got {type(row).__name__}")
+                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got "
+                                 f"{type(_numbers(row)).__name__}")
+            row = {k: v if k == "answer" else _numbers(v) for k, v in row.items()}
             missing = [k for k in ("prompt", "answer") if k not in row]
             if missing:
                 raise ValueError(f"{where}: missing key(s) {missing}; each line needs 'prompt' and 'answer'")
@@ -131,12 +161,19 @@ def read_jsonl(path, reward: str = "exact") -> list[Example]:
             level = row.get("level", 0)
             if not isinstance(level, int) or isinstance(level, bool):
                 raise ValueError(f"{where}: 'level' must be an integer, got {level!r}")
-            answer = str(row["answer"])
+            answer = str(row["answer"])  # a number (_Number): its text in the file, a plain str
             problem = _answer_problem(answer, reward) if reward in REWARDS else None
             if problem:
                 raise ValueError(f"{where}: {problem}")
-            out.append(Example(prompt=row["prompt"], answer=answer, level=level, solution=row.get("solution"),
-                               meta={"line": lineno}))
+            example = Example(prompt=row["prompt"], answer=answer, level=level, solution=row.get("solution"),
+                              meta={"line": lineno})
+            earlier = first.setdefault(prompt_key(example.prompt), example)
+            if not _same_answer(earlier.answer, answer, reward):
+                line0 = earlier.meta["line"]
+                raise ValueError(f"{where}: the prompt of line {line0} (the same after case-folding and collapsing "
+                                 f"whitespace) with another answer: {answer!r:.80} here, {earlier.answer!r:.80} on "
+                                 f"line {line0}; give each prompt one answer")
+            out.append(example)
     if not out:
         raise ValueError(f"{path}: no examples")
     if reward == "numeric":
@@ -165,12 +202,35 @@ class _Timeout(Exception):
     pass
 
 
+class _Ended(Exception):
+    """A call that raised a ``BaseException`` that is not an ``Exception`` (``sys.exit()``,
+    ``KeyboardInterrupt`` raised by the function itself, ...): it asked to end the process."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+    def describe(self) -> str:
+        e = self.error
+        if isinstance(e, SystemExit):
+            return f"called sys.exit({'' if e.code is None else repr(e.code)})"
+        return f"raised {type(e).__name__}" + (f": {e}" if str(e) else "")
+
+
 def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     """``fn(*args)`` in a daemon thread, waiting at most ``timeout`` seconds (0: no limit, called
     here). A call that overruns raises ``_Timeout``; its thread is left behind (Python cannot stop
-    it) and, being a daemon, does not keep the process alive."""
+    it) and, being a daemon, does not keep the process alive. A call that raises a
+    ``BaseException`` that is not an ``Exception`` (``sys.exit()``) raises ``_Ended``: never the
+    caller's exit. Called here (no limit), a ``KeyboardInterrupt`` propagates (it may be Ctrl-C);
+    in the thread it can only come from the function, since signals reach the main thread."""
     if not timeout:
-        return fn(*args)
+        try:
+            return fn(*args)
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # SystemExit, GeneratorExit, ...
+            raise _Ended(e) from None
     box = {}
 
     def target():
@@ -185,6 +245,8 @@ def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     if worker.is_alive():
         raise _Timeout
     if "error" in box:
+        if not isinstance(box["error"], Exception):
+            raise _Ended(box["error"])
         raise box["error"]
     return box["value"]
 
@@ -238,6 +300,9 @@ class JsonlTask(Task):
         except _Timeout:
             raise RewardError(f"{where}: took more than reward_timeout={self.timeout:g} s; fix the function, or "
                               f"raise reward_timeout") from None
+        except _Ended as e:  # never scored 0: the function wanted the process to end
+            raise RewardError(f"{where}: {e.describe()}; a reward must return a number, not end the process; fix "
+                              f"the function") from None
         except Exception as e:
             problem = f"raised {type(e).__name__}: {e}"
         else:

@@ -1,5 +1,7 @@
 """TrainConfig validation, YAML and command-line sources, and the CLI's error exit."""
 
+import re
+
 import pytest
 
 from rlad.cli import build_parser, main
@@ -198,3 +200,89 @@ def test_help_states_the_mini_batch_split_and_the_run_dir_rules(capsys):
     assert "split into exactly this many mini-batches (when they do not divide it, their sizes differ by one)" in out
     assert "--overwrite" in out and "--force-resume" in out and "--reward-timeout" in out and "--reward-errors" in out
     assert "An out-dir holding an earlier run is refused unless --resume true" in out
+
+
+# ---------------------------------------------------------------- YAML 1.1 forms that read differently in YAML 1.2
+@pytest.mark.parametrize("text,msg", [
+    pytest.param("steps: 010\n", r"run.yaml:2:8: invalid YAML: 010 is ambiguous: YAML 1.1 reads a leading zero as "
+                                 r"octal \(8\), YAML 1.2 as 10; write 8 or 10, or quote it \(\"010\"\) for the text",
+                 id="octal"),
+    pytest.param("steps: -007\n", r"run.yaml:2:8: invalid YAML: -007 is ambiguous: YAML 1.1 reads a leading zero",
+                 id="octal-signed"),
+    pytest.param("reward_timeout: 1:30\n", r"run.yaml:2:17: invalid YAML: 1:30 is ambiguous: YAML 1.1 reads it as the "
+                                           r"base-60 number 90, YAML 1.2 as text; write 90, or quote it \(\"1:30\"\) "
+                                           r"for the text", id="sexagesimal"),
+    pytest.param("reward_timeout: 1:30.5\n", r"run.yaml:2:17: invalid YAML: 1:30.5 is ambiguous: YAML 1.1 reads it as "
+                                             r"the base-60 number 90.5", id="sexagesimal-float"),
+    pytest.param("steps: 1_000\n", r"run.yaml:2:8: invalid YAML: 1_000 is ambiguous: YAML 1.1 reads it as 1000 "
+                                   r"\(underscores ignored\), YAML 1.2 as text; write 1000", id="underscore"),
+    pytest.param("lr: 1_0.5e-4\n", r"run.yaml:2:5: invalid YAML: 1_0.5e-4 is ambiguous: YAML 1.1 reads it as 0.00105",
+                 id="underscore-float"),
+    pytest.param("steps: 0b101\n", r"run.yaml:2:8: invalid YAML: 0b101 is ambiguous: YAML 1.1 reads it as binary "
+                                   r"\(5\), YAML 1.2 as text; write 5", id="binary"),
+    pytest.param("resume: yes\n", r"run.yaml:2:9: invalid YAML: yes is ambiguous: YAML 1.1 reads it as true, YAML 1.2 "
+                                  r"as text; write true, or quote it \(\"yes\"\) for the text", id="yes"),
+    pytest.param("quiet: Off\n", r"run.yaml:2:8: invalid YAML: Off is ambiguous: YAML 1.1 reads it as false, YAML 1.2 "
+                                 r"as text; write false", id="off"),
+    pytest.param("levels: [1, 02]\n", r"run.yaml:2:13: invalid YAML: 02 is ambiguous", id="in-a-list"),
+    pytest.param("on: 1\n", r"run.yaml:2:1: invalid YAML: on is ambiguous", id="key"),
+])
+def test_yaml_11_forms_that_yaml_12_reads_otherwise_are_refused_with_the_line(tmp_path, text, msg):
+    """010 is 8 to PyYAML (YAML 1.1) and 10 to YAML 1.2 readers; 1:30 is 90; yes is true:
+    refused with the file, line and column, and how to write the value plainly."""
+    p = tmp_path / "run.yaml"
+    p.write_text("algo: grpo\n" + text)
+    with pytest.raises(ValueError, match=msg) as err:
+        TrainConfig.from_yaml(p)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_plain_forms_are_read_as_before(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("algo: grpo\nlr: 3.0e-4\nweight_decay: 1e-5\nsteps: 40\nseed: 0\nwarmup_steps: +2\nresume: false\n"
+                 "quiet: True\nteacher: null\nref: ~\ngrad_clip: 0.5\nkd_beta: .5\nentropy_coef: 0\n"
+                 "student: '010'\ntokenizer: \"yes\"\nprompt_template: \"at 1:30 {prompt}\"\nlevels: [0, 1, 10]\n")
+    cfg = TrainConfig.from_yaml(p)
+    assert (cfg.lr, cfg.weight_decay, cfg.steps, cfg.seed, cfg.warmup_steps, cfg.resume, cfg.quiet) == \
+        (3e-4, 1e-5, 40, 0, 2, False, True)
+    assert (cfg.teacher, cfg.ref, cfg.grad_clip, cfg.kd_beta, cfg.entropy_coef) == (None, None, 0.5, 0.5, 0)
+    assert (cfg.student, cfg.tokenizer, cfg.prompt_template, cfg.levels) == ("010", "yes", "at 1:30 {prompt}",
+                                                                             [0, 1, 10])
+
+
+def test_a_study_file_with_a_yaml_11_number_names_its_line(tmp_path):
+    from rlad.study import load_study
+
+    p = tmp_path / "study.yaml"
+    p.write_text(f"out_dir: {tmp_path / 'out'}\nseeds: [0, 1]\nbase:\n  algo: grpo\n  student: preset:micro\n"
+                 f"  eval_prompts: 010\narms:\n  a: {{}}\n")
+    with pytest.raises(ValueError, match=r"study.yaml:6:17: invalid YAML: 010 is ambiguous"):
+        load_study(p)
+
+
+# ---------------------------------------------------------------- the temperature's range
+@pytest.mark.parametrize("value", [1e-30, 1e-3, 0.0099, 101.0, 1e30])
+def test_a_temperature_outside_the_range_of_meaningful_fp32_log_probs_is_refused(value):
+    """--temperature 1e-30 was accepted, and the logged ratio was 2e8: logits / T in fp32 carry
+    rounding of |logits| * 6e-8 / T nats, noise that a tiny T blows past the clip range."""
+    with pytest.raises(ValueError, match=rf"config: temperature={re.escape(repr(value))}: must be in \[0.01, 100\] "
+                                         rf"\(logits / temperature in float32"):
+        TrainConfig(algo="grpo", temperature=value)
+
+
+@pytest.mark.parametrize("value", [0.01, 0.7, 1.0, 100.0])
+def test_temperatures_in_the_range_are_accepted(value):
+    assert TrainConfig(algo="grpo", temperature=value).temperature == value
+
+
+def test_rlad_eval_refuses_the_same_temperatures(capsys):
+    assert main(["eval", "--model", "preset:micro", "--temperature", "1e-30", "--samples", "2"]) == 2
+    assert capsys.readouterr().err.startswith("rlad eval: error: --temperature 1e-30: must be in [0.01, 100] (logits / "
+                                              "temperature in float32")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sampling temperature, in [0.01, 100]" in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert "in [0.01, 100]" in " ".join(capsys.readouterr().out.split())

@@ -142,3 +142,113 @@ def test_the_summary_records_eval_sizes_and_standard_errors(tiny_config):
     assert final["n"] == 3 and final["n/L1"] == 3
     p = final["accuracy"]
     assert final["accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / 3))
+
+
+# ---------------------------------------------------------------- rlad eval rebuilds a run's held-out set
+def _eval_prompts(monkeypatch, argv, capsys=None):
+    """The prompts (and levels) ``rlad eval argv`` scores, and its exit status."""
+    import rlad.evaluate
+    from rlad.cli import main
+
+    seen, real = [], rlad.evaluate.evaluate
+
+    def recording(model, tok, task, examples, **kw):
+        seen.append([(e.prompt, e.level) for e in examples])
+        return real(model, tok, task, examples, **kw)
+
+    monkeypatch.setattr(rlad.evaluate, "evaluate", recording)
+    assert main(argv) == 0
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_rlad_eval_of_a_run_scores_exactly_its_held_out_prompts(tmp_path, tiny_config, monkeypatch, capsys):
+    """``rlad eval --task jsonl:F`` after training on F scored training prompts. Given the run
+    (``--run``, or a model inside it: its checkpoint, the checkpoint's model/, an export of it),
+    rlad eval rebuilds the run's held-out set from its config.json: the very prompts the run
+    evaluated, none of them a training row; flags given still override."""
+    import rlad.train
+    from rlad.checkpoint import export_checkpoint
+    from rlad.train import train
+
+    p = _write(tmp_path / "data.jsonl", [{"prompt": f"Echo {i}.", "answer": str(i), "level": 1 + i % 2}
+                                         for i in range(30)])
+    run_evals, real = [], rlad.train.evaluate
+
+    def recording(model, tok, task, examples, **kw):
+        run_evals.append([(e.prompt, e.level) for e in examples])
+        return real(model, tok, task, examples, **kw)
+
+    monkeypatch.setattr(rlad.train, "evaluate", recording)
+    cfg = tiny_config(task=f"jsonl:{p}", levels=[], eval_split=0.2, eval_seed=3, eval_prompts=4, steps=1)
+    train(cfg)
+    monkeypatch.undo()
+    held = run_evals[0]
+    assert all(e == held for e in run_evals) and len(held) == 6  # 3 of each level's 15 prompts (20%)
+    task = get_task(f"jsonl:{p}")
+    build_held_out(task, [1, 2], per_level=4, seed=3, eval_split=0.2)
+    trained = {prompt_key(e.prompt) for e in task.examples}
+    assert not trained & {prompt_key(q) for q, _ in held} and len(trained) + len(held) == 30
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step_000001"
+    export_checkpoint(checkpoint, tmp_path / "export")
+    for argv in (["--run", str(run)], ["--model", str(checkpoint / "model")], ["--model", str(checkpoint)],
+                 ["--model", str(run)], ["--model", str(tmp_path / "export")],
+                 ["--model", str(checkpoint / "model"), "--task", f"jsonl:{p}"],
+                 ["--run", str(run), "--model", "preset:micro"]):
+        assert _eval_prompts(monkeypatch, ["eval", *argv, "--quiet"]) == held, argv
+    out = capsys.readouterr().out
+    assert f"the held-out set of the run {run}" in out
+    # without the run, the same flags as the run's settings give the same set
+    assert _eval_prompts(monkeypatch, ["eval", "--model", "preset:micro", "--task", f"jsonl:{p}", "--eval-split",
+                                       "0.2", "--eval-seed", "3", "--prompts", "4", "--max-new-tokens", "4",
+                                       "--quiet"]) == held
+    # a flag given overrides the run's setting: another seed, another split
+    other = _eval_prompts(monkeypatch, ["eval", "--run", str(run), "--eval-seed", "4", "--quiet"])
+    assert len(other) == 6 and other != held
+    # a JSONL task without the run scores its first prompts, with a note that says so
+    capsys.readouterr()
+    _eval_prompts(monkeypatch, ["eval", "--model", "preset:micro", "--task", f"jsonl:{p}", "--prompts", "2",
+                                "--max-new-tokens", "4", "--quiet"])
+    assert "give --run RUN_DIR" in capsys.readouterr().out
+
+
+def test_rlad_eval_run_errors_are_one_line(tmp_path, capsys):
+    from rlad.cli import main
+
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"rlad eval: error: --run {tmp_path}: no config.json of an rlad run in it; " \
+                                      f"give the run's out_dir\n"
+    assert main(["eval"]) == 2
+    assert capsys.readouterr().err == "rlad eval: error: give --model, or --run RUN_DIR (its newest checkpoint's " \
+                                      "model, on its held-out set)\n"
+
+
+def test_rlad_eval_of_a_run_with_an_eval_task_scores_that_task_and_another_task_its_own(tmp_path, tiny_config,
+                                                                                      monkeypatch, capsys):
+    import rlad.train
+    from rlad.train import train
+
+    e = _write(tmp_path / "eval.jsonl", [{"prompt": f"Echo {i}{i}.", "answer": f"{i}{i}", "level": 1}
+                                         for i in range(5)])
+    run_evals, real = [], rlad.train.evaluate
+
+    def recording(model, tok, task, examples, **kw):
+        run_evals.append(([(x.prompt, x.level) for x in examples], task.path))
+        return real(model, tok, task, examples, **kw)
+
+    monkeypatch.setattr(rlad.train, "evaluate", recording)
+    train(tiny_config(eval_task=f"jsonl:{e}", eval_prompts=3, steps=1))
+    monkeypatch.undo()
+    held, path = run_evals[-1]
+    assert len(held) == 3 and path == str(e)
+    run = str(tmp_path / "run")
+    assert _eval_prompts(monkeypatch, ["eval", "--run", run, "--quiet"]) == held
+    capsys.readouterr()
+    more = _eval_prompts(monkeypatch, ["eval", "--run", run, "--prompts", "5", "--quiet"])  # a flag overrides
+    assert len(more) == 5 and more[:3] == held
+    arithmetic = _eval_prompts(monkeypatch, ["eval", "--run", run, "--task", "arithmetic", "--levels", "1",
+                                             "--prompts", "2", "--max-new-tokens", "4", "--quiet"])
+    assert [lv for _, lv in arithmetic] == [1, 1] and all(q.startswith("Compute") for q, _ in arithmetic)
+    assert "--task arithmetic is not the task of the run" in capsys.readouterr().out

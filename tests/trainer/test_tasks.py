@@ -4,11 +4,12 @@ import itertools
 import json
 import random
 import sys
+import threading
 
 import pytest
 
 from rlad.tasks import ANSWER_MARK, Arithmetic, Chains, Echo, KnightsAndKnaves, extract_answer, get_task, read_jsonl
-from rlad.tasks.jsonl import JsonlTask, load_reward
+from rlad.tasks.jsonl import JsonlTask, RewardError, load_reward
 from rlad.tasks.knights import Is, Op, evaluate, parse_assignment, solutions
 
 
@@ -187,6 +188,42 @@ def test_jsonl_that_is_not_utf8_names_the_file_and_line(tmp_path):
         read_jsonl(p)
 
 
+# ---------------------------------------------------------------- JSONL: number answers, one answer per prompt
+def test_jsonl_number_answers_keep_the_text_written_in_the_file(tmp_path):
+    """``1e2`` was stored as "100.0" and ``1.50`` as "1.5", which a response writing the file's
+    answer never matched under ``exact``; every number keeps its text (levels are still integers)."""
+    lines = ['{"prompt": "a", "answer": 0.0}', '{"prompt": "b", "answer": 1e2, "level": 2}',
+             '{"prompt": "c", "answer": 1.50}', '{"prompt": "d", "answer": -0}', '{"prompt": "e", "answer": 4}',
+             '{"prompt": "f", "answer": 12345678901234567890123}', '{"prompt": "g", "answer": 2.0E-3}']
+    examples = read_jsonl(_write(tmp_path, lines))
+    assert [e.answer for e in examples] == ["0.0", "1e2", "1.50", "-0", "4", "12345678901234567890123", "2.0E-3"]
+    assert [e.level for e in examples] == [0, 2, 0, 0, 0, 0, 0] and isinstance(examples[1].level, int)
+    task = JsonlTask(_write(tmp_path, lines))
+    assert all(task.reward(e, f"#### {e.answer}") == 1.0 for e in task.examples)
+    numeric = JsonlTask(_write(tmp_path, lines), reward="numeric")
+    assert numeric.reward(numeric.examples[1], "#### 100") == 1.0
+    with pytest.raises(ValueError, match=r"data.jsonl:1: 'level' must be an integer, got 1.0"):
+        read_jsonl(_write(tmp_path, ['{"prompt": "a", "answer": 1, "level": 1.0}']))
+    with pytest.raises(ValueError, match=r"data.jsonl:1: 'prompt' must be a non-empty string"):
+        read_jsonl(_write(tmp_path, ['{"prompt": 5, "answer": 1}']))
+
+
+def test_jsonl_the_same_prompt_with_two_answers_is_refused_with_both_lines(tmp_path):
+    rows = [json.dumps({"prompt": "What is 2+2?", "answer": 4}), json.dumps({"prompt": "other", "answer": 1}),
+            json.dumps({"prompt": "  what is 2+2? ", "answer": "5", "level": 3})]
+    with pytest.raises(ValueError, match=r"^.*data.jsonl:3: the prompt of line 1 \(the same after case-folding and "
+                                         r"collapsing whitespace\) with another answer: '5' here, '4' on line 1; give "
+                                         r"each prompt one answer$"):
+        read_jsonl(_write(tmp_path, rows))
+    # the same answer twice is a duplicate row, not a contradiction; so are 2 and 2.0 under numeric
+    same = [json.dumps({"prompt": "Q", "answer": 4}), json.dumps({"prompt": "q", "answer": " 4"})]
+    assert len(read_jsonl(_write(tmp_path, same))) == 2
+    numbers = ['{"prompt": "Q", "answer": 2}', '{"prompt": "Q", "answer": 2.0}']
+    assert len(read_jsonl(_write(tmp_path, numbers), reward="numeric")) == 2
+    with pytest.raises(ValueError, match=r"data.jsonl:2: the prompt of line 1 .* '2.0' here, '2' on line 1"):
+        read_jsonl(_write(tmp_path, numbers), reward="exact")
+
+
 # ---------------------------------------------------------------- JSONL: indexed once
 class _NoScan(list):
     def __iter__(self):
@@ -245,6 +282,16 @@ def fails_without_marker(response, answer):
     if "####" not in response:
         raise KeyError("no marker")
     return 1.0
+
+def exits(response, answer):
+    import sys
+    sys.exit(3)
+
+def exits_quietly(response, answer):
+    raise SystemExit
+
+def interrupts(response, answer):
+    raise KeyboardInterrupt
 '''
 
 
@@ -313,3 +360,55 @@ def test_a_user_reward_module_that_fails_to_import_is_reported(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match=r"cannot load reward function 'broken_rewards:f': RuntimeError: bad module"):
         load_reward("broken_rewards:f")
+
+
+# ---------------------------------------------------------------- a reward that ends the process
+@pytest.mark.parametrize("timeout", [60.0, 0.0], ids=["thread", "no-timeout"])
+@pytest.mark.parametrize("on_error", ["fail", "zero"])
+@pytest.mark.parametrize("fn,problem", [("exits", r"called sys.exit\(3\)"), ("exits_quietly", r"called sys.exit\(\)")])
+def test_a_user_reward_that_calls_sys_exit_stops_the_run_with_an_error(user_rewards, timeout, on_error, fn, problem):
+    """sys.exit() in a reward is never the run's exit (status 0, no summary): it is a RewardError
+    naming the reward and the example, whatever reward_errors says (a reward that wants to end the
+    process has not scored the response)."""
+    task = JsonlTask(user_rewards, reward=f"user_rewards:{fn}", timeout=timeout, on_error=on_error)
+    with pytest.raises(RewardError, match=rf"^reward 'user_rewards:{fn}' on the example at .*data.jsonl:1 \(response "
+                                          rf"'#### 5'\): {problem}; a reward must return a number, not end the "
+                                          rf"process; fix the function$"):
+        task.reward(task.examples[0], "#### 5")
+    with pytest.raises(RewardError, match=problem):  # caught before any work starts
+        task.check_reward()
+    assert task.failures == 0
+
+
+def test_a_keyboard_interrupt_raised_by_a_reward_in_its_thread_is_an_error(user_rewards):
+    task = JsonlTask(user_rewards, reward="user_rewards:interrupts", on_error="zero")
+    with pytest.raises(RewardError, match=r"data.jsonl:1 \(response '#### 5'\): raised KeyboardInterrupt; a reward "
+                                          r"must return a number"):
+        task.reward(task.examples[0], "#### 5")
+    # without a timeout the reward runs in the main thread, where it cannot be told from Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        JsonlTask(user_rewards, reward="user_rewards:interrupts", timeout=0).reward(task.examples[0], "#### 5")
+
+
+def test_ctrl_c_while_a_reward_runs_still_interrupts(user_rewards):
+    import os
+    import signal
+
+    task = JsonlTask(user_rewards, reward="user_rewards:hangs", timeout=30)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            task.reward(task.examples[0], "#### 5")
+    finally:
+        timer.cancel()
+
+
+def test_rlad_eval_with_a_reward_that_calls_sys_exit_fails_in_one_line(user_rewards, capsys):
+    from rlad.cli import main
+
+    assert main(["eval", "--model", "preset:micro", "--task", f"jsonl:{user_rewards}", "--reward",
+                 "user_rewards:exits", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlad eval: error: reward 'user_rewards:exits' on the example at ") and \
+        err.endswith("called sys.exit(3); a reward must return a number, not end the process; fix the function\n")
