@@ -1,0 +1,88 @@
+"""Every bad input is a one-line error before work starts: no traceback, no hang, no file written
+and no model loaded (issue 22, section 5). Each case runs ``rlad train`` (``rlad.cli.main``) on
+the smallest settings with model loading forbidden, and checks the exit status 2, the one line
+on stderr naming the setting or the file:line, and that the out_dir was never made."""
+
+from __future__ import annotations
+
+import json
+import signal
+from contextlib import contextmanager
+
+import pytest
+
+from rlad.cli import main
+
+
+def _args(tmp_path, *extra: str) -> list[str]:
+    """``rlad train`` on untrained ``preset:micro`` (grpo on echo level 1, one step of 4 sequences)
+    into ``tmp_path / "run"``; ``extra`` flags override."""
+    return ["train", "--out-dir", str(tmp_path / "run"), "--algo", "grpo", "--student", "preset:micro", "--task",
+            "echo", "--levels", "1", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "4", "--micro-batch-size", "8", "--mini-batches", "1", "--eval-prompts", "2",
+            "--eval-every", "0", "--save-every", "1", "--quiet", "true", "--threads", "1", *extra]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: every check must come before."""
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the checks were done")
+
+    monkeypatch.setattr("rlad.train.load_model", refuse)
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def refused(argv: list[str], capsys, tmp_path, command: str = "train") -> str:
+    """Run ``rlad <argv>``: exit status 2, one line on stderr (returned), no out_dir made."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"rlad {command}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    return err
+
+
+def _jsonl(tmp_path, *lines: str):
+    p = tmp_path / "data.jsonl"
+    p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return p
+
+
+ROWS = [json.dumps({"prompt": f"Echo {i}.", "answer": str(i)}) for i in range(10)]
+
+
+# ----------------------------------------------------------------------------- distributed: rows per rank
+@pytest.mark.parametrize("extra,rows", [
+    pytest.param(["--prompts-per-step", "2", "--group-size", "2"], 2, id="grpo"),  # 4 rows, 2 per rank
+    pytest.param(["--algo", "sft", "--teacher", "preset:micro", "--prompts-per-step", "4"], 2, id="sft"),
+])
+def test_two_ranks_holding_fewer_rows_than_mini_batches_are_refused(tmp_path, capsys, monkeypatch, no_model, extra,
+                                                                     rows):
+    """Each of 2 ranks splits its own rows into mini_batches: fewer rows than mini-batches crashed
+    after the step-0 eval (``cannot reshape tensor of 0 elements``); refused at launch."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def preflight(cfg):
+        raise AssertionError("the launch was not refused: preflight ran")
+
+    monkeypatch.setattr("rlad.train.preflight", preflight)
+    err = refused(_args(tmp_path, *extra, "--mini-batches", "3"), capsys, tmp_path)
+    assert f"mini_batches=3: each of the 2 ranks holds {rows} rows of a step's batch" in err
+    assert "rank 0 of 2" in err
