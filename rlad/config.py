@@ -35,6 +35,9 @@ AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 REWARD_ERRORS = ("fail", "zero")
+# the most eval prompts per level: the eval set is built, tokenized and checked before the run
+# starts, and an accuracy over this many prompts has a standard error of at most 0.005
+MAX_EVAL_PROMPTS = 10_000
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 # (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
@@ -161,7 +164,10 @@ class TrainConfig:
 
     # evaluation
     eval_every: int = _f(10, "evaluate every N steps (0: only at the end)", "evaluation")
-    eval_prompts: int = _f(128, "held-out prompts per level (distinct; never drawn for training)", "evaluation")
+    eval_prompts: int = _f(128, "held-out prompts per level (distinct; never drawn for training), at most "
+                                f"{MAX_EVAL_PROMPTS}; a built-in task's level with fewer distinct problems holds out "
+                                "half of them, and one whose eval set would leave under a tenth of its problems to "
+                                "training is refused", "evaluation")
     eval_seed: int = _f(0, "seed of the fixed eval set of each level (apart from seed, so that every run of a study "
                            "is scored on the same problems)", "evaluation")
     eval_task: str | None = _f(None, "evaluate on this task instead (jsonl:<path> or a built-in name); training "
@@ -282,6 +288,9 @@ class TrainConfig:
             spec = getattr(self, name)
             if spec is not None and spec.startswith("jsonl:") and not Path(spec[len("jsonl:"):]).is_file():
                 bad(name, "JSONL file not found")
+        if self.eval_prompts > MAX_EVAL_PROMPTS:
+            bad("eval_prompts", f"at most {MAX_EVAL_PROMPTS} per level (an accuracy over {MAX_EVAL_PROMPTS} prompts "
+                                f"already has a standard error of at most 0.005)")
         if self.eval_split is not None:
             if not 0 < self.eval_split < 1:
                 bad("eval_split", "must be in (0, 1)")

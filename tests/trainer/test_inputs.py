@@ -6,12 +6,15 @@ on stderr naming the setting or the file:line, and that the out_dir was never ma
 from __future__ import annotations
 
 import json
+import random
 import signal
 from contextlib import contextmanager
 
 import pytest
 
 from rlad.cli import main
+from rlad.heldout import build_held_out, generated_eval_set
+from rlad.tasks import Arithmetic
 
 
 def _args(tmp_path, *extra: str) -> list[str]:
@@ -86,3 +89,44 @@ def test_two_ranks_holding_fewer_rows_than_mini_batches_are_refused(tmp_path, ca
     err = refused(_args(tmp_path, *extra, "--mini-batches", "3"), capsys, tmp_path)
     assert f"mini_batches=3: each of the 2 ranks holds {rows} rows of a step's batch" in err
     assert "rank 0 of 2" in err
+
+
+# ----------------------------------------------------------------------------- the eval set
+def test_eval_set_drawing_stops_when_a_level_runs_out(monkeypatch):
+    """Arithmetic level 1 has 200 distinct problems: asking for a million drew 20 million times."""
+    calls = {"n": 0}
+    make = Arithmetic.make
+
+    def counted(self, rng, level):
+        calls["n"] += 1
+        if calls["n"] > 50_000:
+            raise AssertionError("the eval set's drawing spins")
+        return make(self, rng, level)
+
+    monkeypatch.setattr(Arithmetic, "make", counted)
+    examples, notes = generated_eval_set(Arithmetic(), [1], 1_000_000, seed=0)
+    assert len(examples) == 100 and calls["n"] < 5_000  # about 1200 draws find all 200
+    assert "level 1 of task 'arithmetic' has only about 200 distinct problems; 100 of them are held out" in notes[0]
+
+
+def test_eval_prompts_beyond_the_limit_are_refused(tmp_path, capsys, no_model):
+    with deadline(60):
+        err = refused(_args(tmp_path, "--eval-prompts", "1000000"), capsys, tmp_path)
+    assert "config: eval_prompts=1000000: at most 10000" in err
+
+
+def test_an_eval_set_that_takes_a_whole_level_is_refused(tmp_path, capsys, no_model):
+    """Holding out all 200 problems of arithmetic level 1 left training nothing to draw: the run
+    failed at its first step, after the models were loaded and the step-0 eval ran."""
+    err = refused(_args(tmp_path, "--task", "arithmetic", "--eval-prompts", "200"), capsys, tmp_path)
+    assert ("config: eval_prompts=200: level 1 of task 'arithmetic' has about 200 distinct problems and the eval set "
+            "holds out 200 of them, leaving 0 to train on") in err
+
+
+def test_an_eval_set_that_leaves_most_of_a_level_is_kept():
+    task = Arithmetic()
+    held = build_held_out(task, [1], per_level=128, seed=0)  # the default: 72 problems left to train on
+    assert held.sizes == {1: 128}
+    assert len({e.prompt for e in task.sample(random.Random(0), 2000, [1])}) == 72
+    with pytest.raises(ValueError, match=r"eval_prompts=195: .* leaving 5 to train on"):
+        build_held_out(Arithmetic(), [1], per_level=195, seed=0)
