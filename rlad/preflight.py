@@ -15,6 +15,7 @@ failure is a one-line ValueError naming the setting, the value and the fix.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .algorithms import POLICY
 from .config import TrainConfig
 from .heldout import HeldOut, build_held_out
 from .models import context_length, model_config
-from .rollout import check_context, prompt_lengths
+from .rollout import check_context, check_text_chars, max_token_chars, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for, tokenizer_spec
 from .tasks import Example, JsonlTask, Task, get_task
@@ -156,6 +157,15 @@ def preflight(cfg: TrainConfig) -> Setup:
                          f"{unknown}")
     task.check_reward()
     check_tokenizers(cfg, roles, tok)
+    # prompts plus responses must fit every model's positions (checked below, on their tokens); a
+    # text too long for the shortest context even at the tokenizer's longest token is refused first,
+    # by its length in characters, before anything tokenizes it
+    limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
+    role = min(limits, key=limits.get) if limits else None
+    fits = functools.partial(check_text_chars, template=cfg.prompt_template, limit=limits.get(role),
+                             chars_per_token=max_token_chars(tok), what=f"the {role} {roles.get(role)!r}")
+    if isinstance(task, JsonlTask):
+        fits(task.examples, where=task.path)
     cfg = resolve_max_new_tokens(cfg, task, tok, levels)
     held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
                           eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
@@ -163,13 +173,13 @@ def preflight(cfg: TrainConfig) -> Setup:
     if held.task is not task:  # an eval_task scores the eval set with its own reward
         held.task.check_reward()
     eval_set = held.examples
+    if isinstance(held.task, JsonlTask) and held.task is not task:
+        fits(eval_set, where=held.task.path)
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
     # the held-out set's (a built-in task's prompts of a level have similar lengths; every batch
     # is checked again when it is generated)
-    limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
     if limits:
-        role = min(limits, key=limits.get)
         examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")

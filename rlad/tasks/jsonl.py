@@ -96,6 +96,15 @@ def _is_number(answer: str) -> bool:
         return False
 
 
+def _surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate (which no UTF-8 text can), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def read_jsonl(path, reward: str = "exact") -> list[Example]:
     """Examples of a JSONL file (UTF-8); a malformed line raises ValueError naming the file and
     line. With a built-in ``reward``, answers it could never (or would always) reward are refused."""
@@ -126,6 +135,10 @@ def read_jsonl(path, reward: str = "exact") -> list[Example]:
                 raise ValueError(f"{where}: missing key(s) {missing}; each line needs 'prompt' and 'answer'")
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
                 raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+            for key in ("prompt", "answer", "solution"):  # a \ud800 escape: valid JSON, not text
+                if isinstance(row.get(key), str) and (i := _surrogate_at(row[key])) is not None:
+                    raise ValueError(f"{where}: '{key}' holds a lone surrogate (\\u{ord(row[key][i]):04x} at "
+                                     f"character {i + 1}), which is not text; fix its \\u escape")
             if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
                 raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(row['answer']).__name__}")
             level = row.get("level", 0)
@@ -154,11 +167,24 @@ def reward_value_problem(value) -> str | None:
         hint = {str: "return a number, not its text", type(None): "does a branch miss its return?"}
         extra = hint.get(type(value), "return a Python float, e.g. value.item() for a tensor")
         return f"returned {value!r:.80} ({type(value).__name__}), not a real number ({extra})"
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int (or a fraction) too large for a float: its magnitude
+        return f"returned a number of about {'-' if value < 0 else ''}10^{_log10(abs(value))}, too large for a float " \
+               f"(not a finite number)"
+    if not finite:
         return f"returned {value}, not a finite number"
     if abs(value) > REWARD_LIMIT:
         return f"returned {value:g}, outside [-{REWARD_LIMIT:g}, {REWARD_LIMIT:g}]"
     return None
+
+
+def _log10(value) -> int:
+    """floor(log10(value)) of a positive real too large for a float (an int, a fraction, ...)."""
+    if isinstance(value, numbers.Rational):
+        n, d = int(value.numerator), int(value.denominator)
+        return math.floor(math.log10(n) - math.log10(d))
+    return math.floor(math.log10(int(value)))
 
 
 class _Timeout(Exception):

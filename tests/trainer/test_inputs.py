@@ -6,15 +6,18 @@ on stderr naming the setting or the file:line, and that the out_dir was never ma
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 from contextlib import contextmanager
+from fractions import Fraction
 
 import pytest
 
 from rlad.cli import main
 from rlad.heldout import build_held_out, generated_eval_set
 from rlad.tasks import Arithmetic
+from rlad.tasks.jsonl import reward_value_problem
 
 
 def _args(tmp_path, *extra: str) -> list[str]:
@@ -130,3 +133,61 @@ def test_an_eval_set_that_leaves_most_of_a_level_is_kept():
     assert len({e.prompt for e in task.sample(random.Random(0), 2000, [1])}) == 72
     with pytest.raises(ValueError, match=r"eval_prompts=195: .* leaving 5 to train on"):
         build_held_out(Arithmetic(), [1], per_level=195, seed=0)
+
+
+# ----------------------------------------------------------------------------- JSONL data
+@pytest.fixture
+def no_long_tokenizing(monkeypatch):
+    """Tokenizing a text of more than 100k characters fails the test."""
+    import rlad.preflight
+    import rlad.tasks.budget
+
+    def guard(module, name):
+        real = getattr(module, name)
+
+        def wrapped(tok, texts, *a, **k):
+            assert max(map(len, texts), default=0) < 100_000, f"{name} tokenized a text of {max(map(len, texts))} chars"
+            return real(tok, texts, *a, **k)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    guard(rlad.preflight, "prompt_lengths")
+    guard(rlad.tasks.budget, "token_counts")
+
+
+@pytest.mark.parametrize("field", ["prompt", "answer", "solution"])
+def test_a_text_longer_than_any_context_is_refused_before_tokenizing(tmp_path, capsys, no_model, no_long_tokenizing,
+                                                                      field):
+    row = {"prompt": "Echo 1.", "answer": "1", field: "x " * 500_000}
+    data = _jsonl(tmp_path, *ROWS, json.dumps(row))
+    err = refused(_args(tmp_path, "--task", f"jsonl:{data}", "--levels", "0"), capsys, tmp_path)
+    assert f"{data}:11: '{field}' has 1000000 characters" in err
+    assert "the 1024 positions of the student 'preset:micro'" in err
+
+
+@pytest.mark.parametrize("field", ["prompt", "answer", "solution"])
+def test_a_lone_surrogate_in_jsonl_is_refused_with_its_line(tmp_path, capsys, no_model, field):
+    row = {"prompt": "Echo 1.", "answer": "1", field: "\ud800 x"}
+    data = _jsonl(tmp_path, *ROWS, json.dumps(row))  # json writes it as the escape \ud800, which JSON allows
+    assert "\\ud800" in data.read_text()
+    err = refused(_args(tmp_path, "--task", f"jsonl:{data}", "--levels", "0"), capsys, tmp_path)
+    assert f"{data}:11: '{field}' holds a lone surrogate (\\ud800" in err
+
+
+def test_a_reward_too_large_for_a_float_is_a_reward_error(tmp_path, capsys, monkeypatch, no_model):
+    (tmp_path / "huge_reward.py").write_text("def score(response, answer):\n    return 10**400\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _jsonl(tmp_path, *ROWS)
+    err = refused(_args(tmp_path, "--task", f"jsonl:{data}", "--levels", "0", "--reward", "huge_reward:score"),
+                  capsys, tmp_path)
+    assert "reward 'huge_reward:score' on the example at" in err
+    assert "returned a number of about 10^400, too large for a float (not a finite number)" in err
+
+
+@pytest.mark.parametrize("value,magnitude", [(10**400, "10^400"), (-(10**5000), "-10^5000"),
+                                             (Fraction(10**400, 3), "10^399")], ids=["int", "negative", "fraction"])
+def test_reward_values_too_large_for_a_float(value, magnitude):
+    assert reward_value_problem(value) == f"returned a number of about {magnitude}, too large for a float (not a " \
+                                          f"finite number)"
+    assert reward_value_problem(2000) == "returned 2000, outside [-1000, 1000]"
+    assert reward_value_problem(math.inf) == "returned inf, not a finite number"
