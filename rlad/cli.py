@@ -74,7 +74,7 @@ def _where() -> str:
 def _eval(args) -> int:
     import torch
 
-    from .config import template_problem
+    from .config import seed_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
     from .heldout import fixed_eval_set
     from .models import context_length, load_model, model_config
@@ -89,6 +89,9 @@ def _eval(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.samples < 0:
         raise ValueError(f"--samples {args.samples}: must be >= 0")
+    for name in ("seed", "eval_seed"):
+        if (problem := seed_problem(getattr(args, name))) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
     if not (math.isfinite(args.temperature) and args.temperature > 0) or not 0 < args.top_p <= 1:
         raise ValueError(f"--temperature {args.temperature} / --top-p {args.top_p}: the temperature must be a "
                          f"positive number and top-p in (0, 1]")

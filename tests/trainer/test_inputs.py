@@ -15,6 +15,7 @@ from fractions import Fraction
 import pytest
 
 from rlad.cli import main
+from rlad.config import TrainConfig
 from rlad.heldout import build_held_out, generated_eval_set
 from rlad.tasks import Arithmetic
 from rlad.tasks.jsonl import reward_value_problem
@@ -191,3 +192,24 @@ def test_reward_values_too_large_for_a_float(value, magnitude):
                                           f"finite number)"
     assert reward_value_problem(2000) == "returned 2000, outside [-1000, 1000]"
     assert reward_value_problem(math.inf) == "returned inf, not a finite number"
+
+
+# ----------------------------------------------------------------------------- seeds
+@pytest.mark.parametrize("flag", ["--seed", "--eval-seed"])
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1])
+def test_a_seed_out_of_range_is_refused(tmp_path, capsys, no_model, flag, value):
+    err = refused(_args(tmp_path, flag, str(value)), capsys, tmp_path)
+    name = flag[2:].replace("-", "_")
+    assert f"config: {name}={value}: must be an integer in [-2**63, 2**63)" in err
+
+
+def test_the_largest_seeds_are_accepted():
+    TrainConfig(algo="grpo", seed=2**63 - 1, eval_seed=-(2**63))
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--eval-seed"])
+def test_rlad_eval_refuses_a_seed_out_of_range(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.setattr("rlad.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    err = refused(["eval", "--model", "preset:micro", "--task", "echo", "--levels", "1", "--prompts", "2",
+                   "--max-new-tokens", "4", "--quiet", flag, str(2**64)], capsys, tmp_path, command="eval")
+    assert f"{flag} {2**64}: must be an integer in [-2**63, 2**63)" in err
