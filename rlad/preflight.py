@@ -25,7 +25,7 @@ import torch
 from .algorithms import POLICY
 from .config import TrainConfig
 from .heldout import HeldOut, build_held_out
-from .models import context_length, model_config
+from .models import context_length, model_config, vocab_size
 from .rollout import check_context, check_text_chars, max_token_chars, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for, tokenizer_spec
@@ -101,6 +101,28 @@ def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
                              f"both sides: use a {role} trained with the student's tokenizer")
 
 
+def check_vocab_sizes(cfg: TrainConfig, roles: dict[str, str], configs: dict[str, Any], tok) -> None:
+    """Before any model loads, from their configs: the student's head must have a row for each
+    token of the run's tokenizer (a smaller one fails with an IndexError on the first token past
+    it), and the teacher's and the reference model's at least as many as the student's
+    (``models.check_vocab``, whose wording this keeps, checks the loaded heads again)."""
+    n = len(tok)
+    sizes = {role: v for role, c in configs.items() if (v := vocab_size(c)) is not None}
+    student = sizes.get("student")
+    if student is not None and student < n:
+        raise ValueError(f"config: student: {roles['student']!r} has vocab_size {student} in its config, fewer than "
+                         f"the {n} tokens of the run's tokenizer {tokenizer_source(cfg)}: token ids past "
+                         f"{student - 1} have no row in its head; use the student's own tokenizer, or a student "
+                         f"trained with this one")
+    least, whose = (student, "the student's") if student is not None else (n, "the run's tokenizer's")
+    for role, v in sizes.items():
+        if role != "student" and v < least:
+            name = "reference model" if role == "ref" else role
+            raise ValueError(f"config: {role}: the {name}'s vocabulary ({v}) is smaller than {whose} ({least}): "
+                             f"{roles[role]!r} has vocab_size {v} in its config; they do not share a tokenizer, and "
+                             f"distillation needs the same token ids on both sides")
+
+
 def resolve_max_new_tokens(cfg: TrainConfig, task: Task, tok, levels: list[int]) -> TrainConfig:
     """``cfg`` with max_new_tokens from the task when unset (printed, with why); a warning when a
     value set cannot fit the longest reference response."""
@@ -148,6 +170,8 @@ def preflight(cfg: TrainConfig) -> Setup:
     for role, spec in roles.items():
         if spec.startswith("preset:"):
             configs[role] = model_config(spec, tok, role=f"config: {role}")
+
+    check_vocab_sizes(cfg, roles, configs, tok)
 
     task = get_task(cfg.task, cfg.reward, reward_timeout=cfg.reward_timeout, reward_errors=cfg.reward_errors)
     levels = list(cfg.levels) or list(task.levels)

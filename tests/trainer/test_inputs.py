@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 from contextlib import contextmanager
 from fractions import Fraction
@@ -19,6 +20,7 @@ from rlad.config import TrainConfig
 from rlad.heldout import build_held_out, generated_eval_set
 from rlad.tasks import Arithmetic
 from rlad.tasks.jsonl import reward_value_problem
+from rlad.tokenizer import ASSET
 
 
 def _args(tmp_path, *extra: str) -> list[str]:
@@ -213,3 +215,40 @@ def test_rlad_eval_refuses_a_seed_out_of_range(tmp_path, capsys, monkeypatch, fl
     err = refused(["eval", "--model", "preset:micro", "--task", "echo", "--levels", "1", "--prompts", "2",
                    "--max-new-tokens", "4", "--quiet", flag, str(2**64)], capsys, tmp_path, command="eval")
     assert f"{flag} {2**64}: must be an integer in [-2**63, 2**63)" in err
+
+
+# ----------------------------------------------------------------------------- models and tokenizers
+def _config(tmp_path, name: str, vocab_size: int) -> str:
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 32,
+                             "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                             "num_key_value_heads": 1, "max_position_embeddings": 256}))
+    return f"config:{p}"
+
+
+def test_a_student_head_smaller_than_the_tokenizer_is_refused(tmp_path, capsys, no_model, tok):
+    small = _config(tmp_path, "small", len(tok) - 10)
+    err = refused(_args(tmp_path, "--student", small), capsys, tmp_path)
+    assert f"config: student: {small!r} has vocab_size {len(tok) - 10} in its config, fewer than the {len(tok)} " \
+           f"tokens of the run's tokenizer" in err
+
+
+@pytest.mark.parametrize("student_rows", [0, 64], ids=["tokenizer-sized-student", "padded-student"])
+def test_a_teacher_head_smaller_than_the_students_is_refused(tmp_path, capsys, no_model, tok, student_rows):
+    student = "preset:micro" if not student_rows else _config(tmp_path, "student", len(tok) + student_rows)
+    teacher = _config(tmp_path, "teacher", len(tok) - 10 + student_rows)
+    err = refused(_args(tmp_path, "--student", student, "--algo", "rlad", "--teacher", teacher), capsys, tmp_path)
+    assert f"config: teacher: the teacher's vocabulary ({len(tok) - 10 + student_rows}) is smaller than the " \
+           f"student's ({len(tok) + student_rows}): {teacher!r} has vocab_size" in err
+
+
+@pytest.mark.parametrize("keep", [(), ("pad_token",)], ids=["no-eos-no-pad", "pad-only"])
+def test_a_tokenizer_without_eos_is_refused(tmp_path, capsys, no_model, keep):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(ASSET, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for name in {"eos_token", "pad_token"} - set(keep):
+        config.pop(name)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    err = refused(_args(tmp_path, "--tokenizer", str(folder)), capsys, tmp_path)
+    assert f"the tokenizer {str(folder)!r} has no EOS token" in err
