@@ -148,7 +148,7 @@ def _notes_only(line: str) -> None:
 def _eval(args) -> int:
     import torch
 
-    from .config import temperature_problem, template_problem
+    from .config import seed_problem, temperature_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
     from .heldout import DEFAULT_JSONL_SPLIT, build_held_out, fixed_eval_set
     from .models import context_length, load_model, model_config
@@ -169,6 +169,9 @@ def _eval(args) -> int:
         raise ValueError(f"--temperature {args.temperature:g}: {problem}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    for name in ("seed", "eval_seed"):
+        if (problem := seed_problem(getattr(args, name))) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
     if (problem := template_problem(args.prompt_template)) is not None:
         raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
     if args.eval_split is not None and not 0 < args.eval_split < 1:

@@ -35,6 +35,12 @@ AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 REWARD_ERRORS = ("fail", "zero")
+# the most eval prompts per level: the eval set is built, tokenized and checked before the run
+# starts, and an accuracy over this many prompts has a standard error of at most 0.005
+MAX_EVAL_PROMPTS = 10_000
+# seeds are 64-bit signed integers: torch.manual_seed takes [-2**63, 2**64), and the run derives
+# others from its seed by adding small constants (seed + 2_000_003: the eval stream)
+SEED_RANGE = (-(2**63), 2**63)
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 # (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
@@ -73,7 +79,7 @@ class TrainConfig:
     # run
     out_dir: str = _f("runs/rlad", "output folder: metrics.jsonl, plots, summary, checkpoints; new, empty or an "
                                    "earlier rlad run's (rlad-run.json), and never a folder holding an input", "run")
-    seed: int = _f(0, "seed of data, sampling and initialization", "run")
+    seed: int = _f(0, "seed of data, sampling and initialization (in [-2**63, 2**63), as eval_seed)", "run")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)", "run")
     dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", "run")
@@ -183,7 +189,10 @@ class TrainConfig:
 
     # evaluation
     eval_every: int = _f(10, "evaluate every N steps (0: only at the end)", "evaluation")
-    eval_prompts: int = _f(128, "held-out prompts per level (distinct; never drawn for training)", "evaluation")
+    eval_prompts: int = _f(128, "held-out prompts per level (distinct; never drawn for training), at most "
+                                f"{MAX_EVAL_PROMPTS}; a built-in task's level with fewer distinct problems holds out "
+                                "half of them, and one whose eval set would leave under a tenth of its problems to "
+                                "training is refused", "evaluation")
     eval_seed: int = _f(0, "seed of the fixed eval set of each level (apart from seed, so that every run of a study "
                            "is scored on the same problems)", "evaluation")
     eval_task: str | None = _f(None, "evaluate on this task instead (jsonl:<path> or a built-in name); training "
@@ -304,6 +313,12 @@ class TrainConfig:
             spec = getattr(self, name)
             if spec is not None and spec.startswith("jsonl:") and not Path(spec[len("jsonl:"):]).is_file():
                 bad(name, "JSONL file not found")
+        for name in ("seed", "eval_seed"):
+            if (problem := seed_problem(getattr(self, name))) is not None:
+                bad(name, problem)
+        if self.eval_prompts > MAX_EVAL_PROMPTS:
+            bad("eval_prompts", f"at most {MAX_EVAL_PROMPTS} per level (an accuracy over {MAX_EVAL_PROMPTS} prompts "
+                                f"already has a standard error of at most 0.005)")
         if self.eval_split is not None:
             if not 0 < self.eval_split < 1:
                 bad("eval_split", "must be in (0, 1)")
@@ -388,6 +403,13 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None):
         super().__init__(message)
         self.field = field
+
+
+def seed_problem(seed: int) -> str | None:
+    """Why ``seed`` cannot seed a run (``SEED_RANGE``), or None."""
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        return "must be an integer in [-2**63, 2**63)"
+    return None
 
 
 def template_problem(template: str) -> str | None:

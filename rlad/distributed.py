@@ -94,10 +94,12 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
     return _STATE, device
 
 
-def check_launch(prompts_per_step: int) -> None:
-    """Before any work in a torchrun launch: ``prompts_per_step`` must divide among the ranks (a
-    ValueError on every rank otherwise), and only rank 0 prints (the other ranks' stdout goes to
-    /dev/null; their errors still reach stderr)."""
+def check_launch(prompts_per_step: int, rows_per_prompt: int = 1, mini_batches: int = 1) -> None:
+    """Before any work in a torchrun launch: ``prompts_per_step`` must divide among the ranks, and
+    each rank's share of the batch (``prompts_per_step / world`` prompts of ``rows_per_prompt``
+    rows each: the group size, or 1 for sft) must fill ``mini_batches`` mini-batches, since each
+    rank splits its own rows (a ValueError on every rank otherwise); then only rank 0 prints (the
+    other ranks' stdout goes to /dev/null; their errors still reach stderr)."""
     import sys
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -105,6 +107,12 @@ def check_launch(prompts_per_step: int) -> None:
         raise ValueError(f"config: prompts_per_step={prompts_per_step}: must be divisible by the number of ranks "
                          f"({world}), so that every rank samples the same number of prompts (each with its whole "
                          f"group)")
+    rows = prompts_per_step // world * rows_per_prompt
+    if rows < mini_batches:
+        raise ValueError(f"config: mini_batches={mini_batches}: each of the {world} ranks holds {rows} rows of a "
+                         f"step's batch (prompts_per_step={prompts_per_step} / {world} ranks"
+                         f"{f' x group_size={rows_per_prompt}' if rows_per_prompt > 1 else ''}) and splits them "
+                         f"into mini_batches itself; set mini_batches <= {rows}, or raise prompts_per_step")
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
 

@@ -21,6 +21,7 @@ so it scores the prompts the run evaluated, never its training prompts.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -30,9 +31,13 @@ from pathlib import Path
 from .tasks import Example, JsonlTask, Task, get_task, prompt_key
 
 # a level whose generator yields fewer distinct problems than asked for: draws tried before
-# concluding so, and the share of the distinct problems found that the eval set may take
+# concluding so (at most DRAWS_PER_PROMPT per prompt asked, and STALE_DRAWS in a row that find
+# nothing new), and the share of the distinct problems found that the eval set may take
 DRAWS_PER_PROMPT = 20
+STALE_DRAWS = 2000
 MAX_EVAL_SHARE = 0.5
+# the most of a level's distinct problems that the eval set may hold out of training
+MAX_EVAL_COVER = 0.9
 DEFAULT_JSONL_SPLIT = 0.1
 
 
@@ -64,10 +69,11 @@ def generated_eval_set(task: Task, levels: Sequence[int], per_level: int, seed: 
     for level in sorted(set(levels)):
         rng = random.Random(f"{task.name}/eval/{seed}/L{level}")
         found: dict[str, Example] = {}
+        stale = 0
         for _ in range(per_level * DRAWS_PER_PROMPT):
             ex = task.make(rng, level)
-            found.setdefault(prompt_key(ex.prompt), ex)
-            if len(found) >= per_level:
+            stale = stale + 1 if found.setdefault(prompt_key(ex.prompt), ex) is not ex else 0
+            if len(found) >= per_level or stale >= STALE_DRAWS:
                 break
         picked = list(found.values())
         if len(picked) < per_level:  # a small level: keep part of it for training
@@ -139,8 +145,36 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
         if emptied:
             raise ValueError(f"{task.path}: every prompt of level(s) {emptied} is in the eval set, so none is left to "
                              f"train on; give an eval_task without them, or add data")
+    if not isinstance(task, JsonlTask):
+        check_trainable(task, levels, held, per_level=per_level, seed=seed)
     held.dropped_from_training = dropped
     return held
+
+
+def check_trainable(task: Task, levels: Sequence[int], held: HeldOut, *, per_level: int, seed: int) -> None:
+    """Refuse a generator's level whose eval set holds out more than ``MAX_EVAL_COVER`` of its
+    distinct problems (training would draw the few left again and again, or, with none left, fail
+    at its first step). Draws with a stream of its own until it has found problems enough outside
+    the eval set, or ``STALE_DRAWS`` in a row that find nothing new: a bounded search."""
+    for level in sorted(set(levels)):
+        rng = random.Random(f"{task.name}/trainable/{seed}/L{level}")
+        n_held = len({prompt_key(e.prompt) for e in held.examples if e.level == level})
+        need = max(1, math.ceil(n_held * (1 - MAX_EVAL_COVER) / MAX_EVAL_COVER))
+        free: set[str] = set()
+        stale = 0
+        while len(free) < need and stale < STALE_DRAWS:
+            key = prompt_key(task.make(rng, level).prompt)
+            if key in task.held_out or key in free:
+                stale += 1
+            else:
+                free.add(key)
+                stale = 0
+        if len(free) < need:
+            total = n_held + len(free)
+            raise ValueError(f"config: eval_prompts={per_level}: level {level} of task {task.name!r} has about "
+                             f"{total} distinct problems and the eval set holds out {n_held} of them, leaving "
+                             f"{len(free)} to train on; lower eval_prompts (to {int(total * MAX_EVAL_SHARE)} or "
+                             f"fewer, half of the level), or train on other levels")
 
 
 # ----------------------------------------------------------------------------- rlad eval of a run

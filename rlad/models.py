@@ -87,6 +87,15 @@ def context_length(config) -> int | None:
     return None
 
 
+def vocab_size(config) -> int | None:
+    """The rows of the model's lm_head, as its config says (None when it does not)."""
+    for c in (config, getattr(config, "get_text_config", lambda: None)()):
+        value = getattr(c, "vocab_size", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0,
                role: str = "model"):
     """A causal LM from a path / hub id, ``config:<file.json>`` or ``preset:<name>``."""

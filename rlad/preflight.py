@@ -15,6 +15,7 @@ failure is a one-line ValueError naming the setting, the value and the fix.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ import torch
 from .algorithms import POLICY
 from .config import TrainConfig
 from .heldout import HeldOut, build_held_out
-from .models import context_length, model_config
-from .rollout import check_context, prompt_lengths
+from .models import context_length, model_config, vocab_size
+from .rollout import check_context, check_text_chars, max_token_chars, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for, tokenizer_spec
 from .tasks import Example, JsonlTask, Task, get_task
@@ -100,6 +101,28 @@ def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
                              f"both sides: use a {role} trained with the student's tokenizer")
 
 
+def check_vocab_sizes(cfg: TrainConfig, roles: dict[str, str], configs: dict[str, Any], tok) -> None:
+    """Before any model loads, from their configs: the student's head must have a row for each
+    token of the run's tokenizer (a smaller one fails with an IndexError on the first token past
+    it), and the teacher's and the reference model's at least as many as the student's
+    (``models.check_vocab``, whose wording this keeps, checks the loaded heads again)."""
+    n = len(tok)
+    sizes = {role: v for role, c in configs.items() if (v := vocab_size(c)) is not None}
+    student = sizes.get("student")
+    if student is not None and student < n:
+        raise ValueError(f"config: student: {roles['student']!r} has vocab_size {student} in its config, fewer than "
+                         f"the {n} tokens of the run's tokenizer {tokenizer_source(cfg)}: token ids past "
+                         f"{student - 1} have no row in its head; use the student's own tokenizer, or a student "
+                         f"trained with this one")
+    least, whose = (student, "the student's") if student is not None else (n, "the run's tokenizer's")
+    for role, v in sizes.items():
+        if role != "student" and v < least:
+            name = "reference model" if role == "ref" else role
+            raise ValueError(f"config: {role}: the {name}'s vocabulary ({v}) is smaller than {whose} ({least}): "
+                             f"{roles[role]!r} has vocab_size {v} in its config; they do not share a tokenizer, and "
+                             f"distillation needs the same token ids on both sides")
+
+
 def resolve_max_new_tokens(cfg: TrainConfig, task: Task, tok, levels: list[int]) -> TrainConfig:
     """``cfg`` with max_new_tokens from the task when unset (printed, with why); a warning when a
     value set cannot fit the longest reference response."""
@@ -148,6 +171,8 @@ def preflight(cfg: TrainConfig) -> Setup:
         if spec.startswith("preset:"):
             configs[role] = model_config(spec, tok, role=f"config: {role}")
 
+    check_vocab_sizes(cfg, roles, configs, tok)
+
     task = get_task(cfg.task, cfg.reward, reward_timeout=cfg.reward_timeout, reward_errors=cfg.reward_errors)
     levels = list(cfg.levels) or list(task.levels)
     unknown = [lv for lv in levels if lv not in task.levels]
@@ -156,6 +181,15 @@ def preflight(cfg: TrainConfig) -> Setup:
                          f"{unknown}")
     task.check_reward()
     check_tokenizers(cfg, roles, tok)
+    # prompts plus responses must fit every model's positions (checked below, on their tokens); a
+    # text too long for the shortest context even at the tokenizer's longest token is refused first,
+    # by its length in characters, before anything tokenizes it
+    limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
+    role = min(limits, key=limits.get) if limits else None
+    fits = functools.partial(check_text_chars, template=cfg.prompt_template, limit=limits.get(role),
+                             chars_per_token=max_token_chars(tok), what=f"the {role} {roles.get(role)!r}")
+    if isinstance(task, JsonlTask):
+        fits(task.examples, where=task.path)
     cfg = resolve_max_new_tokens(cfg, task, tok, levels)
     held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
                           eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
@@ -163,13 +197,13 @@ def preflight(cfg: TrainConfig) -> Setup:
     if held.task is not task:  # an eval_task scores the eval set with its own reward
         held.task.check_reward()
     eval_set = held.examples
+    if isinstance(held.task, JsonlTask) and held.task is not task:
+        fits(eval_set, where=held.task.path)
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
     # the held-out set's (a built-in task's prompts of a level have similar lengths; every batch
     # is checked again when it is generated)
-    limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
     if limits:
-        role = min(limits, key=limits.get)
         examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")

@@ -162,6 +162,34 @@ def check_context(examples: Sequence[Example], lengths: Sequence[int], max_new_t
                          f"n_positions): {examples[i].prompt[:60]!r}; lower max_new_tokens or shorten the prompts")
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` can stand for: the longest token string of its
+    vocabulary (a byte-level token's string has one character per byte, a SentencePiece or
+    WordPiece token's is as long as its text or longer), at least 1."""
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
+def check_text_chars(examples: Sequence[Example], template: str, limit: int | None, chars_per_token: int,
+                     what: str = "the model", where: str = "") -> None:
+    """Before tokenizing: refuse an example whose prompt (in ``template``), answer or solution has
+    more characters than ``limit`` positions could hold at ``chars_per_token`` (``max_token_chars``),
+    naming ``where`` (a file) and its line. Tokenizing such a text costs time and memory that grow
+    with it (a 5 MB line: half a minute and gigabytes) only to learn that it cannot fit."""
+    if limit is None:
+        return
+    most = limit * chars_per_token
+    extra = len(template) - len("{prompt}")
+    for e in examples:
+        for key, text, n in (("prompt", e.prompt, len(e.prompt) + extra), ("answer", e.answer, len(e.answer)),
+                             ("solution", e.solution, len(e.solution or ""))):
+            if text is not None and n > most:
+                line = e.meta.get("line")
+                at = f"{where}:{line}: " if where and line is not None else ""
+                raise ValueError(f"{at}'{key}' has {len(text)} characters, more than the {limit} positions of {what} "
+                                 f"could hold at {chars_per_token} characters per token (the longest token of the "
+                                 f"tokenizer); shorten it or leave the example out")
+
+
 def truncated_rows(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """[B] bool: the responses [B, T] (as ``generate`` returns them) with no EOS, which
     ``generate`` stopped at ``max_new_tokens``. A response that ends early is padded after its

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from .tokenizer import load_tokenizer
+from .tokenizer import ASSET, load_tokenizer
 
 __all__ = ["autocast_for", "frozen", "progress", "resolve_device", "tokenizer_for"]
 
@@ -47,8 +47,16 @@ def tokenizer_spec(model: str, tokenizer: str | None = None) -> str | None:
 
 
 def tokenizer_for(model: str, tokenizer: str | None = None):
-    """The run's tokenizer (``tokenizer_spec``), loaded."""
-    return load_tokenizer(tokenizer_spec(model, tokenizer))
+    """The run's tokenizer (``tokenizer_spec``), loaded; one without an EOS token is refused (every
+    response ends with EOS, where generation stops; a tokenizer without a pad token pads with it)."""
+    spec = tokenizer_spec(model, tokenizer)
+    tok = load_tokenizer(spec)
+    if tok.eos_token_id is None:
+        nor = "" if tok.pad_token is not None else ", nor a pad token"
+        raise ValueError(f"the tokenizer {str(spec or ASSET)!r} has no EOS token (eos_token{nor}): every response "
+                         f"ends with EOS, where generation stops; use a tokenizer that sets eos_token (in its "
+                         f"tokenizer_config.json)")
+    return tok
 
 
 def frozen(model):

@@ -321,7 +321,8 @@ def train(cfg: TrainConfig) -> dict:
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (see ``resume_point``)."""
     if D.launched():
-        D.check_launch(cfg.prompts_per_step)  # before any work: the batch divides among the ranks
+        D.check_launch(cfg.prompts_per_step, cfg.group_size if cfg.algorithm.batch == ROLLOUTS else 1,
+                       cfg.mini_batches)  # before any work: the batch divides among the ranks
     setup = preflight(cfg)
     cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set
     with signals.graceful_stop():  # SIGTERM / SIGINT: the lock released, the last line says where to resume

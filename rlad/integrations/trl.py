@@ -35,6 +35,7 @@ refused in ``RLADConfig`` with the reason, never silently changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +54,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from rlad_kernels import PolicyLossConfig, apply_rlad_kernels
 from rlad_kernels.ops.policy_loss.config import CLAMP_GRADS, KD_ESTIMATORS, MIXTURES
 
-from ..models import check_vocab
+from ..models import _hub_id_like, check_vocab
+from ..tokenizer import TOKENIZER_FILES
 
 TRL_MIN, TRL_MAX = Version("1.16"), Version("2.0")
 if not TRL_MIN <= Version(trl.__version__) < TRL_MAX:
@@ -167,13 +169,45 @@ def _tokenizer_of(processing_class):
     return getattr(processing_class, "tokenizer", None) or processing_class
 
 
+def _check_teacher_path(spec: str, *, need_tokenizer: bool) -> None:
+    """A teacher named by a path must be a model folder (``config.json``) with its tokenizer's files
+    (unless ``teacher_processing_class`` is given): a one-line ValueError naming ``teacher_model``
+    otherwise, before anything loads. A name that is no local path but looks like a Hugging Face
+    Hub id is left to ``from_pretrained`` (``_load_or_explain``)."""
+    where = f"RLADTrainer: teacher_model={spec!r}"
+    local = Path(spec)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"{where}: folder has no config.json: it is not a model saved with save_pretrained")
+        if need_tokenizer and not any((local / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"{where}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                             f"teacher's tokenizer there, or pass teacher_processing_class=")
+    elif local.exists():
+        raise ValueError(f"{where}: is a file; give the teacher's folder (the one with config.json)")
+    elif not _hub_id_like(spec):
+        raise ValueError(f"{where}: model folder not found")
+
+
+def _load_or_explain(spec: str, what: str, load, **kw):
+    """``load(spec, **kw)``; Hugging Face's error (a hub id that cannot be reached, files it cannot
+    read) as a one-line ValueError naming ``teacher_model``."""
+    try:
+        return load(spec, **kw)
+    except (OSError, ValueError) as e:
+        where = "" if Path(spec).is_dir() else " (no such local folder, and not loadable as a Hugging Face Hub id)"
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"RLADTrainer: teacher_model={spec!r}: cannot load its {what}{where}: {first}") from None
+
+
 class RLADTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` with RLAD's teacher-anchored ratio (or KDRL), through the fused loss.
 
     Takes ``GRPOTrainer``'s arguments plus ``teacher_model`` (an id/path or a loaded causal LM;
     default ``args.teacher_model``) and ``teacher_processing_class`` (default: loaded with the
     teacher when it is an id/path). The teacher must tokenize exactly as the student does (same
-    ids for every token, same special tokens); a mismatch is refused before training starts.
+    ids for every token, same special tokens); a mismatch is refused before training starts. A
+    teacher named by a path is checked before anything loads (a model folder, with its tokenizer
+    unless ``teacher_processing_class`` is given), and its tokenizer is loaded then too.
     """
 
     _tag_names = ["trl", "grpo", "rlad"]
@@ -188,6 +222,11 @@ class RLADTrainer(GRPOTrainer):
         if args.distillation != "none" and teacher_model is None:
             raise ValueError(f"distillation={args.distillation!r} needs a teacher: set RLADConfig.teacher_model or "
                              f"pass teacher_model= (or use distillation='none')")
+        if args.distillation != "none" and isinstance(teacher_model, str):  # before anything loads
+            _check_teacher_path(teacher_model, need_tokenizer=teacher_processing_class is None)
+            if teacher_processing_class is None:
+                teacher_processing_class = _load_or_explain(
+                    teacher_model, "tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=args.trust_remote_code)
         super().__init__(model, reward_funcs, args=args, **kwargs)
         ds = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
         if ds is not None and ds.zero_stage == 3:
@@ -207,9 +246,9 @@ class RLADTrainer(GRPOTrainer):
         if isinstance(spec, str):
             kw = dict(args.teacher_model_init_kwargs or {})
             kw.setdefault("dtype", self.model.dtype)
-            teacher_tok = teacher_processing_class or AutoTokenizer.from_pretrained(
-                spec, trust_remote_code=args.trust_remote_code)
-            teacher = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=args.trust_remote_code, **kw)
+            teacher_tok = teacher_processing_class  # loaded in __init__ when not given
+            teacher = _load_or_explain(spec, "model", AutoModelForCausalLM.from_pretrained,
+                                       trust_remote_code=args.trust_remote_code, **kw)
         elif isinstance(spec, PreTrainedModel):
             teacher, teacher_tok = spec, teacher_processing_class
             if teacher_tok is None:

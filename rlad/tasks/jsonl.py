@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import numbers
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -121,6 +122,15 @@ def _same_answer(a: str, b: str, reward: str) -> bool:
     return a == b or (reward == "numeric" and _is_number(a) and _is_number(b) and float(a) == float(b))
 
 
+def _surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate (which no UTF-8 text can), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def read_jsonl(path, reward: str = "exact") -> list[Example]:
     """Examples of a JSONL file (UTF-8); a malformed line raises ValueError naming the file and
     line. A number answer keeps its text as written (``1e2``, ``0.0``, ``1.50``). The same prompt
@@ -156,6 +166,10 @@ def read_jsonl(path, reward: str = "exact") -> list[Example]:
                 raise ValueError(f"{where}: missing key(s) {missing}; each line needs 'prompt' and 'answer'")
             if not isinstance(row["prompt"], str) or not row["prompt"].strip():
                 raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+            for key in ("prompt", "answer", "solution"):  # a \ud800 escape: valid JSON, not text
+                if isinstance(row.get(key), str) and (i := _surrogate_at(row[key])) is not None:
+                    raise ValueError(f"{where}: '{key}' holds a lone surrogate (\\u{ord(row[key][i]):04x} at "
+                                     f"character {i + 1}), which is not text; fix its \\u escape")
             if not isinstance(row["answer"], (str, int, float)) or isinstance(row["answer"], bool):
                 raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(row['answer']).__name__}")
             level = row.get("level", 0)
@@ -191,11 +205,24 @@ def reward_value_problem(value) -> str | None:
         hint = {str: "return a number, not its text", type(None): "does a branch miss its return?"}
         extra = hint.get(type(value), "return a Python float, e.g. value.item() for a tensor")
         return f"returned {value!r:.80} ({type(value).__name__}), not a real number ({extra})"
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int (or a fraction) too large for a float: its magnitude
+        return f"returned a number of about {'-' if value < 0 else ''}10^{_log10(abs(value))}, too large for a float " \
+               f"(not a finite number)"
+    if not finite:
         return f"returned {value}, not a finite number"
     if abs(value) > REWARD_LIMIT:
         return f"returned {value:g}, outside [-{REWARD_LIMIT:g}, {REWARD_LIMIT:g}]"
     return None
+
+
+def _log10(value) -> int:
+    """floor(log10(value)) of a positive real too large for a float (an int, a fraction, ...)."""
+    if isinstance(value, numbers.Rational):
+        n, d = int(value.numerator), int(value.denominator)
+        return math.floor(math.log10(n) - math.log10(d))
+    return math.floor(math.log10(int(value)))
 
 
 class _Timeout(Exception):
@@ -217,6 +244,14 @@ class _Ended(Exception):
         return f"raised {type(e).__name__}" + (f": {e}" if str(e) else "")
 
 
+def _end_a_fork(pid: int) -> None:
+    """A copy of the trainer forked inside the reward (``os.fork()`` without an exec) ends as the
+    reward returns in it, before it runs any of the trainer's code (rlad.signals.check_writer
+    also stops it at any write)."""
+    if os.getpid() != pid:
+        os._exit(0)
+
+
 def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     """``fn(*args)`` in a daemon thread, waiting at most ``timeout`` seconds (0: no limit, called
     here). A call that overruns raises ``_Timeout``; its thread is left behind (Python cannot stop
@@ -224,13 +259,17 @@ def call_with_timeout(fn: Callable, args: tuple, timeout: float):
     ``BaseException`` that is not an ``Exception`` (``sys.exit()``) raises ``_Ended``: never the
     caller's exit. Called here (no limit), a ``KeyboardInterrupt`` propagates (it may be Ctrl-C);
     in the thread it can only come from the function, since signals reach the main thread."""
+    pid = os.getpid()
     if not timeout:
         try:
-            return fn(*args)
+            value = fn(*args)
         except (Exception, KeyboardInterrupt):
             raise
         except BaseException as e:  # SystemExit, GeneratorExit, ...
             raise _Ended(e) from None
+        finally:
+            _end_a_fork(pid)
+        return value
     box = {}
 
     def target():
@@ -238,6 +277,8 @@ def call_with_timeout(fn: Callable, args: tuple, timeout: float):
             box["value"] = fn(*args)
         except BaseException as e:  # handed to the caller
             box["error"] = e
+        finally:
+            _end_a_fork(pid)
 
     worker = threading.Thread(target=target, name=f"rlad-reward-{getattr(fn, '__name__', 'fn')}", daemon=True)
     worker.start()

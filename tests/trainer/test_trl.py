@@ -13,6 +13,8 @@
 
 import copy
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +251,38 @@ def test_mismatched_teacher_tokenizer_is_refused(models, tmp_path):
 def test_unsupported_settings_are_refused(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         RLADConfig(**_args(tmp_path), **kw)
+
+
+def _no_tokenizer(models, tmp_path):
+    """A teacher folder with the model's files but no tokenizer's."""
+    folder = tmp_path / "teacher-model-only"
+    folder.mkdir()
+    for f in Path(models["teacher"]).iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, folder / f.name)
+    return str(folder)
+
+
+@pytest.mark.parametrize("spec,match", [
+    pytest.param(lambda m, t: str(t / "missing"), r"teacher_model='.*missing': model folder not found", id="missing"),
+    pytest.param(lambda m, t: str(t), r"teacher_model='.*': folder has no config.json", id="not-a-model"),
+    pytest.param(_no_tokenizer, r"teacher_model='.*teacher-model-only': the folder has no tokenizer files "
+                                r"\(tokenizer.json, .*\); save the teacher's tokenizer there, or pass "
+                                r"teacher_processing_class=", id="no-tokenizer"),
+])
+def test_a_teacher_path_is_checked_before_anything_loads(models, tmp_path, monkeypatch, spec, match):
+    """A missing teacher folder, or one without a tokenizer, gave Hugging Face's own errors once
+    the student was loaded; now a one-line ValueError naming teacher_model, before any loading."""
+    teacher = spec(models, tmp_path)
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the teacher was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)  # the teacher
+    monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", no_load)  # TRL's load of the student
+    tok = AutoTokenizer.from_pretrained(models["student"])
+    for kw in (dict(teacher_model=teacher), dict()):  # the argument, or RLADConfig.teacher_model
+        args = RLADConfig(**_args(tmp_path), **({} if kw else dict(teacher_model=teacher)))
+        with pytest.raises(ValueError, match=match) as err:
+            RLADTrainer(models["student"], _reward, args=args, train_dataset=_dataset(), processing_class=tok, **kw)
+        assert "\n" not in str(err.value)
