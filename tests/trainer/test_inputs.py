@@ -161,7 +161,7 @@ def no_long_tokenizing(monkeypatch):
 @pytest.mark.parametrize("field", ["prompt", "answer", "solution"])
 def test_a_text_longer_than_any_context_is_refused_before_tokenizing(tmp_path, capsys, no_model, no_long_tokenizing,
                                                                       field):
-    row = {"prompt": "Echo 1.", "answer": "1", field: "x " * 500_000}
+    row = {"prompt": "Echo 10.", "answer": "10", field: "x " * 500_000}  # a prompt of its own
     data = _jsonl(tmp_path, *ROWS, json.dumps(row))
     err = refused(_args(tmp_path, "--task", f"jsonl:{data}", "--levels", "0"), capsys, tmp_path)
     assert f"{data}:11: '{field}' has 1000000 characters" in err
@@ -170,7 +170,7 @@ def test_a_text_longer_than_any_context_is_refused_before_tokenizing(tmp_path, c
 
 @pytest.mark.parametrize("field", ["prompt", "answer", "solution"])
 def test_a_lone_surrogate_in_jsonl_is_refused_with_its_line(tmp_path, capsys, no_model, field):
-    row = {"prompt": "Echo 1.", "answer": "1", field: "\ud800 x"}
+    row = {"prompt": "Echo 10.", "answer": "10", field: "\ud800 x"}
     data = _jsonl(tmp_path, *ROWS, json.dumps(row))  # json writes it as the escape \ud800, which JSON allows
     assert "\\ud800" in data.read_text()
     err = refused(_args(tmp_path, "--task", f"jsonl:{data}", "--levels", "0"), capsys, tmp_path)
