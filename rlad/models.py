@@ -57,6 +57,18 @@ def model_config(spec: str, tokenizer, *, role: str = "model"):
                 return AutoConfig.for_model(**json.load(f))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{role}: cannot read model config {path!r}: {_one_line(e)}") from None
+    check_model_path(spec, role)
+    local = Path(spec)
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        where = "" if local.is_dir() else " (no such local folder, and not loadable as a Hugging Face Hub id)"
+        raise ValueError(f"{role}: cannot load {spec!r}{where}: {_one_line(e)}") from None
+
+
+def check_model_path(spec: str, role: str) -> None:
+    """``spec`` names a model that could load: a folder with ``config.json``, or a name that looks
+    like a Hugging Face Hub id (left to ``from_pretrained``); a one-line ValueError naming ``role``."""
     local = Path(spec)
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -66,11 +78,6 @@ def model_config(spec: str, tokenizer, *, role: str = "model"):
         raise ValueError(f"{role}: {spec!r} is a file; give the model's folder (the one with config.json)")
     elif not _hub_id_like(spec):
         raise ValueError(f"{role}: model folder {spec!r} not found")
-    try:
-        return AutoConfig.from_pretrained(spec)
-    except (OSError, ValueError) as e:
-        where = "" if local.is_dir() else " (no such local folder, and not loadable as a Hugging Face Hub id)"
-        raise ValueError(f"{role}: cannot load {spec!r}{where}: {_one_line(e)}") from None
 
 
 def _one_line(err: BaseException) -> str:

@@ -54,7 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from rlad_kernels import PolicyLossConfig, apply_rlad_kernels
 from rlad_kernels.ops.policy_loss.config import CLAMP_GRADS, KD_ESTIMATORS, MIXTURES
 
-from ..models import _hub_id_like, check_vocab
+from ..models import check_model_path, check_vocab
 from ..tokenizer import TOKENIZER_FILES
 
 TRL_MIN, TRL_MAX = Version("1.16"), Version("2.0")
@@ -174,18 +174,12 @@ def _check_teacher_path(spec: str, *, need_tokenizer: bool) -> None:
     (unless ``teacher_processing_class`` is given): a one-line ValueError naming ``teacher_model``
     otherwise, before anything loads. A name that is no local path but looks like a Hugging Face
     Hub id is left to ``from_pretrained`` (``_load_or_explain``)."""
-    where = f"RLADTrainer: teacher_model={spec!r}"
+    check_model_path(spec, "RLADTrainer: teacher_model")
     local = Path(spec)
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ValueError(f"{where}: folder has no config.json: it is not a model saved with save_pretrained")
-        if need_tokenizer and not any((local / name).is_file() for name in TOKENIZER_FILES):
-            raise ValueError(f"{where}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
-                             f"teacher's tokenizer there, or pass teacher_processing_class=")
-    elif local.exists():
-        raise ValueError(f"{where}: is a file; give the teacher's folder (the one with config.json)")
-    elif not _hub_id_like(spec):
-        raise ValueError(f"{where}: model folder not found")
+    if local.is_dir() and need_tokenizer and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"RLADTrainer: teacher_model={spec!r}: the folder has no tokenizer files "
+                         f"({', '.join(TOKENIZER_FILES)}); save the teacher's tokenizer there, or pass "
+                         f"teacher_processing_class=")
 
 
 def _load_or_explain(spec: str, what: str, load, **kw):

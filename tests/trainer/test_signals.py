@@ -18,6 +18,7 @@ gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -137,41 +138,41 @@ def _study(tmp_path, steps: int = 100_000) -> tuple[Path, Path]:
     return spec, tmp_path / "study" / "grpo" / "seed_0"
 
 
-def test_kill_9_of_a_study_takes_its_run_with_it(tmp_path):
+@contextlib.contextmanager
+def _running_study(tmp_path):
+    """``rlad study`` of one long run, once that run trains: (the study's process, its log, the
+    run's folder, the run's PID); whatever is left of them is killed afterwards."""
     spec, run = _study(tmp_path)
     with open(tmp_path / "study.log", "w+") as log:
         proc = _start(["-m", "rlad", "study", str(spec), "--quiet"], log)
         try:
-            child = _wait(lambda: _training(run), 120, "the study's run to train", log)
-            proc.kill()
-            proc.wait(30)
-            _wait(lambda: not _alive(child), 60, f"the orphaned run (PID {child}) to end")
-            assert lock_holder(run) is None and not (run / LOCK).exists()  # a graceful stop released it
-            tail = (run / "train.log").read_text().strip().splitlines()[-1]
-            assert "stopped by SIGTERM" in tail and "--resume true" in tail, tail
+            yield proc, log, run, _wait(lambda: _training(run), 120, "the study's run to train", log)
         finally:
             proc.kill()
             _kill_all(str(tmp_path))
+
+
+def test_kill_9_of_a_study_takes_its_run_with_it(tmp_path):
+    with _running_study(tmp_path) as (proc, log, run, child):
+        proc.kill()
+        proc.wait(30)
+        _wait(lambda: not _alive(child), 60, f"the orphaned run (PID {child}) to end")
+        assert lock_holder(run) is None and not (run / LOCK).exists()  # a graceful stop released it
+        tail = (run / "train.log").read_text().strip().splitlines()[-1]
+        assert "stopped by SIGTERM" in tail and "--resume true" in tail, tail
 
 
 def test_sigint_to_a_study_stops_its_runs_at_once(tmp_path):
-    spec, run = _study(tmp_path)
-    with open(tmp_path / "study.log", "w+") as log:
-        proc = _start(["-m", "rlad", "study", str(spec), "--quiet"], log)
-        try:
-            child = _wait(lambda: _training(run), 120, "the study's run to train", log)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(60) == 130
-            assert time.monotonic() - t0 < 30  # not the 100,000 steps of the run
-            assert not _alive(child) and lock_holder(run) is None
-            log.seek(0)
-            last = log.read().strip().splitlines()[-1]
-            assert "rlad study: stopped by SIGINT; runs stopped: grpo/seed_0" in last, last
-            assert "stopped by SIGINT" in (run / "train.log").read_text()
-        finally:
-            proc.kill()
-            _kill_all(str(tmp_path))
+    with _running_study(tmp_path) as (proc, log, run, child):
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert time.monotonic() - t0 < 30  # not the 100,000 steps of the run
+        assert not _alive(child) and lock_holder(run) is None
+        log.seek(0)
+        last = log.read().strip().splitlines()[-1]
+        assert "rlad study: stopped by SIGINT; runs stopped: grpo/seed_0" in last, last
+        assert "stopped by SIGINT" in (run / "train.log").read_text()
 
 
 def test_sigterm_to_train_nproc_stops_torchrun_and_its_ranks(tmp_path):

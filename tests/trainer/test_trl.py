@@ -264,8 +264,8 @@ def _no_tokenizer(models, tmp_path):
 
 
 @pytest.mark.parametrize("spec,match", [
-    pytest.param(lambda m, t: str(t / "missing"), r"teacher_model='.*missing': model folder not found", id="missing"),
-    pytest.param(lambda m, t: str(t), r"teacher_model='.*': folder has no config.json", id="not-a-model"),
+    pytest.param(lambda m, t: str(t / "missing"), r"teacher_model: model folder '.*missing' not found", id="missing"),
+    pytest.param(lambda m, t: str(t), r"teacher_model: folder '.*' has no config.json", id="not-a-model"),
     pytest.param(_no_tokenizer, r"teacher_model='.*teacher-model-only': the folder has no tokenizer files "
                                 r"\(tokenizer.json, .*\); save the teacher's tokenizer there, or pass "
                                 r"teacher_processing_class=", id="no-tokenizer"),
