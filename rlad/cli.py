@@ -58,29 +58,23 @@ def _relaunch(nproc: int) -> int:
     return run_child(cmd, what=f"torchrun and its {nproc} ranks")
 
 
-def run_child(cmd: list[str], *, what: str, grace_s: float = 60.0) -> int:
+def run_child(cmd: list[str], *, what: str) -> int:
     """Run ``cmd`` (torchrun) to its end and return its exit code. It dies with this process
     (``PR_SET_PDEATHSIG``, Linux), and SIGINT / SIGTERM sent here are passed on to it (torchrun
-    passes them to its ranks, which stop gracefully); a child still running ``grace_s`` seconds
-    later is killed. Then this process exits with ``128 + signal``."""
-    import signal
+    passes them to its ranks, which stop gracefully); a child still running ``signals.GRACE_S``
+    seconds later is killed. Then this process exits with ``128 + signal``."""
     import subprocess
 
-    from .signals import Stopped, die_with_parent, graceful_stop, name
+    from .signals import GRACE_S, Stopped, die_with_parent, graceful_stop, name, stop_children
 
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     with graceful_stop():
         try:
             return proc.wait()
         except Stopped as stop:
-            print(f"rlad train: {name(stop.signum)}: stopping {what} (at most {grace_s:.0f} s)", file=sys.stderr,
+            print(f"rlad train: {name(stop.signum)}: stopping {what} (at most {GRACE_S:.0f} s)", file=sys.stderr,
                   flush=True)
-            proc.send_signal(stop.signum)
-            try:
-                proc.wait(grace_s)
-            except (subprocess.TimeoutExpired, Stopped):  # too slow, or told again: now
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            stop_children([proc], stop.signum)
             stop.where = (f"{what} stopped (exit {proc.returncode}); continue with the same command and --resume "
                           f"true")
             raise
@@ -95,16 +89,12 @@ def _where() -> str:
     return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if launched() else ""
 
 
-# rlad eval's defaults, when neither a flag nor the run's config.json gives the setting
-EVAL_DEFAULTS = {"task": "arithmetic", "eval_task": None, "levels": None, "prompts": 128, "eval_split": None,
-                 "eval_seed": 0, "reward": "exact", "reward_timeout": 60.0, "max_new_tokens": None,
-                 "prompt_template": "{prompt}\n", "samples": 0, "temperature": 1.0, "top_p": 1.0}
-
-
 def _eval_settings(args) -> Path | None:
     """Fill ``args``' unset settings from the run (``--run``, else the run that ``--model`` is in),
-    then from ``EVAL_DEFAULTS``; the run's folder, or None. A ``--task`` other than the run's
-    takes none of the run's task settings (``TASK_SETTINGS``)."""
+    then from ``rlad train``'s defaults of those settings; the run's folder, or None. A ``--task``
+    other than the run's takes none of the run's task settings (``TASK_SETTINGS``)."""
+    from .checkpoint import MARKER
+    from .config import train_defaults
     from .heldout import RUN_EVAL_SETTINGS, TASK_SETTINGS, run_config, run_model, run_of
 
     run = Path(args.run) if args.run else run_of(args.model) if args.model else None
@@ -116,7 +106,7 @@ def _eval_settings(args) -> Path | None:
         args.model = run_model(run)
     elif run is not None and Path(args.model).resolve() == run.resolve():  # the run folder: its newest model
         args.model = run_model(run)
-    elif Path(args.model, "COMPLETE").is_file():  # a checkpoint: its model/
+    elif Path(args.model, MARKER).is_file():  # a checkpoint: its model/
         if not Path(args.model, "model", "config.json").is_file():
             raise ValueError(f"--model {args.model}: a checkpoint without model/ (a torchrun run's intermediate "
                              f"checkpoint); write one with rlad export, and give that")
@@ -126,11 +116,12 @@ def _eval_settings(args) -> Path | None:
     if other_task:
         print(f"note: --task {args.task} is not the task of the run {run} ({saved['task']}): scoring its own eval "
               f"set, not the run's held-out set", flush=True)
+    defaults = train_defaults()
     for name, setting in RUN_EVAL_SETTINGS.items():
         if getattr(args, name) is None and not (other_task and name in TASK_SETTINGS):
-            setattr(args, name, (saved.get(setting) or None) if name == "levels" else saved.get(setting))
+            setattr(args, name, saved.get(setting))
         if getattr(args, name) is None:
-            setattr(args, name, EVAL_DEFAULTS[name])
+            setattr(args, name, defaults[setting])
     if run is not None and not other_task:
         print(f"evaluating {args.model} on the held-out set of the run {run}, rebuilt from its config.json (task "
               f"{args.task}, eval_task {args.eval_task}, levels {args.levels or 'all'}, {args.prompts} prompts per "

@@ -425,6 +425,11 @@ def template_problem(template: str) -> str | None:
     return None
 
 
+def train_defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` setting's default (``rlad eval`` takes those of the settings it shares)."""
+    return {f.name: _default(f) for f in fields(TrainConfig)}
+
+
 def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 

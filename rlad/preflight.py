@@ -15,7 +15,6 @@ failure is a one-line ValueError naming the setting, the value and the fix.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,10 +185,14 @@ def preflight(cfg: TrainConfig) -> Setup:
     # by its length in characters, before anything tokenizes it
     limits = {role: n for role, c in configs.items() if (n := context_length(c)) is not None}
     role = min(limits, key=limits.get) if limits else None
-    fits = functools.partial(check_text_chars, template=cfg.prompt_template, limit=limits.get(role),
-                             chars_per_token=max_token_chars(tok), what=f"the {role} {roles.get(role)!r}")
+
+    def fits(data: JsonlTask, examples) -> None:  # a data file's texts, by their length in characters
+        if role is not None:
+            check_text_chars(examples, cfg.prompt_template, limits[role], max_token_chars(tok),
+                             what=f"the {role} {roles[role]!r}", where=data.path)
+
     if isinstance(task, JsonlTask):
-        fits(task.examples, where=task.path)
+        fits(task, task.examples)
     cfg = resolve_max_new_tokens(cfg, task, tok, levels)
     held = build_held_out(task, levels, per_level=cfg.eval_prompts, seed=cfg.eval_seed, eval_task=cfg.eval_task,
                           eval_split=cfg.eval_split, reward=cfg.reward, reward_timeout=cfg.reward_timeout,
@@ -198,7 +201,7 @@ def preflight(cfg: TrainConfig) -> Setup:
         held.task.check_reward()
     eval_set = held.examples
     if isinstance(held.task, JsonlTask) and held.task is not task:
-        fits(eval_set, where=held.task.path)
+        fits(held.task, eval_set)
 
     # prompts plus responses must fit every model's positions: all of a JSONL file's prompts, or
     # the held-out set's (a built-in task's prompts of a level have similar lengths; every batch

@@ -53,11 +53,11 @@ class MetricsLog:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
         check_writer(str(self.path))
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # reading a log never makes its folder
             with self.path.open("a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:

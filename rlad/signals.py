@@ -28,6 +28,7 @@ import threading
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PARENT_PID = "RLAD_PARENT_PID"  # set by rlad for a child it starts: the PID of that parent
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+GRACE_S = 60.0  # how long a stopped parent waits for its children to stop before it kills them
 
 
 class Stopped(KeyboardInterrupt):
@@ -96,6 +97,27 @@ def finish_first():
     if not _deferring and _pending is not None:  # the block finished: now stop
         signum, _pending = _pending, None
         raise Stopped(signum)
+
+
+def stop_children(procs, signum: int, grace_s: float = GRACE_S) -> None:
+    """Pass ``signum`` to each of ``procs`` (``subprocess.Popen``), wait ``grace_s`` for them all
+    (an rlad run stops within a step, or after the checkpoint it is writing), then kill the rest;
+    told to stop again meanwhile, kill them at once."""
+    import subprocess
+    import time
+
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, Stopped) as why:
+            if isinstance(why, Stopped):
+                deadline = 0.0
+            proc.kill()
+            proc.wait()
 
 
 def die_with_parent(expected_parent: int | None = None) -> None:

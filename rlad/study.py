@@ -36,7 +36,6 @@ per level; diagnostics), and the plots ``accuracy.png`` (held-out accuracy again
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -53,7 +52,7 @@ from .config import ConfigError, TrainConfig, read_yaml, type_problem
 from .evaluate import metric_names
 from .report import MetricsLog, markdown_table, save_figure
 from .rundir import claim, describe_holder, lock_holder, owner_problem, write_atomic
-from .signals import Stopped, child_environment, graceful_stop
+from .signals import Stopped, child_environment, graceful_stop, stop_children
 
 STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
@@ -187,14 +186,16 @@ def run_state(run: Run) -> str:
             raise StudyError(f"{run.out}: ran to steps={saved.get('steps')!r}, but the study asks for "
                              f"steps={run.config.steps}; give the study another out_dir, or delete that run")
         return "partial"  # fewer steps: continued from its last checkpoint to the study's budget
+    return "done" if summary_of(run) is not None else "partial"
+
+
+def summary_of(run: Run) -> dict | None:
+    """The run's summary.json when it is the summary of this run's budget (its steps), else None."""
     try:
         summary = json.loads((run.out / "summary.json").read_text())
     except (OSError, ValueError):
-        return "partial"
-    return "done" if isinstance(summary, dict) and summary.get("steps") == run.config.steps else "partial"
-
-
-GRACE_S = 60.0  # how long a stopped study waits for its runs to stop before it kills them
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == run.config.steps else None
 
 
 class Children:
@@ -221,24 +222,12 @@ class Children:
             with self.lock:
                 self.procs.pop(name, None)
 
-    def stop(self, signum: int, grace_s: float = GRACE_S) -> list[str]:
-        """Pass ``signum`` to every running run, wait ``grace_s`` for them (a run stops within a
-        step, or after the checkpoint it is writing), then kill the rest. Returns their names."""
+    def stop(self, signum: int) -> list[str]:
+        """Stop every running run (``signals.stop_children``) and start no other; their names."""
         with self.lock:
             self.stopping = True
             procs = dict(self.procs)
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
-        deadline = time.monotonic() + grace_s
-        for proc in procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except (subprocess.TimeoutExpired, Stopped) as why:
-                if isinstance(why, Stopped):  # told again: kill the rest at once
-                    deadline = 0.0
-                proc.kill()
-                proc.wait()
+        stop_children(list(procs.values()), signum)
         return list(procs)
 
 
@@ -258,8 +247,6 @@ def launch(run: Run, resume: bool, children: Children) -> int | None:
 
 def steps_done(run: Run) -> int:
     """The last step in a run's metrics log (for the progress bar)."""
-    if not (run.out / "metrics.jsonl").is_file():  # MetricsLog would make the run's folder: not before its claim
-        return 0
     records = MetricsLog(run.out / "metrics.jsonl").records()
     return int(records[-1].get("step", 0)) if records else 0
 
@@ -268,7 +255,7 @@ def run_study(study: Study, *, quiet: bool = False) -> dict:
     """Run what is not done yet (``jobs`` at a time), then aggregate. Raises StudyError naming the
     failed runs and their logs (a non-zero exit, or no summary), after the others have finished
     and the finished ones are aggregated: every run asked for is in runs.csv or named there.
-    SIGINT / SIGTERM stop the running runs (passed on, ``GRACE_S`` to stop) and raise ``Stopped``."""
+    SIGINT / SIGTERM stop the running runs (``signals.stop_children``) and raise ``Stopped``."""
     from .runtime import progress
 
     claim(study.out_dir, "study", setting="study out_dir")  # new, empty or a study's: never someone else's
@@ -342,11 +329,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 def read_run(run: Run) -> dict | None:
     """A finished run's summary, evaluation curve and mean diagnostics (None if not finished)."""
-    try:
-        summary = json.loads((run.out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("steps") != run.config.steps:  # another budget's summary
+    summary = summary_of(run)
+    if summary is None:
         return None
     records = MetricsLog(run.out / "metrics.jsonl").records()
     steps = [r for r in records if not r.get("eval")]

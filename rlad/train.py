@@ -341,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def resume_hint(cfg: TrainConfig) -> str:
     """Where a stopped run can continue from, in a line."""
-    last = latest_checkpoint(cfg.out_dir) if Path(cfg.out_dir, "checkpoints").is_dir() else None
+    last = latest_checkpoint(cfg.out_dir)
     if last is None:
         return f"no checkpoint in {cfg.out_dir} yet: --resume true starts it again from step 0"
     return f"the last checkpoint is {last}: continue with --resume true (same settings, out_dir {cfg.out_dir})"
