@@ -19,8 +19,10 @@ left-padded to a common start of the response (column ``P``) and responses right
   float rounding. The window's width is ``max prompt + max response`` of the micro-batch (the
   prompts stay left-padded, the responses right-padded), which is what ``N`` bounds.
 
-Since the normalizer of an optimizer step is global (``train.normalizer_for``), how the rows are
-grouped changes float rounding only. What is not done: packing several sequences into one row
+This module plans the cuts from the attention mask alone; ``Rollout.cut`` applies them to every
+field and ``Rollout.micro_batches`` yields the cut micro-batches. Since the normalizer of an
+optimizer step is global (``train.normalizer_for``), how the rows are grouped changes float
+rounding only. What is not done: packing several sequences into one row
 (``position_ids`` restarting inside a row, varlen flash attention); on CPU the cut to each
 micro-batch's window is where the saving is.
 """
@@ -28,17 +30,10 @@ micro-batch's window is where the saving is.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import fields, replace
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # rollout.score imports this module
-    from .rollout import Rollout
-
-# Rollout fields cut along their columns: [B, L] like input_ids, and [B, L-1] like targets
-SEQ_FIELDS = ("input_ids", "attention_mask", "position_ids")
-TOKEN_FIELDS = ("targets", "old_logp", "teacher_logp", "ref_logp", "token_advantages", "kd_weights")
+from .distributed import all_max
 
 
 def windows(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -92,26 +87,6 @@ def token_columns(cols: slice) -> slice:
     return slice(cols.start, cols.stop - 1)
 
 
-def trim(roll: Rollout, cols: slice) -> Rollout:
-    """``roll`` cut to the columns ``cols`` (a window of the ``[B, L]`` fields; the ``[B, L-1]``
-    per-token fields are cut to ``token_columns(cols)``). Every column cut off must be padding in
-    every row (see the module's docstring)."""
-    s, e = cols.start, cols.stop
-    cut = {}
-    for f in fields(roll):
-        v = getattr(roll, f.name)
-        if not isinstance(v, torch.Tensor) or v.dim() < 2:
-            continue
-        if f.name in SEQ_FIELDS:
-            cut[f.name] = v[:, s:e]
-        elif f.name in TOKEN_FIELDS:
-            cut[f.name] = v[:, token_columns(cols)]
-        else:  # a new per-token field must be named in SEQ_FIELDS or TOKEN_FIELDS, or it would not line up
-            raise TypeError(f"Rollout.{f.name} has shape {tuple(v.shape)}: name it in rlad.batching's SEQ_FIELDS or "
-                            f"TOKEN_FIELDS")
-    return replace(roll, **cut)
-
-
 def parts(attention_mask: torch.Tensor, idx: torch.Tensor, *, size: int,
           tokens: int | None) -> list[tuple[torch.Tensor, slice]]:
     """The micro-batches of the rows ``idx``, as (row indices, window of columns): ``size`` rows
@@ -122,22 +97,11 @@ def parts(attention_mask: torch.Tensor, idx: torch.Tensor, *, size: int,
     return [(micro, slice(0, attention_mask.shape[1])) for micro in idx.split(size)]
 
 
-def micro_batches(roll: Rollout, idx: torch.Tensor, token_weights: torch.Tensor | None, *, size: int,
-                  tokens: int | None) -> Iterator[tuple[Rollout, torch.Tensor | None]]:
-    """The micro-batches of the rows ``idx`` of ``roll`` (``parts``), each cut to its window
-    (``trim``), and their token weights (``[B, L-1]`` or None)."""
-    for micro, cols in parts(roll.attention_mask, idx, size=size, tokens=tokens):
-        tw = token_weights[micro][:, token_columns(cols)] if token_weights is not None else None
-        yield trim(roll.select(micro), cols), tw
-
-
 def same_count(parts: list) -> Iterator[tuple]:
     """``(*part, real)`` for each of ``parts``, then, under torchrun, ``(*parts[-1], False)`` until
     every rank has yielded as many as the rank with the most: FSDP2 gathers each sharded layer in
     every forward, so all ranks must run the same number of them. A padding part (``real`` False)
     repeats a real one; its result must be dropped (scoring) or weighted by 0 (the loss)."""
-    from .distributed import all_max
-
     n = all_max(len(parts))
     for i in range(n):
         yield (*parts[min(i, len(parts) - 1)], i < len(parts))

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from .rundir import STEP, UNUSABLE, staged_folder
+from . import distributed as D
+from .rundir import STEP, UNUSABLE, RunDirError, staged_folder
 from .signals import check_writer
 
 MARKER = "COMPLETE"
@@ -199,8 +200,6 @@ def save_sharded_checkpoint(out_dir, step: int, model, optimizer, tokenizer, tra
     raises ``CheckpointWriteError`` on every rank; the previous checkpoints are untouched."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from . import distributed as D
 
     main = D.state().main
     root = checkpoint_dir(out_dir)
@@ -530,3 +529,90 @@ def load_latest(out_dir, check_config: Callable[[dict[str, Any], Path], None] | 
         raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(out_dir)} ({listed}); the run cannot be "
                               f"continued: start it over with --overwrite true, or use another --out-dir")
     return None
+
+
+def resume_point(cfg) -> Checkpoint | None:
+    """The checkpoint a run (``TrainConfig`` ``cfg``) continues from: the newest usable one
+    (damaged ones are skipped with a warning), read into memory. Its settings must match ``cfg``
+    except for the safe ones (``RESUME_SAFE``) unless ``force_resume``; ``steps`` may not end
+    before it. None when the run has no checkpoint yet (it starts from step 0, if its
+    config.json matches)."""
+    out = Path(cfg.out_dir)
+
+    def check(saved: dict, where: Path) -> None:
+        changes = cfg.resume_changes(saved)
+        if changes and not cfg.force_resume:
+            raise RunDirError(f"resume: settings differ from those {where} was written with, in ways that change the "
+                              f"run: {'; '.join(changes)}; resume with the same settings, or add --force-resume "
+                              f"true to continue with the new ones, or start a new run (--overwrite true or another "
+                              f"--out-dir)")
+        if changes:
+            print(f"warning: resume: continuing with changed settings (force_resume): {'; '.join(changes)}",
+                  flush=True)
+
+    ckpt = load_latest(out, check)
+    if ckpt is None:
+        if (out / "config.json").is_file():
+            try:
+                saved = json.loads((out / "config.json").read_text())
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict):
+                check(saved, out / "config.json")
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
+        return None
+    if ckpt.step > cfg.steps:
+        raise RunDirError(f"resume: config: steps={cfg.steps} ends before the checkpoint {ckpt.path} (step "
+                          f"{ckpt.step}); set steps >= {ckpt.step}")
+    return ckpt
+
+
+def resume_hint(out_dir) -> str:
+    """Where a stopped run can continue from, in a line."""
+    last = latest_checkpoint(out_dir)
+    if last is None:
+        return f"no checkpoint in {out_dir} yet: --resume true starts it again from step 0"
+    return f"the last checkpoint is {last}: continue with --resume true (same settings, out_dir {out_dir})"
+
+
+def restore(start: Checkpoint, student, optimizer, scheduler, data_rng: random.Random, state: dict,
+            trained_names: list[str]) -> None:
+    """Continue a run from ``start``: the optimizer, the schedule, the data stream and the loop
+    state, and the student's weights (a sharded checkpoint into the sharded student; under
+    torchrun, a single-process checkpoint's weights were loaded before sharding by
+    ``models.build_models``)."""
+    dist = D.state()
+    if start.sharded:  # torch.distributed.checkpoint reshards to this run's ranks (or one process)
+        load_sharded(start.path, student, optimizer)
+    elif dist.enabled:  # a single-process checkpoint: weights loaded before sharding, the optimizer here
+        load_plain_optimizer(student, optimizer, start.trainer["optimizer"], trained_names)
+    else:
+        start.load_weights(student)
+        optimizer.load_state_dict(start.trainer["optimizer"])
+    scheduler.load_state_dict(start.trainer["scheduler"])
+    set_rng_state(start.trainer["rng"], data_rng)
+    state.update(start.trainer["state"])
+    saved_world = start.trainer.get("world_size", 1)
+    if saved_world != dist.world or bool(start.trainer.get("distributed")) != dist.enabled:
+        print(f"note: resuming on {dist.world} rank(s) from a checkpoint written on {saved_world}: the prompts "
+              f"and their sampling seeds continue exactly; float sums (all-reduce order) and, with "
+              f"mini_batches > 1, the mini-batch split follow the new world size"
+              + ("" if dist.enabled == bool(start.trainer.get("distributed")) else
+                 "; sampling switches between per-prompt seeds (torchrun) and torch's global stream (one "
+                 "process)"), flush=True)
+    print(f"resumed from {start.path} at step {state['step']}", flush=True)
+
+
+def save_run(cfg, step: int, last: bool, student, optimizer, scheduler, data_rng: random.Random, state: dict,
+             tokenizer) -> None:
+    """The run's checkpoint at ``step``: under torchrun every rank writes its shards (the last
+    checkpoint also gets the consolidated ``model/``); one process writes the whole state."""
+    trainer_state = {"scheduler": scheduler.state_dict(), "rng": rng_state(data_rng), "state": dict(state),
+                     "config": cfg.to_dict()}
+    dist = D.state()
+    if dist.enabled:
+        save_sharded_checkpoint(cfg.out_dir, step, student, optimizer, tokenizer, {
+            **trainer_state, "world_size": dist.world, "distributed": True}, keep=cfg.keep_checkpoints, export=last)
+    else:
+        save_checkpoint(cfg.out_dir, step, student, tokenizer, {"optimizer": optimizer.state_dict(), **trainer_state},
+                        keep=cfg.keep_checkpoints)

@@ -18,10 +18,10 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from .config import config_from_args
     from .distributed import launched
-    from .train import train
+    from .launch import relaunch, train
 
     if args.nproc is not None and not launched():  # `rlad train --nproc N ...`: the same command under torchrun
-        return _relaunch(args.nproc)
+        return relaunch(args.nproc, sys.argv[1:])
     cfg = config_from_args(args)
     own = Path(cfg.out_dir, "run.yaml").resolve()  # the file rlad study writes for the run, in its folder
     if args.config and Path(args.config).resolve() != own:  # an input: the out_dir may never be or hold it
@@ -35,49 +35,6 @@ def _train(args) -> int:
     else:
         train(cfg)
     return 0
-
-
-def _relaunch(nproc: int) -> int:
-    """Run this ``rlad train`` command again under ``torch.distributed.run`` with ``nproc``
-    processes on this machine (``--standalone``: a free local port), without ``--nproc``."""
-    if nproc < 1:
-        raise ValueError(f"--nproc {nproc}: must be >= 1")
-    argv, rest, i = sys.argv[1:], [], 0
-    while i < len(argv):
-        if argv[i] == "--nproc":
-            i += 2
-            continue
-        if argv[i].startswith("--nproc="):
-            i += 1
-            continue
-        rest.append(argv[i])
-        i += 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
-           "rlad", *rest]
-    print(f"rlad train: {' '.join(cmd[1:])}", flush=True)
-    return run_child(cmd, what=f"torchrun and its {nproc} ranks")
-
-
-def run_child(cmd: list[str], *, what: str) -> int:
-    """Run ``cmd`` (torchrun) to its end and return its exit code. It dies with this process
-    (``PR_SET_PDEATHSIG``, Linux), and SIGINT / SIGTERM sent here are passed on to it (torchrun
-    passes them to its ranks, which stop gracefully); a child still running ``signals.GRACE_S``
-    seconds later is killed. Then this process exits with ``128 + signal``."""
-    import subprocess
-
-    from .signals import GRACE_S, Stopped, die_with_parent, graceful_stop, name, stop_children
-
-    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
-    with graceful_stop():
-        try:
-            return proc.wait()
-        except Stopped as stop:
-            print(f"rlad train: {name(stop.signum)}: stopping {what} (at most {GRACE_S:.0f} s)", file=sys.stderr,
-                  flush=True)
-            stop_children([proc], stop.signum)
-            stop.where = (f"{what} stopped (exit {proc.returncode}); continue with the same command and --resume "
-                          f"true")
-            raise
 
 
 def _where() -> str:

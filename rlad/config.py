@@ -19,17 +19,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, POLICY_OPTIONS, PolicyOptions, option
+
 from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
 
-# rlad_kernels (torch, triton) is imported inside the methods that validate or build a
-# PolicyLossConfig, so that reading the flags (`rlad train --help`) stays instant
+# The policy options (alpha, the clip, the teacher clamp, ...) are rlad_kernels' PolicyOptions,
+# inherited: defined and documented once, validated by PolicyLossConfig. Their module imports no
+# torch; rlad_kernels proper (torch, Triton) is imported inside the methods that validate or build
+# a PolicyLossConfig, so that reading the flags (`rlad train --help`) stays instant.
 if TYPE_CHECKING:
     from rlad_kernels import PolicyLossConfig
-
-# TrainConfig fields that are PolicyLossConfig options of the same name: PolicyLossConfig validates them
-POLICY_OPTIONS = ("alpha", "eps_low", "eps_high", "teacher_clamp", "teacher_clamp_grad", "teacher_align_threshold",
-                  "teacher_adv_threshold", "dual_clip", "mixture", "kd_estimator", "ref_kl_coef", "entropy_coef",
-                  "ratio_level", "objective", "cispo_max")
 TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teacher))  # for the help text
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -75,7 +74,7 @@ def _f(default, help: str, group: str, **kw):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PolicyOptions):
     # run
     out_dir: str = _f("runs/rlad", "output folder: metrics.jsonl, plots, summary, checkpoints; new, empty or an "
                                    "earlier rlad run's (rlad-run.json), and never a folder holding an input", "run")
@@ -131,36 +130,14 @@ class TrainConfig:
                                      "(Yu et al. 2025). sft: the teacher's truncated solutions are left out of its "
                                      "pool", "rollout")
 
-    # algorithm
+    # algorithm (also the policy options inherited from PolicyOptions: alpha, eps_low, eps_high,
+    # teacher_clamp, teacher_clamp_grad, the gates, dual_clip, mixture, ref_kl_coef, entropy_coef,
+    # ratio_level, objective, cispo_max, kd_estimator)
     algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",
                    "algorithm")
-    alpha: float = _f(0.5, "TRRD: weight of the old policy in the anchor pi_old^a pi_T^(1-a) (1: GRPO, 0: fully "
-                           "teacher-anchored)", "algorithm")
-    eps_low: float = _f(0.2, "clip range low: ratio >= 1 - eps_low", "algorithm")
-    eps_high: float = _f(0.2, "clip range high: ratio <= 1 + eps_high", "algorithm")
-    teacher_clamp: float | None = _f(1.0, "TRRD: clamp |lp - lp_teacher| (None: off)", "algorithm")
-    teacher_clamp_grad: str = _f("zero", "TRRD: derivative where the clamp is active: zero (the clamped term "
-                                         "passes none: d log r / d lp = alpha) or straight_through (1, as if "
-                                         "unclamped; an ablation)", "algorithm")
-    teacher_align_threshold: float | None = _f(None, "gated TRRD (off: None): tokens with |lp_old - lp_teacher| "
-                                                     "above it take the GRPO ratio (the teacher term is dropped), "
-                                                     "as in the RLAD summary's selective imitation", "algorithm")
-    teacher_adv_threshold: float | None = _f(None, "gated TRRD (off: None): tokens with |A| below it take the GRPO "
-                                                   "ratio", "algorithm")
-    dual_clip: float | None = _f(None, "dual clip constant (> 1) for A < 0 tokens (None: off)", "algorithm")
-    mixture: str = _f("geometric", "TRRD anchor: geometric (RLAD) or arithmetic", "algorithm")
-    ratio_level: str = _f("token", "policy losses: token (PPO / GRPO / TRRD ratio per token) or sequence (GSPO: one "
-                                   "ratio per response, the exp of its tokens' mean log-ratio; with rlad, the TRRD "
-                                   "token log-ratios are averaged)", "algorithm")
-    objective: str = _f("clip", "policy losses: clip (the PPO clipped surrogate) or cispo (MiniMax-M1's CISPO: "
-                                "-sg(min(r, cispo_max)) A lp; eps_low / eps_high unused)", "algorithm")
-    cispo_max: float = _f(5.0, "cispo: the cap on the importance weight (an absolute bound on the ratio)",
-                          "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")
     aggregation: str = _f("token_mean", "token_mean (global over the batch), seq_mean, or constant", "algorithm")
-    ref_kl_coef: float = _f(0.0, "weight of the k3 KL to the reference model", "algorithm")
-    entropy_coef: float = _f(0.0, "entropy bonus weight", "algorithm")
-    kd_estimator: str = _f("k2", "kdrl: k1, k2, k3 (sampled token) or full (exact reverse KL)", "algorithm")
+    kd_estimator: str = option("kd_estimator", default="k2")  # kdrl always adds a KD term
     kd_beta: float = _f(5e-3, "kdrl: initial KD coefficient", "algorithm")
     kd_beta_min: float = _f(1e-3, "kdrl: floor of the linearly annealed KD coefficient", "algorithm")
     kd_beta_decay: float = _f(5e-5, "kdrl: KD coefficient decrease per step", "algorithm")
@@ -242,8 +219,6 @@ class TrainConfig:
         numbers, no NaN or infinity anywhere), ranges, choices, and the rules across settings. The
         rules that read the disk (out_dir, model paths, the task's data, the context length) are
         ``rlad.preflight``'s, also run before any work starts."""
-        from rlad_kernels.ops.policy_loss.config import KD_ESTIMATORS
-
         def bad(name, msg):
             raise ConfigError(f"config: {name}={getattr(self, name)!r}: {msg}", name)
 
@@ -616,15 +591,25 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def help_order() -> list[dataclasses.Field]:
+    """TrainConfig's fields as the flags are listed: in the order of the class, the inherited
+    policy options right after ``algo``, kdrl's ``kd_estimator`` with ``kd_beta``."""
+    own = [f for f in fields(TrainConfig) if f.name not in POLICY_OPTIONS]
+    policy = {f.name: f for f in fields(TrainConfig) if f.name in POLICY_OPTIONS}
+    kd = policy.pop("kd_estimator")  # kdrl's, listed with kd_beta
+    at, kd_at = (next(i for i, f in enumerate(own) if f.name == name) for name in ("algo", "kd_beta"))
+    return own[:at + 1] + list(policy.values()) + own[at + 1:kd_at] + [kd] + own[kd_at:]
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """One flag per TrainConfig field, grouped; an absent flag leaves no attribute (SUPPRESS), so
     only given flags override, including an explicit ``none``."""
     casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     groups = {}
-    for f in fields(TrainConfig):
+    for f in help_order():
         if f.name in skip:
             continue
-        g = f.metadata["group"]
+        g = f.metadata.get("group", "algorithm")  # the inherited policy options are the algorithm's
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
         flag = "--" + f.name.replace("_", "-")

@@ -31,6 +31,7 @@ from rlad_kernels import LMHead, linear_logprobs
 from .config import TrainConfig
 from .evaluate import evaluate, with_se
 from .heldout import build_held_out
+from .launch import train
 from .models import decoder_hidden, load_model
 from .report import markdown_table
 from .rollout import from_pairs
@@ -38,7 +39,6 @@ from .rundir import claim
 from .runtime import progress
 from .tasks import ANSWER_MARK, Example, Task, get_task
 from .tokenizer import load_tokenizer
-from .train import train
 
 TEMPLATE = "{prompt}\n"
 EVAL_SEED = 0

@@ -4,18 +4,27 @@ A model is named by a local path or hub id (``from_pretrained``), a JSON config 
 (``config:path.json``, random init) or a built-in preset (``preset:<name>``, random init;
 the demo and the tests use these). The fused ops take the decoder's final hidden states and
 ``get_output_embeddings().weight``; nothing here runs the model's full-logits forward.
+
+``build_models`` makes a run's three: the trained student in float32, and the frozen teacher
+and reference (bf16 on GPU), sharded with FSDP2 under torchrun.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlad_kernels import LMHead
 from rlad_kernels.integrations.transformers import decoder_hidden  # noqa: F401  (re-exported)
+
+from . import distributed as D
+from .algorithms import POLICY
+from .runtime import frozen
 
 # Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
 PRESETS = {
@@ -144,3 +153,47 @@ def check_vocab(student, teacher, tokenizer, teacher_tokenizer=None, *, role: st
         if problem:
             raise ValueError(f"the {role}'s tokenizer differs from the student's: {problem}; distillation needs the "
                              f"same token ids on both sides")
+
+
+@dataclass
+class Models:
+    """A run's models: the trained ``student``, and the frozen ``teacher`` and ``ref`` (None when
+    the algorithm does not use them). ``trained_names``: the student's trained parameters, named
+    before sharding (what a single-process optimizer state is keyed by)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    ref: torch.nn.Module | None
+    trained_names: list[str]
+
+
+def build_models(cfg, tokenizer, device: torch.device, start=None) -> Models:
+    """The student (float32: trained parameters; bf16 autocast on GPU), the teacher when the
+    algorithm needs one, and the reference when ``ref_kl_coef > 0`` (``cfg.ref``, else a frozen
+    copy of the initial student); frozen models in bf16 on GPU. Under torchrun each is sharded
+    with FSDP2, after a single-process checkpoint ``start``'s weights are loaded into the student
+    (a sharded checkpoint loads into the sharded student: ``checkpoint.restore``)."""
+    alg = cfg.algorithm
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student = load_model(cfg.student, tokenizer, device=device, seed=cfg.seed, dtype=torch.float32, role="student")
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+    teacher = None
+    if cfg.teacher and alg.needs_teacher:
+        teacher = frozen(load_model(cfg.teacher, tokenizer, device=device, seed=cfg.seed + 1, dtype=frozen_dtype,
+                                    role="teacher"))
+        check_vocab(student, teacher, tokenizer)
+    ref = None
+    if cfg.ref_kl_coef > 0 and alg.loss == POLICY:  # the reference KL is a term of the policy loss
+        ref = frozen(load_model(cfg.ref, tokenizer, device=device, dtype=frozen_dtype, role="ref") if cfg.ref
+                     else copy.deepcopy(student).to(frozen_dtype))
+        check_vocab(student, ref, tokenizer, role="reference model")
+    trained_names = [n for n, p in student.named_parameters() if p.requires_grad]
+    if D.state().enabled:
+        if start is not None and not start.sharded:
+            start.load_weights(student)
+        for model, trainable in ((student, True), (teacher, False), (ref, False)):
+            if model is not None:  # the model keeps its FSDP2 root (distributed.forward_in)
+                D.shard(model, device, trainable=trainable)
+    return Models(student, teacher, ref, trained_names)

@@ -1,4 +1,4 @@
-"""Metrics as JSONL, the per-step log line, PNG plots and the summary table."""
+"""Metrics as JSONL, the per-step log line, PNG plots, and a run's eval table and summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .rundir import atomic_path
+from .evaluate import metric_names, with_se
+from .rundir import atomic_path, write_atomic
 from .signals import check_writer
 
 # metric -> (log-line label, format); the log line shows those present, in this order
@@ -174,3 +175,40 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def eval_table(first: dict | None, final: dict) -> str:
+    """Markdown: each metric (all levels, then per level) at the start and the end, with standard
+    errors, and the eval set's size."""
+    levels = sorted(int(k[len("n/L"):]) for k in final if k.startswith("n/L"))
+    rows = []
+    for lv in [None, *levels]:
+        suffix = "" if lv is None else f"/L{lv}"
+        for name in metric_names(final):
+            rows.append((name + suffix, int(final.get("n" + suffix, 0)), with_se(first, name, lv) if first else "n/a",
+                         with_se(final, name, lv)))
+    return markdown_table(["metric", "prompts", "start", "end"], rows)
+
+
+def write_summary(cfg, held, log: MetricsLog, final: dict, state: dict, checkpoint, reward_errors: bool) -> dict:
+    """A finished run's ``summary.json`` (settings, eval sets, the first and final evaluations,
+    where the plots and the last checkpoint are), ``summary.md`` (the eval table) and
+    ``curves.png``; the table and the paths are printed. ``held``: the run's ``heldout.HeldOut``."""
+    out = Path(cfg.out_dir)
+    records = log.records()
+    plot_path = plot(records, out / "curves.png", title=f"{cfg.algo} on {cfg.task}")
+    first = next((r for r in records if r.get("eval") and r["step"] == 0), None)
+    start = {k[5:]: v for k, v in (first or {}).items() if k.startswith("eval/")}
+    table = eval_table(start or None, final)
+    summary = {"algo": cfg.algo, "task": cfg.task, "steps": cfg.steps, "nan_skips": state["nan_skips"],
+               "eval_task": cfg.eval_task or cfg.task, "eval_sizes": {f"L{k}": v for k, v in held.sizes.items()},
+               "train_rows_held_out": held.dropped_from_training,
+               "final": final, "start": start,
+               "plots": str(plot_path) if plot_path else None,
+               "checkpoint": str(checkpoint)}
+    if reward_errors:
+        summary["reward_errors"] = state["reward_errors"]
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "summary.md", f"# {cfg.algo} on {cfg.task}\n\n{table}\n")
+    print(f"\n{table}\n\nmetrics: {log.path}\nplots: {plot_path}\ncheckpoint: {summary['checkpoint']}", flush=True)
+    return summary

@@ -8,20 +8,26 @@ tensor has shape ``[B, L - 1]`` and lines up with ``hidden[:, :-1]``.
 
 from __future__ import annotations
 
+import random
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from rlad_kernels import LMHead, linear_logprobs
 
+from .batching import parts, same_count, token_columns
 from .distributed import forward_in, generate_in, is_sharded
 from .models import context_length, decoder_hidden
+from .runtime import progress
 from .tasks import Example, Task
 from .tokenizer import encode_texts
 
 IGNORE = -100
+# Rollout fields cut along their columns (``Rollout.cut``): [B, L] like input_ids, and [B, L-1] like targets
+SEQ_FIELDS = ("input_ids", "attention_mask", "position_ids")
+TOKEN_FIELDS = ("targets", "old_logp", "teacher_logp", "ref_logp", "token_advantages", "kd_weights")
 
 
 @dataclass
@@ -82,6 +88,32 @@ class Rollout:
         rows = {f.name: getattr(self, f.name)[idx] for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, texts=[self.texts[i] for i in idx.tolist()], **rows)
+
+    def cut(self, cols: slice) -> Rollout:
+        """The rollout cut to the columns ``cols`` (a window of the ``[B, L]`` fields; the ``[B, L-1]``
+        per-token fields are cut to ``batching.token_columns(cols)``). Every column cut off must be
+        padding in every row (see ``rlad/batching.py``)."""
+        cut = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or v.dim() < 2:
+                continue
+            if f.name in SEQ_FIELDS:
+                cut[f.name] = v[:, cols]
+            elif f.name in TOKEN_FIELDS:
+                cut[f.name] = v[:, token_columns(cols)]
+            else:  # a new per-token field must be named in SEQ_FIELDS or TOKEN_FIELDS, or it would not line up
+                raise TypeError(f"Rollout.{f.name} has shape {tuple(v.shape)}: name it in rlad.rollout's SEQ_FIELDS "
+                                f"or TOKEN_FIELDS")
+        return replace(self, **cut)
+
+    def micro_batches(self, idx: torch.Tensor, token_weights: torch.Tensor | None, *, size: int,
+                      tokens: int | None) -> Iterator[tuple[Rollout, torch.Tensor | None]]:
+        """The micro-batches of the rows ``idx`` (``batching.parts``: ``size`` rows each, or a token
+        budget), each cut to its window (``cut``), and their token weights (``[B, L-1]`` or None)."""
+        for micro, cols in parts(self.attention_mask, idx, size=size, tokens=tokens):
+            tw = token_weights[micro][:, token_columns(cols)] if token_weights is not None else None
+            yield self.select(micro).cut(cols), tw
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -293,8 +325,6 @@ def score(model, roll: Rollout, *, temperature: float, micro_batch: int, head_ro
     window of columns (``rlad.batching``); the values are the same up to float rounding. Under
     torchrun every rank runs the same number of forwards (``batching.same_count``), as FSDP2's
     gathers need."""
-    from .batching import parts, same_count, token_columns
-
     def part(m, rows, cols):  # inside the FSDP2 root's forward when sharded: the lm_head weight is gathered there
         head = LMHead.of(m)
         if head_rows is not None:
@@ -341,3 +371,36 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
     rewards = torch.tensor(scores, dtype=torch.float32, device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), list(responses),
                    rewards, 1, truncated=torch.zeros(len(rows), dtype=torch.bool, device=device))
+
+
+def build_sft_pool(cfg, teacher, tok, task: Task, levels, seed: int) -> list[tuple[Example, str]]:
+    """Offline distillation data: the teacher samples solutions; only correct ones are kept (with
+    ``drop_truncated``, only those that also ended within ``max_new_tokens``)."""
+    rng = random.Random(seed)
+    examples = task.sample(rng, cfg.sft_prompts, levels)
+    pool, cut = [], 0
+    bar = progress(cfg.quiet, total=len(examples), desc="teacher solutions", leave=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(examples), cfg.prompts_per_step):
+            chunk = examples[i:i + cfg.prompts_per_step]
+            roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
+                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+            for j, text in enumerate(roll.texts):
+                if roll.rewards[j] < 1.0:
+                    continue
+                if cfg.drop_truncated and roll.truncated[j]:
+                    cut += 1
+                else:
+                    pool.append((chunk[j // roll.group_size], text))
+            bar.update(len(chunk))
+    bar.close()
+    if not pool:
+        why = (f" (drop_truncated left out its {cut} correct solution(s) cut off at max_new_tokens="
+               f"{cfg.max_new_tokens})" if cut else "")
+        raise ValueError(f"sft: the teacher solved none of the prompts{why}, so there is nothing to distill; "
+                         f"check the teacher, the task and max_new_tokens")
+    if cut:
+        print(f"sft: drop_truncated left {cut} correct but truncated teacher solution(s) out of the pool "
+              f"({len(pool)} kept)", flush=True)
+    return pool

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -147,3 +150,45 @@ def run_policy_loss(impl, h, w, b, targets, tok, names, cfg, *, temperature, **k
     kw = {k: (v.to(h.device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     return linear_policy_loss(h, w, targets.to(h.device), tok["advantages"].to(**t), tok["old_logp"].to(**t),
                               bias=b, temperature=temperature, config=cfg, impl=impl, **inputs, **kw)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    """``rlad/tasks/base.py`` -> ``rlad.tasks.base``; a package's ``__init__.py`` -> the package."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+
+
+def import_graph(package: Path, roots: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the project modules (those under the top-level packages ``roots``) it imports,
+    read from the source of every module under ``package``: every import statement, at module
+    level or inside a function, ``TYPE_CHECKING`` blocks included; ``from .pkg import module``
+    counts the module."""
+    graph = {}
+    for path in sorted(package.rglob("*.py")):
+        name = module_name(path)
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names if _is_module(f"{target}.{a.name}"))
+        graph[name] = {d for d in deps if d.split(".")[0] in roots and d != name}
+    return graph

@@ -52,7 +52,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("rlad.integrations.trl needs TRL: pip install 'rlad[trl]' (trl>=1.16,<2)") from err
 
 from rlad_kernels import PolicyLossConfig, apply_rlad_kernels
-from rlad_kernels.ops.policy_loss.config import CLAMP_GRADS, KD_ESTIMATORS, MIXTURES
+from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, TeacherOptions, option
 
 from ..models import check_model_path, check_vocab
 from ..tokenizer import TOKENIZER_FILES
@@ -67,8 +67,12 @@ IGNORE = -100
 
 
 @dataclass
-class RLADConfig(GRPOConfig):
-    """TRL's ``GRPOConfig`` plus the teacher and RLAD's options (see the module docstring)."""
+class RLADConfig(TeacherOptions, GRPOConfig):
+    """TRL's ``GRPOConfig`` plus the teacher and RLAD's options (see the module docstring): the TRRD
+    options (``alpha``, ``teacher_clamp``, ``teacher_clamp_grad``, ``mixture``, the gates) are
+    ``rlad_kernels``' ``TeacherOptions``, defined once for the op, ``rlad train`` and this config;
+    TRL's own settings give the clip (``epsilon``, ``epsilon_high``, ``delta``), the reference KL
+    (``beta``) and the entropy bonus."""
 
     teacher_model: str | None = field(
         default=None,
@@ -80,22 +84,8 @@ class RLADConfig(GRPOConfig):
         default="trrd",
         metadata={"help": "trrd (RLAD: the ratio anchored to the teacher), kdrl (GRPO + annealed KD term) or none "
                           "(plain GRPO through the fused loss).", "choices": list(DISTILLATIONS)})
-    alpha: float = field(
-        default=0.5, metadata={"help": "TRRD: weight of the old policy in the anchor pi_old^a pi_T^(1-a) (1: GRPO)."})
-    teacher_clamp: float | None = field(
-        default=1.0, metadata={"help": "TRRD: clamp |lp - lp_teacher| to this bound (None: no clamp)."})
-    teacher_clamp_grad: str = field(
-        default="zero", metadata={"help": "TRRD: derivative where the clamp is active: zero or straight_through.",
-                                  "choices": list(CLAMP_GRADS)})
-    mixture: str = field(default="geometric", metadata={"help": "TRRD anchor: geometric (RLAD) or arithmetic.",
-                                                        "choices": list(MIXTURES)})
-    teacher_align_threshold: float | None = field(
-        default=None, metadata={"help": "Gated TRRD: GRPO ratio on tokens with |lp_old - lp_T| above this."})
-    teacher_adv_threshold: float | None = field(
-        default=None, metadata={"help": "Gated TRRD: GRPO ratio on tokens with |A| below this."})
-    kd_estimator: str = field(
-        default="k2", metadata={"help": "KDRL: sampled-token reverse-KL estimator k1, k2 or k3.",
-                                "choices": [e for e in KD_ESTIMATORS if e not in (None, "full")]})
+    kd_estimator: str = option("kd_estimator", default="k2",  # sampled-token estimators only (no hidden states)
+                               choices=[e for e in KD_ESTIMATORS if e not in (None, "full")])
     kd_beta: float = field(default=5e-3, metadata={"help": "KDRL: initial KD coefficient."})
     kd_beta_min: float = field(default=1e-3, metadata={"help": "KDRL: floor of the annealed KD coefficient."})
     kd_beta_decay: float = field(default=5e-5, metadata={"help": "KDRL: KD coefficient decrease per optimizer step."})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .arithmetic import Arithmetic, Chains, Echo
-from .base import ANSWER_MARK, Example, Task, extract_answer, prompt_key
+from .base import Task
+from .example import ANSWER_MARK, Example, extract_answer, prompt_key
 from .jsonl import JsonlTask, RewardError, load_reward, read_jsonl
 from .knights import KnightsAndKnaves
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from .base import ANSWER_MARK, Example, Task
+from .base import Task
+from .example import ANSWER_MARK, Example
 
 
 class Arithmetic(Task):

@@ -9,33 +9,9 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-ANSWER_MARK = "####"
-
-
-@dataclass
-class Example:
-    """One problem. ``solution`` is a worked solution ending with ``#### answer`` (for SFT)."""
-
-    prompt: str
-    answer: str
-    level: int = 0
-    solution: str | None = None
-    meta: dict = field(default_factory=dict)
-
-
-def prompt_key(prompt: str) -> str:
-    """A prompt's identity for held-out checks: case-folded, whitespace collapsed."""
-    return " ".join(prompt.casefold().split())
-
-
-def extract_answer(response: str) -> str | None:
-    """The text after the last ``####`` on its line, stripped; None when there is no marker."""
-    if ANSWER_MARK not in response:
-        return None
-    tail = response.rsplit(ANSWER_MARK, 1)[1]
-    return tail.strip().splitlines()[0].strip() if tail.strip() else ""
+from .budget import BUDGET_SAMPLES, builtin_examples, response_budget
+from .example import Example, extract_answer, prompt_key
 
 
 class Task(ABC):
@@ -56,8 +32,6 @@ class Task(ABC):
     def response_budget(self, tokenizer, levels: Sequence[int]):
         """The default ``max_new_tokens`` for ``levels`` (a ``rlad.tasks.budget.ResponseBudget``):
         the longest worked solution of a fixed sample per level, with room to reason."""
-        from .budget import BUDGET_SAMPLES, builtin_examples, response_budget
-
         return response_budget(builtin_examples(self.make, levels), tokenizer,
                                f"worked solution ({BUDGET_SAMPLES} drawn per level) of {self.name} levels "
                                f"{list(levels)}")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..tokenizer import encode_texts
-from .base import ANSWER_MARK, Example
+from .example import ANSWER_MARK, Example
 
 BUDGET_SAMPLES = 256       # built-in tasks: examples per level whose worked solutions are measured
 BUDGET_SEED = 0            # ... drawn with random.Random(BUDGET_SEED + level)

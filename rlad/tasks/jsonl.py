@@ -32,7 +32,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import ANSWER_MARK, Example, Task, extract_answer, prompt_key
+from .base import Task
+from .budget import response_budget
+from .example import ANSWER_MARK, Example, extract_answer, prompt_key
 
 REWARD_LIMIT = 1000.0
 ON_ERROR = ("fail", "zero")
@@ -326,8 +328,6 @@ class JsonlTask(Task):
     def response_budget(self, tokenizer, levels):
         """Every example of ``levels``: its ``solution``, else its ``#### answer`` line (see
         ``rlad.tasks.budget``)."""
-        from .budget import response_budget
-
         return response_budget([e for lv in levels for e in self.by_level[lv]], tokenizer,
                                f"reference response in {self.path} (its 'solution', else '{ANSWER_MARK} answer')")
 

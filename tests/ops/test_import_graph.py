@@ -5,56 +5,26 @@ package's top level. ``common`` and ``utils`` import no op; nothing imports the 
 
 Run this file as a script to print the module-level import graph:
 
-    python tests/ops/test_import_graph.py
+    PYTHONPATH=tests python tests/ops/test_import_graph.py
 """
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers import import_graph as project_imports
+
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "rlad_kernels"
 OPS = ("logprobs", "divergence", "policy_loss")
-COMPOSITE = "rlad_kernels.losses"  # the public policy loss, composed of the ops
-
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules (``rlad_kernels.*``, ``rlad.*``) it imports."""
-    graph = {}
-    for path in sorted(PKG.rglob("*.py")):
-        name = module_name(path)
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")
-                    base = base[: len(base) - node.level + 1]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module
-                # `from .pkg import module` imports a module too
-                deps.add(target)
-                deps.update(f"{target}.{a.name}" for a in node.names if _is_module(f"{target}.{a.name}"))
-        graph[name] = {d for d in deps if d.split(".")[0] in ("rlad_kernels", "rlad") and d != name}
-    return graph
-
-
-def _is_module(name: str) -> bool:
-    rel = Path(*name.split("."))
-    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+    return project_imports(PKG, ("rlad_kernels", "rlad"))
+COMPOSITE = "rlad_kernels.losses"  # the public policy loss, composed of the ops
 
 
 def layer(name: str) -> str:
@@ -164,3 +134,17 @@ def test_the_rlad_command_without_the_train_extra_says_what_to_install():
     assert proc.stderr == ("rlad train: error: the trainer needs transformers, tokenizers, pyyaml, tqdm, matplotlib, "
                            "which are not installed; install them with: pip install \"rlad[train]\" (pip install -e "
                            "\".[train]\" in a checkout)\n")
+
+
+def test_the_public_names_load_on_first_use_and_the_options_need_no_torch():
+    """``rlad_kernels`` loads its public names when first used; the policy options (what a trainer's
+    flags are made of) import without torch, so ``rlad train --help`` never waits for it."""
+    code = ("import sys\nimport rlad_kernels\nfrom rlad_kernels.ops.policy_loss.options import PolicyOptions\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert set(rlad_kernels.__all__) == set(rlad_kernels._EXPORTS) | {'__version__'}\n"
+            "from rlad_kernels import *\n"
+            "assert all(getattr(rlad_kernels, n) is globals()[n] for n in rlad_kernels.__all__)\n"
+            "import rlad.config\nassert 'torch' not in sys.modules, 'rlad.config imported torch'\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"

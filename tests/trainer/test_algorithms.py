@@ -180,7 +180,7 @@ def test_micro_loss_uses_the_rows_loss_and_keeps_metrics_on_device(loaded, tok, 
     cfg, roll = _collect(loaded, tok, name)
     idx = torch.arange(len(roll))
     norm, tw = normalizer_for(cfg, roll, idx)
-    loss, metrics = micro_loss(cfg, student, teacher, roll.select(idx), norm, tw, 0)
+    loss, metrics = micro_loss(cfg, student, teacher, roll.select(idx), norm, tw, cfg.policy_config(0))
     assert loss.requires_grad and torch.isfinite(loss)
     assert keys <= set(metrics) and not absent & set(metrics), sorted(metrics)
     for k, v in metrics.items():  # detached 0-d tensors: nothing reaches the host per micro-batch
@@ -203,11 +203,11 @@ def test_step_metrics_are_means_over_the_steps_tokens(loaded, tok):
     cfg = cfg.replace(algo="sft", teacher="preset:tiny-teacher")
     idx = torch.arange(len(roll))
     norm, tw = normalizer_for(cfg, roll, idx)
-    _, whole = micro_loss(cfg, student, teacher, roll.select(idx), norm, tw, 0)
+    _, whole = micro_loss(cfg, student, teacher, roll.select(idx), norm, tw, cfg.policy_config(0))
     stats = {"nll": []}
     for part in (idx[:1], idx[1:]):
         mb = roll.select(part)
-        _, m = micro_loss(cfg, student, teacher, mb, norm, tw, 0)
+        _, m = micro_loss(cfg, student, teacher, mb, norm, tw, cfg.policy_config(0))
         stats["nll"].append((m["nll"], mb.response_mask.sum()))
     unweighted = sum(float(v) for v, _ in stats["nll"]) / 2
     assert abs(unweighted - float(whole["nll"])) > 1e-3  # the plain mean of the two would be wrong here

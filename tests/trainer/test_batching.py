@@ -15,12 +15,13 @@ from dataclasses import fields
 import pytest
 import torch
 
-from rlad.batching import SEQ_FIELDS, TOKEN_FIELDS, micro_batches, pack, plan, trim, windows
+from rlad.batching import pack, plan, windows
 from rlad.config import TrainConfig
+from rlad.launch import train
 from rlad.models import load_model
-from rlad.rollout import IGNORE, Rollout, from_pairs, group_advantages, score
+from rlad.rollout import IGNORE, SEQ_FIELDS, TOKEN_FIELDS, Rollout, from_pairs, group_advantages, score
 from rlad.tasks import Example
-from rlad.train import micro_loss, normalizer_for, train, update
+from rlad.train import micro_loss, normalizer_for, update
 
 from helpers import assert_rel
 
@@ -76,7 +77,7 @@ def _rollout(tok, n=10, seed=0):
     return from_pairs(tok, exs, resp, None, template="{prompt}\n", device="cpu")
 
 
-def test_trim_keeps_every_value_and_cuts_only_padding(tok):
+def test_cut_keeps_every_value_and_cuts_only_padding(tok):
     roll = _rollout(tok)
     roll.old_logp = torch.randn(roll.targets.shape)
     roll.token_advantages = torch.randn(roll.targets.shape)
@@ -85,7 +86,7 @@ def test_trim_keeps_every_value_and_cuts_only_padding(tok):
     assert len(parts) > 1
     seen = []
     for rows, cols in parts:
-        full, mb = roll.select(rows), trim(roll.select(rows), cols)
+        full, mb = roll.select(rows), roll.select(rows).cut(cols)
         s, e = cols.start, cols.stop
         assert mb.input_ids.shape == (len(rows), e - s) and mb.targets.shape == (len(rows), e - s - 1)
         assert len(rows) == 1 or len(rows) * (e - s) <= 64
@@ -145,8 +146,8 @@ def _grads(cfg, student, teacher, roll, *, size, tokens):
     idx = torch.arange(len(roll))
     norm, tw = normalizer_for(cfg, roll, idx)
     n = 0
-    for mb, mtw in micro_batches(roll, idx, tw, size=size, tokens=tokens):
-        loss, _ = micro_loss(cfg, student, teacher, mb, norm, mtw, 0)
+    for mb, mtw in roll.micro_batches(idx, tw, size=size, tokens=tokens):
+        loss, _ = micro_loss(cfg, student, teacher, mb, norm, mtw, cfg.policy_config(0))
         loss.backward()
         n += 1
     return {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}, n

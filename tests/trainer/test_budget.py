@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from rlad.cli import main
+from rlad.launch import train
 from rlad.preflight import preflight
 from rlad.rollout import encode_text
 from rlad.tasks import get_task
 from rlad.tasks.budget import ANSWER_ONLY_FLOOR
-from rlad.train import train
 
 
 def _longest(tok, texts):

@@ -134,7 +134,7 @@ def test_standard_error_by_hand():
 
 
 def test_the_summary_records_eval_sizes_and_standard_errors(tiny_config):
-    from rlad.train import train
+    from rlad.launch import train
 
     summary = train(tiny_config(eval_prompts=3))
     assert summary["eval_sizes"] == {"L1": 3} and summary["eval_task"] == "echo"
@@ -169,7 +169,7 @@ def test_rlad_eval_of_a_run_scores_exactly_its_held_out_prompts(tmp_path, tiny_c
     evaluated, none of them a training row; flags given still override."""
     import rlad.train
     from rlad.checkpoint import export_checkpoint
-    from rlad.train import train
+    from rlad.launch import train
 
     p = _write(tmp_path / "data.jsonl", [{"prompt": f"Echo {i}.", "answer": str(i), "level": 1 + i % 2}
                                          for i in range(30)])
@@ -228,7 +228,7 @@ def test_rlad_eval_run_errors_are_one_line(tmp_path, capsys):
 def test_rlad_eval_of_a_run_with_an_eval_task_scores_that_task_and_another_task_its_own(tmp_path, tiny_config,
                                                                                       monkeypatch, capsys):
     import rlad.train
-    from rlad.train import train
+    from rlad.launch import train
 
     e = _write(tmp_path / "eval.jsonl", [{"prompt": f"Echo {i}{i}.", "answer": f"{i}{i}", "level": 1}
                                          for i in range(5)])

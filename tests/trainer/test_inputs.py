@@ -38,7 +38,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the checks were done")
 
-    monkeypatch.setattr("rlad.train.load_model", refuse)
+    monkeypatch.setattr("rlad.models.load_model", refuse)
 
 
 @contextmanager
@@ -91,7 +91,7 @@ def test_two_ranks_holding_fewer_rows_than_mini_batches_are_refused(tmp_path, ca
     def preflight(cfg):
         raise AssertionError("the launch was not refused: preflight ran")
 
-    monkeypatch.setattr("rlad.train.preflight", preflight)
+    monkeypatch.setattr("rlad.launch.preflight", preflight)
     err = refused(_args(tmp_path, *extra, "--mini-batches", "3"), capsys, tmp_path)
     assert f"mini_batches=3: each of the 2 ranks holds {rows} rows of a step's batch" in err
     assert "rank 0 of 2" in err

@@ -15,7 +15,7 @@ import torch
 
 import rlad
 from rlad.cli import main
-from rlad.train import train
+from rlad.launch import train
 
 REPO = str(Path(rlad.__file__).resolve().parents[1])
 TIMING = ("tokens_per_s", "rollout_s", "step_s")
@@ -589,7 +589,7 @@ def test_a_run_killed_between_its_final_evaluation_and_its_summary(tiny_config, 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlad.train.plot", killed)
+    monkeypatch.setattr("rlad.report.plot", killed)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert not (Path(cfg.out_dir) / "summary.json").exists()

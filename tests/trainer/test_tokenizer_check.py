@@ -7,10 +7,10 @@ import re
 
 import pytest
 
+from rlad.launch import train
 from rlad.models import load_model
 from rlad.preflight import preflight
 from rlad.tokenizer import ASSET, load_tokenizer, tokenizer_mismatch
-from rlad.train import train
 
 
 def _save(folder, tok, vocab=None):
@@ -109,7 +109,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_model_is_loaded(
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the checks were done")
 
-    monkeypatch.setattr("rlad.train.load_model", no_model)
+    monkeypatch.setattr("rlad.models.load_model", no_model)
     with pytest.raises(ValueError) as err:
         train(cfg)
     msg = str(err.value)

@@ -15,10 +15,11 @@ import torch
 
 import rlad
 from rlad.cli import main
+from rlad.launch import train
 from rlad.models import load_model
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
-from rlad.train import micro_loss, normalizer_for, train, update
+from rlad.train import micro_loss, normalizer_for, update
 
 from helpers import assert_rel, small_run_config
 
@@ -108,7 +109,8 @@ def test_gradient_accumulation_is_exact(tmp_path, models, tok, aggregation, algo
         student.zero_grad(set_to_none=True)
         norm, tw = normalizer_for(cfg, roll, idx)
         for m in idx.split(micro):
-            loss, _ = micro_loss(cfg, student, teacher, roll.select(m), norm, tw[m] if tw is not None else None, 0)
+            loss, _ = micro_loss(cfg, student, teacher, roll.select(m), norm, tw[m] if tw is not None else None,
+                             cfg.policy_config(0))
             loss.backward()
         return [p.grad.clone() for p in student.parameters()]
 
@@ -377,7 +379,7 @@ def test_everything_is_checked_before_any_file_is_written_or_model_loaded(tmp_pa
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the checks were done")
 
-    monkeypatch.setattr("rlad.train.load_model", no_model)
+    monkeypatch.setattr("rlad.models.load_model", no_model)
     with pytest.raises(ValueError, match=msg) as err:
         train(cfg)
     assert "\n" not in str(err.value)

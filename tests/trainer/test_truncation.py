@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
+from rlad.launch import train
 from rlad.models import load_model
-from rlad.rollout import IGNORE, generate, group_advantages, score, truncated_rows
+from rlad.rollout import IGNORE, build_sft_pool, generate, group_advantages, score, truncated_rows
 from rlad.tasks import Echo
-from rlad.train import build_sft_pool, collect, micro_loss, normalizer_for, train
+from rlad.train import collect, micro_loss, normalizer_for
 
 from helpers import assert_rel, small_run_config
 
@@ -74,7 +75,8 @@ def _loss_and_grads(cfg, student, teacher, roll, micro):
     norm, tw = normalizer_for(cfg, roll, idx)
     total = 0.0
     for m in idx.split(micro):
-        loss, _ = micro_loss(cfg, student, teacher, roll.select(m), norm, tw[m] if tw is not None else None, 0)
+        loss, _ = micro_loss(cfg, student, teacher, roll.select(m), norm, tw[m] if tw is not None else None,
+                             cfg.policy_config(0))
         loss.backward()
         total += float(loss.detach())
     return total, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in student.parameters()]

@@ -1,21 +1,24 @@
-"""``PolicyLossConfig``: every non-tensor option of the policy loss, validated once."""
+"""``PolicyLossConfig``: every non-tensor option of the policy loss, validated once. The options
+a user sets are ``PolicyOptions`` (``options.py``, shared with the trainer's configurations); the
+op adds the three it is called with by a trainer (``kd_coef``, ``compute_entropy``,
+``entropy_aggregation``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from ...utils.validation import check_choice, check_float_param
+from .options import CLAMP_GRADS, KD_ESTIMATORS, MIXTURES, OBJECTIVES, RATIO_LEVELS, PolicyOptions
 
-MIXTURES = ("geometric", "arithmetic")
-CLAMP_GRADS = ("zero", "straight_through")
-KD_ESTIMATORS = (None, "k1", "k2", "k3", "full")
-RATIO_LEVELS = ("token", "sequence")
-OBJECTIVES = ("clip", "cispo")
+__all__ = ["PolicyLossConfig", "PolicyOptions", "MIXTURES", "CLAMP_GRADS", "KD_ESTIMATORS", "RATIO_LEVELS",
+           "OBJECTIVES", "ENTROPY_AGGREGATIONS"]
+
 ENTROPY_AGGREGATIONS = ("loss", "token_mean")
 
 
-@dataclass(frozen=True)
-class PolicyLossConfig:
+@dataclass(unsafe_hash=True)
+class PolicyLossConfig(PolicyOptions):
     """Options of :func:`rlad_kernels.linear_policy_loss` (math in ``ops/policy_loss/README.md``).
 
     Ratio (per valid token, ``lp`` = student log-prob of the sampled token):
@@ -62,52 +65,20 @@ class PolicyLossConfig:
     call's ``entropy_normalizer``, default its number of valid tokens): TRL's token mean, independent of
     the token weights and of the loss normalizer.
 
-    Fields:
-        alpha: weight of the old policy in the TRRD anchor, in [0, 1].
-        eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]``; 0 <= eps_low < 1, eps_high >= 0.
-        teacher_clamp: bound ``c > 0`` on ``|lp - lp_T|`` in the geometric TRRD ratio, or None.
-        teacher_clamp_grad: derivative of the clamped term where the clamp is active: "zero" (the
-            clamp's own derivative, so ``d log_r / d lp = alpha`` there) or "straight_through" (an
-            ablation: the forward value is unchanged but ``d log_r / d lp = 1`` as if unclamped).
-        teacher_align_threshold: gate (> 0, or None: off): drop the teacher term of tokens with
-            ``|lp_old - lp_T|`` above it.
-        teacher_adv_threshold: gate (>= 0, or None: off): drop the teacher term of tokens with
-            ``|A|`` below it.
-        dual_clip: dual-clip constant (> 1) bounding the loss of A < 0 tokens, or None.
-        mixture: "geometric" (RLAD) or "arithmetic".
-        kd_estimator: None, "k1", "k2", "k3" (sampled-token reverse-KL estimators of KDRL) or
-            "full" (exact reverse KL; the call then needs teacher_hidden and teacher_weight).
+    Fields: the options of ``PolicyOptions`` (each one's meaning in its help: ``options.py``), and
+
         kd_coef: weight of the KD term (>= 0).
-        ref_kl_coef: weight of the k3 KL to a reference policy (>= 0; needs ref_logp when > 0).
-        entropy_coef: entropy bonus weight (the loss subtracts ``entropy_coef * entropy``).
         compute_entropy: compute per-token entropy for the metrics even when entropy_coef == 0.
-        ratio_level: "token" (PPO / GRPO / TRRD) or "sequence" (GSPO: one ratio per row of targets).
-        objective: "clip" (the PPO clipped surrogate) or "cispo" (the clipped-IS-weight REINFORCE of
-            MiniMax-M1: no token loses its gradient; eps_low / eps_high are unused, dual_clip must be None).
-        cispo_max: the CISPO cap on the importance weight, an absolute bound on the ratio (> 0; TRL's
-            ``epsilon_high`` under ``loss_type="cispo"``, e.g. 5.0), not an offset from 1.
         entropy_aggregation: "loss" (the bonus is a term of L_t: weighted by w_t, divided by the
             normalizer) or "token_mean" (TRL's: a plain mean over valid tokens, see above).
+
+    A config is immutable once made (as a frozen dataclass; ``dataclasses.replace`` makes another).
     """
 
-    alpha: float = 0.5
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    teacher_clamp: float | None = 1.0
-    teacher_clamp_grad: str = "zero"
-    teacher_align_threshold: float | None = None
-    teacher_adv_threshold: float | None = None
-    dual_clip: float | None = None
-    mixture: str = "geometric"
-    kd_estimator: str | None = None
-    kd_coef: float = 0.0
-    ref_kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    compute_entropy: bool = True
-    ratio_level: str = "token"
-    objective: str = "clip"
-    cispo_max: float = 5.0
-    entropy_aggregation: str = "loss"
+    kd_coef: float = field(default=0.0, metadata={"help": "weight of the KD term (>= 0)"})
+    compute_entropy: bool = field(default=True, metadata={"help": "per-token entropy in the metrics even when "
+                                                                  "entropy_coef == 0"})
+    entropy_aggregation: str = field(default="loss", metadata={"help": "loss (a term of L_t) or token_mean (TRL's)"})
 
     def __post_init__(self):
         check_float_param("PolicyLossConfig.alpha", self.alpha, low=0.0, high=1.0)
@@ -134,6 +105,13 @@ class PolicyLossConfig:
         if self.objective == "cispo" and self.dual_clip is not None:
             raise ValueError(f"PolicyLossConfig.dual_clip={self.dual_clip} has no meaning with objective='cispo' "
                              f"(CISPO bounds the importance weight by cispo_max, not the loss); set dual_clip=None")
+        object.__setattr__(self, "_made", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_made", False):
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: a PolicyLossConfig is immutable; "
+                                                  f"make another with dataclasses.replace")
+        object.__setattr__(self, name, value)
 
     @property
     def needs_entropy(self) -> bool:
