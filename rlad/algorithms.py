@@ -17,8 +17,9 @@ the reference model's are added for ``ref_kl_coef > 0`` (policy losses only). ``
 fused op ``micro_loss`` calls: ``linear_policy_loss`` with ``TrainConfig.policy_config``,
 ``linear_divergence`` of the given kind, or the token NLL from ``linear_logprobs``.
 
-``train.py`` (``collect``, ``micro_loss``, ``train``) and ``config.py`` (validation) read these
-rows; nothing else branches on ``--algo`` or ``--opd-kind``.
+``train.py`` (``collect``, ``micro_loss``, ``run``), ``models.py`` (which models to load),
+``config.py`` (validation) and ``study.py`` (an arm's budget) read these rows; nothing else
+branches on ``--algo`` or ``--opd-kind``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class Algorithm:
     @property
     def name(self) -> str:
         return self.algo if self.opd_kind is None else f"{self.algo} {self.opd_kind}"
+
+    def responses_per_prompt(self, group_size: int) -> int:
+        """Sequences a step trains on per prompt: ``group_size`` sampled responses, or one teacher
+        solution."""
+        return group_size if self.batch == ROLLOUTS else 1
 
     @property
     def teacher_in_policy_loss(self) -> bool:

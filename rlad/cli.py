@@ -206,8 +206,18 @@ def _study(args) -> int:
     return 0
 
 
+# what rlad eval adds to the help of the rlad train settings it shares (``heldout.RUN_EVAL_SETTINGS``)
+EVAL_NOTES = {
+    "prompts": "(rlad eval: of a built-in task, its fixed eval set: the problems `rlad train` holds out with the same "
+               "--eval-seed and --prompts; of a jsonl file with --eval-split, the seeded split that `rlad train` "
+               "holds out; of a jsonl file without it, its first distinct prompts)",
+    "temperature": "(rlad eval: of the --samples; the greedy accuracy takes none)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TEMPERATURE_RANGE, add_config_arguments
+    from .config import add_config_arguments, add_setting_arguments
+    from .heldout import RUN_EVAL_SETTINGS
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
@@ -271,33 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "defaults to its newest checkpoint's model/")
     e.add_argument("--model", default=None, help="path, hub id, config:<json> or preset:<name> (default with --run: "
                    "the run's newest checkpoint's model)")
-    e.add_argument("--task", default=None, help="knights, arithmetic, echo or jsonl:<path> (default: the run's, "
-                   "else arithmetic)")
-    e.add_argument("--eval-task", default=None, help="score this task's fixed eval set, as a run's eval_task "
-                   "(default: the run's, else none)")
-    e.add_argument("--reward", default=None, help="reward for jsonl tasks (default: the run's, else exact)")
-    e.add_argument("--reward-timeout", type=float, default=None,
-                   help="seconds one call of a module:function reward may take (0: no limit; default: the run's, "
-                   "else 60)")
-    e.add_argument("--levels", type=int, nargs="+", default=None, help="levels (default: the run's, else all)")
-    e.add_argument("--prompts", type=int, default=None, help="prompts per level (a run's eval_prompts; default: the "
-                   "run's, else 128): of a built-in task, its fixed eval set (the problems `rlad train` holds out "
-                   "with the same --eval-seed and --eval-prompts); of a jsonl file with --eval-split, the seeded "
-                   "split that `rlad train` holds out; of a jsonl file without it, its first distinct prompts")
-    e.add_argument("--eval-split", type=float, default=None, help="of a jsonl task, score the fraction of each "
-                   "level's distinct prompts that `rlad train` holds out with the same --eval-split, --eval-seed and "
-                   "--prompts (default: the run's, else none: the file's first prompts)")
-    e.add_argument("--eval-seed", type=int, default=None, help="seed of a built-in task's fixed eval set and of a "
-                   "jsonl split (default: the run's, else 0)")
-    e.add_argument("--samples", type=int, default=None, help="k samples per prompt for mean@k / pass@k (0: greedy "
-                   "only; default: the run's eval_samples, else 0)")
-    e.add_argument("--temperature", type=float, default=None, help="sampling temperature of the --samples, in "
-                   "[{:g}, {:g}] as for rlad train (the greedy accuracy takes none; default: the run's, else 1.0)"
-                   .format(*TEMPERATURE_RANGE))
-    e.add_argument("--top-p", type=float, default=None, help="default: the run's, else 1.0")
-    e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest response (default: the run's, else from the task and levels, as for rlad train)")
-    e.add_argument("--prompt-template", default=None, help="default: the run's, else '{prompt}\\n'")
+    add_setting_arguments(e, RUN_EVAL_SETTINGS, notes=EVAL_NOTES)
     e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     e.add_argument("--device", default="auto")

@@ -281,7 +281,7 @@ class TrainConfig(PolicyOptions):
             bad("overwrite", "resume=true continues the run in out_dir and overwrite=true deletes it: choose one")
         if self.force_resume and not self.resume:
             bad("force_resume", "only applies with resume=true")
-        batch = self.prompts_per_step * (self.group_size if alg.batch == ROLLOUTS else 1)
+        batch = self.prompts_per_step * alg.responses_per_prompt(self.group_size)
         if self.mini_batches > batch:
             bad("mini_batches", f"cannot split a batch of {batch} sequences into {self.mini_batches} mini-batches")
         for name in ("task", "eval_task"):
@@ -601,10 +601,22 @@ def help_order() -> list[dataclasses.Field]:
     return own[:at + 1] + list(policy.values()) + own[at + 1:kd_at] + [kd] + own[kd_at:]
 
 
+def _flag_type(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse's type, nargs and metavar for a TrainConfig field, from its annotation as written
+    (postponed evaluation): "float | None", "list[int]", ..."""
+    casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+    t = str(f.type)
+    if t.startswith("list[") and t.endswith("]"):
+        return dict(type=casts[t[len("list["):-1]], nargs="+")
+    if t.endswith(" | None"):
+        base = t[:-len(" | None")]
+        return dict(type=_parse_optional(casts[base]), metavar=base.upper())
+    return dict(type=casts[t], metavar=t.upper())
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """One flag per TrainConfig field, grouped; an absent flag leaves no attribute (SUPPRESS), so
     only given flags override, including an explicit ``none``."""
-    casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     groups = {}
     for f in help_order():
         if f.name in skip:
@@ -612,18 +624,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = 
         g = f.metadata.get("group", "algorithm")  # the inherited policy options are the algorithm's
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
-        flag = "--" + f.name.replace("_", "-")
-        t = str(f.type)  # the annotation as written (postponed evaluation): "float | None", "list[int]", ...
-        default = _default(f)
-        help_ = f"{f.metadata['help']} (default: {default})"
-        kw = dict(default=argparse.SUPPRESS, help=help_, dest=f.name)
-        if t.startswith("list[") and t.endswith("]"):
-            groups[g].add_argument(flag, type=casts[t[len("list["):-1]], nargs="+", **kw)
-        elif t.endswith(" | None"):
-            base = t[:-len(" | None")]
-            groups[g].add_argument(flag, type=_parse_optional(casts[base]), metavar=base.upper(), **kw)
-        else:
-            groups[g].add_argument(flag, type=casts[t], metavar=t.upper(), **kw)
+        groups[g].add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
+                               help=f"{f.metadata['help']} (default: {_default(f)})", **_flag_type(f))
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, settings: dict[str, str],
+                          notes: dict[str, str] | None = None) -> None:
+    """Flags of another command (``rlad eval``) for TrainConfig settings: ``settings`` maps each
+    flag's dest to its field, whose type and help the flag takes (with ``notes[dest]`` added); an
+    absent flag is None, for the caller to fill (the run's value, else the field's default)."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for dest, name in settings.items():
+        f = by_name[name]
+        note = f" {notes[dest]}" if notes and dest in notes else ""
+        parser.add_argument("--" + dest.replace("_", "-"), default=None, dest=dest, **_flag_type(f),
+                            help=f"{f.metadata['help']}{note} (default: the run's {name}, else {_default(f)})")
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:

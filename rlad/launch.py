@@ -13,7 +13,6 @@ import sys
 
 from . import distributed as D
 from . import signals
-from .algorithms import ROLLOUTS
 from .checkpoint import read_checkpoint, resume_hint, resume_point
 from .config import TrainConfig
 from .preflight import Setup, preflight
@@ -29,7 +28,7 @@ def train(cfg: TrainConfig) -> dict:
     (``resume``) or deleted (``overwrite``), and a resume starts from the latest usable checkpoint
     whose settings match (``checkpoint.resume_point``)."""
     if D.launched():
-        D.check_launch(cfg.prompts_per_step, cfg.group_size if cfg.algorithm.batch == ROLLOUTS else 1,
+        D.check_launch(cfg.prompts_per_step, cfg.algorithm.responses_per_prompt(cfg.group_size),
                        cfg.mini_batches)  # before any work: the batch divides among the ranks
     setup = preflight(cfg)
     cfg = setup.cfg  # with max_new_tokens resolved from the task when it was not set

@@ -135,8 +135,8 @@ def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, see
                 cfg = TrainConfig.from_dict(values_, source=f"{path}: arm {arm!r}")
             except ConfigError as err:
                 raise StudyError(f"{path}: arm {arm!r}: {err}") from None
-            if cfg.algo == "sft":  # as many responses per step as an RL arm: one teacher solution per prompt
-                cfg = cfg.replace(prompts_per_step=cfg.prompts_per_step * cfg.group_size)
+            if cfg.algorithm.responses_per_prompt(cfg.group_size) == 1:  # as many responses per step as an RL
+                cfg = cfg.replace(prompts_per_step=cfg.prompts_per_step * cfg.group_size)  # arm: prompts x G
             runs.append(Run(arm, seed, cfg))
     check_budgets(runs)
     report = Path(values["report_dir"]) if values.get("report_dir") and not out_dir else root
@@ -145,7 +145,7 @@ def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, see
 
 def budget_of(cfg: TrainConfig) -> dict[str, int]:
     """Responses per step, optimizer steps, and the other budget settings of a run."""
-    responses = cfg.prompts_per_step * (1 if cfg.algo == "sft" else cfg.group_size)
+    responses = cfg.prompts_per_step * cfg.algorithm.responses_per_prompt(cfg.group_size)
     return {"responses_per_step": responses, "optimizer_steps": cfg.steps * cfg.ppo_epochs * cfg.mini_batches,
             **{k: getattr(cfg, k) for k in ("steps", "ppo_epochs", "mini_batches", "max_new_tokens")}}
 
