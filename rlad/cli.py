@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "subprocess, its log in <out_dir>/<arm>/seed_<s>/train.log), skipping finished runs and "
                        "resuming unfinished ones, then writes runs.csv, curves.csv, results.md, accuracy.png and "
                        "levels.png to the study's report_dir (default: its out_dir). The file format is in "
-                       "rlad/study.py and the README.")
+                       "rlad/study.py and docs/studies.md.")
     s.add_argument("spec", help="study YAML file (out_dir, seeds, jobs, base, arms)")
     s.add_argument("--out-dir", default=None, help="override the file's out_dir")
     s.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the file's, else 1)")
