@@ -18,12 +18,12 @@ from ..common import autotune
 from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import autocast_cast, rows
 from ..common.numerics import LogitMap
-from .chunked import FKL, JSD, RKL, ChunkedDivergence
-from .naive import KINDS, linear_divergence_naive
+from .chunked import ChunkedDivergence
+from .kinds import CODES, KINDS
+from .naive import linear_divergence_naive
 from .triton_impl import divergence_triton
 
 REDUCTIONS = ("none", "sum", "mean")
-_CODES = {"reverse_kl": RKL, "forward_kl": FKL, "jsd": JSD}
 
 
 def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, impl: str,
@@ -41,7 +41,7 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
                                         teacher_logit_scale=logit_scales[1])
             return torch.where(valid, D, torch.zeros_like(D))
         lmaps = tuple(LogitMap.of(s, temperature, c) for s, c in zip(logit_scales, softcaps, strict=True))
-        args = (ht, wt, bt, valid, _CODES[kind], float(beta), lmaps)
+        args = (ht, wt, bt, valid, CODES[kind], float(beta), lmaps)
         if impl == "torch":
             return ChunkedDivergence.apply(hs, ws, bs, *args)
 

@@ -25,8 +25,7 @@ from ..common.chunked import (
     shift,
 )
 from ..common.numerics import LogitMap, compute_dtype, log_weights
-
-RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes
+from .kinds import FKL, RKL
 
 
 class Norms(NamedTuple):
