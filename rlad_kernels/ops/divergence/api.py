@@ -6,17 +6,16 @@ import torch
 
 from ...utils.dispatch import resolve_impl
 from ...utils.validation import (
-    as_normalizer,
     check_choice,
     check_float_param,
     check_linear_inputs,
     check_teacher,
     check_token_tensor,
-    token_mean_normalizer,
 )
 from ..common import autotune
 from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import autocast_cast, rows
+from ..common.normalizer import as_normalizer, token_mean_normalizer
 from ..common.numerics import LogitMap
 from .chunked import ChunkedDivergence
 from .kinds import CODES, KINDS

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.chunked import CHUNKS, ScaledHead, mul_safe, shift, softmax_dlogits_
+from ..common.normalizer import token_mean_normalizer
 from ..common.numerics import LogitMap, compute_dtype
 from .math import STAT_FIELDS, STAT_INDEX, TokenInputs, entropy_token_mean, policy_token_loss, reduce_token_stats
 

@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import Rows, logprob_backward, logprob_forward
+from ..common.normalizer import token_mean_normalizer
 from ..common.numerics import LogitMap, log_weights
 from .config import PolicyLossConfig
 from .kernels import EpilogueCoefs, EpilogueFlags, EpilogueOut, policy_combine_kernel, policy_fwd_kernel
