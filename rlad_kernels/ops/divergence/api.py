@@ -17,7 +17,7 @@ from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import autocast_cast, rows
 from ..common.normalizer import as_normalizer, token_mean_normalizer
 from ..common.numerics import LogitMap
-from .chunked import ChunkedDivergence
+from .chunked import divergence_chunked
 from .kinds import CODES, KINDS
 from .naive import linear_divergence_naive
 from .triton_impl import divergence_triton
@@ -42,7 +42,7 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
         lmaps = tuple(LogitMap.of(s, temperature, c) for s, c in zip(logit_scales, softcaps, strict=True))
         args = (ht, wt, bt, valid, CODES[kind], float(beta), lmaps)
         if impl == "torch":
-            return ChunkedDivergence.apply(hs, ws, bs, *args)
+            return divergence_chunked(hs, ws, bs, *args)
 
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             divergence_triton(hs.detach().requires_grad_(), ws.detach().requires_grad_(), bs, *args).sum().backward()

@@ -1,4 +1,4 @@
-"""Host side of ``linear_divergence`` on Triton: launches and the autograd op."""
+"""The ``impl="triton"`` path of ``linear_divergence``, host side: launches and the autograd op."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Vocab-chunked PyTorch policy loss with the gradient formed in the forward pass.
+"""The ``impl="torch"`` path of the policy loss (the CPU default): vocab-chunked PyTorch, with the
+gradient formed in the forward pass.
 
 The loss is a scalar, so its gradient w.r.t. hidden / weight / bias is known up to the
 upstream scalar as soon as each token's log-prob is: for every chunk of C tokens this path

@@ -1,4 +1,5 @@
-"""Host side of the fused Triton policy loss: one forward pass, gradient factors kept per token.
+"""The ``impl="triton"`` path of the policy loss, host side: one forward pass, gradient factors
+kept per token.
 
 ``epilogue_args`` is the one place where the config and the per-token inputs become the
 epilogue's kernel arguments (pointers, coefficients, constexpr flags).
