@@ -24,6 +24,7 @@ import torch
 
 from .ops.common.head import LMHead, legacy_head, reject_unknown
 from .ops.common.inputs import LinearInputs, prepare_linear
+from .ops.common.normalizer import as_normalizer, token_mean_normalizer
 from .ops.common.numerics import compute_dtype
 from .ops.divergence.api import linear_divergence
 from .ops.logprobs.api import linear_logprobs, logprobs_2d
@@ -39,13 +40,7 @@ from .ops.policy_loss.math import (
     reduce_token_stats,
     used_inputs,
 )
-from .utils.validation import (
-    as_normalizer,
-    check_float_param,
-    check_teacher,
-    check_token_tensor,
-    token_mean_normalizer,
-)
+from .utils.validation import check_float_param, check_teacher, check_token_tensor
 
 
 @dataclass

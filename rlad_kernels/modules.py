@@ -119,7 +119,7 @@ class LinearDivergence(nn.Module):
                  reduction: str = "mean", impl: str | None = None):
         super().__init__()
         from .ops.divergence.api import REDUCTIONS
-        from .ops.divergence.naive import KINDS
+        from .ops.divergence.kinds import KINDS
         from .utils.validation import check_choice
 
         check_choice("kind", kind, KINDS)

@@ -16,7 +16,7 @@ from rlad_kernels import (
     linear_policy_loss,
     triton_config,
 )
-from rlad_kernels.utils.validation import guard_normalizer
+from rlad_kernels.ops.common.normalizer import guard_normalizer
 
 from helpers import kw_id, make_lm_inputs
 

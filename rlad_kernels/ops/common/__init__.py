@@ -2,6 +2,8 @@
 
 * ``numerics``: the compute dtype, the guarded ``log a`` / ``log(1 - a)`` of mixture weights.
 * ``inputs``: input preparation (flattening, autocast down-casting, ``LinearInputs``).
+* ``normalizer``: what a reduced loss is divided by (the default token mean, ``normalizer=``
+  as a float32 scalar, checked on the CPU and NaN-guarded on a device).
 * ``chunked``: the torch twins of the tile helpers (chunk sizes, the scaled head, online
   statistics, the soft-max logit gradient, tile accumulation) for the ``impl="torch"`` paths.
 * ``launch``: ``TritonConfig``, the vocabulary split, the ``Head`` kernel argument.

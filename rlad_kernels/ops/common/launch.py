@@ -45,35 +45,7 @@ class TritonConfig:
     split_scratch: bool = True     # 16-bit inputs: the logit-gradient scratch as hi + lo parts (gemm.py)
 
 
-# The defaults, per GPU family and input dtype, chosen with benchmarks/gpu_compile_report.py so
-# that no launch spills registers or exceeds shared memory, and 16-bit launches use the
-# family's tensor-core instruction with pipelined (cp.async) loads, under both Triton 3.6 (our GPU
-# image; ptxas 12.8) and Triton 3.9 (CI; ptxas 12.9). The two ptxas builds pick different register
-# targets: when a kernel needs a little more than 80 or 128 registers, one of them often caps it
-# there and spills 8-56 bytes while the other does not, so each tile below was checked under both
-# (register ranges quoted as 3.6 / 3.9). Why each one:
-# - 16-bit on sm_80 / sm_90: 64-token x 128-vocab tiles over 64-wide H steps, 8 warps, 3 stages:
-#   73 KB of shared memory (of 163 KB / 227 KB), mma.sync / wgmma, 160-250 registers (the JSD sums
-#   reach 255 without spilling). Larger tiles push the entropy and KL moments (three live [BN, BV]
-#   fp32 tiles) past 255 registers; smaller ones halve the MMA work per W tile loaded. The dW / dX
-#   GEMM over the two-part scratch takes 128 x 128 x 32 tiles on sm_90 (measured on an H200), but
-#   128 x 64 x 32 on sm_80: at 128 x 128 Triton 3.6 spills 24-56 bytes at 255 registers there
-#   (164-224 / 159-166 registers at 128 x 64).
-# - 16-bit on sm_100: a 128-token forward tile (tcgen05's native M) x 32 vocab over 16-wide H
-#   steps, 3 stages, and a 64 x 64 x 64 backward tile: Triton allots at most 128 registers per
-#   thread there. 32-wide H steps with 2 stages spill 24 bytes in the soft-capped JSD sums under
-#   3.6, 16-wide steps with 2 stages 8 bytes in the forward-KL statistics under 3.9; 16-wide steps
-#   with 3 stages keep the 128 x 32 tile (a narrower vocab tile would reload x more often) at
-#   48-125 / 58-118 registers. The sm_90 tiles spill in the policy epilogue, the soft-capped JSD,
-#   or the divergence backward with its two-part scratch.
-# - float32 (an fp32 dot: FMA, or TF32 when torch allows it): the operands live in registers, so
-#   the tiles shrink until nothing spills. sm_80: a 64 x 32 x 16 forward with 8 warps and 2 stages
-#   (102-128 / 106-128 registers; 64 x 64 x 32 spills 16-24 bytes at 128 under 3.6, and a 16-token
-#   tile would re-read W four times as often), 64 x 64 x 32 backward and dW GEMM tiles, 2 stages.
-#   sm_90 and sm_100: a 32 x 32 x 32 forward with 8 warps, 2 stages (64-76 registers; the former
-#   32 x 64 x 32 with 4 warps spills 8-16 bytes at 128 under 3.6, and either change alone spills
-#   too); the 16-bit backward tiles on sm_90, and 64 x 64 x 32 on sm_100 (79-144 / 128-156 registers;
-#   64 x 128 x 64 spills 8 bytes under 3.6, 64 x 64 x 64 16-24 bytes under 3.9).
+# The defaults per GPU family and input dtype; why each tile (and what spilled): README.md, "How the tiles were chosen".
 _F16_80 = TritonConfig(dw_block_n=64)
 _F16_90 = TritonConfig()
 _F32_80 = TritonConfig(block_n=64, block_v=32, block_h=16, num_stages=2, bwd_block_n=64, bwd_block_v=64,
@@ -85,16 +57,8 @@ DEFAULTS = {(80, False): _F16_80, (80, True): _F32_80, (90, False): _F16_90, (90
             (100, False): _F16_100, (100, True): _F32_100}
 
 # The opt-in autotune space (RLAD_AUTOTUNE=1, see autotune.py): per family and dtype, overrides
-# on top of the default (the first, empty one, is the default itself). Pruned ahead of time with
-# `benchmarks/gpu_compile_report.py --groups autotune`: a candidate that spilled or overflowed
-# shared memory on its architecture was dropped; the test suite compiles every one.
-# Dropped by the pruning (register spills): 128 x 128 and 64 x 256 forward tiles and a 128 x 128
-# backward tile on sm_80 (the divergence's two logit tiles), 64 x 256 and the 128 x 128 backward
-# on sm_90, 4 stages on sm_100, a 64-deep or 256-wide split-scratch GEMM step on sm_80 / sm_90,
-# and wider float32 tiles everywhere; then, compiled under Triton 3.6 too: the 256-wide GEMM step
-# on sm_90 (56 bytes), 128 x 128 forward tiles on sm_90 (480 bytes in the JSD sums), the 128 x 128
-# backward on sm_100 (32-40 bytes), a 32-token float32 forward on sm_80 (32 x 32 x 16: 8-16 bytes;
-# 32 x 64 x 16 with 3 stages replaces it), and the 128-wide GEMM tile on sm_80 (the former default).
+# on top of the default (the first, empty one, is the default itself), each compiled by the test
+# suite; what the pruning dropped: README.md, "How the tiles were chosen".
 _SHARED = [{}, {"num_stages": 4, "bwd_num_stages": 4}, {"scratch_bytes": 256 << 20}, {"dw_block_k": 64},
            {"dw_block_n": 256}]
 AUTOTUNE_SPACE = {

@@ -60,7 +60,7 @@ class Partials(NamedTuple):
     t: torch.Tensor
 
 
-# ----------------------------------------------------------------------------------- device side
+# Device side: the scan, the split merge, the finish, the backward's logit-gradient kernel.
 @triton.jit
 def load_targets(y_ptr, o_n, m_n, ignore_index):
     b_y = tl.load(y_ptr + o_n, mask=m_n, other=ignore_index)
@@ -172,7 +172,7 @@ def logprob_dlogits_kernel(
     store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_dc, SPLIT)
 
 
-# ------------------------------------------------------------------------------------- host side
+# Host side: the launchers.
 def logprob_forward(fwd_kernel, combine_kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                     y: torch.Tensor, lmap: LogitMap, ignore_index: int, want_entropy: bool, plan: ScanPlan,
                     cfg: TritonConfig, **extra):

@@ -139,7 +139,7 @@ def store_region(dl_ptr, b_dl, o_r, m_r, o_c, m_c, stride_dp, stride_dr, stride_
         tl.store(p_dl + stride_dp, (b_dl - b_hi.to(tl.float32)).to(dl_ptr.dtype.element_ty), mask=m_dl)
 
 
-# ---------------------------------------------------------------------------- online statistics
+# Online statistics of rows over vocabulary tiles, and their merge across splits.
 @triton.jit
 def online_max(b_m, b_z):
     """One tile z [BN, BV] into a running row max m: returns (m', sh', r, u) with the new max,

@@ -6,24 +6,23 @@ import torch
 
 from ...utils.dispatch import resolve_impl
 from ...utils.validation import (
-    as_normalizer,
     check_choice,
     check_float_param,
     check_linear_inputs,
     check_teacher,
     check_token_tensor,
-    token_mean_normalizer,
 )
 from ..common import autotune
 from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import autocast_cast, rows
+from ..common.normalizer import as_normalizer, token_mean_normalizer
 from ..common.numerics import LogitMap
-from .chunked import FKL, JSD, RKL, ChunkedDivergence
-from .naive import KINDS, linear_divergence_naive
+from .chunked import divergence_chunked
+from .kinds import CODES, KINDS
+from .naive import linear_divergence_naive
 from .triton_impl import divergence_triton
 
 REDUCTIONS = ("none", "sum", "mean")
-_CODES = {"reverse_kl": RKL, "forward_kl": FKL, "jsd": JSD}
 
 
 def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, temperature: float, impl: str,
@@ -41,9 +40,9 @@ def divergence_2d(hs, ws, bs, ht, wt, bt, valid, kind: str, beta: float, tempera
                                         teacher_logit_scale=logit_scales[1])
             return torch.where(valid, D, torch.zeros_like(D))
         lmaps = tuple(LogitMap.of(s, temperature, c) for s, c in zip(logit_scales, softcaps, strict=True))
-        args = (ht, wt, bt, valid, _CODES[kind], float(beta), lmaps)
+        args = (ht, wt, bt, valid, CODES[kind], float(beta), lmaps)
         if impl == "torch":
-            return ChunkedDivergence.apply(hs, ws, bs, *args)
+            return divergence_chunked(hs, ws, bs, *args)
 
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             divergence_triton(hs.detach().requires_grad_(), ws.detach().requires_grad_(), bs, *args).sum().backward()

@@ -1,4 +1,5 @@
-"""Vocab-chunked PyTorch teacher-student divergences (the CPU default). Math in ``README.md``.
+"""The ``impl="torch"`` path of ``linear_divergence`` (the CPU default): vocab-chunked PyTorch
+teacher-student divergences. Math in ``README.md``.
 
 Token x vocabulary tiles of both logits; per token only both distributions' shifts and
 log-sums (``Norms``: log p = (z - shift) - log_sum, no cancellation of two numbers of the size of
@@ -25,8 +26,7 @@ from ..common.chunked import (
     shift,
 )
 from ..common.numerics import LogitMap, compute_dtype, log_weights
-
-RKL, FKL, JSD = 0, 1, 2  # the kernels' KIND codes
+from .kinds import FKL, RKL
 
 
 class Norms(NamedTuple):
@@ -172,3 +172,7 @@ class ChunkedDivergence(torch.autograd.Function):
             dx.index_copy_(0, idx, dxv.to(hs.dtype))
         return (dx, dw.to(ws.dtype) if need_dw else None, db.to(bs.dtype) if need_db else None,
                 None, None, None, None, None, None, None)
+
+
+def divergence_chunked(hs, ws, bs, ht, wt, bt, valid, kind, beta, lmaps: tuple[LogitMap, LogitMap]):
+    return ChunkedDivergence.apply(hs, ws, bs, ht, wt, bt, valid, kind, beta, lmaps)

@@ -14,6 +14,9 @@ is cut at the student's V). Per token, only O(1) statistics leave the kernels:
 * ``jsd_sums_kernel``: second pass of the JSD, once both log-normalizers are known.
 * ``div_dlogits_kernel``: recomputes both tiles of a region and writes the gradient w.r.t.
   the raw student logits into a scratch buffer (``common/scratch_backward.py`` does the GEMMs).
+
+``KIND`` picks the divergence: ``RKL``, ``FKL`` or ``JSD``, the codes that ``kinds.py`` defines
+once for both paths (with the public names that map to them).
 """
 
 from __future__ import annotations
@@ -36,10 +39,7 @@ from ..common.tiles import (
     store_region,
     token_split,
 )
-
-RKL: tl.constexpr = tl.constexpr(0)
-FKL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
+from .kinds import FKL, JSD, RKL
 
 
 @triton.jit

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..common.numerics import compute_dtype, log_weights
-
-KINDS = ("reverse_kl", "forward_kl", "jsd")
+from .kinds import KINDS
 
 
 def _logits(h, w, b, V, temperature, softcap, logit_scale, cdt):

@@ -1,4 +1,4 @@
-"""Host side of ``linear_divergence`` on Triton: launches and the autograd op."""
+"""The ``impl="triton"`` path of ``linear_divergence``, host side: launches and the autograd op."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ..common.launch import TritonConfig, check_triton_dtypes, get_config, head,
 from ..common.numerics import LogitMap, log_weights
 from ..common.scratch_backward import scratch_backward
 from .chunked import Norms
-from .kernels import JSD, div_combine_kernel, div_dlogits_kernel, div_stats_kernel, jsd_sums_kernel
+from .kernels import div_combine_kernel, div_dlogits_kernel, div_stats_kernel, jsd_sums_kernel
+from .kinds import JSD
 
 
 class DivPartials(NamedTuple):

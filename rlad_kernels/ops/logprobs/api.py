@@ -7,9 +7,9 @@ import torch
 from ..common import autotune
 from ..common.head import LMHead, legacy_head, reject_unknown
 from ..common.inputs import LinearInputs, prepare_linear
-from .chunked import linear_logprobs_chunked
+from .chunked import logprobs_chunked
 from .naive import linear_logprobs_naive
-from .triton_impl import linear_logprobs_triton
+from .triton_impl import logprobs_triton
 
 
 def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
@@ -22,17 +22,15 @@ def logprobs_2d(li: LinearInputs, ignore_index: int, want_entropy: bool):
                                         return_entropy=want_entropy, softcap=li.softcap)
             return out if want_entropy else (out, None)
         if li.impl == "torch":
-            return linear_logprobs_chunked(li.hidden, li.weight, li.bias, li.targets, li.lmap, ignore_index,
-                                           want_entropy)
+            return logprobs_chunked(li.hidden, li.weight, li.bias, li.targets, li.lmap, ignore_index, want_entropy)
         def tune_run():  # forward and backward on detached copies, for RLAD_AUTOTUNE=1
             h, w = li.hidden.detach().requires_grad_(), li.weight.detach().requires_grad_()
-            lp, ent = linear_logprobs_triton(h, w, li.bias, li.targets, li.lmap, ignore_index, want_entropy)
+            lp, ent = logprobs_triton(h, w, li.bias, li.targets, li.lmap, ignore_index, want_entropy)
             (lp.sum() + (ent.sum() if ent is not None else 0)).backward()
 
         options = (li.bias is not None, want_entropy, li.lmap.capped)
         with autotune.scope(li.impl, "logprobs", li.hidden, li.weight, options, tune_run):
-            return linear_logprobs_triton(li.hidden, li.weight, li.bias, li.targets, li.lmap, ignore_index,
-                                          want_entropy)
+            return logprobs_triton(li.hidden, li.weight, li.bias, li.targets, li.lmap, ignore_index, want_entropy)
 
 
 def linear_logprobs(hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, *, temperature: float = 1.0,

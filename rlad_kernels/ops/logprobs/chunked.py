@@ -1,4 +1,4 @@
-"""Vocab-chunked PyTorch implementation of the per-token log-prob op (the CPU default).
+"""The ``impl="torch"`` path of ``linear_logprobs`` (the CPU default): vocab-chunked PyTorch.
 
 Same contract as the Triton kernels, O(N) + O(chunk) memory: tokens are processed in
 ``tokens`` x ``vocab`` tiles with an online log-sum-exp; only per-token statistics (the row's
@@ -141,5 +141,5 @@ class ChunkedLogprobs(torch.autograd.Function):
                 None, None, None, None)
 
 
-def linear_logprobs_chunked(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
+def logprobs_chunked(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
     return ChunkedLogprobs.apply(hidden2d, weight, bias, targets1d, lmap, ignore_index, want_entropy)

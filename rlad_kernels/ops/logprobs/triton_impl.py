@@ -1,4 +1,4 @@
-"""Host side of ``linear_logprobs`` on Triton: the autograd op over its kernels.
+"""The ``impl="triton"`` path of ``linear_logprobs``, host side: the autograd op over its kernels.
 
 Forward: one launch (plus a tiny combine launch when the vocabulary is split across programs
 to fill the GPU at small N). Stored for backward, per token: the row's shift and log-sum (log p
@@ -53,6 +53,6 @@ class TritonLogprobs(torch.autograd.Function):
         return dx, dw, db, None, None, None, None
 
 
-def linear_logprobs_triton(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
+def logprobs_triton(hidden2d, weight, bias, targets1d, lmap: LogitMap, ignore_index, want_entropy):
     check_triton_dtypes(hidden2d, weight)
     return TritonLogprobs.apply(hidden2d, weight, bias, targets1d, lmap, ignore_index, want_entropy)

@@ -1,4 +1,5 @@
-"""Vocab-chunked PyTorch policy loss with the gradient formed in the forward pass.
+"""The ``impl="torch"`` path of the policy loss (the CPU default): vocab-chunked PyTorch, with the
+gradient formed in the forward pass.
 
 The loss is a scalar, so its gradient w.r.t. hidden / weight / bias is known up to the
 upstream scalar as soon as each token's log-prob is: for every chunk of C tokens this path
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.chunked import CHUNKS, ScaledHead, mul_safe, shift, softmax_dlogits_
+from ..common.normalizer import token_mean_normalizer
 from ..common.numerics import LogitMap, compute_dtype
 from .math import STAT_FIELDS, STAT_INDEX, TokenInputs, entropy_token_mean, policy_token_loss, reduce_token_stats
 

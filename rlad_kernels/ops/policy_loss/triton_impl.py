@@ -1,4 +1,5 @@
-"""Host side of the fused Triton policy loss: one forward pass, gradient factors kept per token.
+"""The ``impl="triton"`` path of the policy loss, host side: one forward pass, gradient factors
+kept per token.
 
 ``epilogue_args`` is the one place where the config and the per-token inputs become the
 epilogue's kernel arguments (pointers, coefficients, constexpr flags).
@@ -10,10 +11,10 @@ import math
 
 import torch
 
-from ...utils.validation import token_mean_normalizer
 from ..common.autograd import first_order_only
 from ..common.launch import check_triton_dtypes, get_config, scan_plan
 from ..common.logprob import Rows, logprob_backward, logprob_forward
+from ..common.normalizer import token_mean_normalizer
 from ..common.numerics import LogitMap, log_weights
 from .config import PolicyLossConfig
 from .kernels import EpilogueCoefs, EpilogueFlags, EpilogueOut, policy_combine_kernel, policy_fwd_kernel
