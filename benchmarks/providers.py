@@ -14,7 +14,7 @@ import torch
 from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
 from rlad_kernels.utils.dispatch import triton_interpreting
 
-from harness import Provider, Unavailable
+from .harness import Provider, Unavailable
 
 ALPHA, EPS, CLAMP, TEMP = 0.5, 0.2, 1.0, 1.0
 TRRD = PolicyLossConfig(alpha=ALPHA, eps_low=EPS, eps_high=EPS, teacher_clamp=CLAMP, compute_entropy=False)

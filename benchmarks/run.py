@@ -1,8 +1,9 @@
-"""Command line shared by the per-op benchmark scripts (bench_policy_loss.py, bench_logprobs.py,
-bench_divergence.py): a sweep of shapes x providers x modes, appended to one long-format CSV.
+"""Command line shared by the per-op benchmark scripts (``python -m benchmarks.bench_policy_loss``,
+``bench_logprobs``, ``bench_divergence``): a sweep of shapes x providers x modes, appended to one
+long-format CSV.
 
 Rows are appended after each provider (a sweep killed part-way keeps what it measured). With a
-deadline (``--budget-s``; ``gpu_session.py`` gives each of its steps one) a provider starts at a
+deadline (``--budget-s``; the GPU session gives each of its steps one) a provider starts at a
 shape only if ``estimate_s`` says it fits in what is left; a cell not started gets a ``skipped`` row
 that says why.
 """
@@ -10,17 +11,13 @@ that says why.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-
-from harness import (  # noqa: E402
+from .harness import (
     MODES,
     RESULTS,
     Provider,
@@ -33,9 +30,10 @@ from harness import (  # noqa: E402
     row_base,
     run,
 )
-from providers import PROVIDERS  # noqa: E402
+from .providers import PROVIDERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCRIPTS = {"policy": "bench_policy_loss", "logprobs": "bench_logprobs", "divergence": "bench_divergence"}
 # the performance-bar shapes on a GPU (README.md: bf16, H=4096, V in {128256, 151936}, N in 8k..64k,
 # teacher H=5120); small shapes elsewhere (the harness itself is what runs on a CPU)
 GPU_DEFAULTS = dict(N=[8192, 16384, 32768, 65536], H=4096, V=[128256, 151936], H_t=5120, dtype="bf16")
@@ -44,7 +42,8 @@ CPU_DEFAULTS = dict(N=[512, 1024, 2048], H=256, V=[8192], H_t=320, dtype="fp32")
 
 def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     d = GPU_DEFAULTS if cuda else CPU_DEFAULTS
-    ap = argparse.ArgumentParser(description=f"Benchmark the {op} op against the other providers.")
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPTS[op]}",
+                                 description=f"Benchmark the {op} op against the other providers.")
     ap.add_argument("--N", type=int, nargs="+", default=d["N"], help="token counts")
     ap.add_argument("--H", type=int, default=d["H"], help="hidden size")
     ap.add_argument("--V", type=int, nargs="+", default=d["V"], help="vocabulary sizes")

@@ -1,7 +1,7 @@
 """Time forward+backward of the three implementations at one shape, so regressions are visible.
 
-    python benchmarks/time_impls.py                       # CPU: torch vs naive, small shape
-    python benchmarks/time_impls.py --n 8192 --h 4096 --v 128256 --dtype bf16   # on a GPU
+    python -m benchmarks.time_impls                       # CPU: torch vs naive, small shape
+    python -m benchmarks.time_impls --n 8192 --h 4096 --v 128256 --dtype bf16   # on a GPU
 
 Each implementation's result is checked against the first one before it is timed. On CUDA the
 median of ``triton.testing.do_bench`` is reported with the peak memory increase; on CPU the
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
 
-import harness  # noqa: E402
+from . import harness
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -2,16 +2,12 @@
 well formed, unavailable providers say why, plots render."""
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-
-from harness import CSV_FIELDS, Shape, append_csv, env_info, make_inputs, plot, run  # noqa: E402
-from providers import PROVIDERS  # noqa: E402
+from benchmarks.harness import CSV_FIELDS, Shape, append_csv, env_info, make_inputs, plot, run
+from benchmarks.providers import PROVIDERS
 
 SHAPE = Shape(N=64, H=32, V=300, H_t=40, dtype=torch.float32, seq_len=32)
 
@@ -58,3 +54,4 @@ def test_rows_csv_and_plot(tmp_path, inputs, monkeypatch):
     assert got[0]["device"].startswith("cpu") and got[0]["torch"] == torch.__version__
     pngs = plot(path, tmp_path)
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
+
