@@ -132,10 +132,10 @@ def policy_providers(seq_len: int) -> list[Provider]:
         return make
 
     return [
-        Provider("rlad-triton", ours("triton"), "TRRD, teacher clamp 1.0"),
-        Provider("rlad-torch", ours("torch"), "TRRD, vocab-chunked torch", grads_in_forward=True),
-        Provider("eager", eager(False), "materialized logits"),
-        Provider("torch.compile", eager(True), "compiled eager"),
+        Provider("rlad-triton", ours("triton"), "TRRD, teacher clamp 1.0", exact=True),
+        Provider("rlad-torch", ours("torch"), "TRRD, vocab-chunked torch", grads_in_forward=True, exact=True),
+        Provider("eager", eager(False), "materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "compiled eager", exact=True),
         Provider("liger-grpo", liger(False), "LigerFusedLinearGRPOLoss, GRPO", grads_in_forward=True),
         Provider("liger-trrd-noclamp", liger(True), "Liger GRPO with the TRRD anchor as old log-probs; "
                  "no teacher clamp", grads_in_forward=True),
@@ -193,10 +193,10 @@ def logprob_providers(seq_len: int) -> list[Provider]:
         return lambda: (-loss_fn(x["weight"], x["hidden"], x["targets"]) * g1).sum()
 
     return [
-        Provider("rlad-triton", ours("triton"), "log-prob + entropy"),
-        Provider("rlad-torch", ours("torch"), "log-prob + entropy, vocab-chunked torch"),
-        Provider("eager", eager(False), "log-prob + entropy, materialized logits"),
-        Provider("torch.compile", eager(True), "log-prob + entropy, compiled eager"),
+        Provider("rlad-triton", ours("triton"), "log-prob + entropy", exact=True),
+        Provider("rlad-torch", ours("torch"), "log-prob + entropy, vocab-chunked torch", exact=True),
+        Provider("eager", eager(False), "log-prob + entropy, materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "log-prob + entropy, compiled eager", exact=True),
         Provider("cce", cce, "Cut Cross-Entropy reduction='none': log-prob only (no entropy)"),
         Provider("liger-flce", liger_flce, "Liger fused linear CE reduction='none': log-prob only (no entropy)"),
         Provider(**GEMM),
@@ -237,10 +237,10 @@ def divergence_providers(seq_len: int) -> list[Provider]:
         return lambda: loss_fn(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["targets"])
 
     return [
-        Provider("rlad-triton", ours("triton"), f"generalized JSD beta={BETA}"),
-        Provider("rlad-torch", ours("torch"), f"generalized JSD beta={BETA}, vocab-chunked torch"),
-        Provider("eager", eager(False), "materialized logits"),
-        Provider("torch.compile", eager(True), "compiled eager"),
+        Provider("rlad-triton", ours("triton"), f"generalized JSD beta={BETA}", exact=True),
+        Provider("rlad-torch", ours("torch"), f"generalized JSD beta={BETA}, vocab-chunked torch", exact=True),
+        Provider("eager", eager(False), "materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "compiled eager", exact=True),
         Provider("liger-jsd", liger, f"LigerFusedLinearJSDLoss beta={BETA}, soft loss only", grads_in_forward=True),
     ]
 

@@ -5,7 +5,10 @@ long-format CSV.
 Rows are appended after each provider (a sweep killed part-way keeps what it measured). With a
 deadline (``--budget-s``; the GPU session gives each of its steps one) a provider starts at a
 shape only if ``estimate_s`` says it fits in what is left; a cell not started gets a ``skipped`` row
-that says why.
+that says why. With ``--check``, each shape first compares the gradients of the providers that
+compute the op's own loss (ours, eager, torch.compile; ``harness.agreement``), so a quick run such as
+``--N 1024 --H 512 --V 32000 --providers rlad-torch eager --modes full --no-csv --check`` is both a
+regression check and a timing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .harness import (
     RESULTS,
     Provider,
     Shape,
+    agreement,
     append_csv,
     env_info,
     make_inputs,
@@ -56,6 +60,9 @@ def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--csv", type=Path, default=RESULTS / "bench.csv", help="CSV to append rows to")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--plot", action="store_true", help="render plots from the CSV afterwards")
+    ap.add_argument("--check", action="store_true",
+                    help="before timing a shape, compare the gradients of the providers computing the op's own loss "
+                         "(ours, eager, torch.compile) with the first of them")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start a provider at a shape only if its estimated time fits in what is left of this many "
                          "seconds (its compile time and its steady-state time scaled from the shapes it ran)")
@@ -106,10 +113,11 @@ def estimate_s(history: list[dict], provider: str, size: float, guess: dict = GU
 def sweep(op: str, shapes: list[Shape], providers: list[Provider], device: torch.device, env: dict, *,
           modes: list[str], reps: int, csv_path: Path | None, deadline: float | None = None,
           history: list[dict] | None = None, guess: dict = GUESS_S,
-          after_shape: Callable[[Shape, dict], None] | None = None) -> list[dict]:
+          after_shape: Callable[[Shape, dict], None] | None = None, check: bool = False) -> list[dict]:
     """Every provider at every shape, in order; rows appended to ``csv_path`` after each provider.
     With a ``deadline`` (``time.time()`` seconds), a provider starts only if ``estimate_s`` (from
     ``history``, extended as providers finish) fits in what is left; otherwise a ``skipped`` row.
+    ``check``: print ``harness.agreement`` of the providers at each shape before timing them.
     ``after_shape(shape, inputs)`` runs before a shape's inputs are freed."""
     history = [] if history is None else history
     all_rows: list[dict] = []
@@ -138,6 +146,9 @@ def sweep(op: str, shapes: list[Shape], providers: list[Provider], device: torch
             torch.cuda.synchronize()
         print(f"{shape.label} {str(shape.dtype).replace('torch.', '')}: inputs made on {device.type} in "
               f"{time.time() - t:.1f} s", flush=True)
+        if check:
+            for name, what in agreement(providers, inputs):
+                print(f"  check {name:<16} {what}", flush=True)
         for p in providers:
             if deadline is not None:
                 est, left = estimate_s(history, p.name, n, guess), deadline - time.time()
@@ -166,7 +177,7 @@ def main(op: str, argv=None) -> int:
     print(f"{op} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
     deadline = time.time() + args.budget_s if args.budget_s is not None else None
     rows = sweep(op, shapes(op, args), providers, device, env, modes=args.modes, reps=args.reps,
-                 csv_path=None if args.no_csv else args.csv, deadline=deadline)
+                 csv_path=None if args.no_csv else args.csv, deadline=deadline, check=args.check)
     if not args.no_csv:
         print(f"appended {len(rows)} rows to {args.csv}")
         if args.plot:

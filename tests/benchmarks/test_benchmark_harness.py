@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from benchmarks.harness import CSV_FIELDS, Shape, append_csv, env_info, make_inputs, plot, run
+from benchmarks.harness import CSV_FIELDS, Shape, agreement, append_csv, env_info, make_inputs, plot, run
 from benchmarks.providers import PROVIDERS
 
 SHAPE = Shape(N=64, H=32, V=300, H_t=40, dtype=torch.float32, seq_len=32)
@@ -55,3 +55,13 @@ def test_rows_csv_and_plot(tmp_path, inputs, monkeypatch):
     pngs = plot(path, tmp_path)
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
 
+
+@pytest.mark.parametrize("op", ["policy", "logprobs", "divergence"])
+def test_the_exact_providers_agree_on_the_gradients(inputs, op):
+    """``run.py --check``: ours and eager compute the same loss, so the same dX and dW; the providers
+    of another loss (Liger, CCE, the GEMM alone) are left out of the comparison."""
+    provs = [p for p in PROVIDERS[op](SHAPE.seq_len) if p.name in ("rlad-torch", "eager", "liger-grpo", "gemm-6nhv")]
+    got = dict(agreement(provs, dict(inputs)))
+    assert set(got) == {"rlad-torch", "eager"} and got["rlad-torch"] == "the reference"
+    diffs = [float(part.rsplit(" ", 1)[1]) for part in got["eager"].split(", ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, got
