@@ -1,5 +1,7 @@
 """The calls of the public ops whose launches the compile report records: per group (``standard``,
-``epilogue``, ``autotune``), name -> (dtype name, a thunk running the forward and the backward)."""
+``epilogue``, ``autotune``), name -> (dtype name, a thunk running the forward and the backward).
+Every call passes the lm_head as an ``LMHead`` and the policy loss's per-token inputs as one
+``TokenInputs``."""
 
 from __future__ import annotations
 
@@ -69,10 +71,10 @@ _KW = dict(tea="teacher_logp", ref="ref_logp", tw="token_weights", kdw="kd_weigh
 def _policy(t: dict, cfg_kw: dict, given, bias: bool, softcap: float | None = None):
     import rlad_kernels as rk
 
-    kw = {_KW[k]: t[k] for k in given}
-    return lambda: rk.linear_policy_loss(t["x"], t["w"], t["y"], t["adv"], t["old"], bias=t["b"] if bias else None,
-                                         config=rk.PolicyLossConfig(**cfg_kw), softcap=softcap, impl="triton",
-                                         **kw).loss
+    head = rk.LMHead(t["w"], bias=t["b"] if bias else None, softcap=softcap)
+    tok = rk.TokenInputs(advantages=t["adv"], old_logp=t["old"], **{_KW[k]: t[k] for k in given})
+    return lambda: rk.linear_policy_loss(t["x"], head, t["y"], tok, config=rk.PolicyLossConfig(**cfg_kw),
+                                         impl="triton").loss
 
 
 def variants(groups, dtypes, shape, arch: int) -> dict:
@@ -85,27 +87,33 @@ def variants(groups, dtypes, shape, arch: int) -> dict:
     if "standard" in groups:
         for dn in dtypes:
             t = _inputs(DTYPES[dn], N, H, V)
-            x, w, b, y = t["x"], t["w"], t["b"], t["y"]
-            calls[f"{dn} logprobs"] = (dn, _backward(lambda x=x, w=w, y=y: rk.linear_logprobs(x, w, y, impl="triton")))
-            calls[f"{dn} logprobs+bias+entropy"] = (dn, _backward(lambda x=x, w=w, y=y, b=b: rk.linear_logprobs(
-                x, w, y, bias=b, return_entropy=True, impl="triton")))
-            calls[f"{dn} logprobs split"] = (dn, _split(lambda x=x, w=w, y=y: rk.linear_logprobs(
-                x, w, y, return_entropy=True, impl="triton")))
-            calls[f"{dn} logprobs+bias+entropy+softcap"] = (dn, _backward(lambda x=x, w=w, y=y, b=b: rk.linear_logprobs(
-                x, w, y, bias=b, return_entropy=True, softcap=30.0, impl="triton")))
+            x, y = t["x"], t["y"]
+            head, biased = rk.LMHead(t["w"]), rk.LMHead(t["w"], bias=t["b"])
+            capped = rk.LMHead(t["w"], bias=t["b"], softcap=30.0)
+            calls[f"{dn} logprobs"] = (dn, _backward(lambda x=x, h=head, y=y: rk.linear_logprobs(
+                x, h, y, impl="triton")))
+            calls[f"{dn} logprobs+bias+entropy"] = (dn, _backward(lambda x=x, h=biased, y=y: rk.linear_logprobs(
+                x, h, y, return_entropy=True, impl="triton")))
+            calls[f"{dn} logprobs split"] = (dn, _split(lambda x=x, h=head, y=y: rk.linear_logprobs(
+                x, h, y, return_entropy=True, impl="triton")))
+            calls[f"{dn} logprobs+bias+entropy+softcap"] = (dn, _backward(lambda x=x, h=capped, y=y: rk.linear_logprobs(
+                x, h, y, return_entropy=True, impl="triton")))
             heavy = EPILOGUE_CASES["everything"]
             calls[f"{dn} policy everything"] = (dn, _backward(_policy(t, *heavy)))
             calls[f"{dn} policy everything+softcap"] = (dn, _backward(_policy(t, *heavy, softcap=30.0)))
             calls[f"{dn} policy everything split"] = (dn, _split(_policy(t, *heavy)))
+            teacher, teacher_biased = rk.LMHead(t["wt"]), rk.LMHead(t["wt"], bias=t["bt"])
+            student_capped, teacher_capped = rk.LMHead(t["w"], softcap=30.0), rk.LMHead(t["wt"], softcap=50.0)
             for kind in ("reverse_kl", "forward_kl", "jsd"):
-                calls[f"{dn} divergence {kind}"] = (dn, _backward(lambda t=t, kind=kind: rk.linear_divergence(
-                    t["x"], t["w"], t["xt"], t["wt"], kind=kind, impl="triton")))
-                calls[f"{dn} divergence {kind} split+bias"] = (dn, _split(lambda t=t, kind=kind: rk.linear_divergence(
-                    t["x"], t["w"], t["xt"], t["wt"], student_bias=t["b"], teacher_bias=t["bt"], kind=kind,
-                    impl="triton")))
-                calls[f"{dn} divergence {kind} softcaps"] = (dn, _backward(lambda t=t, kind=kind: rk.linear_divergence(
-                    t["x"], t["w"], t["xt"], t["wt"], student_softcap=30.0, teacher_softcap=50.0, kind=kind,
-                    impl="triton")))
+                calls[f"{dn} divergence {kind}"] = (dn, _backward(
+                    lambda t=t, kind=kind, s=head, te=teacher: rk.linear_divergence(
+                        t["x"], s, t["xt"], te, kind=kind, impl="triton")))
+                calls[f"{dn} divergence {kind} split+bias"] = (dn, _split(
+                    lambda t=t, kind=kind, s=biased, te=teacher_biased: rk.linear_divergence(
+                        t["x"], s, t["xt"], te, kind=kind, impl="triton")))
+                calls[f"{dn} divergence {kind} softcaps"] = (dn, _backward(
+                    lambda t=t, kind=kind, s=student_capped, te=teacher_capped: rk.linear_divergence(
+                        t["x"], s, t["xt"], te, kind=kind, impl="triton")))
     if "epilogue" in groups:
         t = _inputs(torch.bfloat16, N, H, V)
         for name, case in EPILOGUE_CASES.items():
@@ -116,11 +124,12 @@ def variants(groups, dtypes, shape, arch: int) -> dict:
 
         for dn in dtypes:
             t = _inputs(DTYPES[dn], N, H, V)
+            student, teacher = rk.LMHead(t["w"]), rk.LMHead(t["wt"])
             for i, cand in enumerate(AUTOTUNE_SPACE[(arch, dn == "fp32")]):
-                def run(t=t, cand=cand):
+                def run(t=t, cand=cand, student=student, teacher=teacher):
                     with rk.triton_config(**cand):
                         _backward(_policy(t, *EPILOGUE_CASES["everything"]))()
-                        _backward(lambda: rk.linear_divergence(t["x"], t["w"], t["xt"], t["wt"], kind="jsd",
+                        _backward(lambda: rk.linear_divergence(t["x"], student, t["xt"], teacher, kind="jsd",
                                                                impl="triton"))()
                 calls[f"{dn} autotune[{i}] {cand}"] = (dn, run)
     return calls

@@ -50,7 +50,7 @@ def _child(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from rlad.models import decoder_hidden
-    from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
+    from rlad_kernels import LMHead, PolicyLossConfig, TokenInputs, linear_logprobs, linear_policy_loss
 
     from .bench_memory_cpu import reset_peak, status_kib
 
@@ -67,7 +67,7 @@ def _child(spec: dict) -> dict:
     model.train()
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    weight = model.get_output_embeddings().weight
+    head = LMHead(model.get_output_embeddings().weight)
 
     # one row: a prompt of P tokens and a response of T; targets are the response tokens
     ids = torch.randint(0, V, (1, P + T))
@@ -77,7 +77,7 @@ def _child(spec: dict) -> dict:
     targets[:, :P - 1] = -100
     with torch.no_grad():  # the old policy's and the teacher's log-probs, as the trainer scores them beforehand
         h = decoder_hidden(model, ids, mask, pos)[:, :-1]
-        old_logp = linear_logprobs(h, weight, targets, impl="torch")
+        old_logp = linear_logprobs(h, head, targets, impl="torch")
         del h
     teacher_logp = old_logp + 0.5 * torch.randn(old_logp.shape)
     advantages = torch.ones(targets.shape)
@@ -86,8 +86,9 @@ def _child(spec: dict) -> dict:
     before = reset_peak()
     t0 = time.perf_counter()
     h = decoder_hidden(model, ids, mask, pos)[:, :-1]
-    out = linear_policy_loss(h, weight, targets, advantages, old_logp, teacher_logp=teacher_logp,
-                             normalizer=normalizer, config=PolicyLossConfig(), impl=spec["impl"])
+    tok = TokenInputs(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp)
+    out = linear_policy_loss(h, head, targets, tok, normalizer=normalizer, config=PolicyLossConfig(),
+                             impl=spec["impl"])
     out.loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - t0

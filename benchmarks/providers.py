@@ -2,7 +2,9 @@
 
 Each provider builds, from the inputs, a closure that returns a scalar loss with grad enabled.
 Baselines are imported from their packages, never re-typed; the eager reference is the
-textbook materialized-logits computation (logits in the model dtype, then float32).
+textbook materialized-logits computation (logits in the model dtype, then float32). Ours take the
+lm_head as an ``LMHead`` and the policy loss's per-token inputs as one ``TokenInputs``, both made
+when the closure is, so a timed call does the op's work only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import functools
 
 import torch
 
-from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
+from rlad_kernels import (
+    LMHead,
+    PolicyLossConfig,
+    TokenInputs,
+    linear_divergence,
+    linear_logprobs,
+    linear_policy_loss,
+)
 from rlad_kernels.utils.dispatch import triton_interpreting
 
 from .harness import Provider, Unavailable
@@ -105,8 +114,9 @@ def policy_providers(seq_len: int) -> list[Provider]:
         def make(x):
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
-            return lambda: linear_policy_loss(x["hidden"], x["weight"], x["targets"], x["advantages"], x["old_logp"],
-                                              teacher_logp=x["teacher_logp"], temperature=TEMP, config=TRRD,
+            head = LMHead(x["weight"])
+            tok = TokenInputs(advantages=x["advantages"], old_logp=x["old_logp"], teacher_logp=x["teacher_logp"])
+            return lambda: linear_policy_loss(x["hidden"], head, x["targets"], tok, temperature=TEMP, config=TRRD,
                                               impl=impl).loss
         return make
 
@@ -165,10 +175,11 @@ def logprob_providers(seq_len: int) -> list[Provider]:
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
             g1, g2 = upstream(x)
+            head = LMHead(x["weight"])
 
             def run():
-                lp, ent = linear_logprobs(x["hidden"], x["weight"], x["targets"], temperature=TEMP,
-                                          return_entropy=True, impl=impl)
+                lp, ent = linear_logprobs(x["hidden"], head, x["targets"], temperature=TEMP, return_entropy=True,
+                                          impl=impl)
                 return (lp * g1).sum() + (ent * g2).sum()
             return run
         return make
@@ -221,8 +232,9 @@ def divergence_providers(seq_len: int) -> list[Provider]:
         def make(x):
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
-            return lambda: linear_divergence(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"],
-                                             kind="jsd", beta=BETA, temperature=TEMP, impl=impl)
+            student, teacher = LMHead(x["weight"]), LMHead(x["teacher_weight"])
+            return lambda: linear_divergence(x["hidden"], student, x["teacher_hidden"], teacher, kind="jsd", beta=BETA,
+                                             temperature=TEMP, impl=impl)
         return make
 
     def eager(compiled):
