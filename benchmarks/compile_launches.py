@@ -9,6 +9,8 @@ Needs Triton's JIT, not its interpreter: ``TRITON_INTERPRET=0`` before ``rlad_ke
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import sys
 from dataclasses import dataclass, field
 
@@ -80,6 +82,20 @@ class Launch:
         return "x".join(str(n[k]) for k in keys if k in n)
 
 
+def import_the_ops() -> None:
+    """Import every module of ``rlad_kernels.ops`` now, before ``record`` makes
+    ``dispatch.triton_interpreting`` say True: a module that binds the name when it is imported
+    (``from ...utils.dispatch import triton_interpreting``: the launch options, e.g. ``UPCAST`` and
+    the staged dW GEMM) must keep the real function, False under Triton's JIT, so the options stay a
+    GPU's; only dispatch's own look-up (``impl="triton"`` on CPU tensors) is to see True. Without
+    this, a module first imported inside a recorded call (the package loads its public names on first
+    use) records the interpreter's launches: fp32 dots, no tensor cores."""
+    import rlad_kernels.ops
+
+    for info in pkgutil.walk_packages(rlad_kernels.ops.__path__, "rlad_kernels.ops."):
+        importlib.import_module(info.name)
+
+
 def record(calls: dict, arch: int) -> list[Launch]:
     """Run ``calls`` (name -> (dtype name, thunk)) with every Triton compile recorded, not built,
     with the tile configurations the library picks for an ``arch`` GPU."""
@@ -95,6 +111,7 @@ def record(calls: dict, arch: int) -> list[Launch]:
             launch.calls.append(current["name"])
         return None  # nothing to launch: the JIT returns before running a kernel
 
+    import_the_ops()
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction._do_compile = _record
     from rlad_kernels.ops.common import launch
