@@ -1,12 +1,12 @@
 """Benchmark `linear_logprobs with entropy` against the other providers.
 
-    python benchmarks/bench_logprobs.py   # the performance-bar shapes on a GPU (README.md), small ones on a CPU
-    python benchmarks/bench_logprobs.py --N 8192 --V 151936 --providers rlad-triton cce liger-flce
+    python -m benchmarks.bench_logprobs   # the performance-bar shapes on a GPU (README.md), small ones on a CPU
+    python -m benchmarks.bench_logprobs --N 8192 --V 151936 --providers rlad-triton cce liger-flce
 """
 
 import sys
 
-from run import main
+from .run import main
 
 if __name__ == "__main__":
     sys.exit(main("logprobs"))

@@ -1,7 +1,7 @@
 """CPU memory: peak of the vocab-chunked torch path vs eager, fwd+bwd of the TRRD policy loss.
 
-    python benchmarks/bench_memory_cpu.py              # N=4096, V=128256, H=1024, float32
-    python benchmarks/bench_memory_cpu.py --N 1024 --V 32000 --H 512 --providers rlad-torch eager
+    python -m benchmarks.bench_memory_cpu              # N=4096, V=128256, H=1024, float32
+    python -m benchmarks.bench_memory_cpu --N 1024 --V 32000 --H 512 --providers rlad-torch eager
 
 Each provider runs in a fresh process. Memory is the process's resident-set high-water mark
 (``VmHWM``), reset after the inputs are built (Linux ``/proc/self/clear_refs``), so the
@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def status_kib(field: str) -> int:
@@ -43,8 +42,8 @@ def reset_peak() -> int:
 def child(provider: str, N: int, H: int, V: int) -> dict:
     import torch
 
-    from harness import Shape, make_inputs
-    from providers import policy_providers
+    from .harness import Shape, make_inputs
+    from .providers import policy_providers
 
     torch.manual_seed(0)
     shape = Shape(N=N, H=H, V=V, dtype=torch.float32)
@@ -63,7 +62,8 @@ def child(provider: str, N: int, H: int, V: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory_cpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--H", type=int, default=1024)
     ap.add_argument("--V", type=int, default=128256)
@@ -77,14 +77,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from harness import append_csv, env_info
+    from .harness import append_csv, env_info
 
     env = env_info(torch.device("cpu"))
     rows = []
     print(f"policy fwd+bwd N={args.N} H={args.H} V={args.V} float32 on {env['device']}")
     for p in args.providers:
-        r = subprocess.run([sys.executable, __file__, "--child", p, "--N", str(args.N), "--H", str(args.H), "--V",
-                            str(args.V)], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory_cpu", "--child", p, "--N", str(args.N),
+                            "--H", str(args.H), "--V", str(args.V)], capture_output=True, text=True, cwd=ROOT)
         base = dict(op="policy", provider=p, mode="full", N=args.N, H=args.H, V=args.V, dtype="float32")
         if r.returncode != 0:
             note = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1][:160]

@@ -11,7 +11,8 @@ Timing: ``triton.testing.do_bench`` (median and 20/80 quantiles) on CUDA; on CPU
 quantiles over wall-clock repetitions. Memory on CUDA: peak allocated during the call, as an
 increment over what was allocated before (the CCE way) and as an absolute peak (the Liger
 way). Modes: ``fwd`` (the loss with grad enabled), ``bwd`` (``loss.backward(retain_graph=True)``
-of an existing graph), ``full`` (both).
+of an existing graph), ``full`` (both). ``agreement`` checks, before anything is timed, that the
+providers computing the op's own loss give the same gradients (``run.py --check``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Provider:
     grads_in_forward: bool = False  # computes gradients inside its forward: no separate backward to time
     leaves: list[str] = field(default_factory=lambda: ["hidden", "weight"])
     backward: bool = True  # False: the closure is the whole fwd+bwd work (the GEMM speed of light), timed as is
+    exact: bool = False  # computes the op's own loss (ours, eager, compiled): its gradients are comparable to ours
 
 
 def git_commit() -> str:
@@ -167,6 +169,37 @@ def fwd_bwd(provider: Provider, closure: Callable[[], torch.Tensor]) -> Callable
     if not provider.backward:
         return closure
     return lambda: closure().backward()
+
+
+def gradients(provider: Provider, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradients of a provider's leaves (float32) after one forward and backward of its closure."""
+    leaves = {name: inputs[name].detach().requires_grad_() for name in provider.leaves}
+    fwd_bwd(provider, provider.make(dict(inputs, **leaves)))()
+    return {name: t.grad.float() for name, t in leaves.items()}
+
+
+def agreement(providers: Iterable[Provider], inputs: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """(provider, what it gave) for every provider that computes the op's own loss (``exact``): the
+    largest absolute difference of each gradient from the first one's that ran, or why it did not run."""
+    out, first = [], None
+    for p in providers:
+        if not p.exact:
+            continue
+        try:
+            grads = gradients(p, inputs)
+        except Unavailable as e:
+            out.append((p.name, f"unavailable: {e}"))
+            continue
+        except Exception as e:  # noqa: BLE001 - reported like a provider's failure in a sweep
+            out.append((p.name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            continue
+        if first is None:
+            first = (p.name, grads)
+            out.append((p.name, "the reference"))
+            continue
+        diffs = [f"max |d{k} - {first[0]}| {(g - first[1][k]).abs().max().item():.3g}" for k, g in grads.items()]
+        out.append((p.name, ", ".join(diffs)))
+    return out
 
 
 def row_base(op: str, provider: str, shape: Shape, note: str = "") -> dict:

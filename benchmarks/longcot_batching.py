@@ -3,8 +3,8 @@ weight change) over rows of very different lengths, split by ``--micro-batch-siz
 micro-batch as wide as the batch's longest row) and by ``--micro-batch-tokens`` (length-sorted,
 each micro-batch cut to its own window).
 
-    python benchmarks/longcot_batching.py                        # 16 rows, log-normal response lengths
-    python benchmarks/longcot_batching.py --rows 4 --scale 3.0 --repeats 1 --out /tmp/x   # a smoke run
+    python -m benchmarks.longcot_batching                        # 16 rows, log-normal response lengths
+    python -m benchmarks.longcot_batching --rows 4 --scale 3.0 --repeats 1 --out /tmp/x   # a smoke run
 
 The rows are ``rlad.rollout.from_pairs`` rows (left-padded prompts, right-padded responses) of
 random digits, response lengths drawn from a log-normal (``exp(N(scale, 0.8))`` words); the model
@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.longcot_batching", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--scale", type=float, default=5.0, help="log-normal mu of the response length in words")
     ap.add_argument("--micro-batch-size", type=int, default=4)
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     from rlad.tokenizer import load_tokenizer
     from rlad.train import update
 
-    from harness import env_info
+    from .harness import env_info
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
             update(cfg, student, None, roll, opt, sched, 0, contextlib.nullcontext, {"nan_skips": 0})
             times[name].append(time.perf_counter() - t0)
     real = int(roll.attention_mask.sum())
-    command = " ".join(["python benchmarks/longcot_batching.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m benchmarks.longcot_batching", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# Token-budget micro-batches on CPU: one update over rows of mixed lengths", "",
              f"- machine: {env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}; "
              f"{args.threads} thread(s)",

@@ -1,7 +1,7 @@
 """CPU peak memory of one training step against response length: fused loss vs materialized logits.
 
-    python benchmarks/longcot_memory.py                                   # 1k..8k tokens, V=151936, H=128, 2 layers
-    python benchmarks/longcot_memory.py --lengths 32 64 --vocab 1000 --out /tmp/x   # a smoke run
+    python -m benchmarks.longcot_memory                                   # 1k..8k tokens, V=151936, H=128, 2 layers
+    python -m benchmarks.longcot_memory --lengths 32 64 --vocab 1000 --out /tmp/x   # a smoke run
 
 One step is what ``rlad train`` does per micro-batch holding one response: the decoder's hidden
 states (``decoder_hidden``), the TRRD policy loss through ``linear_policy_loss`` (``impl="torch"``:
@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+ROOT = HERE.parent
 
 FIELDS = ["response_tokens", "impl", "checkpointing", "status", "peak_mib", "step_mib", "before_mib", "seconds",
           "predicted_peak_mib", "note"]
@@ -48,11 +47,12 @@ MIB = 1024 * 1024
 
 def _child(spec: dict) -> dict:
     import torch
-    from bench_memory_cpu import reset_peak, status_kib
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from rlad.models import decoder_hidden
-    from rlad_kernels import PolicyLossConfig, linear_logprobs, linear_policy_loss
+    from rlad_kernels import LMHead, PolicyLossConfig, TokenInputs, linear_logprobs, linear_policy_loss
+
+    from .bench_memory_cpu import reset_peak, status_kib
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def _child(spec: dict) -> dict:
     model.train()
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    weight = model.get_output_embeddings().weight
+    head = LMHead(model.get_output_embeddings().weight)
 
     # one row: a prompt of P tokens and a response of T; targets are the response tokens
     ids = torch.randint(0, V, (1, P + T))
@@ -77,7 +77,7 @@ def _child(spec: dict) -> dict:
     targets[:, :P - 1] = -100
     with torch.no_grad():  # the old policy's and the teacher's log-probs, as the trainer scores them beforehand
         h = decoder_hidden(model, ids, mask, pos)[:, :-1]
-        old_logp = linear_logprobs(h, weight, targets, impl="torch")
+        old_logp = linear_logprobs(h, head, targets, impl="torch")
         del h
     teacher_logp = old_logp + 0.5 * torch.randn(old_logp.shape)
     advantages = torch.ones(targets.shape)
@@ -86,8 +86,9 @@ def _child(spec: dict) -> dict:
     before = reset_peak()
     t0 = time.perf_counter()
     h = decoder_hidden(model, ids, mask, pos)[:, :-1]
-    out = linear_policy_loss(h, weight, targets, advantages, old_logp, teacher_logp=teacher_logp,
-                             normalizer=normalizer, config=PolicyLossConfig(), impl=spec["impl"])
+    tok = TokenInputs(advantages=advantages, old_logp=old_logp, teacher_logp=teacher_logp)
+    out = linear_policy_loss(h, head, targets, tok, normalizer=normalizer, config=PolicyLossConfig(),
+                             impl=spec["impl"])
     out.loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - t0
@@ -152,7 +153,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.longcot_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="response tokens")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size (151936: Qwen3's)")
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from harness import env_info
+    from .harness import env_info
 
     env = env_info(torch.device("cpu"))
     out = Path(args.out)
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
              f"TRRD policy loss (alpha 0.5, c 1); {args.threads} thread(s)")
     print(f"{shape}\n{env['device']}, torch {env['torch']}, limit {limit_mib / 1024:.1f} GiB", flush=True)
     rows: list[dict] = []
-    from bench_memory_cpu import status_kib
+    from .bench_memory_cpu import status_kib
 
     base_mib = status_kib("VmRSS") / 1024  # until a run says otherwise: this process's (python and torch imported)
     measured_base = False
@@ -217,8 +219,8 @@ def main(argv=None) -> int:
                     continue
                 spec = dict(vars(args), tokens=T, impl=impl, checkpointing=ckpt == "on")
                 spec = {k: v for k, v in spec.items() if k not in ("lengths", "impls", "out", "name", "child")}
-                r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                   text=True)
+                r = subprocess.run([sys.executable, "-m", "benchmarks.longcot_memory", "--child", json.dumps(spec)],
+                                   capture_output=True, text=True, cwd=ROOT)
                 if r.returncode != 0:
                     why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1][:160]
                     row.update(status="error", note=why)
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
 
     stamp = (f"{env['device']}; torch {env['torch']}, transformers {transformers.__version__}; commit {env['commit']}; "
              f"{env['date']}")
-    command = "python benchmarks/longcot_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.longcot_memory " + " ".join(sys.argv[1:] if argv is None else argv)
     with (out / f"{args.name}.csv").open("w", newline="") as f:
         f.write(f"# {stamp}\n# {shape}\n# {command.strip()}\n")
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -1,6 +1,6 @@
 """Prepare, here, the wheels a lent GPU machine lacks, and print the one device command to run.
 
-    python3 benchmarks/prepare_gpu_wheels.py
+    python3 -m benchmarks.prepare_gpu_wheels
 
 The GPU image has torch, triton, transformers and pytest-xdist but no Liger-Kernel or Cut
 Cross-Entropy, and no network. Both are pure-Python wheels that need only torch and triton, so
@@ -11,6 +11,7 @@ call (``carry: [".whl"]``), where the command installs them into /tmp/site befor
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,12 @@ INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cac
 
 def device_command(commit: str) -> str:
     """The device tool's command (run from the checkout's root, with carry [".whl"], timeout_s 600)."""
-    return f"{INSTALL} RLAD_COMMIT={commit} python3 benchmarks/gpu_session.py"
+    return f"{INSTALL} RLAD_COMMIT={commit} python3 -m benchmarks.gpu_session"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python3 -m benchmarks.prepare_gpu_wheels", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     git_dir = subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], capture_output=True, text=True,
                              cwd=ROOT).stdout.strip()
     if git_dir:

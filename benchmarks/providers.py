@@ -2,7 +2,9 @@
 
 Each provider builds, from the inputs, a closure that returns a scalar loss with grad enabled.
 Baselines are imported from their packages, never re-typed; the eager reference is the
-textbook materialized-logits computation (logits in the model dtype, then float32).
+textbook materialized-logits computation (logits in the model dtype, then float32). Ours take the
+lm_head as an ``LMHead`` and the policy loss's per-token inputs as one ``TokenInputs``, both made
+when the closure is, so a timed call does the op's work only.
 """
 
 from __future__ import annotations
@@ -11,10 +13,17 @@ import functools
 
 import torch
 
-from rlad_kernels import PolicyLossConfig, linear_divergence, linear_logprobs, linear_policy_loss
+from rlad_kernels import (
+    LMHead,
+    PolicyLossConfig,
+    TokenInputs,
+    linear_divergence,
+    linear_logprobs,
+    linear_policy_loss,
+)
 from rlad_kernels.utils.dispatch import triton_interpreting
 
-from harness import Provider, Unavailable
+from .harness import Provider, Unavailable
 
 ALPHA, EPS, CLAMP, TEMP = 0.5, 0.2, 1.0, 1.0
 TRRD = PolicyLossConfig(alpha=ALPHA, eps_low=EPS, eps_high=EPS, teacher_clamp=CLAMP, compute_entropy=False)
@@ -105,8 +114,9 @@ def policy_providers(seq_len: int) -> list[Provider]:
         def make(x):
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
-            return lambda: linear_policy_loss(x["hidden"], x["weight"], x["targets"], x["advantages"], x["old_logp"],
-                                              teacher_logp=x["teacher_logp"], temperature=TEMP, config=TRRD,
+            head = LMHead(x["weight"])
+            tok = TokenInputs(advantages=x["advantages"], old_logp=x["old_logp"], teacher_logp=x["teacher_logp"])
+            return lambda: linear_policy_loss(x["hidden"], head, x["targets"], tok, temperature=TEMP, config=TRRD,
                                               impl=impl).loss
         return make
 
@@ -132,10 +142,10 @@ def policy_providers(seq_len: int) -> list[Provider]:
         return make
 
     return [
-        Provider("rlad-triton", ours("triton"), "TRRD, teacher clamp 1.0"),
-        Provider("rlad-torch", ours("torch"), "TRRD, vocab-chunked torch", grads_in_forward=True),
-        Provider("eager", eager(False), "materialized logits"),
-        Provider("torch.compile", eager(True), "compiled eager"),
+        Provider("rlad-triton", ours("triton"), "TRRD, teacher clamp 1.0", exact=True),
+        Provider("rlad-torch", ours("torch"), "TRRD, vocab-chunked torch", grads_in_forward=True, exact=True),
+        Provider("eager", eager(False), "materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "compiled eager", exact=True),
         Provider("liger-grpo", liger(False), "LigerFusedLinearGRPOLoss, GRPO", grads_in_forward=True),
         Provider("liger-trrd-noclamp", liger(True), "Liger GRPO with the TRRD anchor as old log-probs; "
                  "no teacher clamp", grads_in_forward=True),
@@ -165,10 +175,11 @@ def logprob_providers(seq_len: int) -> list[Provider]:
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
             g1, g2 = upstream(x)
+            head = LMHead(x["weight"])
 
             def run():
-                lp, ent = linear_logprobs(x["hidden"], x["weight"], x["targets"], temperature=TEMP,
-                                          return_entropy=True, impl=impl)
+                lp, ent = linear_logprobs(x["hidden"], head, x["targets"], temperature=TEMP, return_entropy=True,
+                                          impl=impl)
                 return (lp * g1).sum() + (ent * g2).sum()
             return run
         return make
@@ -193,10 +204,10 @@ def logprob_providers(seq_len: int) -> list[Provider]:
         return lambda: (-loss_fn(x["weight"], x["hidden"], x["targets"]) * g1).sum()
 
     return [
-        Provider("rlad-triton", ours("triton"), "log-prob + entropy"),
-        Provider("rlad-torch", ours("torch"), "log-prob + entropy, vocab-chunked torch"),
-        Provider("eager", eager(False), "log-prob + entropy, materialized logits"),
-        Provider("torch.compile", eager(True), "log-prob + entropy, compiled eager"),
+        Provider("rlad-triton", ours("triton"), "log-prob + entropy", exact=True),
+        Provider("rlad-torch", ours("torch"), "log-prob + entropy, vocab-chunked torch", exact=True),
+        Provider("eager", eager(False), "log-prob + entropy, materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "log-prob + entropy, compiled eager", exact=True),
         Provider("cce", cce, "Cut Cross-Entropy reduction='none': log-prob only (no entropy)"),
         Provider("liger-flce", liger_flce, "Liger fused linear CE reduction='none': log-prob only (no entropy)"),
         Provider(**GEMM),
@@ -221,8 +232,9 @@ def divergence_providers(seq_len: int) -> list[Provider]:
         def make(x):
             if impl == "triton":
                 _needs_cuda(x["hidden"], "Triton kernels")
-            return lambda: linear_divergence(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"],
-                                             kind="jsd", beta=BETA, temperature=TEMP, impl=impl)
+            student, teacher = LMHead(x["weight"]), LMHead(x["teacher_weight"])
+            return lambda: linear_divergence(x["hidden"], student, x["teacher_hidden"], teacher, kind="jsd", beta=BETA,
+                                             temperature=TEMP, impl=impl)
         return make
 
     def eager(compiled):
@@ -237,10 +249,10 @@ def divergence_providers(seq_len: int) -> list[Provider]:
         return lambda: loss_fn(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["targets"])
 
     return [
-        Provider("rlad-triton", ours("triton"), f"generalized JSD beta={BETA}"),
-        Provider("rlad-torch", ours("torch"), f"generalized JSD beta={BETA}, vocab-chunked torch"),
-        Provider("eager", eager(False), "materialized logits"),
-        Provider("torch.compile", eager(True), "compiled eager"),
+        Provider("rlad-triton", ours("triton"), f"generalized JSD beta={BETA}", exact=True),
+        Provider("rlad-torch", ours("torch"), f"generalized JSD beta={BETA}, vocab-chunked torch", exact=True),
+        Provider("eager", eager(False), "materialized logits", exact=True),
+        Provider("torch.compile", eager(True), "compiled eager", exact=True),
         Provider("liger-jsd", liger, f"LigerFusedLinearJSDLoss beta={BETA}, soft loss only", grads_in_forward=True),
     ]
 

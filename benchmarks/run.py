@@ -1,30 +1,31 @@
-"""Command line shared by the per-op benchmark scripts (bench_policy_loss.py, bench_logprobs.py,
-bench_divergence.py): a sweep of shapes x providers x modes, appended to one long-format CSV.
+"""Command line shared by the per-op benchmark scripts (``python -m benchmarks.bench_policy_loss``,
+``bench_logprobs``, ``bench_divergence``): a sweep of shapes x providers x modes, appended to one
+long-format CSV.
 
 Rows are appended after each provider (a sweep killed part-way keeps what it measured). With a
-deadline (``--budget-s``; ``gpu_session.py`` gives each of its steps one) a provider starts at a
+deadline (``--budget-s``; the GPU session gives each of its steps one) a provider starts at a
 shape only if ``estimate_s`` says it fits in what is left; a cell not started gets a ``skipped`` row
-that says why.
+that says why. With ``--check``, each shape first compares the gradients of the providers that
+compute the op's own loss (ours, eager, torch.compile; ``harness.agreement``), so a quick run such as
+``--N 1024 --H 512 --V 32000 --providers rlad-torch eager --modes full --no-csv --check`` is both a
+regression check and a timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-
-from harness import (  # noqa: E402
+from .harness import (
     MODES,
     RESULTS,
     Provider,
     Shape,
+    agreement,
     append_csv,
     env_info,
     make_inputs,
@@ -33,9 +34,10 @@ from harness import (  # noqa: E402
     row_base,
     run,
 )
-from providers import PROVIDERS  # noqa: E402
+from .providers import PROVIDERS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCRIPTS = {"policy": "bench_policy_loss", "logprobs": "bench_logprobs", "divergence": "bench_divergence"}
 # the performance-bar shapes on a GPU (README.md: bf16, H=4096, V in {128256, 151936}, N in 8k..64k,
 # teacher H=5120); small shapes elsewhere (the harness itself is what runs on a CPU)
 GPU_DEFAULTS = dict(N=[8192, 16384, 32768, 65536], H=4096, V=[128256, 151936], H_t=5120, dtype="bf16")
@@ -44,7 +46,8 @@ CPU_DEFAULTS = dict(N=[512, 1024, 2048], H=256, V=[8192], H_t=320, dtype="fp32")
 
 def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     d = GPU_DEFAULTS if cuda else CPU_DEFAULTS
-    ap = argparse.ArgumentParser(description=f"Benchmark the {op} op against the other providers.")
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPTS[op]}",
+                                 description=f"Benchmark the {op} op against the other providers.")
     ap.add_argument("--N", type=int, nargs="+", default=d["N"], help="token counts")
     ap.add_argument("--H", type=int, default=d["H"], help="hidden size")
     ap.add_argument("--V", type=int, nargs="+", default=d["V"], help="vocabulary sizes")
@@ -57,6 +60,9 @@ def parser(op: str, cuda: bool) -> argparse.ArgumentParser:
     ap.add_argument("--csv", type=Path, default=RESULTS / "bench.csv", help="CSV to append rows to")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--plot", action="store_true", help="render plots from the CSV afterwards")
+    ap.add_argument("--check", action="store_true",
+                    help="before timing a shape, compare the gradients of the providers computing the op's own loss "
+                         "(ours, eager, torch.compile) with the first of them")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start a provider at a shape only if its estimated time fits in what is left of this many "
                          "seconds (its compile time and its steady-state time scaled from the shapes it ran)")
@@ -107,10 +113,11 @@ def estimate_s(history: list[dict], provider: str, size: float, guess: dict = GU
 def sweep(op: str, shapes: list[Shape], providers: list[Provider], device: torch.device, env: dict, *,
           modes: list[str], reps: int, csv_path: Path | None, deadline: float | None = None,
           history: list[dict] | None = None, guess: dict = GUESS_S,
-          after_shape: Callable[[Shape, dict], None] | None = None) -> list[dict]:
+          after_shape: Callable[[Shape, dict], None] | None = None, check: bool = False) -> list[dict]:
     """Every provider at every shape, in order; rows appended to ``csv_path`` after each provider.
     With a ``deadline`` (``time.time()`` seconds), a provider starts only if ``estimate_s`` (from
     ``history``, extended as providers finish) fits in what is left; otherwise a ``skipped`` row.
+    ``check``: print ``harness.agreement`` of the providers at each shape before timing them.
     ``after_shape(shape, inputs)`` runs before a shape's inputs are freed."""
     history = [] if history is None else history
     all_rows: list[dict] = []
@@ -139,6 +146,9 @@ def sweep(op: str, shapes: list[Shape], providers: list[Provider], device: torch
             torch.cuda.synchronize()
         print(f"{shape.label} {str(shape.dtype).replace('torch.', '')}: inputs made on {device.type} in "
               f"{time.time() - t:.1f} s", flush=True)
+        if check:
+            for name, what in agreement(providers, inputs):
+                print(f"  check {name:<16} {what}", flush=True)
         for p in providers:
             if deadline is not None:
                 est, left = estimate_s(history, p.name, n, guess), deadline - time.time()
@@ -167,7 +177,7 @@ def main(op: str, argv=None) -> int:
     print(f"{op} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
     deadline = time.time() + args.budget_s if args.budget_s is not None else None
     rows = sweep(op, shapes(op, args), providers, device, env, modes=args.modes, reps=args.reps,
-                 csv_path=None if args.no_csv else args.csv, deadline=deadline)
+                 csv_path=None if args.no_csv else args.csv, deadline=deadline, check=args.check)
     if not args.no_csv:
         print(f"appended {len(rows)} rows to {args.csv}")
         if args.plot:

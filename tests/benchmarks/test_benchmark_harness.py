@@ -2,16 +2,12 @@
 well formed, unavailable providers say why, plots render."""
 
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-
-from harness import CSV_FIELDS, Shape, append_csv, env_info, make_inputs, plot, run  # noqa: E402
-from providers import PROVIDERS  # noqa: E402
+from benchmarks.harness import CSV_FIELDS, Shape, agreement, append_csv, env_info, make_inputs, plot, run
+from benchmarks.providers import PROVIDERS
 
 SHAPE = Shape(N=64, H=32, V=300, H_t=40, dtype=torch.float32, seq_len=32)
 
@@ -58,3 +54,14 @@ def test_rows_csv_and_plot(tmp_path, inputs, monkeypatch):
     assert got[0]["device"].startswith("cpu") and got[0]["torch"] == torch.__version__
     pngs = plot(path, tmp_path)
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
+
+
+@pytest.mark.parametrize("op", ["policy", "logprobs", "divergence"])
+def test_the_exact_providers_agree_on_the_gradients(inputs, op):
+    """``run.py --check``: ours and eager compute the same loss, so the same dX and dW; the providers
+    of another loss (Liger, CCE, the GEMM alone) are left out of the comparison."""
+    provs = [p for p in PROVIDERS[op](SHAPE.seq_len) if p.name in ("rlad-torch", "eager", "liger-grpo", "gemm-6nhv")]
+    got = dict(agreement(provs, dict(inputs)))
+    assert set(got) == {"rlad-torch", "eager"} and got["rlad-torch"] == "the reference"
+    diffs = [float(part.rsplit(" ", 1)[1]) for part in got["eager"].split(", ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, got

@@ -1,6 +1,6 @@
 """Every Triton launch the public ops can make compiles for real GPUs (sm_80, sm_90, sm_100),
 without a GPU: no spills, shared memory within the architecture's limit, tensor-core MMA on
-16-bit inputs. ``benchmarks/gpu_compile_report.py`` does the work in a subprocess (it needs
+16-bit inputs. ``python -m benchmarks.gpu_compile_report`` does the work in a subprocess (it needs
 Triton's JIT, not the interpreter the rest of the suite runs); it reads the committed compile
 cache (``benchmarks/results/gpu_compile.json``, keyed by what Triton compiles by), so only
 launches whose code or configuration changed are compiled again."""
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_compile_report.py"
 KERNELS = {"logprobs_fwd_kernel", "logprobs_combine_kernel", "logprob_dlogits_kernel", "tn_gemm_kernel",
            "policy_fwd_kernel", "policy_combine_kernel", "div_stats_kernel", "div_combine_kernel", "jsd_sums_kernel",
            "div_dlogits_kernel"}
@@ -24,8 +23,8 @@ KERNELS = {"logprobs_fwd_kernel", "logprobs_combine_kernel", "logprob_dlogits_ke
 def _run(tmp_path, *args):
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--no-write", "--json", str(out), "--jobs", "2", *args],
-                          capture_output=True, text=True, timeout=3600, env=env, cwd=ROOT)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_compile_report", "--no-write", "--json", str(out), "--jobs", "2"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=3600, env=env, cwd=ROOT)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 

@@ -1,4 +1,4 @@
-"""The one-call GPU session (benchmarks/gpu_session.py) on a CPU: its plan and per-provider time
+"""The one-call GPU session (python -m benchmarks.gpu_session) on a CPU: its plan and per-provider time
 estimates, the summary's ratios, a step whose deadline has passed, and the whole session in
 --dry-run mode (the device command's arguments plus --dry-run), with the files it brings back."""
 
@@ -12,23 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import run as runmod
+from benchmarks.harness import Shape
+from benchmarks.session_plan import DRY, GPU, PROVIDERS, plan
+from benchmarks.session_report import bench_tables
+from benchmarks.session_worker import worker
+
 ROOT = Path(__file__).parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import gpu_session as gs  # noqa: E402
-
-import run as runmod  # noqa: E402
-from harness import Shape  # noqa: E402
 
 GUESS = {"torch.compile": 60.0, "default": 25.0}
 
 
 def test_plan_puts_the_performance_bar_first():
-    steps = gs.plan(gs.GPU)
+    steps = plan(GPU)
     assert [s["name"] for s in steps[:3]] == ["policy", "logprobs", "divergence"]
     assert steps[0]["shapes"] == [(151936, 8192), (151936, 32768)]
     assert all(s["H"] == 4096 and s["dtype"] == "bf16" for s in steps) and steps[2]["H_t"] == 5120
-    assert gs.PROVIDERS["policy"][:4] == ["rlad-triton", "gemm-6nhv", "cce-ce", "liger-grpo"]
+    assert PROVIDERS["policy"][:4] == ["rlad-triton", "gemm-6nhv", "cce-ce", "liger-grpo"]
     more = steps[3]["shapes"]
     assert (151936, 65536) in more and (128256, 8192) in more
 
@@ -57,7 +57,7 @@ def _row(provider, ms, **kw):
 def test_bench_table_ratios_are_to_ours_and_to_the_gemm():
     rows = [_row("rlad-triton", 30.0), _row("gemm-6nhv", 20.0), _row("eager", 90.0),
             _row("liger-grpo", "", status="error", note="RuntimeError: boom")]
-    lines = gs.bench_tables(rows)
+    lines = bench_tables(rows)
     by = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]] for ln in lines if ln.startswith("| ")}
     assert by["rlad-triton"][3:5] == ["1.00", "1.50"]
     assert by["eager"][3:5] == ["3.00", "4.50"]
@@ -68,7 +68,7 @@ def test_a_step_past_its_deadline_writes_skipped_rows_and_makes_no_inputs(tmp_pa
     spec = dict(op="policy", shapes=[[256, 32]], H=32, H_t=0, dtype="fp32", seq_len=16, reps=1,
                 providers=["rlad-torch", "eager"], guess=GUESS, history=[], deadline=time.time() - 1,
                 csv=str(tmp_path / "bench.csv"), dump=str(tmp_path / "k.json"))
-    assert gs.worker(spec) == 0
+    assert worker(spec) == 0
     with (tmp_path / "bench.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["provider"], r["status"]) for r in rows] == [("rlad-torch", "skipped"), ("eager", "skipped")]
@@ -81,7 +81,7 @@ def test_dry_run_is_the_device_session_on_a_cpu(tmp_path):
     every provider of every core cell, ours measured (Triton's interpreter), the GPU-only providers
     saying why they did not run."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_session.py", "--dry-run", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -94,7 +94,7 @@ def test_dry_run_is_the_device_session_on_a_cpu(tmp_path):
     assert state["commit"] and state["probe"]["packages"]["torch"]
     with (folder / "bench.csv").open() as f:
         rows = list(csv.DictReader(f))
-    cfg = gs.DRY
+    cfg = DRY
     for op in ("policy", "logprobs", "divergence"):
         for N in cfg["core_N"]:
             got = {r["provider"]: r for r in rows

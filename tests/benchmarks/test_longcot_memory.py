@@ -1,14 +1,11 @@
-"""The long-CoT benchmarks at a tiny size, so that they cannot rot: longcot_memory.py measures a
-real step in a fresh process, writes its table, CSV and plot with the machine stamp, and reports
-a configuration over the memory limit as computed, not run; longcot_batching.py writes its table."""
+"""The long-CoT benchmarks at a tiny size, so that they cannot rot: benchmarks.longcot_memory
+measures a real step in a fresh process, writes its table, CSV and plot with the machine stamp, and
+reports a configuration over the memory limit as computed, not run; benchmarks.longcot_batching
+writes its table."""
 
 import csv
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-
-import longcot_memory  # noqa: E402
+from benchmarks import longcot_memory
 
 TINY = ["--vocab", "500", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
         "--prompt", "8"]
@@ -43,7 +40,7 @@ def test_a_configuration_over_the_limit_is_computed_not_run(tmp_path):
 
 
 def test_the_batching_benchmark_runs_at_a_tiny_size(tmp_path):
-    import longcot_batching
+    from benchmarks import longcot_batching
 
     assert longcot_batching.main(["--rows", "4", "--scale", "2.5", "--repeats", "1", "--micro-batch-tokens", "64",
                                   "--out", str(tmp_path)]) == 0
