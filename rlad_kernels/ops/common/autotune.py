@@ -6,7 +6,7 @@ count rounded up to a power of two, the op's options) times the op's forward and
 under each candidate of ``launch.AUTOTUNE_SPACE`` for that GPU family and dtype, on detached
 copies of the call's own inputs, keeps the fastest, and runs that call and every later one
 with that shape under it. The candidates were pruned ahead of time: each one compiles for its
-architecture without spills (``benchmarks/gpu_compile_report.py --groups autotune``; the test
+architecture without spills (``python -m benchmarks.gpu_compile_report --groups autotune``; the test
 suite checks it). Tuning a shape costs a few dozen runs of the op and, while it lasts, one
 more weight-gradient-sized buffer.
 """
