@@ -140,16 +140,19 @@ def ref_token_log_ratio(lp, A, old, teacher, cfg):
     return torch.where(ref_gate(A, old, teacher, cfg), lp - old, log_r)
 
 
-def run_policy_loss(impl, h, w, b, targets, tok, names, cfg, *, temperature, **kw):
+def run_policy_loss(impl, h, w, b, targets, tok, names, cfg, *, temperature, input_dtype=None, **kw):
     """``linear_policy_loss`` on the leaves' device: the per-token inputs ``names`` of ``tok`` (and
-    the advantages and old log-probs) follow them there in their dtype, tensors in ``kw`` too."""
-    from rlad_kernels import linear_policy_loss
+    the advantages and old log-probs) follow them there in their dtype (or ``input_dtype``), tensors
+    in ``kw`` too; ``kw``'s ``teacher_weight`` / ``teacher_bias`` become the teacher's LMHead."""
+    from rlad_kernels import LMHead, TokenInputs, linear_policy_loss
 
-    t = dict(device=h.device, dtype=h.dtype)
-    inputs = {n: tok[n].to(**t) for n in names}
+    t = dict(device=h.device, dtype=input_dtype or h.dtype)
+    inputs = TokenInputs(**{n: tok[n].to(**t) for n in ("advantages", "old_logp", *names)})
     kw = {k: (v.to(h.device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    return linear_policy_loss(h, w, targets.to(h.device), tok["advantages"].to(**t), tok["old_logp"].to(**t),
-                              bias=b, temperature=temperature, config=cfg, impl=impl, **inputs, **kw)
+    if "teacher_weight" in kw:
+        kw["teacher_head"] = LMHead(kw.pop("teacher_weight"), bias=kw.pop("teacher_bias", None))
+    return linear_policy_loss(h, LMHead(w, bias=b), targets.to(h.device), inputs, temperature=temperature,
+                              config=cfg, impl=impl, **kw)
 
 
 ROOT = Path(__file__).resolve().parents[1]

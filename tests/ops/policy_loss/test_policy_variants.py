@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlad_kernels import LinearPolicyLoss, PolicyLossConfig, linear_policy_loss
+from rlad_kernels import LinearPolicyLoss, LMHead, PolicyLossConfig, TokenInputs, linear_policy_loss
 
 from helpers import leaves, ref_gate, ref_token_log_ratio, run_policy_loss
 from helpers import rel_finite as rel
@@ -342,9 +342,7 @@ def test_bfloat16_inputs(case, impl, device, small_chunks):
     want, _, _ = ref_loss(lp, ent, targets != IGNORE, used, cfg, kw.get("normalizer"), kw.get("entropy_normalizer"))
     want.backward()
     h, w, b = leaves(hidden, weight, bias, torch.bfloat16, device)
-    t = dict(device=device, dtype=torch.float32)
-    out = linear_policy_loss(h, w, targets.to(device), tok["advantages"].to(**t), tok["old_logp"].to(**t), bias=b,
-                             temperature=TEMP, config=cfg, impl=impl, **{n: tok[n].to(**t) for n in names}, **kw)
+    out = run_lib(impl, h, w, b, targets, tok, names, cfg, input_dtype=torch.float32, **kw)
     out.loss.backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
     assert rel(out.loss, want) <= 1e-5, (case, impl)
@@ -469,11 +467,10 @@ def test_garbage_in_ignored_positions_is_ignored(variant, impl, device, small_ch
 def test_module_passes_entropy_normalizer(device):
     hidden, weight, bias, targets, tok = make_batch(15)
     cfg = PolicyLossConfig(**ENT_MEAN, **SEQ)
-    args = (hidden.to(device), weight.to(device), targets.to(device), tok["advantages"].float().to(device),
-            tok["old_logp"].float().to(device))
-    got = LinearPolicyLoss(cfg, temperature=TEMP, impl="torch")(*args, bias=bias.to(device), entropy_normalizer=50.0)
-    want = linear_policy_loss(*args, bias=bias.to(device), temperature=TEMP, config=cfg, impl="torch",
-                              entropy_normalizer=50.0)
+    args = (hidden.to(device), LMHead(weight.to(device), bias=bias.to(device)), targets.to(device),
+            TokenInputs(tok["advantages"].float().to(device), tok["old_logp"].float().to(device)))
+    got = LinearPolicyLoss(cfg, temperature=TEMP, impl="torch")(*args, entropy_normalizer=50.0)
+    want = linear_policy_loss(*args, temperature=TEMP, config=cfg, impl="torch", entropy_normalizer=50.0)
     assert torch.equal(got.loss, want.loss)
 
 
@@ -492,16 +489,17 @@ def test_bad_config(kw, msg):
 
 def test_call_errors(device):
     hidden, weight, bias, targets, tok = make_batch(16)
-    h, w, y = hidden.to(device), weight.to(device), targets.to(device)
+    h, w, y = hidden.to(device), LMHead(weight.to(device)), targets.to(device)
     A, old = tok["advantages"].float().to(device), tok["old_logp"].float().to(device)
+    inputs = TokenInputs(A, old)
     with pytest.raises(ValueError, match=r"ratio_level='sequence' needs targets of shape \[\.\.\., L\].*got shape "
                                          r"\(42,\)"):
-        linear_policy_loss(h.reshape(-1, H), w, y.reshape(-1), A.reshape(-1), old.reshape(-1),
+        linear_policy_loss(h.reshape(-1, H), w, y.reshape(-1), inputs.map(lambda t: t.reshape(-1)),
                            config=PolicyLossConfig(**SEQ))
     with pytest.raises(ValueError, match=r"entropy_normalizer is used only with entropy_aggregation='token_mean'"):
-        linear_policy_loss(h, w, y, A, old, config=PolicyLossConfig(entropy_coef=0.1), entropy_normalizer=10.0)
+        linear_policy_loss(h, w, y, inputs, config=PolicyLossConfig(entropy_coef=0.1), entropy_normalizer=10.0)
     for bad, msg in ((0.0, r"entropy_normalizer must be > 0"),
                      (torch.tensor([1.0, 2.0]), r"entropy_normalizer must be a number or a 1-element")):
         with pytest.raises(ValueError, match=msg):
-            linear_policy_loss(h, w, y, A, old, config=PolicyLossConfig(**ENT_MEAN),
+            linear_policy_loss(h, w, y, inputs, config=PolicyLossConfig(**ENT_MEAN),
                                entropy_normalizer=bad.to(device) if isinstance(bad, torch.Tensor) else bad)
