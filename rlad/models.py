@@ -88,8 +88,8 @@ def check_model_path(spec: str, role: str) -> None:
         return
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ValueError(f"{role}: folder {spec!r} has no config.json (nor a .gguf file): it is not a model "
-                             f"saved with save_pretrained")
+            raise ValueError(f"{role}: folder {spec!r} has no config.json: it is not a model saved with "
+                             f"save_pretrained (nor a folder holding a .gguf file)")
     elif local.exists():
         raise ValueError(f"{role}: {spec!r} is a file; give the model's folder (the one with config.json), or a "
                          f".gguf file")
