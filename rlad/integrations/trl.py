@@ -54,8 +54,9 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from rlad_kernels import PolicyLossConfig, apply_rlad_kernels
 from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, TeacherOptions, option
 
+from ..gguf import gguf_model, gguf_source, gguf_tokenizer
 from ..models import check_model_path, check_vocab
-from ..tokenizer import TOKENIZER_FILES
+from ..tokenizer import TOKENIZER_FILES, carries_tokenizer
 
 TRL_MIN, TRL_MAX = Version("1.16"), Version("2.0")
 if not TRL_MIN <= Version(trl.__version__) < TRL_MAX:
@@ -161,12 +162,13 @@ def _tokenizer_of(processing_class):
 
 def _check_teacher_path(spec: str, *, need_tokenizer: bool) -> None:
     """A teacher named by a path must be a model folder (``config.json``) with its tokenizer's files
-    (unless ``teacher_processing_class`` is given): a one-line ValueError naming ``teacher_model``
-    otherwise, before anything loads. A name that is no local path but looks like a Hugging Face
-    Hub id is left to ``from_pretrained`` (``_load_or_explain``)."""
+    (unless ``teacher_processing_class`` is given), or a GGUF (a ``.gguf`` file or a folder holding
+    one, its tokenizer in the file): a one-line ValueError naming ``teacher_model`` otherwise, before
+    anything loads. A name that is no local path but looks like a Hugging Face Hub id is left to
+    ``from_pretrained`` (``_load_or_explain``)."""
     check_model_path(spec, "RLADTrainer: teacher_model")
     local = Path(spec)
-    if local.is_dir() and need_tokenizer and not any((local / name).is_file() for name in TOKENIZER_FILES):
+    if local.is_dir() and need_tokenizer and not carries_tokenizer(spec):
         raise ValueError(f"RLADTrainer: teacher_model={spec!r}: the folder has no tokenizer files "
                          f"({', '.join(TOKENIZER_FILES)}); save the teacher's tokenizer there, or pass "
                          f"teacher_processing_class=")
@@ -208,7 +210,9 @@ class RLADTrainer(GRPOTrainer):
                              f"pass teacher_model= (or use distillation='none')")
         if args.distillation != "none" and isinstance(teacher_model, str):  # before anything loads
             _check_teacher_path(teacher_model, need_tokenizer=teacher_processing_class is None)
-            if teacher_processing_class is None:
+            if teacher_processing_class is None and (src := gguf_source(teacher_model)) is not None:
+                teacher_processing_class = _load_or_explain(teacher_model, "tokenizer", lambda _: gguf_tokenizer(src))
+            elif teacher_processing_class is None:
                 teacher_processing_class = _load_or_explain(
                     teacher_model, "tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=args.trust_remote_code)
         super().__init__(model, reward_funcs, args=args, **kwargs)
@@ -231,15 +235,21 @@ class RLADTrainer(GRPOTrainer):
             kw = dict(args.teacher_model_init_kwargs or {})
             kw.setdefault("dtype", self.model.dtype)
             teacher_tok = teacher_processing_class  # loaded in __init__ when not given
-            teacher = _load_or_explain(spec, "model", AutoModelForCausalLM.from_pretrained,
-                                       trust_remote_code=args.trust_remote_code, **kw)
+            if (src := gguf_source(spec)) is not None:  # dequantized to the student's dtype
+                teacher = gguf_model(src, kw.pop("dtype"), role=f"RLADTrainer: teacher_model={spec!r}",
+                                     trust_remote_code=args.trust_remote_code, **kw)
+            else:
+                teacher = _load_or_explain(spec, "model", AutoModelForCausalLM.from_pretrained,
+                                           trust_remote_code=args.trust_remote_code, **kw)
         elif isinstance(spec, PreTrainedModel):
             teacher, teacher_tok = spec, teacher_processing_class
             if teacher_tok is None:
                 name = getattr(teacher.config, "_name_or_path", "")
-                try:
-                    teacher_tok = AutoTokenizer.from_pretrained(name) if name else None
-                except (OSError, ValueError):
+                try:  # a GGUF-loaded teacher's name is the folder holding its file
+                    src = gguf_source(name) if name else None
+                    teacher_tok = (gguf_tokenizer(src) if src is not None
+                                   else AutoTokenizer.from_pretrained(name) if name else None)
+                except (OSError, ValueError, KeyError):
                     teacher_tok = None
                 if teacher_tok is None:
                     raise ValueError("RLADTrainer: pass teacher_processing_class= with a teacher model instance (its "
