@@ -26,6 +26,7 @@ advantages; ``collect`` and ``micro_loss`` read the row):
   grpo  plain GRPO / PPO-clip
   kdrl  GRPO + beta_t * KD(student || teacher), k1/k2/k3 on sampled tokens or the exact
         full-vocabulary reverse KL; beta linearly annealed; no KD on rewarded responses
+        (kd_variant rlad_paper, the RLAD paper's: k3 at a constant beta on every response)
   opd   on-policy distillation: full-vocabulary JSD_beta / reverse KL on student samples, or
         the sampled-token form with per-token advantage -(lp - lp_teacher)
   sft   offline distillation: NLL on teacher solutions, kept only when correct
