@@ -30,7 +30,16 @@ from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorith
 if TYPE_CHECKING:
     from rlad_kernels import PolicyLossConfig
 TEACHER_ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS if a.needs_teacher))  # for the help text
-AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+AGGREGATIONS = ("token_mean", "seq_mean", "constant", "rlad_paper")
+KD_VARIANTS = ("recipe", "rlad_paper")
+# The clip's upper bound, when eps_high is not set (None): the RLAD paper's (arXiv 2602.22495, Sec. 5.1.1: "GRPO
+# clipping thresholds of 0.20 (lower) and 0.28 (upper)", the setting of its K&K runs) for the settings named after
+# it, algo=rlad and kdrl's kd_variant=rlad_paper; PPO's / GRPO's symmetric 0.2 (DeepSeekMath) for every other one.
+# TrainConfig resolves it when made, so config.json and a resumed run hold the value used.
+PAPER_EPS_HIGH = 0.28
+EPS_HIGH = 0.2
+EPS_HIGH_DEFAULT = (f"{PAPER_EPS_HIGH} with algo=rlad or kdrl's kd_variant=rlad_paper (the RLAD paper's clip, arXiv "
+                    f"2602.22495: 0.20 low / 0.28 high), {EPS_HIGH} otherwise; config.json records the value used")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16")
 REWARD_ERRORS = ("fail", "zero")
@@ -42,6 +51,8 @@ MAX_EVAL_PROMPTS = 10_000
 SEED_RANGE = (-(2**63), 2**63)
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 # (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
+# a setting that a config.json lacks (written before it existed) had this value, where it is not the field's default
+SAVED_DEFAULTS = {"eps_high": EPS_HIGH}  # resolved per algorithm since; 0.2 for every algorithm before
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
                "reward_timeout", "reward_errors", "dist_timeout")
@@ -65,6 +76,11 @@ def temperature_problem(value) -> str | None:
         return None
     return (f"must be in [{lo:g}, {hi:g}] (logits / temperature in float32: below {lo:g}, rounding swamps the "
             f"log-prob ratios and sampling is greedy in all but name; above {hi:g}, sampling is near-uniform)")
+
+
+def default_eps_high(algo: str, kd_variant: str) -> float:
+    """``eps_high`` when it is not set: ``PAPER_EPS_HIGH`` for the RLAD paper's settings, else ``EPS_HIGH``."""
+    return PAPER_EPS_HIGH if algo == "rlad" or (algo == "kdrl" and kd_variant == "rlad_paper") else EPS_HIGH
 
 
 def _f(default, help: str, group: str, **kw):
@@ -137,7 +153,18 @@ class TrainConfig(PolicyOptions):
     algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",
                    "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")
-    aggregation: str = _f("token_mean", "token_mean (global over the batch), seq_mean, or constant", "algorithm")
+    eps_high: float | None = option("eps_high", default=None, default_text=EPS_HIGH_DEFAULT)  # None: resolved
+    aggregation: str = _f("token_mean", "token_mean (global over the batch), seq_mean (each response's token mean, "
+                                        "then the mean over responses), constant, or rlad_paper (the RLAD paper's "
+                                        "Eq. 1/4: each response's token mean, then the mean over its group's "
+                                        "responses, then over the groups; the same as seq_mean unless drop_truncated "
+                                        "leaves groups with different numbers of responses)", "algorithm")
+    kd_variant: str = _f("recipe", "kdrl: recipe (the KDRL paper's: kd_estimator, kd_beta annealed to kd_beta_min, "
+                                   "kd_reward_mask) or rlad_paper (KDRL as the RLAD paper runs it, arXiv 2602.22495: "
+                                   "GRPO with its reference KL replaced by KL(student || teacher), i.e. + kd_beta "
+                                   "k3(lp_teacher - lp) on every token, k3 and the coefficient constant, no reward "
+                                   "mask; kd_estimator, kd_beta_min, kd_beta_decay and kd_reward_mask unused, "
+                                   "ref_kl_coef must be 0)", "algorithm")
     kd_estimator: str = option("kd_estimator", default="k2")  # kdrl always adds a KD term
     kd_beta: float = _f(5e-3, "kdrl: initial KD coefficient", "algorithm")
     kd_beta_min: float = _f(1e-3, "kdrl: floor of the linearly annealed KD coefficient", "algorithm")
@@ -188,6 +215,8 @@ class TrainConfig(PolicyOptions):
                                    "ways that change the run (those listed in the error)", "checkpointing")
 
     def __post_init__(self):
+        if self.eps_high is None:  # the algorithm's default, resolved once: config.json and a resume see the value
+            self.eps_high = default_eps_high(self.algo, self.kd_variant)
         self.validate()
 
     # ------------------------------------------------------------------ the algorithm
@@ -196,22 +225,33 @@ class TrainConfig(PolicyOptions):
         """The row of ``rlad.algorithms`` for ``algo`` (and ``opd_kind``)."""
         return find_algorithm(self.algo, self.opd_kind)
 
+    @property
+    def paper_kd(self) -> bool:
+        """kdrl as the RLAD paper runs it (``kd_variant="rlad_paper"``): GRPO's reference-KL term
+        (k3, a constant coefficient, every response) pointed at the teacher."""
+        return self.algorithm.kd and self.kd_variant == "rlad_paper"
+
     def kd_coef(self, step: int) -> float:
-        """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min)."""
+        """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min); the RLAD paper's
+        variant: kd_beta, constant."""
+        if self.kd_variant == "rlad_paper":
+            return self.kd_beta
         return max(self.kd_beta - self.kd_beta_decay * step, self.kd_beta_min)
 
     def policy_config(self, step: int) -> PolicyLossConfig | None:
         """The policy loss's options at ``step`` (None for an algorithm whose loss is not the policy
         loss): ``alpha`` with a TRRD ratio, else 1 (the PPO ratio); the KD term with the annealed
-        ``kd_coef(step)`` for kdrl; the clip, clamp, mixture, reference-KL and entropy settings as set."""
+        ``kd_coef(step)`` for kdrl (the RLAD paper's variant: k3 at the constant kd_beta, the reference-KL
+        term ``k3(lp_ref - lp)`` with the teacher's log-probs as ``lp_ref``: the same value and gradient);
+        the clip, clamp, mixture, reference-KL and entropy settings as set."""
         from rlad_kernels import PolicyLossConfig
 
         alg = self.algorithm
         if alg.loss != POLICY:
             return None
         shared = {name: getattr(self, name) for name in POLICY_OPTIONS if name not in ("alpha", "kd_estimator")}
-        return PolicyLossConfig(alpha=self.alpha if alg.trrd else 1.0,
-                                kd_estimator=self.kd_estimator if alg.kd else None,
+        estimator = ("k3" if self.paper_kd else self.kd_estimator) if alg.kd else None
+        return PolicyLossConfig(alpha=self.alpha if alg.trrd else 1.0, kd_estimator=estimator,
                                 kd_coef=self.kd_coef(step) if alg.kd else 0.0, **shared)
 
     # ------------------------------------------------------------------ validation
@@ -255,6 +295,12 @@ class TrainConfig(PolicyOptions):
                                 f"always adds a KD term; algo=grpo has none)")
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}")
+        if self.kd_variant not in KD_VARIANTS:
+            bad("kd_variant", f"choose one of {', '.join(KD_VARIANTS)}")
+        if self.paper_kd and self.ref_kl_coef != 0:
+            bad("ref_kl_coef", "kd_variant=rlad_paper puts the teacher in the reference-KL term (the RLAD paper's KDRL "
+                               "replaces the reference KL by KL(student || teacher)); set ref_kl_coef=0, or "
+                               "kd_variant=recipe")
         if not 0 <= self.opd_beta <= 1:
             bad("opd_beta", "must be in [0, 1]")
         if self.kd_beta < 0 or self.kd_beta_min < 0 or self.kd_beta_decay < 0:
@@ -327,7 +373,7 @@ class TrainConfig(PolicyOptions):
         change; so may ``steps`` when neither run's schedule depends on it (constant after warmup)."""
         changes = []
         for f in fields(self):
-            old = saved.get(f.name, _default(f))
+            old = saved.get(f.name, SAVED_DEFAULTS.get(f.name, _default(f)))
             new = getattr(self, f.name)
             if f.name in RESUME_SAFE or old == new:
                 continue
@@ -370,6 +416,8 @@ class TrainConfig(PolicyOptions):
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> TrainConfig:
+        """Another config with ``changes``. A resolved default (``eps_high``) is a value by now and
+        is kept: give ``eps_high=None`` with another ``algo`` to take that algorithm's."""
         return dataclasses.replace(self, **changes)
 
 
@@ -626,7 +674,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = 
         if g not in groups:
             groups[g] = parser.add_argument_group(g)
         groups[g].add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
-                               help=f"{f.metadata['help']} (default: {_default(f)})", **_flag_type(f))
+                               help=f"{f.metadata['help']} (default: {f.metadata.get('default_text', _default(f))})",
+                               **_flag_type(f))
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser, settings: dict[str, str],

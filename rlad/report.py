@@ -18,6 +18,7 @@ LOG_LINE = (
     ("accuracy", "acc", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
     ("truncated_frac", "trunc", "{:.2f}"),
+    ("groups_equal_frac", "eq-groups", "{:.2f}"),  # groups whose rewards are all equal: no advantage signal
     ("loss", "loss", "{:+.4f}"),
     ("nll", "nll", "{:.4f}"),
     ("clip_frac_pos", "clip+", "{:.3f}"),
@@ -107,7 +108,7 @@ class MetricsLog:
 
 
 PANELS = (
-    ("reward / accuracy", ("reward", "accuracy")),
+    ("reward / accuracy", ("reward", "accuracy", "groups_equal_frac")),
     ("held-out accuracy", ("eval/accuracy",)),
     ("loss", ("loss",)),
     ("clip fractions", ("clip_frac_pos", "clip_frac_neg", "teacher_clamp_hi", "teacher_clamp_lo",

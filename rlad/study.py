@@ -56,9 +56,9 @@ from .signals import Stopped, child_environment, graceful_stop, stop_children
 
 STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
-DIAGNOSTICS = ("reward", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac", "teacher_clamp_hi",
-               "teacher_clamp_lo", "teacher_gate_frac", "teacher_gap", "ratio_mean", "kd_mean", "divergence", "nll",
-               "entropy_mean", "response_len")
+DIAGNOSTICS = ("reward", "groups_equal_frac", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac",
+               "teacher_clamp_hi", "teacher_clamp_lo", "teacher_gate_frac", "teacher_gap", "ratio_mean", "kd_mean",
+               "divergence", "nll", "entropy_mean", "response_len")
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30; 1.96 beyond
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)

@@ -26,6 +26,7 @@ advantages; ``collect`` and ``micro_loss`` read the row):
   grpo  plain GRPO / PPO-clip
   kdrl  GRPO + beta_t * KD(student || teacher), k1/k2/k3 on sampled tokens or the exact
         full-vocabulary reverse KL; beta linearly annealed; no KD on rewarded responses
+        (kd_variant rlad_paper, the RLAD paper's: k3 at a constant beta on every response)
   opd   on-policy distillation: full-vocabulary JSD_beta / reverse KL on student samples, or
         the sampled-token form with per-token advantage -(lp - lp_teacher)
   sft   offline distillation: NLL on teacher solutions, kept only when correct
@@ -200,8 +201,9 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
         roll.advantages = group_advantages(roll.rewards, cfg.group_size, cfg.adv_std_norm)
     elif alg.advantages == TEACHER_LOG_RATIO:  # the sampled reverse KL, per token, as the advantage
         roll.token_advantages = torch.where(roll.response_mask, roll.teacher_logp - roll.old_logp, 0.0)
-    if alg.kd:  # reward-guided KD: no KD term on the responses that got reward 1
-        keep = (roll.rewards < 1.0) if cfg.kd_reward_mask else torch.ones_like(roll.rewards, dtype=torch.bool)
+    if alg.kd:  # reward-guided KD: no KD term on the responses that got reward 1 (not in the RLAD paper's variant)
+        masked = cfg.kd_reward_mask and not cfg.paper_kd
+        keep = (roll.rewards < 1.0) if masked else torch.ones_like(roll.rewards, dtype=torch.bool)
         roll.kd_weights = keep.float()[:, None].expand(roll.targets.shape).contiguous()
     return roll
 
@@ -260,14 +262,26 @@ def _micro_loss(student, cfg: TrainConfig, teacher, mb: Rollout, normalizer, tok
 def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     """(normalizer, token weights [B, L-1] | None) of one optimizer step over rows ``idx``:
     global over all of its micro-batches (and ranks), so accumulation gives the full batch's gradient. Rows
-    left out of the loss (``roll.keep``, drop_truncated) count neither their tokens nor themselves."""
+    left out of the loss (``roll.keep``, drop_truncated) count neither their tokens nor themselves.
+
+    ``rlad_paper`` (the RLAD paper's Eq. 1/4: each response's token mean, averaged over its group's
+    responses, then over the groups): row i of a group with K kept responses (of G) weighs
+    u_i = G / K, so each group weighs the same whatever drop_truncated left of it; the tokens weigh
+    u_i / |o_i| and the normalizer is the sum of u_i over the kept rows of ``idx`` (and ranks: a
+    rank holds whole groups). With every row kept, u_i = 1: exactly seq_mean, whatever rows ``idx``
+    holds (mini-batches split groups)."""
     mask = roll.loss_mask
     if cfg.aggregation == "token_mean":  # distributed: summed over ranks (each holds its share of the rows)
         return D.all_sum(mask[idx].sum()).clamp_min(1).float(), None
-    rows = roll.keep[idx].sum() if roll.keep is not None else torch.tensor(len(idx), device=mask.device)
-    count = D.all_sum(rows).float().clamp_min(1)
+    kept = roll.keep if roll.keep is not None else torch.ones(len(roll), dtype=torch.bool, device=mask.device)
+    per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
+    if cfg.aggregation == "rlad_paper":  # a response's weight G / K: its group's weight, shared by its kept rows
+        groups = kept.view(-1, roll.group_size)
+        share = (roll.group_size / groups.sum(-1, keepdim=True).clamp_min(1).float()).expand(groups.shape)
+        share = torch.where(groups, share, 0.0).reshape(-1)
+        return D.all_sum(share[idx].sum()).clamp_min(1), (share[:, None] * per_seq).expand(roll.targets.shape)
+    count = D.all_sum(kept[idx].sum()).float().clamp_min(1)
     if cfg.aggregation == "seq_mean":  # every sequence weighs 1/|o_i|; the weights cover all rows
-        per_seq = 1.0 / mask.sum(-1, keepdim=True).clamp_min(1).float()
         return count, per_seq.expand(roll.targets.shape)
     return count * cfg.max_new_tokens, None
 
@@ -364,12 +378,16 @@ def _perm_generator(cfg: TrainConfig, step: int, epoch: int, roll: Rollout) -> t
 def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: float, rollout_s: float, lr: float,
                  state: dict) -> dict:
     """The step's log record: the loss's metrics (``host_metrics``), response lengths, and for
-    sampled batches the reward, accuracy and truncated fraction; the learning rate, throughput and
+    sampled batches the reward, accuracy and truncated fraction (and with group advantages the
+    fraction of groups whose rewards are all equal); the learning rate, throughput and
     times (``t0``: the step's start, ``time.perf_counter``), and kdrl's KD coefficient."""
     stats.update(response_len=[(roll.lengths.float().mean(), 1)], tokens=[(roll.response_mask.sum(), 1)])
     if cfg.algorithm.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1
         stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)],
                      truncated_frac=[(roll.truncated.float().mean(), 1)])
+    if cfg.algorithm.advantages == GROUP:  # groups with no learning signal: every reward equal, so every A_i = 0
+        equal = groups_equal(roll.rewards, roll.group_size)
+        stats["groups_equal_frac"] = [(equal.float().mean(), equal.numel())]  # weighted by groups: global over ranks
     m = host_metrics(stats)  # the step's metrics reach the host here, once
     dt = time.perf_counter() - t0
     m.update(lr=lr, tokens_per_s=m.pop("tokens") * D.state().world * (1 + cfg.ppo_epochs) / dt, rollout_s=rollout_s,
@@ -377,6 +395,13 @@ def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: fl
     if cfg.algorithm.kd:
         m["kd_coef"] = cfg.kd_coef(step)
     return m
+
+
+def groups_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[groups] bool: the groups whose rewards are all equal (all right or all wrong): their group
+    advantages are all 0, so the advantage term learns nothing from them."""
+    r = rewards.view(-1, group_size)
+    return r.amax(-1) == r.amin(-1)
 
 
 def count_reward_errors(task, state: dict) -> int:

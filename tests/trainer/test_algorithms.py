@@ -99,6 +99,15 @@ def test_policy_config_of_each_algorithm(name, expected):
     assert cfg.policy_config(3) == expected
 
 
+def test_kdrl_rlad_paper_is_the_reference_kl_pointed_at_the_teacher():
+    """The RLAD paper's KDRL: k3 at the constant kd_beta (the recipe's estimator, annealing and
+    reward mask unused), and the paper's clip by default."""
+    cfg = TrainConfig(algo="kdrl", kd_variant="rlad_paper", teacher="preset:micro", kd_estimator="k2", kd_beta=0.05,
+                      kd_beta_decay=0.01, kd_beta_min=0.001)
+    assert [cfg.kd_coef(t) for t in (0, 3, 1000)] == [0.05, 0.05, 0.05]
+    assert cfg.policy_config(1000) == PolicyLossConfig(alpha=1.0, eps_high=0.28, kd_estimator="k3", kd_coef=0.05)
+
+
 def test_kd_coef_is_annealed_to_its_floor():
     cfg = TrainConfig(algo="kdrl", teacher="preset:micro", kd_beta=5e-3, kd_beta_decay=5e-5, kd_beta_min=1e-3)
     assert [cfg.kd_coef(t) for t in (0, 40, 80, 1000)] == pytest.approx([5e-3, 3e-3, 1e-3, 1e-3])
@@ -156,6 +165,75 @@ def test_kdrl_weights(loaded, tok, reward_mask):
     _, roll = _collect(loaded, tok, "kdrl", kd_reward_mask=reward_mask)
     keep = (roll.rewards < 1.0) if reward_mask else torch.ones(len(roll), dtype=torch.bool)
     assert torch.equal(roll.kd_weights, keep.float()[:, None].expand(roll.targets.shape))
+
+
+def test_kdrl_rlad_paper_has_no_reward_mask(loaded, tok):
+    _, roll = _collect(loaded, tok, "kdrl", kd_variant="rlad_paper", kd_reward_mask=True)
+    assert torch.equal(roll.kd_weights, torch.ones_like(roll.targets, dtype=torch.float32))
+
+
+def _paper_kdrl_reference(student, roll, cfg, beta):
+    """The RLAD paper's KDRL loss in float64, from the model's own logits: per token GRPO's clipped
+    term plus beta * k3 of the teacher log-ratio, aggregated as ``cfg.aggregation`` says."""
+    logits = student(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                     position_ids=roll.position_ids).logits[:, :-1]
+    lp = torch.log_softmax(logits / cfg.temperature, -1).gather(-1, roll.targets.clamp_min(0)[..., None])[..., 0]
+    A = roll.advantages[:, None]
+    r = torch.exp(lp - roll.old_logp)
+    x = roll.teacher_logp - lp
+    L = torch.maximum(-A * r, -A * r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)) + beta * (torch.exp(x) - x - 1)
+    mask = roll.loss_mask
+    if cfg.aggregation == "token_mean":
+        return (L * mask).sum() / mask.sum()
+    assert cfg.aggregation == "rlad_paper"
+    seq = (L * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # each response's token mean
+    group_means = []
+    for g in range(len(roll) // roll.group_size):  # the mean over the group's kept responses, then over the groups
+        rows = [i for i in range(g * roll.group_size, (g + 1) * roll.group_size) if roll.keep[i]]
+        group_means.append(sum(seq[i] for i in rows) / len(rows))
+    return sum(group_means) / len(group_means)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "rlad_paper"])
+def test_kdrl_rlad_paper_loss_and_gradient_match_a_float64_reference(loaded, tok, aggregation):
+    """micro_loss of kdrl with kd_variant=rlad_paper against the formula computed here from the
+    model's logits, in float64: old log-probs moved off the current ones so that the clip binds on
+    both sides, a dropped row (rlad_paper: its group's other responses share the group's weight)."""
+    import copy
+
+    beta = 0.1
+    cfg, roll = _collect(loaded, tok, "kdrl", kd_variant="rlad_paper", kd_beta=beta, aggregation=aggregation)
+    assert cfg.eps_high == 0.28
+    student = copy.deepcopy(loaded[0]).double()
+    g = torch.Generator().manual_seed(5)
+    roll.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    roll.advantages = group_advantages(roll.rewards, 4).double()
+    roll.old_logp = (roll.old_logp.double() + (torch.rand(roll.targets.shape, generator=g) - 0.5) * 0.8)
+    roll.teacher_logp = roll.teacher_logp.double()
+    roll.kd_weights = roll.kd_weights.double()
+    roll.keep = torch.ones(len(roll), dtype=torch.bool)
+    roll.keep[1] = False
+
+    want = _paper_kdrl_reference(student, roll, cfg, beta)
+    want_grads = torch.autograd.grad(want, list(student.parameters()))
+    idx = torch.arange(len(roll))
+    norm, tw = normalizer_for(cfg, roll, idx)
+    got, metrics = micro_loss(cfg, student, None, roll.select(idx), norm, tw, cfg.policy_config(7))
+    got_grads = torch.autograd.grad(got, list(student.parameters()))
+    assert float(metrics["clip_frac_pos"]) > 0 and float(metrics["clip_frac_neg"]) > 0
+    # the sequence weights (G / K) / |o_i| are float32, as seq_mean's 1 / |o_i| are: float64 up to their rounding
+    tol = 1e-10 if aggregation == "token_mean" else 3e-7
+    got = got.detach()
+    assert float(got) == pytest.approx(float(want.detach()), rel=tol)
+    for (name, _), a, b in zip(student.named_parameters(), got_grads, want_grads, strict=True):
+        assert float((a - b).norm()) <= 10 * tol * float(b.norm()) + 1e-15, name
+
+    # the same as GRPO's reference-KL term with the teacher's log-probs as the reference's
+    as_ref = cfg.policy_config(7).__class__(alpha=1.0, eps_high=0.28, ref_kl_coef=beta)
+    mb = roll.select(idx)
+    mb.ref_logp, mb.kd_weights = mb.teacher_logp, None
+    via_ref = micro_loss(cfg, student, None, mb, norm, tw, as_ref)[0].detach()
+    assert float(via_ref) == pytest.approx(float(got), rel=1e-12)
 
 
 def test_reference_log_probs_for_the_reference_kl(loaded, tok):

@@ -286,3 +286,74 @@ def test_rlad_eval_refuses_the_same_temperatures(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--help"])
     assert "in [0.01, 100]" in " ".join(capsys.readouterr().out.split())
+
+
+# ---------------------------------------------------------------- eps_high: the RLAD paper's 0.28 for its settings
+@pytest.mark.parametrize("kw,eps_high", [
+    pytest.param(dict(algo="rlad", **TEACHER), 0.28, id="rlad"),
+    pytest.param(dict(algo="kdrl", kd_variant="rlad_paper", **TEACHER), 0.28, id="kdrl-rlad_paper"),
+    pytest.param(dict(algo="grpo"), 0.2, id="grpo"),
+    pytest.param(dict(algo="kdrl", **TEACHER), 0.2, id="kdrl"),
+    pytest.param(dict(algo="opd", opd_kind="sampled", **TEACHER), 0.2, id="opd"),
+    pytest.param(dict(algo="sft", **TEACHER), 0.2, id="sft"),
+    pytest.param(dict(algo="rlad", eps_high=0.2, **TEACHER), 0.2, id="rlad-explicit"),
+    pytest.param(dict(algo="grpo", eps_high=0.28), 0.28, id="grpo-explicit"),
+    pytest.param(dict(algo="rlad", eps_high=None, **TEACHER), 0.28, id="rlad-none"),
+])
+def test_eps_high_defaults_to_the_papers_for_its_settings(kw, eps_high):
+    cfg = TrainConfig(**kw)
+    assert cfg.eps_high == eps_high and cfg.to_dict()["eps_high"] == eps_high  # config.json holds the value used
+    if cfg.policy_config(0) is not None:
+        assert cfg.policy_config(0).eps_high == eps_high
+
+
+def test_eps_high_default_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("--eps-high FLOAT clip range high: ratio <= 1 + eps_high (>= 0) (default: 0.28 with algo=rlad or kdrl's "
+            "kd_variant=rlad_paper (the RLAD paper's clip, arXiv 2602.22495: 0.20 low / 0.28 high), 0.2 otherwise; "
+            "config.json records the value used)") in out
+
+
+def test_a_run_resumed_with_the_same_flags_has_the_same_eps_high(tmp_path, capsys):
+    """config.json holds the resolved value; the same flags resolve to it again, so resuming is
+    allowed. A run written when rlad's default was 0.2 (or a config.json without eps_high) is
+    refused with the change named, unless resumed with --eps-high 0.2."""
+    import json
+
+    from rlad.checkpoint import resume_point
+    from rlad.rundir import RunDirError
+
+    flags = dict(algo="rlad", out_dir=str(tmp_path), **TEACHER)
+    cfg = TrainConfig(**flags)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    again = TrainConfig(**flags, resume=True)
+    assert again.resume_changes(saved) == []
+    assert resume_point(again) is None  # no checkpoint yet: starts, its config.json accepted
+    assert TrainConfig.from_dict(saved).eps_high == 0.28
+
+    for old in ({**saved, "eps_high": 0.2}, {k: v for k, v in saved.items() if k != "eps_high"}):
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        assert again.resume_changes(old) == ["eps_high: 0.2 -> 0.28"]
+        with pytest.raises(RunDirError, match=r"eps_high: 0.2 -> 0.28"):
+            resume_point(again)
+        assert TrainConfig(**flags, resume=True, eps_high=0.2).resume_changes(old) == []
+
+
+def test_replace_keeps_a_resolved_eps_high():
+    cfg = TrainConfig(algo="rlad", **TEACHER)
+    assert cfg.replace(algo="grpo").eps_high == 0.28
+    assert cfg.replace(algo="grpo", eps_high=None).eps_high == 0.2
+
+
+@pytest.mark.parametrize("kw,msg", [
+    pytest.param(dict(algo="kdrl", kd_variant="paper", **TEACHER), r"kd_variant='paper': choose one of recipe, "
+                 r"rlad_paper", id="kd_variant"),
+    pytest.param(dict(algo="kdrl", kd_variant="rlad_paper", ref_kl_coef=0.01, **TEACHER),
+                 r"ref_kl_coef=0.01: kd_variant=rlad_paper puts the teacher in the reference-KL term", id="ref_kl"),
+])
+def test_kd_variant_is_checked(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw)

@@ -46,6 +46,7 @@ ALGOS = [
     dict(algo="grpo", objective="cispo", cispo_max=2.0),
     dict(algo="kdrl", kd_estimator="k2"),
     dict(algo="kdrl", kd_estimator="full", aggregation="constant"),
+    dict(algo="kdrl", kd_variant="rlad_paper", aggregation="rlad_paper", drop_truncated=True),
     dict(algo="opd", opd_kind="jsd"),
     dict(algo="opd", opd_kind="reverse_kl"),
     dict(algo="opd", opd_kind="sampled"),
@@ -440,3 +441,97 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_with_the_same_res
         for k, v in state.items():
             assert torch.equal(v, opt_b["state"][i][k]), (i, k)
     assert _untimed_records(straight) == _untimed_records(broken)
+
+
+# ---------------------------------------------------------------- aggregation rlad_paper, groups_equal_frac
+def _hand_rollout(token_values, group_size, rewards=None):
+    """A Rollout of rows whose response tokens are ``token_values`` (one list per row), for the
+    normalizer and the step metrics (no model)."""
+    from rlad.rollout import IGNORE, Rollout
+
+    B, T = len(token_values), max(len(v) for v in token_values)
+    targets = torch.full((B, T), IGNORE)
+    values = torch.zeros(B, T, dtype=torch.float64)
+    for i, v in enumerate(token_values):
+        targets[i, :len(v)] = 5
+        values[i, :len(v)] = torch.tensor(v, dtype=torch.float64)
+    ids = torch.zeros(B, T + 1, dtype=torch.long)
+    rewards = torch.zeros(B) if rewards is None else torch.tensor(rewards)
+    roll = Rollout(ids, torch.ones_like(ids), torch.zeros_like(ids), targets, [None] * (B // group_size), [""] * B,
+                   rewards, group_size, truncated=torch.zeros(B, dtype=torch.bool))
+    return roll, values
+
+
+def _aggregate(cfg, roll, values, idx):
+    """sum_t w_t L_t / normalizer over rows ``idx``, as micro_loss's op reduces per-token losses ``values``."""
+    norm, tw = normalizer_for(cfg, roll, idx)
+    w = tw[idx].double() if tw is not None else 1.0
+    return float((values[idx] * w * roll.loss_mask[idx]).sum() / norm)
+
+
+def test_rlad_paper_aggregation_by_hand(tiny_config):
+    """Two groups of two: per-token losses [1, 3], [4] | [6, 0, 0], [2, 4] (token means 2, 4 | 2, 3).
+    The paper's mean over groups of the mean over each group's responses: (3 + 2.5) / 2 = 2.75, the
+    mean over responses (seq_mean) too. With the last row dropped: (3 + 2) / 2 = 2.5, while seq_mean
+    gives (2 + 4 + 2) / 3 = 8/3 and token_mean 14/6."""
+    roll, values = _hand_rollout([[1, 3], [4], [6, 0, 0], [2, 4]], group_size=2)
+    paper, seq, tok = (tiny_config(aggregation=a) for a in ("rlad_paper", "seq_mean", "token_mean"))
+    idx = torch.arange(4)
+    assert _aggregate(paper, roll, values, idx) == _aggregate(seq, roll, values, idx) == pytest.approx(2.75, rel=1e-7)
+    roll.keep = torch.tensor([True, True, True, False])
+    assert _aggregate(paper, roll, values, idx) == pytest.approx(2.5, rel=1e-7)
+    assert _aggregate(seq, roll, values, idx) == pytest.approx(8 / 3, rel=1e-7)
+    assert _aggregate(tok, roll, values, idx) == pytest.approx(14 / 6, rel=1e-7)
+    # a mini-batch of rows 1 and 2 (a group split across mini-batches): the rows keep the weights of
+    # their groups in the whole batch, 1 and 2, over a normalizer of 1 + 2
+    assert _aggregate(paper, roll, values, torch.tensor([1, 2])) == pytest.approx((4 * 1 + 2 * 2) / 3, rel=1e-7)
+
+
+def test_rlad_paper_is_seq_mean_bit_for_bit_with_every_row_kept(tiny_config):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 7, (12,), generator=g).tolist()
+    roll, _ = _hand_rollout([[0.0] * n for n in lengths], group_size=4)
+    paper, seq = tiny_config(aggregation="rlad_paper"), tiny_config(aggregation="seq_mean")
+    for idx in (torch.arange(12), torch.tensor([0, 5, 6, 11, 3]), torch.tensor([7])):
+        (n1, w1), (n2, w2) = normalizer_for(paper, roll, idx), normalizer_for(seq, roll, idx)
+        assert torch.equal(n1, n2) and torch.equal(w1, w2)
+
+
+def test_rlad_paper_over_ranks_is_the_whole_batch(tiny_config, monkeypatch):
+    """Two ranks holding a group each: the normalizer summed over ranks, each rank's sum of
+    weighted losses over it, add up to the whole batch's value (a group is whole on its rank)."""
+    import rlad.train
+
+    rows = [[1, 3], [4], [6, 0, 0], [2, 4]]
+    cfg = tiny_config(aggregation="rlad_paper")
+    whole, values = _hand_rollout(rows, group_size=2)
+    whole.keep = torch.tensor([True, True, True, False])
+    want = _aggregate(cfg, whole, values, torch.arange(4))
+    ranks = []
+    for part, keep in ((rows[:2], [True, True]), (rows[2:], [True, False])):
+        roll, vals = _hand_rollout(part, group_size=2)
+        roll.keep = torch.tensor(keep)
+        ranks.append((roll, vals, float(normalizer_for(cfg, roll, torch.arange(2))[0])))
+    total = sum(n for _, _, n in ranks)
+    got = 0.0
+    for roll, vals, local in ranks:
+        monkeypatch.setattr(rlad.train.D, "all_sum", lambda x, local=local: x - local + total)
+        got += _aggregate(cfg, roll, vals, torch.arange(2))
+    assert got == pytest.approx(want, rel=1e-7) and want == pytest.approx(2.5, rel=1e-7)
+
+
+def test_groups_equal_frac_is_logged(tiny_config):
+    """Groups of two with rewards (1, 1), (0, 1), (0, 0), (0.5, 0.5): three of four have all their
+    rewards equal, so no advantage signal."""
+    import time
+
+    from rlad.report import log_line
+    from rlad.train import step_metrics
+
+    roll, _ = _hand_rollout([[1]] * 8, group_size=2, rewards=[1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
+    m = step_metrics(tiny_config(), 0, roll, {}, time.perf_counter(), 0.0, 1e-3, {"nan_skips": 0})
+    assert m["groups_equal_frac"] == 0.75
+    assert "| eq-groups 0.75 |" in log_line(1, 2, m)
+    opd = tiny_config(algo="opd", opd_kind="jsd", teacher="preset:micro")  # no group advantages: not logged
+    assert "groups_equal_frac" not in step_metrics(opd, 0, roll, {}, time.perf_counter(), 0.0, 1e-3,
+                                                   {"nan_skips": 0})
