@@ -96,7 +96,8 @@ class TrainConfig(PolicyOptions):
                                    "earlier rlad run's (rlad-run.json), and never a folder holding an input", "run")
     seed: int = _f(0, "seed of data, sampling and initialization (in [-2**63, 2**63), as eval_seed)", "run")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)", "run")
-    dtype: str = _f("auto", "parameter dtype: float32, or bfloat16 autocast on GPU (auto)", "run")
+    dtype: str = _f("auto", "float32, bfloat16 (bf16 autocast, on a CPU too) or auto (bf16 autocast on a GPU, none "
+                            "on a CPU); the student's parameters stay float32", "run")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)", "run")
     quiet: bool = _f(False, "no progress bars (log lines only)", "run")
     dist_timeout: float = _f(300.0, "torchrun: seconds a rank waits in a collective (all-reduce, barrier, ...) before "
@@ -119,9 +120,10 @@ class TrainConfig(PolicyOptions):
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward (GPU memory)", "models")
 
     # task
-    task: str = _f("arithmetic", "knights, arithmetic, echo, or jsonl:<path>", "task")
+    task: str = _f("arithmetic", "knights, arithmetic, chains, echo, or jsonl:<path>", "task")
     levels: list[int] = _f([], "difficulty levels to train on (default: all of the task's)", "task")
-    reward: str = _f("exact", "for jsonl tasks: exact, numeric, contains or module:function", "task")
+    reward: str = _f("exact", "for jsonl tasks (task or eval_task): exact, numeric, contains or module:function; "
+                              "a built-in task has its own verifier", "task")
     reward_timeout: float = _f(60.0, "seconds one call of a module:function reward may take; a longer call stops the "
                                      "run with an error naming the reward and the example (0: no limit)", "task")
     reward_errors: str = _f("fail", "a module:function reward that raises, or returns anything but a finite real "
@@ -335,6 +337,9 @@ class TrainConfig(PolicyOptions):
             spec = getattr(self, name)
             if spec is not None and spec.startswith("jsonl:") and not Path(spec[len("jsonl:"):]).is_file():
                 bad(name, "JSONL file not found")
+        jsonl = [spec for spec in (self.task, self.eval_task) if spec is not None and spec.startswith("jsonl:")]
+        if self.reward != "exact" and not jsonl:
+            bad("reward", "applies to jsonl tasks only; the built-in task checks its answers with its own verifier")
         for name in ("seed", "eval_seed"):
             if (problem := seed_problem(getattr(self, name))) is not None:
                 bad(name, problem)

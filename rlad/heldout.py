@@ -137,7 +137,9 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
         raise ValueError(f"eval_task={eval_task!r}: no evaluation prompts")
     held = HeldOut(scorer, examples, 0)
     dropped = task.hold_out(held.keys)
-    if dropped:
+    if dropped and eval_task is None and isinstance(task, JsonlTask):  # the split itself, not an overlap
+        log(f"note: the eval split holds {len(examples)} distinct prompt(s) ({dropped} row(s)) out of training")
+    elif dropped:
         log(f"warning: {dropped} training example(s) of {task.name!r} share a prompt with the eval set and are left "
             f"out of training")
     if isinstance(task, JsonlTask):

@@ -56,6 +56,8 @@ TEACHER = dict(teacher="preset:micro")
                  r"mini_batches=3: cannot split a batch of 2 sequences", id="mini_batches-sft"),
     pytest.param(dict(task="jsonl:/nonexistent.jsonl", **TEACHER), r"task='jsonl:/nonexistent.jsonl': JSONL file "
                  r"not found", id="task"),
+    pytest.param(dict(task="chains", reward="numeric", **TEACHER), r"reward='numeric': applies to jsonl tasks only",
+                 id="reward-builtin"),
 ])
 def test_invalid_settings_name_the_field(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -357,3 +359,12 @@ def test_replace_keeps_a_resolved_eps_high():
 def test_kd_variant_is_checked(kw, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**kw)
+
+
+def test_the_task_help_names_every_builtin_task():
+    from dataclasses import fields
+
+    from rlad.tasks import BUILTIN
+
+    help_text = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == "task")
+    assert all(name in help_text for name in BUILTIN), (sorted(BUILTIN), help_text)

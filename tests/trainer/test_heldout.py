@@ -70,8 +70,12 @@ def test_jsonl_split_is_disjoint_and_keeps_duplicates_together(tmp_path):
     rows += [{"prompt": f"  q{i}? ", "answer": str(i)} for i in range(5)]  # the same prompts, written differently
     p = _write(tmp_path / "data.jsonl", rows)
     task = get_task(f"jsonl:{p}")
-    held = build_held_out(task, task.levels, per_level=100, seed=0, eval_split=0.2)
+    notes = []
+    held = build_held_out(task, task.levels, per_level=100, seed=0, eval_split=0.2, log=notes.append)
     assert held.sizes == {0: 6}  # 20% of the 30 distinct prompts
+    # the split is what holds those rows out, not an overlap to warn about
+    assert notes == [f"note: the eval split holds 6 distinct prompt(s) ({held.dropped_from_training} row(s)) out of "
+                     f"training"]
     train_keys = {prompt_key(e.prompt) for e in task.examples}
     assert not train_keys & held.keys
     assert len(train_keys) == 24 and len(task.examples) + held.dropped_from_training == 35
