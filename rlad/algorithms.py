@@ -8,9 +8,12 @@
     opd reverse_kl   student rollouts   -               divergence: reverse KL           -
     opd sampled      student rollouts   old, teacher    policy: PPO ratio (alpha = 1)    per token: lp_T - lp_old
     sft              teacher solutions  -               NLL                              -
+    finetune         task solutions     -               NLL                              -
 
 ``batch``: G samples per prompt from the student, rewarded by the task, or correct solutions
-drawn from a pool the teacher wrote before training (offline distillation). ``scores``: the
+drawn from a pool the teacher wrote before training (offline distillation), or the task's own
+worked solutions of the step's prompts (supervised fine-tuning, no teacher: how a teacher learns
+the task and its answer format in the run's prompt format, chat template included). ``scores``: the
 per-token log-probs of the sampled tokens computed (no grad) before the update: the old
 student's (the PPO ratio) and the teacher's (the TRRD anchor, the KD term, or the advantage);
 the reference model's are added for ``ref_kl_coef > 0`` (policy losses only). ``loss``: the
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 # the batch a step trains on
 ROLLOUTS = "student rollouts"            # group_size samples per prompt from the student, with rewards
 TEACHER_SOLUTIONS = "teacher solutions"  # the teacher's correct solutions, sampled once before training
+TASK_SOLUTIONS = "task solutions"        # the step's prompts with the task's worked solutions (else "#### answer")
 
 # the loss
 POLICY = "policy"          # linear_policy_loss: clipped, advantage-weighted ratio (TRRD / PPO) [+ KD term]
@@ -45,7 +49,7 @@ class Algorithm:
     algo: str                   # the --algo value
     opd_kind: str | None        # the --opd-kind value this row is for (None: the algorithm has no kinds)
     summary: str
-    batch: str                  # ROLLOUTS or TEACHER_SOLUTIONS
+    batch: str                  # ROLLOUTS, TEACHER_SOLUTIONS or TASK_SOLUTIONS
     loss: str                   # POLICY, DIVERGENCE or NLL
     needs_teacher: bool         # refuse to start without --teacher (grpo ignores one)
     scores_old: bool = False    # old-policy log-probs of the sampled tokens
@@ -60,8 +64,8 @@ class Algorithm:
         return self.algo if self.opd_kind is None else f"{self.algo} {self.opd_kind}"
 
     def responses_per_prompt(self, group_size: int) -> int:
-        """Sequences a step trains on per prompt: ``group_size`` sampled responses, or one teacher
-        solution."""
+        """Sequences a step trains on per prompt: ``group_size`` sampled responses, or one solution
+        (the teacher's or the task's)."""
         return group_size if self.batch == ROLLOUTS else 1
 
     @property
@@ -92,6 +96,8 @@ ALGORITHMS: tuple[Algorithm, ...] = (
               advantages=TEACHER_LOG_RATIO),
     Algorithm("sft", None, "offline distillation: NLL on the teacher's solutions, kept only when correct",
               batch=TEACHER_SOLUTIONS, loss=NLL, needs_teacher=True),
+    Algorithm("finetune", None, "supervised fine-tuning: NLL on the task's worked solutions, no teacher",
+              batch=TASK_SOLUTIONS, loss=NLL, needs_teacher=False),
 )
 
 ALGOS = tuple(dict.fromkeys(a.algo for a in ALGORITHMS))  # rlad, grpo, kdrl, opd, sft

@@ -52,7 +52,7 @@ def _eval_settings(args) -> Path | None:
     then from ``rlad train``'s defaults of those settings; the run's folder, or None. A ``--task``
     other than the run's takes none of the run's task settings (``TASK_SETTINGS``)."""
     from .checkpoint import MARKER
-    from .config import train_defaults
+    from .config import SAVED_DEFAULTS, train_defaults
     from .heldout import RUN_EVAL_SETTINGS, TASK_SETTINGS, run_config, run_model, run_of
 
     run = Path(args.run) if args.run else run_of(args.model) if args.model else None
@@ -77,7 +77,8 @@ def _eval_settings(args) -> Path | None:
     defaults = train_defaults()
     for name, setting in RUN_EVAL_SETTINGS.items():
         if getattr(args, name) is None and not (other_task and name in TASK_SETTINGS):
-            setattr(args, name, saved.get(setting))
+            # a run's config.json written before a setting existed ran with its SAVED_DEFAULTS value
+            setattr(args, name, saved.get(setting, SAVED_DEFAULTS.get(setting) if saved else None))
         if getattr(args, name) is None:
             setattr(args, name, defaults[setting])
     if run is not None and not other_task:
@@ -97,10 +98,11 @@ def _notes_only(line: str) -> None:
 def _eval(args) -> int:
     import torch
 
-    from .config import seed_problem, temperature_problem, template_problem
+    from .config import answer_pattern_problem, seed_problem, temperature_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
     from .heldout import DEFAULT_JSONL_SPLIT, build_held_out, fixed_eval_set
     from .models import context_length, load_model, model_config
+    from .prompting import prompt_template
     from .report import markdown_table
     from .rollout import check_context, prompt_lengths
     from .runtime import progress, resolve_device, tokenizer_for
@@ -123,6 +125,10 @@ def _eval(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
     if (problem := template_problem(args.prompt_template)) is not None:
         raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
+    if (problem := answer_pattern_problem(args.answer_pattern)) is not None:
+        raise ValueError(f"--answer-pattern {args.answer_pattern!r}: {problem}")
+    if not all(args.stop):
+        raise ValueError("--stop: an empty stop string would end every response at once; give non-empty strings")
     if args.eval_split is not None and not 0 < args.eval_split < 1:
         raise ValueError(f"--eval-split {args.eval_split}: must be in (0, 1)")
     if args.eval_split is not None and (not args.task.startswith("jsonl:") or args.eval_task is not None):
@@ -132,7 +138,12 @@ def _eval(args) -> int:
     if not args.model.startswith("preset:"):
         model_config(args.model, None, role="--model")
     tok = tokenizer_for(args.model, args.tokenizer)
-    task = get_task(args.task, args.reward, reward_timeout=args.reward_timeout, reward_errors="fail")
+    template = prompt_template(tok, args.prompt_template, args.chat_template, args.system_prompt)
+    if template != args.prompt_template:
+        print(f"prompt: the tokenizer's chat template (--chat-template {args.chat_template}): {template!r}",
+              flush=True)
+    task = get_task(args.task, args.reward, reward_timeout=args.reward_timeout, reward_errors="fail",
+                    answer_pattern=args.answer_pattern)
     levels = args.levels or list(task.levels)
     unknown = [lv for lv in levels if lv not in task.levels]
     if unknown:
@@ -167,13 +178,13 @@ def _eval(args) -> int:
                   f"{DEFAULT_JSONL_SPLIT}, 0 and 128 by default) to score only the prompts the run held out",
                   flush=True)
     limit = context_length(model_config(args.model, tok, role="--model"))
-    check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], args.prompt_template),
+    check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], template),
                   args.max_new_tokens, limit, what=f"the model {args.model!r}")
     torch.manual_seed(args.seed)
     model = load_model(args.model, tok, device=device, role="--model").eval()
     bar = progress(args.quiet, total=len(examples), desc="eval")
-    res = evaluate(model, tok, scorer, examples, template=args.prompt_template, max_new_tokens=args.max_new_tokens,
-                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, progress=bar)
+    res = evaluate(model, tok, scorer, examples, template=template, max_new_tokens=args.max_new_tokens,
+                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, stop=args.stop, progress=bar)
     bar.close()
     metrics = metric_names(res)
     rows = [(f"level {lv}", int(res.get(f"n/L{lv}", 0)), *(with_se(res, m, lv) for m in metrics))
@@ -283,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "inside one: the run folder, a checkpoint, its model/, or an rlad export of it), the eval set "
                        "is the run's held-out set, rebuilt from RUN_DIR/config.json exactly as training built it "
                        "(task, eval_task, levels, eval_prompts, eval_split, eval_seed, reward), so no training "
-                       "prompt is scored; the run's max_new_tokens, prompt_template, eval_samples, temperature and "
-                       "top_p are the defaults too. A flag given overrides the run's setting; a --task other than "
-                       "the run's is scored on its own eval set. Without a run, the defaults below apply.")
+                       "prompt is scored; the run's max_new_tokens, prompt_template, chat_template, system_prompt, "
+                       "stop, answer_pattern, eval_samples, temperature and top_p are the defaults too. A flag given "
+                       "overrides the run's setting; a --task other than the run's is scored on its own eval set. "
+                       "Without a run, the defaults below apply.")
     e.add_argument("--run", default=None, help="the run folder (its out_dir) whose held-out set to score; the model "
                    "defaults to its newest checkpoint's model/")
     e.add_argument("--model", default=None, help="path, hub id, .gguf file, config:<json> or preset:<name> (default "

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, POLICY_OPTIONS, PolicyOptions, option
 
 from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
+from .prompting import CHAT_MODES, prompt_template
 
 # The policy options (alpha, the clip, the teacher clamp, ...) are rlad_kernels' PolicyOptions,
 # inherited: defined and documented once, validated by PolicyLossConfig. Their module imports no
@@ -52,7 +54,8 @@ SEED_RANGE = (-(2**63), 2**63)
 # settings that may change when a run is resumed: where and how it runs, not what it computes
 # (micro_batch_size, micro_batch_tokens and threads change float rounding only); steps too, with a constant schedule
 # a setting that a config.json lacks (written before it existed) had this value, where it is not the field's default
-SAVED_DEFAULTS = {"eps_high": EPS_HIGH}  # resolved per algorithm since; 0.2 for every algorithm before
+# (eps_high: resolved per algorithm since, 0.2 for every algorithm before; chat_template: prompt_template alone)
+SAVED_DEFAULTS = {"eps_high": EPS_HIGH, "chat_template": "off"}
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
                "reward_timeout", "reward_errors", "dist_timeout")
@@ -116,7 +119,13 @@ class TrainConfig(PolicyOptions):
                          "models")
     tokenizer: str | None = _f(None, "tokenizer path or hub id, or a .gguf file's (default: the student's if it is "
                                      "a path or hub id, else the built-in tokenizer)", "models")
-    prompt_template: str = _f("{prompt}\n", "how a prompt is shown to the model; must contain {prompt}", "models")
+    prompt_template: str = _f("{prompt}\n", "how a prompt is shown to the model; must contain {prompt}; with the chat "
+                                           "template, its text (stripped) is the user message", "models")
+    chat_template: str = _f("auto", "build each prompt with the tokenizer's chat template (the assistant's turn "
+                                    "opened; no bos added where the template writes it): auto (when the tokenizer has "
+                                    "one, as instruct models' do), on or off", "models")
+    system_prompt: str | None = _f(None, "with the chat template: the system message (none: the chat template's "
+                                         "own default, if any)", "models")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward (GPU memory)", "models")
 
     # task
@@ -124,6 +133,11 @@ class TrainConfig(PolicyOptions):
     levels: list[int] = _f([], "difficulty levels to train on (default: all of the task's)", "task")
     reward: str = _f("exact", "for jsonl tasks (task or eval_task): exact, numeric, contains or module:function; "
                               "a built-in task has its own verifier", "task")
+    answer_pattern: str | None = _f(None, "how the answer is read from a response: a regular expression (Python re) "
+                                          "whose last match is the answer (its first group if it has one, else the "
+                                          "whole match); none: the text after the last '####', to the end of its "
+                                          "line. The built-in rewards compare what it reads; a module:function reward "
+                                          "gets the whole response", "task")
     reward_timeout: float = _f(60.0, "seconds one call of a module:function reward may take; a longer call stops the "
                                      "run with an error naming the reward and the example (0: no limit)", "task")
     reward_errors: str = _f("fail", "a module:function reward that raises, or returns anything but a finite real "
@@ -139,6 +153,9 @@ class TrainConfig(PolicyOptions):
                                  "rounding swamps the log-prob ratios; above {:g}, sampling is near-uniform); "
                                  "log-probs use the same".format(*TEMPERATURE_RANGE, *TEMPERATURE_RANGE), "rollout")
     top_p: float = _f(1.0, "nucleus sampling", "rollout")
+    stop: list[str] = _f([], "stop strings: a response also ends where the first of them ends (kept in the "
+                             "response, not truncated); it always ends at the EOS and at the model's end-of-turn "
+                             "token(s) (its generation_config.eos_token_id)", "rollout")
     max_new_tokens: int | None = _f(None, "longest response, in tokens (None: from the task and levels: the "
                                           "longest worked solution, x1.5 rounded up and at least +16; at least 256 "
                                           "when JSONL examples have only answers; the run prints the value and "
@@ -152,7 +169,8 @@ class TrainConfig(PolicyOptions):
     # algorithm (also the policy options inherited from PolicyOptions: alpha, eps_low, eps_high,
     # teacher_clamp, teacher_clamp_grad, the gates, dual_clip, mixture, ref_kl_coef, entropy_coef,
     # ratio_level, objective, cispo_max, kd_estimator)
-    algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation) or sft (offline distillation)",
+    algo: str = _f("rlad", "rlad (TRRD), grpo, kdrl, opd (on-policy distillation), sft (offline distillation) or "
+                           "finetune (supervised fine-tuning on the task's worked solutions, no teacher)",
                    "algorithm")
     adv_std_norm: bool = _f(True, "divide group advantages by their std (False: Dr. GRPO)", "algorithm")
     eps_high: float | None = option("eps_high", default=None, default_text=EPS_HIGH_DEFAULT)  # None: resolved
@@ -232,6 +250,11 @@ class TrainConfig(PolicyOptions):
         """kdrl as the RLAD paper runs it (``kd_variant="rlad_paper"``): GRPO's reference-KL term
         (k3, a constant coefficient, every response) pointed at the teacher."""
         return self.algorithm.kd and self.kd_variant == "rlad_paper"
+
+    def template_for(self, tokenizer) -> str:
+        """The prompt template the run uses with ``tokenizer``: ``prompt_template``, through the
+        tokenizer's chat template when ``chat_template`` says so (``rlad.prompting``)."""
+        return prompt_template(tokenizer, self.prompt_template, self.chat_template, self.system_prompt)
 
     def kd_coef(self, step: int) -> float:
         """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min); the RLAD paper's
@@ -320,6 +343,12 @@ class TrainConfig(PolicyOptions):
         problem = template_problem(self.prompt_template)
         if problem:
             bad("prompt_template", problem)
+        if self.chat_template not in CHAT_MODES:
+            bad("chat_template", f"choose one of {', '.join(CHAT_MODES)}")
+        if (problem := answer_pattern_problem(self.answer_pattern)) is not None:
+            bad("answer_pattern", problem)
+        if not all(self.stop):
+            bad("stop", "an empty stop string would end every response at once; give non-empty strings")
         if not self.dist_timeout > 0:
             bad("dist_timeout", "must be > 0 seconds")
         if self.reward_timeout < 0:
@@ -451,6 +480,17 @@ def template_problem(template: str) -> str | None:
     except (KeyError, IndexError, ValueError, AttributeError) as e:
         return (f"{{prompt}} must be its only field, got {type(e).__name__}: {e}; write a literal brace as "
                 f"{{{{ or }}}}")
+    return None
+
+
+def answer_pattern_problem(pattern: str | None) -> str | None:
+    """Why ``pattern`` is not an answer pattern (a Python regular expression), or None."""
+    if pattern is None:
+        return None
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"not a regular expression: {e}"
     return None
 
 

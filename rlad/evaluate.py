@@ -21,7 +21,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, template: str, max_new_tokens: int,
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 64,
-             progress=None) -> dict[str, float]:
+             stop: Sequence[str] = (), progress=None) -> dict[str, float]:
     """``accuracy`` (greedy), and with ``samples = k > 0`` also ``mean@k`` and ``pass@k``; each
     also per level as ``accuracy/L3`` etc., each with its standard error over prompts
     (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``."""
@@ -30,11 +30,11 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
     for i in range(0, len(examples), batch_prompts):
         chunk = list(examples[i:i + batch_prompts])
         roll = generate(model, tokenizer, chunk, task, group_size=1, temperature=1.0, top_p=1.0,
-                        max_new_tokens=max_new_tokens, template=template, greedy=True)
+                        max_new_tokens=max_new_tokens, template=template, greedy=True, stop=stop)
         greedy += roll.rewards.tolist()
         if samples > 0:
             roll = generate(model, tokenizer, chunk, task, group_size=samples, temperature=temperature, top_p=top_p,
-                            max_new_tokens=max_new_tokens, template=template)
+                            max_new_tokens=max_new_tokens, template=template, stop=stop)
             sampled += roll.rewards.view(len(chunk), samples).tolist()
         if progress is not None:
             progress.update(len(chunk))

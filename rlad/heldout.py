@@ -115,7 +115,8 @@ def build_held_out(task: Task, levels: Sequence[int], *, per_level: int, seed: i
     ValueError when nothing would be left to train on or to evaluate."""
     scorer, notes = task, []
     if eval_task is not None:
-        scorer = get_task(eval_task, reward, reward_timeout=reward_timeout, reward_errors=reward_errors)
+        scorer = get_task(eval_task, reward, reward_timeout=reward_timeout, reward_errors=reward_errors,
+                          answer_pattern=task.answer_pattern)  # the run's responses, read the same way
         examples, notes = fixed_eval_set(scorer, scorer.levels, per_level, seed)
     elif isinstance(task, JsonlTask):
         fraction = DEFAULT_JSONL_SPLIT if eval_split is None else eval_split
@@ -186,7 +187,8 @@ RUN_EVAL_SETTINGS = {"task": "task", "eval_task": "eval_task", "levels": "levels
                      "eval_split": "eval_split", "eval_seed": "eval_seed", "reward": "reward",
                      "reward_timeout": "reward_timeout", "max_new_tokens": "max_new_tokens",
                      "prompt_template": "prompt_template", "samples": "eval_samples", "temperature": "temperature",
-                     "top_p": "top_p"}
+                     "top_p": "top_p", "chat_template": "chat_template", "system_prompt": "system_prompt",
+                     "stop": "stop", "answer_pattern": "answer_pattern"}
 TASK_SETTINGS = ("task", "eval_task", "levels", "eval_split", "reward", "max_new_tokens")  # of the run's task alone
 
 

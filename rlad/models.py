@@ -26,6 +26,7 @@ from rlad_kernels.integrations.transformers import decoder_hidden  # noqa: F401 
 from . import distributed as D
 from .algorithms import POLICY
 from .gguf import gguf_config, gguf_model, gguf_source
+from .prompting import stop_token_ids
 from .runtime import frozen
 
 # Small Llama-style shapes for CPU runs: (hidden, layers, heads, kv heads, intermediate).
@@ -137,7 +138,9 @@ def load_model(spec: str, tokenizer, *, device="cpu", dtype: torch.dtype | None 
         model_config(spec, tokenizer, role=role)  # a clear error for a missing folder or an unreachable hub id
         model = AutoModelForCausalLM.from_pretrained(spec)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # the run's EOS, and the model's own end-of-turn token(s) where its generation config names others
+    stops = stop_token_ids(tokenizer, model)
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     if dtype is not None:
         model = model.to(dtype)

@@ -166,13 +166,17 @@ def preflight(cfg: TrainConfig) -> Setup:
         if not spec.startswith("preset:"):
             configs[role] = model_config(spec, None, role=f"config: {role}")
     tok = tokenizer_for(cfg.student, cfg.tokenizer)
+    template = cfg.template_for(tok)  # a chat template on that is not there is refused here
+    if template != cfg.prompt_template:
+        print(f"prompt: the tokenizer's chat template (chat_template={cfg.chat_template}): {template!r}", flush=True)
     for role, spec in roles.items():
         if spec.startswith("preset:"):
             configs[role] = model_config(spec, tok, role=f"config: {role}")
 
     check_vocab_sizes(cfg, roles, configs, tok)
 
-    task = get_task(cfg.task, cfg.reward, reward_timeout=cfg.reward_timeout, reward_errors=cfg.reward_errors)
+    task = get_task(cfg.task, cfg.reward, reward_timeout=cfg.reward_timeout, reward_errors=cfg.reward_errors,
+                    answer_pattern=cfg.answer_pattern)
     levels = list(cfg.levels) or list(task.levels)
     unknown = [lv for lv in levels if lv not in task.levels]
     if unknown:
@@ -188,7 +192,7 @@ def preflight(cfg: TrainConfig) -> Setup:
 
     def fits(data: JsonlTask, examples) -> None:  # a data file's texts, by their length in characters
         if role is not None:
-            check_text_chars(examples, cfg.prompt_template, limits[role], max_token_chars(tok),
+            check_text_chars(examples, template, limits[role], max_token_chars(tok),
                              what=f"the {role} {roles[role]!r}", where=data.path)
 
     if isinstance(task, JsonlTask):
@@ -208,6 +212,6 @@ def preflight(cfg: TrainConfig) -> Setup:
     # is checked again when it is generated)
     if limits:
         examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
-        lengths = prompt_lengths(tok, [e.prompt for e in examples], cfg.prompt_template)
+        lengths = prompt_lengths(tok, [e.prompt for e in examples], template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")
     return Setup(device, tok, task, levels, held, cfg)

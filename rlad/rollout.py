@@ -1,8 +1,9 @@
 """Rollouts: G sampled responses per prompt, rewards, and per-token scoring with the fused op.
 
 Sequences are ``[bos] prompt-template response [eos]`` with prompts left-padded (as
-``generate`` wants them) and responses right-padded. ``targets[b, j]`` is the token at
-``j + 1`` when it belongs to the response (including its EOS), else -100, so every per-token
+``generate`` wants them) and responses right-padded (``rlad.prompting``: the template, the bos,
+and where a response ends). ``targets[b, j]`` is the token at
+``j + 1`` when it belongs to the response (including its stop token), else -100, so every per-token
 tensor has shape ``[B, L - 1]`` and lines up with ``hidden[:, :-1]``.
 """
 
@@ -20,6 +21,7 @@ from rlad_kernels import LMHead, linear_logprobs
 from .batching import parts, same_count, token_columns
 from .distributed import forward_in, generate_in, is_sharded
 from .models import context_length, decoder_hidden
+from .prompting import bos_prefix, stop_token_ids
 from .runtime import progress
 from .tasks import Example, Task
 from .tokenizer import encode_texts
@@ -156,7 +158,7 @@ def _encode_all(tokenizer, prompts: Sequence[str], template: str) -> list[list[i
     for i, p in enumerate(prompts):
         if any(t in p for t in specials):
             enc[i] = encode_prompt(tokenizer, template, p)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_prefix(tokenizer, template)
     return [bos + ids for ids in enc]
 
 
@@ -222,26 +224,59 @@ def check_text_chars(examples: Sequence[Example], template: str, limit: int | No
                                  f"tokenizer); shorten it or leave the example out")
 
 
-def truncated_rows(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """[B] bool: the responses [B, T] (as ``generate`` returns them) with no EOS, which
-    ``generate`` stopped at ``max_new_tokens``. A response that ends early is padded after its
-    EOS, so it has one; one whose EOS is its last allowed token is not truncated."""
-    return ~(response_ids == eos_id).any(dim=1)
+def _stop_ids(stop_ids, device) -> torch.Tensor:
+    return torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
+                           device=device)
 
 
-def assemble(prompt_ids, prompt_mask, response_ids, eos_id: int, pad_id: int):
-    """Join left-padded prompts [B, P] with responses [B, T] (cut after their first EOS)."""
+def truncated_rows(response_ids: torch.Tensor, stop_ids: int | Sequence[int]) -> torch.Tensor:
+    """[B] bool: the responses [B, T] (as ``generate`` returns them) with no stop token (EOS, or
+    any of ``stop_ids``), which ``generate`` stopped at ``max_new_tokens``. A response that ends
+    early is padded after its stop token, so it has one; one whose stop token is its last allowed
+    token is not truncated."""
+    return ~torch.isin(response_ids, _stop_ids(stop_ids, response_ids.device)).any(dim=1)
+
+
+def response_lengths(response_ids: torch.Tensor, stop_ids: int | Sequence[int], tokenizer=None,
+                     stop_strings: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each response [B, T] ends: ([B] tokens kept, [B] bool ended). A response keeps its
+    tokens up to and including its first stop token, or up to the token that completes the first
+    occurrence of any of ``stop_strings`` in its decoded text (``tokenizer``), whichever comes
+    first; one with neither keeps all T tokens and did not end (truncated at ``max_new_tokens``)."""
+    B, T = response_ids.shape
+    is_stop = torch.isin(response_ids, _stop_ids(stop_ids, response_ids.device))
+    ended = is_stop.any(dim=1)
+    lengths = torch.where(ended, is_stop.long().argmax(dim=1) + 1, torch.full_like(ended, T, dtype=torch.long))
+    if stop_strings:
+        for b in range(B):
+            row = response_ids[b, :int(lengths[b])].tolist()
+
+            def has_stop(k: int, row=row) -> bool:  # the first k tokens' text holds a stop string: monotone in k
+                text = tokenizer.decode(row[:k], skip_special_tokens=True)
+                return any(s in text for s in stop_strings)
+
+            if not has_stop(len(row)):
+                continue
+            lo, hi = 1, len(row)  # the fewest tokens whose text holds one
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+            lengths[b], ended[b] = lo, True
+    return lengths, ended
+
+
+def assemble(prompt_ids, prompt_mask, response_ids, lengths: torch.Tensor, pad_id: int):
+    """Join left-padded prompts [B, P] with responses [B, T], each cut after its first ``lengths[b]``
+    tokens (``response_lengths``; padding after them)."""
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
-    is_eos = response_ids == eos_id
-    # a response keeps its tokens up to and including the first EOS
-    before_eos = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() == 0
-    resp_mask = before_eos.long()
-    response_ids = torch.where(before_eos, response_ids, torch.full_like(response_ids, pad_id))
+    kept = torch.arange(T, device=response_ids.device) < lengths.to(response_ids.device)[:, None]
+    resp_mask = kept.long()
+    response_ids = torch.where(kept, response_ids, torch.full_like(response_ids, pad_id))
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
     targets = torch.full((B, P + T - 1), IGNORE, dtype=torch.long, device=prompt_ids.device)
-    targets[:, P - 1:] = torch.where(before_eos, response_ids, torch.full_like(response_ids, IGNORE))
+    targets[:, P - 1:] = torch.where(kept, response_ids, torch.full_like(response_ids, IGNORE))
     return input_ids, attention_mask, targets
 
 
@@ -269,8 +304,10 @@ class SeededSampler:
 @torch.no_grad()
 def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group_size: int, temperature: float,
              top_p: float, max_new_tokens: int, template: str, greedy: bool = False,
-             seeds: Sequence[int] | None = None) -> Rollout:
+             seeds: Sequence[int] | None = None, stop: Sequence[str] = ()) -> Rollout:
     """Sample ``group_size`` responses per example (greedy: one each) and score them with the task.
+    A response ends at a stop token (``prompting.stop_token_ids``: the EOS and the model's
+    end-of-turn tokens) or at the end of a ``stop`` string, else at ``max_new_tokens``.
     ``seeds`` (one per example): response ``j`` of example ``i`` is sampled from its own stream,
     seeded with ``seeds[i] + j`` (``SeededSampler``), instead of torch's global one. A sharded
     model generates inside its FSDP2 root, gathered whole for the call (``distributed.generate_in``),
@@ -291,12 +328,15 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
         gen_ids, gen_mask, n = prompt_ids, prompt_mask, G
     if is_sharded(model):
         kw["synced_gpus"] = True
+    if stop:
+        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     out = generate_in(model, lambda m: m.generate(input_ids=gen_ids, attention_mask=gen_mask,
                                                   max_new_tokens=max_new_tokens, num_return_sequences=n,
                                                   pad_token_id=tokenizer.pad_token_id,
-                                                  eos_token_id=tokenizer.eos_token_id, **kw))
+                                                  eos_token_id=stop_ids, **kw))
     model.train(was_training)
     P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)
@@ -304,14 +344,14 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     response = out[:, P:]
     if response.shape[1] == 0:  # max_new_tokens reached nothing (cannot happen with max_new_tokens >= 1)
         raise RuntimeError("generate returned no new tokens")
-    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, response, tokenizer.eos_token_id,
-                                                  tokenizer.pad_token_id)
+    lengths, ended = response_lengths(response, stop_ids, tokenizer, stop)
+    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, response, lengths, tokenizer.pad_token_id)
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
              for r, m in zip(response, attention_mask[:, P:], strict=True)]
     rewards = torch.tensor([task.reward(examples[i // G], t) for i, t in enumerate(texts)], dtype=torch.float32,
                            device=device)
     return Rollout(input_ids, attention_mask, positions(attention_mask), targets, list(examples), texts, rewards, G,
-                   truncated=truncated_rows(response, tokenizer.eos_token_id))
+                   truncated=~ended)
 
 
 @torch.no_grad()
@@ -365,7 +405,8 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
     resp = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows):
         resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, resp.to(device), tokenizer.eos_token_id,
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    input_ids, attention_mask, targets = assemble(prompt_ids, prompt_mask, resp.to(device), lengths,
                                                   tokenizer.pad_token_id)
     scores = [task.reward(e, r) if task is not None else 1.0 for e, r in zip(examples, responses, strict=True)]
     rewards = torch.tensor(scores, dtype=torch.float32, device=device)
@@ -385,7 +426,8 @@ def build_sft_pool(cfg, teacher, tok, task: Task, levels, seed: int) -> list[tup
         for i in range(0, len(examples), cfg.prompts_per_step):
             chunk = examples[i:i + cfg.prompts_per_step]
             roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template)
+                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok),
+                            stop=cfg.stop)
             for j, text in enumerate(roll.texts):
                 if roll.rewards[j] < 1.0:
                     continue

@@ -62,7 +62,7 @@ from rlad_kernels import LMHead, TokenInputs, linear_divergence, linear_logprobs
 
 from . import distributed as D
 from . import signals
-from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
+from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TASK_SOLUTIONS, TEACHER_LOG_RATIO, TEACHER_SOLUTIONS
 from .batching import same_count
 from .checkpoint import Checkpoint, latest_checkpoint, restore, save_run
 from .config import TrainConfig
@@ -73,6 +73,7 @@ from .report import MetricsLog, log_line, write_summary
 from .rollout import Rollout, build_sft_pool, from_pairs, generate, group_advantages, score
 from .rundir import write_atomic
 from .runtime import autocast_for, progress
+from .tasks.budget import reference_response
 
 if TYPE_CHECKING:
     from rlad_kernels import PolicyLossConfig
@@ -184,10 +185,15 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
     if alg.batch == TEACHER_SOLUTIONS:  # offline distillation: the teacher's correct solutions, drawn from the pool
         picks = [sft_pool[i] for i in torch.randint(len(sft_pool), (cfg.prompts_per_step,)).tolist()]
         picks = picks[D.my_slice(len(picks))]
-        return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.prompt_template,
+        return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.template_for(tok),
+                          device=next(student.parameters()).device)
+    if alg.batch == TASK_SOLUTIONS:  # supervised fine-tuning: the step's prompts with the task's worked solutions
+        solutions = [reference_response(e)[0] for e in examples]
+        return from_pairs(tok, examples, solutions, None, template=cfg.template_for(tok),
                           device=next(student.parameters()).device)
     roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.prompt_template, seeds=seeds)
+                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok), seeds=seeds,
+                    stop=cfg.stop)
     if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
         roll.keep = ~roll.truncated
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
@@ -382,7 +388,7 @@ def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: fl
     fraction of groups whose rewards are all equal); the learning rate, throughput and
     times (``t0``: the step's start, ``time.perf_counter``), and kdrl's KD coefficient."""
     stats.update(response_len=[(roll.lengths.float().mean(), 1)], tokens=[(roll.response_mask.sum(), 1)])
-    if cfg.algorithm.batch == ROLLOUTS:  # sft trains on the teacher's correct solutions: their reward is 1
+    if cfg.algorithm.batch == ROLLOUTS:  # sft and finetune train on given solutions: no reward to report
         stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)],
                      truncated_frac=[(roll.truncated.float().mean(), 1)])
     if cfg.algorithm.advantages == GROUP:  # groups with no learning signal: every reward equal, so every A_i = 0
@@ -420,9 +426,9 @@ def evaluation(cfg: TrainConfig, setup: Setup, student, amp, log: MetricsLog, st
     bar = progress(cfg.quiet or not dist.main, total=len(setup.eval_set), desc="eval", leave=False)
     with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 2_000_003)
-        res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=cfg.prompt_template,
+        res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=cfg.template_for(setup.tok),
                        max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples, temperature=cfg.temperature,
-                       top_p=cfg.top_p, progress=bar)
+                       top_p=cfg.top_p, stop=cfg.stop, progress=bar)
     bar.close()
     if dist.main:
         log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})

@@ -11,14 +11,20 @@ from .knights import KnightsAndKnaves
 BUILTIN = {"knights": KnightsAndKnaves, "arithmetic": Arithmetic, "chains": Chains, "echo": Echo}
 
 
-def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, reward_errors: str = "fail") -> Task:
+def get_task(spec: str, reward: str = "exact", *, reward_timeout: float = 60.0, reward_errors: str = "fail",
+             answer_pattern: str | None = None) -> Task:
     """A built-in task by name, or ``jsonl:<path>`` for user data (with ``reward``, and for a
-    ``module:function`` reward its per-call timeout and failure policy: see ``rlad.tasks.jsonl``)."""
+    ``module:function`` reward its per-call timeout and failure policy: see ``rlad.tasks.jsonl``).
+    ``answer_pattern``: how the rewards read a response's answer (``extract_answer``; a
+    ``module:function`` reward reads the whole response itself)."""
     if spec.startswith("jsonl:"):
-        return JsonlTask(spec[len("jsonl:"):], reward=reward, timeout=reward_timeout, on_error=reward_errors)
-    if spec not in BUILTIN:
+        task = JsonlTask(spec[len("jsonl:"):], reward=reward, timeout=reward_timeout, on_error=reward_errors)
+    elif spec in BUILTIN:
+        task = BUILTIN[spec]()
+    else:
         raise ValueError(f"unknown task {spec!r}; choose one of {sorted(BUILTIN)} or 'jsonl:<path>'")
-    return BUILTIN[spec]()
+    task.answer_pattern = answer_pattern
+    return task
 
 
 __all__ = ["ANSWER_MARK", "Example", "Task", "extract_answer", "get_task", "KnightsAndKnaves", "Arithmetic", "Chains",

@@ -20,6 +20,7 @@ class Task(ABC):
     name: str = "task"
     levels: Sequence[int] = (0,)
     held_out: frozenset[str] = frozenset()  # prompt keys that ``sample`` never returns (the eval set)
+    answer_pattern: str | None = None  # how ``reward`` reads the answer (``extract_answer``); None: after ####
     MAX_REJECTS = 10_000  # consecutive held-out draws before a level counts as used up
 
     @abstractmethod
@@ -37,7 +38,7 @@ class Task(ABC):
                                f"{list(levels)}")
 
     def reward(self, example: Example, response: str) -> float:
-        answer = extract_answer(response)
+        answer = extract_answer(response, self.answer_pattern)
         return 1.0 if answer is not None and self.check(example, answer) else 0.0
 
     def check_reward(self) -> None:

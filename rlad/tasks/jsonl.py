@@ -40,13 +40,13 @@ REWARD_LIMIT = 1000.0
 ON_ERROR = ("fail", "zero")
 
 
-def _exact(response: str, answer: str) -> float:
-    got = extract_answer(response)
+def _exact(response: str, answer: str, pattern: str | None = None) -> float:
+    got = extract_answer(response, pattern)
     return float(got is not None and got.strip() == answer.strip())
 
 
-def _numeric(response: str, answer: str) -> float:
-    got = extract_answer(response)
+def _numeric(response: str, answer: str, pattern: str | None = None) -> float:
+    got = extract_answer(response, pattern)
     try:
         return float(got is not None and math.isclose(float(got.replace(",", "")), float(answer), rel_tol=1e-6,
                                                          abs_tol=1e-6))
@@ -54,8 +54,8 @@ def _numeric(response: str, answer: str) -> float:
         return 0.0
 
 
-def _contains(response: str, answer: str) -> float:
-    got = extract_answer(response)
+def _contains(response: str, answer: str, pattern: str | None = None) -> float:
+    got = extract_answer(response, pattern)
     return float(got is not None and answer.strip() in got)
 
 
@@ -333,7 +333,7 @@ class JsonlTask(Task):
 
     def reward(self, example: Example, response: str) -> float:
         if not self.user_reward:
-            return float(self.reward_fn(response, example.answer))
+            return float(self.reward_fn(response, example.answer, self.answer_pattern))
         where = f"reward {self.reward_name!r} on the example at {self.path}:{example.meta.get('line')} (response " \
                 f"{response[:80]!r})"
         try:

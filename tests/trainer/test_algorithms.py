@@ -26,6 +26,7 @@ EXPECTED = {
     "opd reverse_kl": (True, False, False, DIVERGENCE, False, False, False),
     "opd sampled":    (True, True, True, POLICY, False, True, False),
     "sft":            (True, False, False, NLL, False, False, False),
+    "finetune":       (False, False, False, NLL, False, False, False),
 }
 
 
@@ -39,7 +40,7 @@ def _settings(name):
 
 
 def test_the_table_has_one_row_per_algorithm_and_kind():
-    assert ALGOS == ("rlad", "grpo", "kdrl", "opd", "sft")
+    assert ALGOS == ("rlad", "grpo", "kdrl", "opd", "sft", "finetune")
     assert OPD_KINDS == ("jsd", "reverse_kl", "sampled")
     assert sorted(ROWS) == sorted(EXPECTED)
     for name, row in ROWS.items():
@@ -64,7 +65,7 @@ def test_teacher_requirement(name):
 def test_group_size_rule_follows_the_batch(name):
     """G >= 2 where the student samples groups; sft's batch is teacher solutions, one per prompt."""
     kw = dict(_settings(name), teacher="preset:micro", group_size=1)
-    if name == "sft":
+    if name in ("sft", "finetune"):
         assert TrainConfig(**kw).group_size == 1
     else:
         with pytest.raises(ValueError, match=r"group_size=1: group advantages need at least 2"):
@@ -88,6 +89,7 @@ POLICY_CONFIGS = [
     ("opd jsd", None),
     ("opd reverse_kl", None),
     ("sft", None),
+    ("finetune", None),
 ]
 
 
@@ -136,7 +138,7 @@ def _collect(loaded, tok, name, **kw):
 def test_collect_scores_what_the_row_says(loaded, tok, name):
     _, scores_old, scores_teacher, _, advantages, token_advantages, kd_weights = EXPECTED[name]
     cfg, roll = _collect(loaded, tok, name)
-    B = 3 if name == "sft" else 12
+    B = 3 if name in ("sft", "finetune") else 12
     assert len(roll) == B and roll.response_mask.any()
     assert (roll.old_logp is not None) == scores_old
     assert (roll.teacher_logp is not None) == scores_teacher
@@ -150,6 +152,11 @@ def test_collect_scores_what_the_row_says(loaded, tok, name):
         assert torch.equal(roll.advantages, group_advantages(roll.rewards, 4, cfg.adv_std_norm))
     if name == "sft":  # the teacher's correct solutions, drawn from the pool
         assert roll.group_size == 1 and torch.all(roll.rewards == 1.0)
+    if name == "finetune":  # the step's prompts with the task's worked solutions, in the run's template
+        examples = Echo().sample(random.Random(1), 3, [1])
+        assert roll.group_size == 1 and roll.texts == [e.solution for e in examples]
+        for row, mask, e in zip(roll.input_ids, roll.attention_mask, examples, strict=True):
+            assert tok.decode(row[mask.bool()]) == f"<bos>{e.prompt}\n{e.solution}<eos>"
 
 
 def test_opd_sampled_advantage_is_the_teacher_log_ratio(loaded, tok):
@@ -249,6 +256,7 @@ LOSS_METRICS = [  # (algorithm, metrics its loss reports, metrics it must not re
     ("opd jsd", {"divergence"}, {"ratio_mean"}),
     ("opd reverse_kl", {"divergence"}, {"ratio_mean"}),
     ("sft", {"nll"}, {"ratio_mean"}),
+    ("finetune", {"nll"}, {"ratio_mean"}),
 ]
 
 

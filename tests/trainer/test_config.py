@@ -344,6 +344,15 @@ def test_a_run_resumed_with_the_same_flags_has_the_same_eps_high(tmp_path, capsy
         assert TrainConfig(**flags, resume=True, eps_high=0.2).resume_changes(old) == []
 
 
+def test_a_run_written_before_chat_templates_resumes_with_them_off():
+    """Its prompts were prompt_template alone: a config.json without chat_template counts as off,
+    so resuming it under the new default (auto) names the change; with off it resumes."""
+    flags = dict(algo="grpo")
+    saved = {k: v for k, v in TrainConfig(**flags).to_dict().items() if k != "chat_template"}
+    assert TrainConfig(**flags).resume_changes(saved) == ["chat_template: 'off' -> 'auto'"]
+    assert TrainConfig(**flags, chat_template="off").resume_changes(saved) == []
+
+
 def test_replace_keeps_a_resolved_eps_high():
     cfg = TrainConfig(algo="rlad", **TEACHER)
     assert cfg.replace(algo="grpo").eps_high == 0.28

@@ -10,7 +10,7 @@ import torch
 from rlad.cli import main
 from rlad.evaluate import pass_at_k
 from rlad.models import load_model
-from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, score
+from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, response_lengths, score
 from rlad.tasks import Arithmetic
 
 
@@ -29,8 +29,8 @@ def test_old_logprobs_equal_the_samplers(tok):
     P = ids.shape[1]
     resp = out.sequences[:, P:]
     sampler = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, resp[..., None])[..., 0]
-    inp, am, tg = assemble(ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), resp, tok.eos_token_id,
-                           tok.pad_token_id)
+    lengths, _ = response_lengths(resp, tok.eos_token_id)
+    inp, am, tg = assemble(ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), resp, lengths, tok.pad_token_id)
     roll = Rollout(inp, am, positions(am), tg, exs, [""] * len(inp), torch.zeros(len(inp)), 2)
     ours = score(model, roll, temperature=T, micro_batch=4)[:, P - 1:]
     m = roll.response_mask[:, P - 1:]
@@ -67,7 +67,9 @@ def test_assemble_cuts_at_eos_and_aligns_targets():
     prompt = torch.tensor([[pad, 5, 6], [7, 8, 9]])
     pmask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     resp = torch.tensor([[11, eos, 13], [14, 15, 16]])  # row 0 ends early; row 1 hits the length limit
-    ids, am, tg = assemble(prompt, pmask, resp, eos, pad)
+    lengths, ended = response_lengths(resp, eos)
+    assert lengths.tolist() == [2, 3] and ended.tolist() == [True, False]
+    ids, am, tg = assemble(prompt, pmask, resp, lengths, pad)
     assert ids.tolist() == [[pad, 5, 6, 11, eos, pad], [7, 8, 9, 14, 15, 16]]
     assert am.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     # targets[j] is the token at j + 1 when it is part of the response
