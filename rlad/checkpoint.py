@@ -281,16 +281,18 @@ def load_sharded(path, model, optimizer) -> None:
 EXPORT_MARKER = "rlad-export.json"  # in a folder rlad export wrote: only such a folder is ever replaced
 
 
-def check_export_target(path, out, *, overwrite: bool = False) -> None:
-    """``rlad export`` may write ``out``: it is not the checkpoint, inside it, or a folder holding
-    it; and it is absent or empty, or (``overwrite``) an earlier export. ``CheckpointError``
+def check_export_target(path, out, *, overwrite: bool = False, marker: str = EXPORT_MARKER,
+                        writer: str = "rlad export", source: str = "checkpoint") -> None:
+    """``rlad export`` (or another ``writer`` of a model folder, whose folders hold ``marker``) may
+    write ``out``: it is not the ``source`` ``path``, inside it, or a folder holding it; and it is
+    absent or empty, or (``overwrite``) an earlier folder of the same writer. ``CheckpointError``
     naming ``--out`` otherwise."""
     from .rundir import check_inputs
 
     path, out = Path(path), Path(out)
-    check_inputs(out, {"checkpoint": str(path)}, setting="--out")
+    check_inputs(out, {source: str(path)}, setting="--out")
     if path.exists() and path.resolve() in out.resolve().parents:
-        raise CheckpointError(f"--out={str(out)!r}: is inside the checkpoint {path}; rlad never writes where its "
+        raise CheckpointError(f"--out={str(out)!r}: is inside the {source} {path}; rlad never writes where its "
                               f"inputs are: choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out={str(out)!r}: is a file, not a folder; choose another --out")
@@ -298,9 +300,9 @@ def check_export_target(path, out, *, overwrite: bool = False) -> None:
         return
     if not overwrite:
         raise CheckpointError(f"--out={str(out)!r}: is not empty; choose a new or empty folder, or add --overwrite "
-                              f"to replace an earlier rlad export there")
-    if not (out / EXPORT_MARKER).is_file():
-        raise CheckpointError(f"--out={str(out)!r}: is not an earlier rlad export (it has no {EXPORT_MARKER}), so "
+                              f"to replace an earlier {writer} there")
+    if not (out / marker).is_file():
+        raise CheckpointError(f"--out={str(out)!r}: is not an earlier {writer} (it has no {marker}), so "
                               f"--overwrite may not replace it: rlad never deletes what it did not write; choose "
                               f"another --out")
 

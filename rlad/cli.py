@@ -1,5 +1,5 @@
 """The ``rlad`` command: ``rlad demo``, ``rlad train``, ``rlad study``, ``rlad eval``, ``rlad export``,
-``rlad fetch``."""
+``rlad fetch``, ``rlad drop-layers``."""
 
 from __future__ import annotations
 
@@ -207,6 +207,18 @@ def _export(args) -> int:
     return 0
 
 
+def _drop_layers(args) -> int:
+    from .shrink import shrink
+
+    if args.calibration < 1:
+        raise ValueError(f"--calibration {args.calibration}: must be >= 1")
+    shrink(args.model, args.out, keep=args.keep, drop=args.drop, select=args.select, task=args.task,
+           levels=args.levels, calibration=args.calibration, chat_template=args.chat_template,
+           overwrite=args.overwrite)
+    print(f"wrote {args.out} (use it as --student, or rlad eval --model)")
+    return 0
+
+
 def _fetch(args) -> int:
     from .fetch import fetch
 
@@ -321,6 +333,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache", default=None, help="the cache folder (default: $RLAD_CACHE, else ~/.cache/rlad); the "
                    "model goes to <cache>/<name>/model")
     f.set_defaults(func=_fetch)
+
+    from .prompting import CHAT_MODES
+    from .shrink import SELECT
+
+    k = sub.add_parser("drop-layers", help="a smaller student: a model with some of its decoder layers removed "
+                       "(depth pruning)",
+                       description="Writes the model with a contiguous block of decoder layers removed (or the "
+                       "layers --drop names), its tokenizer, and rlad-drop-layers.json (what was kept and why). With "
+                       "--keep N and --select angular (the default) the block dropped is the one whose output is "
+                       "closest to its input (angular distance, averaged over the tokens of the task's worked "
+                       "solutions), the first and the last layer always kept (Gromov et al. 2024; Minitron). See "
+                       "docs/real-model.md.")
+    k.add_argument("model", help="the model: path, hub id or .gguf file")
+    k.add_argument("--out", required=True, help="the folder to write: new or empty, or an earlier drop-layers folder "
+                   "with --overwrite")
+    which = k.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep", type=int, help="layers to keep; --select chooses which block of the others to drop")
+    which.add_argument("--drop", nargs="+", help="layers to drop, 0-based: numbers and ranges (10-14)")
+    k.add_argument("--select", choices=SELECT, default="angular", help="with --keep: angular (the block that changes "
+                   "the hidden state least on calibration text) or last (the block just before the last layer, no "
+                   "data); default angular")
+    k.add_argument("--task", default="arithmetic", help="calibration text: this task's prompts with their worked "
+                   "solutions (default arithmetic)")
+    k.add_argument("--levels", type=int, nargs="+", default=None, help="the task's levels (default: all)")
+    k.add_argument("--calibration", type=int, default=64, help="calibration examples (default 64)")
+    k.add_argument("--chat-template", choices=CHAT_MODES, default="auto", help="calibration prompts through the "
+                   "tokenizer's chat template: auto (when it has one), on or off")
+    k.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier drop-layers "
+                   "folder (never anything else)")
+    k.set_defaults(func=_drop_layers)
     return p
 
 
