@@ -129,6 +129,10 @@ def _eval(args) -> int:
         raise ValueError(f"--answer-pattern {args.answer_pattern!r}: {problem}")
     if not all(args.stop):
         raise ValueError("--stop: an empty stop string would end every response at once; give non-empty strings")
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
+    for flag in ("out", "responses"):
+        _check_output_file(getattr(args, flag), f"--{flag}", args.model, run)
     if args.eval_split is not None and not 0 < args.eval_split < 1:
         raise ValueError(f"--eval-split {args.eval_split}: must be in (0, 1)")
     if args.eval_split is not None and (not args.task.startswith("jsonl:") or args.eval_task is not None):
@@ -180,11 +184,15 @@ def _eval(args) -> int:
     limit = context_length(model_config(args.model, tok, role="--model"))
     check_context(examples, prompt_lengths(tok, [e.prompt for e in examples], template),
                   args.max_new_tokens, limit, what=f"the model {args.model!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_model(args.model, tok, device=device, role="--model").eval()
     bar = progress(args.quiet, total=len(examples), desc="eval")
+    records = [] if args.responses else None
     res = evaluate(model, tok, scorer, examples, template=template, max_new_tokens=args.max_new_tokens,
-                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, stop=args.stop, progress=bar)
+                   samples=args.samples, temperature=args.temperature, top_p=args.top_p, stop=args.stop, progress=bar,
+                   responses=records)
     bar.close()
     metrics = metric_names(res)
     rows = [(f"level {lv}", int(res.get(f"n/L{lv}", 0)), *(with_se(res, m, lv) for m in metrics))
@@ -196,7 +204,34 @@ def _eval(args) -> int:
 
         write_atomic(args.out, json.dumps(res, indent=2))
         print(f"wrote {args.out}")
+    if args.responses:
+        from .rundir import write_atomic
+
+        write_atomic(args.responses, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        print(f"wrote {args.responses} ({len(records)} responses)")
     return 0
+
+
+def _check_output_file(path: str | None, flag: str, model: str, run: Path | None) -> None:
+    """An output file of ``rlad eval``, checked before the evaluation runs: a file (not a folder)
+    in a folder that exists; never inside the model's folder, nor one of the run's own files
+    (``config.json``, ``metrics.jsonl``, ..., its checkpoints), which it would replace."""
+    from .rundir import RUN_FILES, STUDY_FILES
+
+    if not path:
+        return
+    p = Path(path).resolve()
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it or choose another "
+                         f"path")
+    if Path(model).is_dir() and Path(model).resolve() in p.parents:
+        raise ValueError(f"{flag} {path}: is inside the model {model}; rlad never writes where its inputs are: "
+                         f"choose a path outside it")
+    if run is not None and any(p == (run / f).resolve() or (run / f).resolve() in p.parents
+                               for f in RUN_FILES + STUDY_FILES):
+        raise ValueError(f"{flag} {path}: is one of the run's own files in {run}; choose another name")
 
 
 def _export(args) -> int:
@@ -319,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    e.add_argument("--responses", default=None, help="also write every response here, one JSON line each (prompt, "
+                   "level, answer, greedy or sample, the response, its reward, whether it was truncated)")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -21,10 +21,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, template: str, max_new_tokens: int,
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 64,
-             stop: Sequence[str] = (), progress=None) -> dict[str, float]:
+             stop: Sequence[str] = (), progress=None, responses: list | None = None) -> dict[str, float]:
     """``accuracy`` (greedy), and with ``samples = k > 0`` also ``mean@k`` and ``pass@k``; each
     also per level as ``accuracy/L3`` etc., each with its standard error over prompts
-    (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``."""
+    (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``. With a
+    ``responses`` list, every response is appended to it as a record (prompt, level, answer,
+    ``greedy`` or ``sample``, the response's text, its reward)."""
     greedy: list[float] = []
     sampled: list[list[float]] = []
     for i in range(0, len(examples), batch_prompts):
@@ -32,10 +34,14 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
         roll = generate(model, tokenizer, chunk, task, group_size=1, temperature=1.0, top_p=1.0,
                         max_new_tokens=max_new_tokens, template=template, greedy=True, stop=stop)
         greedy += roll.rewards.tolist()
+        if responses is not None:
+            responses += _records(roll, "greedy", 1)
         if samples > 0:
             roll = generate(model, tokenizer, chunk, task, group_size=samples, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, template=template, stop=stop)
             sampled += roll.rewards.view(len(chunk), samples).tolist()
+            if responses is not None:
+                responses += _records(roll, "sample", samples)
         if progress is not None:
             progress.update(len(chunk))
     by_level = defaultdict(list)
@@ -54,6 +60,14 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
         add(f"mean@{samples}", lambda j: sum(r >= 1.0 for r in sampled[j]) / samples)
         add(f"pass@{samples}", lambda j: pass_at_k(samples, sum(r >= 1.0 for r in sampled[j]), samples))
     return dict(sorted(out.items(), key=lambda kv: eval_key_order(kv[0])))
+
+
+def _records(roll, kind: str, per_prompt: int) -> list[dict]:
+    return [{"prompt": roll.examples[i // per_prompt].prompt, "level": roll.examples[i // per_prompt].level,
+             "answer": roll.examples[i // per_prompt].answer, "kind": kind, "response": text,
+             "reward": float(r), "truncated": bool(t)}
+            for i, (text, r, t) in enumerate(zip(roll.texts, roll.rewards.tolist(), roll.truncated.tolist(),
+                                                 strict=True))]
 
 
 def eval_key_order(key: str) -> tuple:

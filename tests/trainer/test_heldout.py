@@ -216,6 +216,12 @@ def test_rlad_eval_of_a_run_scores_exactly_its_held_out_prompts(tmp_path, tiny_c
     _eval_prompts(monkeypatch, ["eval", "--model", "preset:micro", "--task", f"jsonl:{p}", "--prompts", "2",
                                 "--max-new-tokens", "4", "--quiet"])
     assert "give --run RUN_DIR" in capsys.readouterr().out
+    # its output never replaces one of the run's own files
+    from rlad.cli import main
+
+    config = (run / "config.json").read_text()
+    assert main(["eval", "--run", str(run), "--out", str(run / "config.json"), "--quiet"]) == 2
+    assert "is one of the run's own files" in capsys.readouterr().err and (run / "config.json").read_text() == config
 
 
 def test_rlad_eval_run_errors_are_one_line(tmp_path, capsys):

@@ -103,6 +103,37 @@ def test_eval_command(tmp_path, tok, capsys):
     assert (tmp_path / "res.json").is_file()
 
 
+def test_eval_writes_every_response(tmp_path, tok, capsys):
+    """--responses: one JSON line per response (greedy and sampled), whose rewards give the metrics
+    printed; an output file inside the model's folder, or a folder, is refused before any work."""
+    import json
+
+    model = load_model("preset:micro", tok, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    common = ["eval", "--model", str(tmp_path / "m"), "--task", "echo", "--levels", "1", "--prompts", "5",
+              "--samples", "3", "--max-new-tokens", "4", "--quiet", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "res.json"), "--responses", str(tmp_path / "r.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert [r["kind"] for r in rows].count("greedy") == 5 and [r["kind"] for r in rows].count("sample") == 15
+    assert {r["prompt"] for r in rows} == {r["prompt"] for r in rows if r["kind"] == "greedy"}
+    greedy = [r["reward"] >= 1 for r in rows if r["kind"] == "greedy"]
+    assert sum(greedy) / 5 == pytest.approx(res["accuracy"])
+    sampled = [r["reward"] >= 1 for r in rows if r["kind"] == "sample"]
+    assert sum(sampled) / 15 == pytest.approx(res["mean@3"])
+    assert all(set(r) == {"prompt", "level", "answer", "kind", "response", "reward", "truncated"} for r in rows)
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert main(common + ["--responses", str(tmp_path / "m" / "config.json")]) == 2
+    assert "is inside the model" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    assert main(common + ["--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "nope" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- user text cannot inject special tokens
 def test_special_token_text_in_a_prompt_stays_text(tok):
     """``<eos>``, ``<pad>``, ``<bos>``, ``<unk>`` written in prompt text are encoded as text, as
