@@ -12,6 +12,12 @@ from .evaluate import metric_names, with_se
 from .rundir import atomic_path, write_atomic
 from .signals import check_writer
 
+# the wall-clock metrics of a step record (and eval_s of an eval record): seconds by phase (generate, the old /
+# teacher / reference scoring, the update; rollout_s is the whole batch, step_s the whole step) and the throughput;
+# the only values two runs of the same settings may differ in
+WALL_CLOCK = ("tokens_per_s", "rollout_s", "step_s", "generate_s", "score_old_s", "score_teacher_s", "score_ref_s",
+              "update_s", "eval_s")
+
 # metric -> (log-line label, format); the log line shows those present, in this order
 LOG_LINE = (
     ("reward", "reward", "{:.3f}"),

@@ -47,6 +47,7 @@ recomputed by the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -110,15 +111,16 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     bar = progress(cfg.quiet or not dist.main, total=cfg.steps, initial=state["step"], desc=f"{cfg.algo} steps")
     for step in range(state["step"], cfg.steps):
         D.fail_hook(step)
-        t0 = time.perf_counter()
+        t0, times = time.perf_counter(), {}
         student.eval()
         examples, seeds = draw(cfg, task, data_rng, setup.levels, step)
         with amp():
-            roll = collect(cfg, student, models.teacher, models.ref, tok, task, examples, sft_pool, seeds)
-        t_roll = time.perf_counter() - t0
+            roll = collect(cfg, student, models.teacher, models.ref, tok, task, examples, sft_pool, seeds, times)
+        times["rollout_s"] = time.perf_counter() - t0
         student.train()
-        stats = update(cfg, student, models.teacher, roll, optimizer, scheduler, step, amp, state)
-        m = step_metrics(cfg, step, roll, stats, t0, t_roll, scheduler.get_last_lr()[0], state)
+        with phase(times, "update_s"):
+            stats = update(cfg, student, models.teacher, roll, optimizer, scheduler, step, amp, state)
+        m = step_metrics(cfg, step, roll, stats, t0, times, scheduler.get_last_lr()[0], state)
         if counts_reward_errors:
             m["reward_errors"] = count_reward_errors(task, state)
         state["step"] = step + 1
@@ -176,10 +178,13 @@ def draw(cfg: TrainConfig, task, data_rng: random.Random, levels, step: int):
     return examples[mine], seeds[mine]
 
 
-def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool, seeds=None) -> Rollout:
+def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool, seeds=None,
+            times: dict | None = None) -> Rollout:
     """The step's batch, as the algorithm's row says: sampled responses with rewards, the per-token
     log-probs it scores, its advantages and KD weights; or teacher solutions drawn from the pool.
     ``seeds``: one sampling seed per example (see ``rollout.generate``); None: torch's global stream.
+    ``times``: the seconds of each phase are added to it (``generate_s``, ``score_old_s``,
+    ``score_teacher_s``, ``score_ref_s``).
     Distributed: ``examples`` are this rank's; sft draws the global picks and keeps this rank's share."""
     alg = cfg.algorithm
     if alg.batch == TEACHER_SOLUTIONS:  # offline distillation: the teacher's correct solutions, drawn from the pool
@@ -191,18 +196,22 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
         solutions = [reference_response(e)[0] for e in examples]
         return from_pairs(tok, examples, solutions, None, template=cfg.template_for(tok),
                           device=next(student.parameters()).device)
-    roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok), seeds=seeds,
-                    stop=cfg.stop)
+    with phase(times, "generate_s"):
+        roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
+                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok),
+                        seeds=seeds, stop=cfg.stop)
     if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
         roll.keep = ~roll.truncated
     kw = dict(temperature=cfg.temperature, micro_batch=cfg.micro_batch_size, micro_batch_tokens=cfg.micro_batch_tokens)
     if alg.scores_old:
-        roll.old_logp = score(student, roll, **kw)
+        with phase(times, "score_old_s"):
+            roll.old_logp = score(student, roll, **kw)
     if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
-        roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
+        with phase(times, "score_teacher_s"):
+            roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
     if ref is not None:
-        roll.ref_logp = score(ref, roll, **kw)
+        with phase(times, "score_ref_s"):
+            roll.ref_logp = score(ref, roll, **kw)
     if alg.advantages == GROUP:
         roll.advantages = group_advantages(roll.rewards, cfg.group_size, cfg.adv_std_norm)
     elif alg.advantages == TEACHER_LOG_RATIO:  # the sampled reverse KL, per token, as the advantage
@@ -381,12 +390,13 @@ def _perm_generator(cfg: TrainConfig, step: int, epoch: int, roll: Rollout) -> t
     return torch.Generator(device=roll.input_ids.device).manual_seed(D.row_seed(cfg.seed, step, epoch, 7))
 
 
-def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: float, rollout_s: float, lr: float,
-                 state: dict) -> dict:
+def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: float, times: dict[str, float],
+                 lr: float, state: dict) -> dict:
     """The step's log record: the loss's metrics (``host_metrics``), response lengths, and for
     sampled batches the reward, accuracy and truncated fraction (and with group advantages the
     fraction of groups whose rewards are all equal); the learning rate, throughput and
-    times (``t0``: the step's start, ``time.perf_counter``), and kdrl's KD coefficient."""
+    times (``t0``: the step's start, ``time.perf_counter``; ``times``: seconds by phase, rollout_s
+    the whole batch), and kdrl's KD coefficient."""
     stats.update(response_len=[(roll.lengths.float().mean(), 1)], tokens=[(roll.response_mask.sum(), 1)])
     if cfg.algorithm.batch == ROLLOUTS:  # sft and finetune train on given solutions: no reward to report
         stats.update(reward=[(roll.rewards.mean(), 1)], accuracy=[((roll.rewards >= 1).float().mean(), 1)],
@@ -396,11 +406,22 @@ def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: fl
         stats["groups_equal_frac"] = [(equal.float().mean(), equal.numel())]  # weighted by groups: global over ranks
     m = host_metrics(stats)  # the step's metrics reach the host here, once
     dt = time.perf_counter() - t0
-    m.update(lr=lr, tokens_per_s=m.pop("tokens") * D.state().world * (1 + cfg.ppo_epochs) / dt, rollout_s=rollout_s,
+    m.update(lr=lr, tokens_per_s=m.pop("tokens") * D.state().world * (1 + cfg.ppo_epochs) / dt, **times,
              step_s=dt, nan_skips=state["nan_skips"])
     if cfg.algorithm.kd:
         m["kd_coef"] = cfg.kd_coef(step)
     return m
+
+
+@contextlib.contextmanager
+def phase(times: dict[str, float] | None, name: str):
+    """Adds the block's wall time to ``times[name]`` (None: nothing), after the GPU's queued work."""
+    t = time.perf_counter()
+    yield
+    if times is not None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t
 
 
 def groups_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -424,6 +445,7 @@ def evaluation(cfg: TrainConfig, setup: Setup, student, amp, log: MetricsLog, st
     (identical results)."""
     dist, device = D.state(), setup.device
     bar = progress(cfg.quiet or not dist.main, total=len(setup.eval_set), desc="eval", leave=False)
+    t0 = time.perf_counter()
     with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 2_000_003)
         res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=cfg.template_for(setup.tok),
@@ -431,7 +453,8 @@ def evaluation(cfg: TrainConfig, setup: Setup, student, amp, log: MetricsLog, st
                        top_p=cfg.top_p, stop=cfg.stop, progress=bar)
     bar.close()
     if dist.main:
-        log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()}})
+        log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()},
+                   "eval_s": time.perf_counter() - t0})
     return res
 
 

@@ -35,12 +35,13 @@ import pytest
 import torch
 
 import rlad
+from rlad.report import WALL_CLOCK
 
 REPO = str(Path(rlad.__file__).resolve().parents[1])
 PARAM_TOL = 5e-6
 METRIC_TOL = 1e-4
 # timings, and the metrics that depend on the micro-batch composition (see the module docstring)
-TIMED = ("tokens_per_s", "rollout_s", "step_s", "num_tokens", "clip_frac_pos", "clip_frac_neg", "dual_clip_frac")
+TIMED = (*WALL_CLOCK, "num_tokens", "clip_frac_pos", "clip_frac_neg", "dual_clip_frac")
 
 
 def _args(out: Path, steps: int = 3, *extra: str) -> list[str]:

@@ -16,9 +16,10 @@ import torch
 import rlad
 from rlad.cli import main
 from rlad.launch import train
+from rlad.report import WALL_CLOCK
 
 REPO = str(Path(rlad.__file__).resolve().parents[1])
-TIMING = ("tokens_per_s", "rollout_s", "step_s")
+TIMING = WALL_CLOCK
 
 
 def _records(out_dir):

@@ -17,6 +17,7 @@ import rlad
 from rlad.cli import main
 from rlad.launch import train
 from rlad.models import load_model
+from rlad.report import WALL_CLOCK
 from rlad.rollout import generate, group_advantages, score
 from rlad.tasks import Echo
 from rlad.train import micro_loss, normalizer_for, update
@@ -192,7 +193,7 @@ rlad.train.update = update
 sys.exit(main(sys.argv[2:]))
 """
 
-TIMING = ("tokens_per_s", "rollout_s", "step_s")  # wall-clock metrics: the only ones allowed to differ
+TIMING = WALL_CLOCK  # wall-clock metrics: the only ones allowed to differ
 
 
 def _train_args(out_dir, models, resume=False):
@@ -529,9 +530,28 @@ def test_groups_equal_frac_is_logged(tiny_config):
     from rlad.train import step_metrics
 
     roll, _ = _hand_rollout([[1]] * 8, group_size=2, rewards=[1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
-    m = step_metrics(tiny_config(), 0, roll, {}, time.perf_counter(), 0.0, 1e-3, {"nan_skips": 0})
+    m = step_metrics(tiny_config(), 0, roll, {}, time.perf_counter(), {"rollout_s": 0.0}, 1e-3, {"nan_skips": 0})
     assert m["groups_equal_frac"] == 0.75
     assert "| eq-groups 0.75 |" in log_line(1, 2, m)
     opd = tiny_config(algo="opd", opd_kind="jsd", teacher="preset:micro")  # no group advantages: not logged
-    assert "groups_equal_frac" not in step_metrics(opd, 0, roll, {}, time.perf_counter(), 0.0, 1e-3,
+    assert "groups_equal_frac" not in step_metrics(opd, 0, roll, {}, time.perf_counter(), {"rollout_s": 0.0}, 1e-3,
                                                    {"nan_skips": 0})
+
+
+def test_each_step_logs_its_time_by_phase(tiny_config):
+    """Generation, the old and reference scoring and the update are timed apiece (their sum within
+    the step's time); an eval record has its own time; every such key is a wall-clock one."""
+    from rlad.report import WALL_CLOCK
+
+    cfg = tiny_config(ref_kl_coef=0.1)
+    train(cfg)
+    records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if not r.get("eval")]
+    phases = ("generate_s", "score_old_s", "score_ref_s", "update_s")
+    for r in steps:
+        assert all(r[k] > 0 for k in phases), r
+        assert r["generate_s"] + r["score_old_s"] + r["score_ref_s"] <= r["rollout_s"] <= r["step_s"]
+        assert r["rollout_s"] + r["update_s"] <= r["step_s"]
+        assert "score_teacher_s" not in r  # grpo scores no teacher
+    assert all(r["eval_s"] > 0 for r in records if r.get("eval"))
+    assert {k for r in records for k in r if k.endswith("_s")} <= set(WALL_CLOCK)
