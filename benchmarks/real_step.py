@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=57)
     ap.add_argument("--mini-batches", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=1e-8, help="default 1e-8: the model barely moves, so every side "
+                    "samples responses of the starting student's lengths (a step's time follows them)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     ap.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts per level of the final eval")
     ap.add_argument("--threads", type=int, default=2)
@@ -176,15 +177,20 @@ def main(argv=None) -> int:
         summary[side] = {**med, "tokens_per_s": tok_s, "eval_s": sides[side]["eval_s"],
                          "peak_rss_mb": sides[side]["peak_rss_mb"], "wall_s": sides[side]["wall_s"],
                          "reward": [s.get("reward") for s in sides[side]["steps"]]}
+        length = _median([s["response_len"] for s in steps])
+        summary[side]["response_len"] = length
         rows.append(f"| rlad `--algo {side}` | " + " | ".join("-" if med[k] is None else f"{med[k]:.2f}"
                                                           for k in PHASES)
-                    + f" | {tok_s:.0f} | {sides[side]['peak_rss_mb']:.0f} |")
+                    + f" | {length:.1f} | {tok_s:.0f} | {sides[side]['peak_rss_mb']:.0f} |")
     if "trl" in sides:
         batch = _median(sides["trl"]["batch_s"][1:])
+        length = _median(sides["trl"]["completion_len"][1:])  # one log per rollout batch; the first is the warm-up
         summary["trl"] = {"step_s": batch, "peak_rss_mb": sides["trl"]["peak_rss_mb"],
                           "wall_s": sides["trl"]["wall_s"], "batch_s": sides["trl"]["batch_s"],
-                          "reward": sides["trl"]["reward"]}
-        rows.append(f"| TRL `GRPOTrainer` | - | - | - | - | {batch:.2f} | - | {sides['trl']['peak_rss_mb']:.0f} |")
+                          "reward": sides["trl"]["reward"], "response_len": length,
+                          "completion_len": sides["trl"]["completion_len"]}
+        rows.append(f"| TRL `GRPOTrainer` | - | - | - | - | {batch:.2f} | "
+                    f"{'-' if length is None else f'{length:.1f}'} | - | {sides['trl']['peak_rss_mb']:.0f} |")
         summary["trl_over_rlad_grpo"] = batch / summary["grpo"]["step_s"]
     command = " ".join(["python -m benchmarks.real_step", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# A training step on a real model, by phase (CPU)", "",
@@ -195,8 +201,8 @@ def main(argv=None) -> int:
              f"{args.prompts} prompts x {args.group_size} responses, at most {args.max_new_tokens} new tokens, "
              f"{args.mini_batches} optimizer steps per batch, lr {args.lr:g}; medians of {args.steps} steps after "
              f"a warm-up step", "",
-             "| | generate (s) | score old (s) | score teacher (s) | update (s) | whole step (s) | tokens/s | peak "
-             "memory (MB) |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+             "| | generate (s) | score old (s) | score teacher (s) | update (s) | whole step (s) | response length "
+             "(tokens) | tokens/s | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
     if "trl" in sides:
         lines.append(f"TRL's step over rlad's (grpo, the same algorithm): {summary['trl_over_rlad_grpo']:.2f}x")
     for side in ("grpo", "rlad"):

@@ -23,7 +23,7 @@ def test_a_tiny_run_writes_its_phases_and_the_trl_ratio(tmp_path):
         assert res[side]["generate_s"] > 0 and res[side]["update_s"] > 0 and res[side]["peak_rss_mb"] > 50
         assert res[side]["step_s"] >= res[side]["generate_s"] + res[side]["update_s"]
     assert res["grpo"]["score_teacher_s"] is None and res["rlad"]["score_teacher_s"] > 0
-    assert res["trl"]["step_s"] > 0 and len(res["trl"]["batch_s"]) == 2
+    assert res["trl"]["step_s"] > 0 and len(res["trl"]["batch_s"]) == 2 and res["trl"]["response_len"] > 0
     assert res["trl_over_rlad_grpo"] == res["trl"]["step_s"] / res["grpo"]["step_s"]
     md = (out / "real_step.md").read_text()
     assert "| rlad `--algo rlad` |" in md and "| TRL `GRPOTrainer` |" in md and "commit" in md
