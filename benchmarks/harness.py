@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -95,6 +96,26 @@ def env_info(device: torch.device) -> dict[str, str]:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "commit": commit,
             "device": name, "torch": torch.__version__, "triton": tv}
+
+
+def command_line(module: str, argv=None) -> str:
+    """How a benchmark was run: ``python -m benchmarks.<module>`` and its arguments (``argv``, else
+    the process's own)."""
+    return " ".join([f"python -m benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(out, name: str, title: str, env: dict[str, str], command: str, body: list[str], *,
+                 threads: int | None = None) -> str:
+    """``<out>/<name>.md`` (printed too): ``title``, the machine it ran on (``env_info``: device,
+    torch, commit, date; the thread count) and ``command``, then the ``body`` lines. Returns the text."""
+    machine = f"- machine: {env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}"
+    text = "\n".join([f"# {title}", "", machine + (f"; {threads} thread(s)" if threads else ""),
+                      f"- command: `{command}`", *body]) + "\n"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    print(text, flush=True)
+    return text
 
 
 def _peaked_weight(V: int, H: int, gen: torch.Generator, dtype: torch.dtype, spread: float = 8.0) -> torch.Tensor:

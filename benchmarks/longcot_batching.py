@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from rlad.tokenizer import load_tokenizer
     from rlad.train import update
 
-    from .harness import env_info
+    from .harness import command_line, env_info, write_report
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -83,12 +83,7 @@ def main(argv=None) -> int:
             update(cfg, student, None, roll, opt, sched, 0, contextlib.nullcontext, {"nan_skips": 0})
             times[name].append(time.perf_counter() - t0)
     real = int(roll.attention_mask.sum())
-    command = " ".join(["python -m benchmarks.longcot_batching", *(sys.argv[1:] if argv is None else argv)])
-    lines = ["# Token-budget micro-batches on CPU: one update over rows of mixed lengths", "",
-             f"- machine: {env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}; "
-             f"{args.threads} thread(s)",
-             f"- command: `{command}`",
-             f"- {B} rows, width {L} tokens, {real} real tokens; response lengths (tokens): "
+    lines = [f"- {B} rows, width {L} tokens, {real} real tokens; response lengths (tokens): "
              f"{sorted(roll.response_mask.sum(-1).tolist())}; model preset:tiny-student (hidden 64, 2 layers, "
              f"vocab {len(tok)}), grpo loss, forward + backward",
              f"- token-budget micro-batches: {groups} rows", "",
@@ -98,11 +93,8 @@ def main(argv=None) -> int:
         value = next(iter(kw.values()))
         lines.append(f"| `{name}={value}` | {computed[name]} | {min(times[name]):.2f} | "
                      f"{', '.join(f'{t:.2f}' for t in times[name])} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "longcot_batching.md").write_text(text)
-    print(text, flush=True)
+    write_report(args.out, "longcot_batching", "Token-budget micro-batches on CPU: one update over rows of mixed "
+                 "lengths", env, command_line("longcot_batching", argv), lines, threads=args.threads)
     return 0
 
 

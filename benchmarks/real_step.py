@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .harness import env_info
+    from .harness import command_line, env_info, write_report
 
     env = env_info(torch.device("cpu"))
     sides = {side: _child(args, side) for side in ("grpo", "rlad", *(() if args.no_trl else ("trl",)))}
@@ -192,12 +192,8 @@ def main(argv=None) -> int:
         rows.append(f"| TRL `GRPOTrainer` | - | - | - | - | {batch:.2f} | "
                     f"{'-' if length is None else f'{length:.1f}'} | - | {sides['trl']['peak_rss_mb']:.0f} |")
         summary["trl_over_rlad_grpo"] = batch / summary["grpo"]["step_s"]
-    command = " ".join(["python -m benchmarks.real_step", *(sys.argv[1:] if argv is None else argv)])
-    lines = ["# A training step on a real model, by phase (CPU)", "",
-             f"- machine: {env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}; "
-             f"{args.threads} thread(s)",
-             f"- command: `{command}`",
-             f"- student `{args.student}`, teacher `{args.teacher}`; task {args.task} levels {args.levels}, "
+    command = command_line("real_step", argv)
+    lines = [f"- student `{args.student}`, teacher `{args.teacher}`; task {args.task} levels {args.levels}, "
              f"{args.prompts} prompts x {args.group_size} responses, at most {args.max_new_tokens} new tokens, "
              f"{args.mini_batches} optimizer steps per batch, lr {args.lr:g}; medians of {args.steps} steps after "
              f"a warm-up step", "",
@@ -208,12 +204,10 @@ def main(argv=None) -> int:
     for side in ("grpo", "rlad"):
         lines.append(f"- rlad {side}: final eval of {args.eval_prompts} prompts per level (greedy) "
                      f"{summary[side]['eval_s'][-1]:.1f} s; whole process {summary[side]['wall_s']:.0f} s")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real_step.md").write_text(text)
-    (out / "real_step.json").write_text(json.dumps({"env": env, "command": command, **summary}, indent=2) + "\n")
-    print(text, flush=True)
+    write_report(args.out, "real_step", "A training step on a real model, by phase (CPU)", env, command, lines,
+                 threads=args.threads)
+    (Path(args.out) / "real_step.json").write_text(json.dumps({"env": env, "command": command, **summary}, indent=2)
+                                                   + "\n")
     return 0
 
 

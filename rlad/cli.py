@@ -98,7 +98,7 @@ def _notes_only(line: str) -> None:
 def _eval(args) -> int:
     import torch
 
-    from .config import answer_pattern_problem, seed_problem, temperature_problem, template_problem
+    from .config import answer_pattern_problem, seed_problem, stop_problem, temperature_problem, template_problem
     from .evaluate import evaluate, metric_names, with_se
     from .heldout import DEFAULT_JSONL_SPLIT, build_held_out, fixed_eval_set
     from .models import context_length, load_model, model_config
@@ -127,8 +127,8 @@ def _eval(args) -> int:
         raise ValueError(f"--prompt-template {args.prompt_template!r}: {problem}")
     if (problem := answer_pattern_problem(args.answer_pattern)) is not None:
         raise ValueError(f"--answer-pattern {args.answer_pattern!r}: {problem}")
-    if not all(args.stop):
-        raise ValueError("--stop: an empty stop string would end every response at once; give non-empty strings")
+    if (problem := stop_problem(args.stop)) is not None:
+        raise ValueError(f"--stop: {problem}")
     if args.threads < 0:
         raise ValueError(f"--threads {args.threads}: must be >= 0 (0: torch's default)")
     for flag in ("out", "responses"):

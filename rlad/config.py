@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, POLICY_OPTIONS, PolicyOptions, option
 
 from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
-from .prompting import CHAT_MODES, prompt_template
+from .prompting import CHAT_MODES
 
 # The policy options (alpha, the clip, the teacher clamp, ...) are rlad_kernels' PolicyOptions,
 # inherited: defined and documented once, validated by PolicyLossConfig. Their module imports no
@@ -251,11 +251,6 @@ class TrainConfig(PolicyOptions):
         (k3, a constant coefficient, every response) pointed at the teacher."""
         return self.algorithm.kd and self.kd_variant == "rlad_paper"
 
-    def template_for(self, tokenizer) -> str:
-        """The prompt template the run uses with ``tokenizer``: ``prompt_template``, through the
-        tokenizer's chat template when ``chat_template`` says so (``rlad.prompting``)."""
-        return prompt_template(tokenizer, self.prompt_template, self.chat_template, self.system_prompt)
-
     def kd_coef(self, step: int) -> float:
         """KDRL's linear annealing: beta_t = max(beta_0 - delta * t, beta_min); the RLAD paper's
         variant: kd_beta, constant."""
@@ -347,8 +342,8 @@ class TrainConfig(PolicyOptions):
             bad("chat_template", f"choose one of {', '.join(CHAT_MODES)}")
         if (problem := answer_pattern_problem(self.answer_pattern)) is not None:
             bad("answer_pattern", problem)
-        if not all(self.stop):
-            bad("stop", "an empty stop string would end every response at once; give non-empty strings")
+        if (problem := stop_problem(self.stop)) is not None:
+            bad("stop", problem)
         if not self.dist_timeout > 0:
             bad("dist_timeout", "must be > 0 seconds")
         if self.reward_timeout < 0:
@@ -492,6 +487,11 @@ def answer_pattern_problem(pattern: str | None) -> str | None:
     except re.error as e:
         return f"not a regular expression: {e}"
     return None
+
+
+def stop_problem(stop: Sequence[str]) -> str | None:
+    """Why ``stop`` is not a list of stop strings, or None."""
+    return None if all(stop) else "an empty stop string would end every response at once; give non-empty strings"
 
 
 def train_defaults() -> dict[str, Any]:

@@ -63,11 +63,13 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
 
 
 def _records(roll, kind: str, per_prompt: int) -> list[dict]:
-    return [{"prompt": roll.examples[i // per_prompt].prompt, "level": roll.examples[i // per_prompt].level,
-             "answer": roll.examples[i // per_prompt].answer, "kind": kind, "response": text,
-             "reward": float(r), "truncated": bool(t)}
-            for i, (text, r, t) in enumerate(zip(roll.texts, roll.rewards.tolist(), roll.truncated.tolist(),
-                                                 strict=True))]
+    """One record per response of ``roll`` (``per_prompt`` consecutive rows per example)."""
+    out = []
+    for i, (text, r, t) in enumerate(zip(roll.texts, roll.rewards.tolist(), roll.truncated.tolist(), strict=True)):
+        ex = roll.examples[i // per_prompt]
+        out.append({"prompt": ex.prompt, "level": ex.level, "answer": ex.answer, "kind": kind, "response": text,
+                    "reward": float(r), "truncated": bool(t)})
+    return out
 
 
 def eval_key_order(key: str) -> tuple:

@@ -25,6 +25,7 @@ from .algorithms import POLICY
 from .config import TrainConfig
 from .heldout import HeldOut, build_held_out
 from .models import context_length, model_config, vocab_size
+from .prompting import prompt_template
 from .rollout import check_context, check_text_chars, max_token_chars, prompt_lengths
 from .rundir import check_out_dir
 from .runtime import resolve_device, tokenizer_for, tokenizer_spec
@@ -42,6 +43,7 @@ class Setup:
     levels: list[int]
     held: HeldOut  # the eval set and its scorer; ``task`` never draws its prompts
     cfg: TrainConfig  # the run's settings, max_new_tokens resolved
+    template: str  # the prompt template, the chat template applied (rendered once: a template may read the date)
 
     @property
     def eval_set(self) -> list[Example]:
@@ -166,7 +168,8 @@ def preflight(cfg: TrainConfig) -> Setup:
         if not spec.startswith("preset:"):
             configs[role] = model_config(spec, None, role=f"config: {role}")
     tok = tokenizer_for(cfg.student, cfg.tokenizer)
-    template = cfg.template_for(tok)  # a chat template on that is not there is refused here
+    # rendered once for the run (a chat template on that the tokenizer lacks is refused here)
+    template = prompt_template(tok, cfg.prompt_template, cfg.chat_template, cfg.system_prompt)
     if template != cfg.prompt_template:
         print(f"prompt: the tokenizer's chat template (chat_template={cfg.chat_template}): {template!r}", flush=True)
     for role, spec in roles.items():
@@ -214,4 +217,4 @@ def preflight(cfg: TrainConfig) -> Setup:
         examples = (task.examples if isinstance(task, JsonlTask) else []) + eval_set
         lengths = prompt_lengths(tok, [e.prompt for e in examples], template)
         check_context(examples, lengths, cfg.max_new_tokens, limits[role], what=f"the {role} {roles[role]!r}")
-    return Setup(device, tok, task, levels, held, cfg)
+    return Setup(device, tok, task, levels, held, cfg, template)

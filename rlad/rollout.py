@@ -224,27 +224,17 @@ def check_text_chars(examples: Sequence[Example], template: str, limit: int | No
                                  f"tokenizer); shorten it or leave the example out")
 
 
-def _stop_ids(stop_ids, device) -> torch.Tensor:
-    return torch.as_tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
-                           device=device)
-
-
-def truncated_rows(response_ids: torch.Tensor, stop_ids: int | Sequence[int]) -> torch.Tensor:
-    """[B] bool: the responses [B, T] (as ``generate`` returns them) with no stop token (EOS, or
-    any of ``stop_ids``), which ``generate`` stopped at ``max_new_tokens``. A response that ends
-    early is padded after its stop token, so it has one; one whose stop token is its last allowed
-    token is not truncated."""
-    return ~torch.isin(response_ids, _stop_ids(stop_ids, response_ids.device)).any(dim=1)
-
-
 def response_lengths(response_ids: torch.Tensor, stop_ids: int | Sequence[int], tokenizer=None,
                      stop_strings: Sequence[str] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each response [B, T] ends: ([B] tokens kept, [B] bool ended). A response keeps its
     tokens up to and including its first stop token, or up to the token that completes the first
     occurrence of any of ``stop_strings`` in its decoded text (``tokenizer``), whichever comes
-    first; one with neither keeps all T tokens and did not end (truncated at ``max_new_tokens``)."""
+    first; one with neither keeps all T tokens and did not end (truncated at ``max_new_tokens``). A
+    response that ends early is padded after its stop token, so it has one; one whose stop token is
+    its last allowed token did end."""
     B, T = response_ids.shape
-    is_stop = torch.isin(response_ids, _stop_ids(stop_ids, response_ids.device))
+    ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+    is_stop = torch.isin(response_ids, torch.tensor(ids, dtype=torch.long, device=response_ids.device))
     ended = is_stop.any(dim=1)
     lengths = torch.where(ended, is_stop.long().argmax(dim=1) + 1, torch.full_like(ended, T, dtype=torch.long))
     if stop_strings:
@@ -414,7 +404,7 @@ def from_pairs(tokenizer, examples: Sequence[Example], responses: Sequence[str],
                    rewards, 1, truncated=torch.zeros(len(rows), dtype=torch.bool, device=device))
 
 
-def build_sft_pool(cfg, teacher, tok, task: Task, levels, seed: int) -> list[tuple[Example, str]]:
+def build_sft_pool(cfg, teacher, tok, task: Task, levels, seed: int, *, template: str) -> list[tuple[Example, str]]:
     """Offline distillation data: the teacher samples solutions; only correct ones are kept (with
     ``drop_truncated``, only those that also ended within ``max_new_tokens``)."""
     rng = random.Random(seed)
@@ -426,7 +416,7 @@ def build_sft_pool(cfg, teacher, tok, task: Task, levels, seed: int) -> list[tup
         for i in range(0, len(examples), cfg.prompts_per_step):
             chunk = examples[i:i + cfg.prompts_per_step]
             roll = generate(teacher, tok, chunk, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok),
+                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=template,
                             stop=cfg.stop)
             for j, text in enumerate(roll.texts):
                 if roll.rewards[j] < 1.0:

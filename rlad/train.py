@@ -92,7 +92,7 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
     models = build_models(cfg, tok, setup.device, start)
     student = models.student
     optimizer, scheduler = optimizer_for(cfg, student)
-    sft_pool = (build_sft_pool(cfg, models.teacher, tok, task, setup.levels, cfg.seed + 7)
+    sft_pool = (build_sft_pool(cfg, models.teacher, tok, task, setup.levels, cfg.seed + 7, template=setup.template)
                 if cfg.algorithm.batch == TEACHER_SOLUTIONS else None)
     log = MetricsLog(out / "metrics.jsonl")
     state = {"step": 0, "nan_skips": 0, "reward_errors": 0}
@@ -115,7 +115,8 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         student.eval()
         examples, seeds = draw(cfg, task, data_rng, setup.levels, step)
         with amp():
-            roll = collect(cfg, student, models.teacher, models.ref, tok, task, examples, sft_pool, seeds, times)
+            roll = collect(cfg, student, models.teacher, models.ref, tok, task, examples, sft_pool, seeds, times,
+                           template=setup.template)
         times["rollout_s"] = time.perf_counter() - t0
         student.train()
         with phase(times, "update_s"):
@@ -179,26 +180,26 @@ def draw(cfg: TrainConfig, task, data_rng: random.Random, levels, step: int):
 
 
 def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_pool, seeds=None,
-            times: dict | None = None) -> Rollout:
+            times: dict | None = None, *, template: str) -> Rollout:
     """The step's batch, as the algorithm's row says: sampled responses with rewards, the per-token
     log-probs it scores, its advantages and KD weights; or teacher solutions drawn from the pool.
     ``seeds``: one sampling seed per example (see ``rollout.generate``); None: torch's global stream.
     ``times``: the seconds of each phase are added to it (``generate_s``, ``score_old_s``,
-    ``score_teacher_s``, ``score_ref_s``).
+    ``score_teacher_s``, ``score_ref_s``). ``template``: the run's prompt template (``Setup.template``).
     Distributed: ``examples`` are this rank's; sft draws the global picks and keeps this rank's share."""
     alg = cfg.algorithm
     if alg.batch == TEACHER_SOLUTIONS:  # offline distillation: the teacher's correct solutions, drawn from the pool
         picks = [sft_pool[i] for i in torch.randint(len(sft_pool), (cfg.prompts_per_step,)).tolist()]
         picks = picks[D.my_slice(len(picks))]
-        return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=cfg.template_for(tok),
+        return from_pairs(tok, [p[0] for p in picks], [p[1] for p in picks], None, template=template,
                           device=next(student.parameters()).device)
     if alg.batch == TASK_SOLUTIONS:  # supervised fine-tuning: the step's prompts with the task's worked solutions
         solutions = [reference_response(e)[0] for e in examples]
-        return from_pairs(tok, examples, solutions, None, template=cfg.template_for(tok),
+        return from_pairs(tok, examples, solutions, None, template=template,
                           device=next(student.parameters()).device)
     with phase(times, "generate_s"):
         roll = generate(student, tok, examples, task, group_size=cfg.group_size, temperature=cfg.temperature,
-                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=cfg.template_for(tok),
+                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, template=template,
                         seeds=seeds, stop=cfg.stop)
     if cfg.drop_truncated:  # DAPO's overlong filtering: out of the loss, their rewards still in the groups
         roll.keep = ~roll.truncated
@@ -448,7 +449,7 @@ def evaluation(cfg: TrainConfig, setup: Setup, student, amp, log: MetricsLog, st
     t0 = time.perf_counter()
     with amp(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 2_000_003)
-        res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=cfg.template_for(setup.tok),
+        res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=setup.template,
                        max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples, temperature=cfg.temperature,
                        top_p=cfg.top_p, stop=cfg.stop, progress=bar)
     bar.close()

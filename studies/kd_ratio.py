@@ -42,7 +42,7 @@ def grad_norms(cfg: TrainConfig, student, teacher, tok, task, examples, seed: in
     and the batch's reward and share of groups with all rewards equal."""
     torch.manual_seed(seed)
     student.eval()
-    roll = collect(cfg, student, teacher, None, tok, task, examples, None)
+    roll = collect(cfg, student, teacher, None, tok, task, examples, None, template=cfg.prompt_template)
     idx = torch.arange(len(roll))
     norm, tw = normalizer_for(cfg, roll, idx)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -131,7 +131,7 @@ def _collect(loaded, tok, name, **kw):
     pool = [(ex, ex.answer) for ex in task.sample(random.Random(2), 5, [1])]
     ref = student if cfg.ref_kl_coef > 0 else None
     torch.manual_seed(1)
-    return cfg, collect(cfg, student, teacher, ref, tok, task, examples, pool)
+    return cfg, collect(cfg, student, teacher, ref, tok, task, examples, pool, template=cfg.prompt_template)
 
 
 @pytest.mark.parametrize("name", EXPECTED, ids=_id)

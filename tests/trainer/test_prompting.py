@@ -188,3 +188,28 @@ def test_rlad_eval_takes_the_pattern_and_the_chat_flags(tmp_path, models, tok, c
     capsys.readouterr()
     assert main(common + ["--chat-template", "on"]) == 2
     assert "chat_template=on: the tokenizer" in capsys.readouterr().err
+
+
+def test_a_run_renders_the_chat_template_once_and_trains_with_it(tmp_path, chat_tok, tiny_config, capsys,
+                                                                  monkeypatch):
+    """A student whose tokenizer has a chat template: the preflight renders it once (printed), and
+    every rollout of the run is generated from that template."""
+    import rlad.train
+    from rlad.launch import train
+    from rlad.preflight import preflight
+
+    load_model("preset:micro", chat_tok, seed=0).save_pretrained(tmp_path / "m")
+    chat_tok.save_pretrained(tmp_path / "m")
+    cfg = tiny_config(student=str(tmp_path / "m"))
+    setup = preflight(cfg)
+    assert setup.template == prompt_template(chat_tok, cfg.prompt_template, "on")
+    assert f"prompt: the tokenizer's chat template (chat_template=auto): {setup.template!r}" in capsys.readouterr().out
+    used, real = [], rlad.train.generate
+
+    def recording(*a, **kw):
+        used.append(kw["template"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rlad.train, "generate", recording)
+    train(cfg)
+    assert used and set(used) == {setup.template}

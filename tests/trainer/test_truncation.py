@@ -11,7 +11,7 @@ import torch
 
 from rlad.launch import train
 from rlad.models import load_model
-from rlad.rollout import IGNORE, build_sft_pool, generate, group_advantages, score, truncated_rows
+from rlad.rollout import IGNORE, build_sft_pool, generate, group_advantages, response_lengths, score
 from rlad.tasks import Echo
 from rlad.train import collect, micro_loss, normalizer_for
 
@@ -29,7 +29,8 @@ def test_truncated_rows_are_the_responses_without_eos():
         [EOS, PAD, PAD, PAD],
         [a, EOS, EOS, EOS],  # padded with EOS (a tokenizer whose pad is its EOS)
     ])
-    assert truncated_rows(response, EOS).tolist() == [False, True, False, False, False]
+    lengths, ended = response_lengths(response, EOS)
+    assert (~ended).tolist() == [False, True, False, False, False] and lengths.tolist() == [3, 4, 4, 1, 2]
 
 
 def test_generate_marks_the_responses_cut_at_max_new_tokens(models, tok):
@@ -154,7 +155,7 @@ def test_collect_drops_only_from_the_loss_and_keeps_the_rewards_in_the_groups(tm
     for drop in (False, True):
         cfg = _cfg(tmp_path, models, levels=[3], max_new_tokens=4, drop_truncated=drop)
         torch.manual_seed(5)
-        rolls.append(collect(cfg, student, teacher, None, tok, Echo(), exs, None))
+        rolls.append(collect(cfg, student, teacher, None, tok, Echo(), exs, None, template=cfg.prompt_template))
     off, on = rolls
     assert torch.equal(off.input_ids, on.input_ids) and torch.equal(off.advantages, on.advantages)
     assert torch.equal(on.advantages, group_advantages(on.rewards, 4))
@@ -170,7 +171,8 @@ def test_sft_leaves_the_teachers_truncated_solutions_out_of_its_pool(tmp_path, m
     teacher = load_model(models["teacher"], tok)
 
     def pool(**kw):
-        return build_sft_pool(_cfg(tmp_path, models, algo="sft", sft_prompts=8, **kw), teacher, tok, Echo(), [1], 0)
+        cfg = _cfg(tmp_path, models, algo="sft", sft_prompts=8, **kw)
+        return build_sft_pool(cfg, teacher, tok, Echo(), [1], 0, template=cfg.prompt_template)
 
     assert len(pool(max_new_tokens=3)) > 0
     with pytest.raises(ValueError, match=r"drop_truncated left out its \d+ correct solution\(s\) cut off at "
