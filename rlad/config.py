@@ -58,7 +58,7 @@ SEED_RANGE = (-(2**63), 2**63)
 SAVED_DEFAULTS = {"eps_high": EPS_HIGH, "chat_template": "off"}
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "force_resume", "quiet", "threads", "gradient_checkpointing",
                "micro_batch_size", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
-               "reward_timeout", "reward_errors", "dist_timeout")
+               "reward_timeout", "reward_errors", "dist_timeout", "diagnostics")
 # The sampling temperature's range, for rlad train and rlad eval. Log-probs are
 # log_softmax(logits / T) in float32 (the fused ops and the trainer alike; the ops accept any T > 0).
 # float32 rounds at 2^-24 ~ 6e-8 relative, so a logit z carries ~|z| * 6e-8 / T nats of rounding
@@ -225,6 +225,16 @@ class TrainConfig(PolicyOptions):
     eval_split: float | None = _f(None, "for a jsonl task without eval_task: the fraction of each level's distinct "
                                         "prompts held out for evaluation (default 0.1)", "evaluation")
     eval_samples: int = _f(0, "samples per prompt for mean@k / pass@k (0: greedy accuracy only)", "evaluation")
+    eval_temperatures: list[float] = _f([], "with eval_samples: sample at each of these temperatures (distinct, each "
+                                            "in the temperature's range), reported as mean@k_T<t> / pass@k_T<t> "
+                                            "(mean@8_T0.6); empty: at the run's temperature, reported as mean@k",
+                                        "evaluation")
+    diagnostics: bool = _f(False, "the study's per-step diagnostics, for sampled batches, at the cost of more "
+                                  "forward passes: the batch scored again after the update (kl_old_new, room_used) "
+                                  "and, with a teacher that the algorithm does not score, by the teacher "
+                                  "(trrd_zeroed_frac, trrd_protected_frac, teacher_pref_frac: what TRRD at this "
+                                  "run's alpha, clamp and clip would do); rlad/diagnostics.py defines each",
+                           "evaluation")
 
     # checkpointing
     save_every: int = _f(10, "checkpoint every N steps (0: only at the end)", "checkpointing")
@@ -244,6 +254,13 @@ class TrainConfig(PolicyOptions):
     def algorithm(self) -> Algorithm:
         """The row of ``rlad.algorithms`` for ``algo`` (and ``opd_kind``)."""
         return find_algorithm(self.algo, self.opd_kind)
+
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether the run loads the teacher: the algorithm uses it, or ``diagnostics`` score
+        sampled batches with it (TRRD's view of a grpo run)."""
+        alg = self.algorithm
+        return bool(self.teacher) and (alg.needs_teacher or (self.diagnostics and alg.batch == ROLLOUTS))
 
     @property
     def paper_kd(self) -> bool:
@@ -307,6 +324,11 @@ class TrainConfig(PolicyOptions):
             bad("lr", "must be a positive number")
         if (problem := temperature_problem(self.temperature)) is not None:
             bad("temperature", problem)
+        for t in self.eval_temperatures:
+            if (problem := temperature_problem(t)) is not None:
+                bad("eval_temperatures", f"{t!r}: {problem}")
+        if len(set(self.eval_temperatures)) != len(self.eval_temperatures):
+            bad("eval_temperatures", "give each temperature once")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         self._check_policy_options(bad)

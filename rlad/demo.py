@@ -58,7 +58,7 @@ class ProseStyle(Task):
 
     def make(self, rng: random.Random, level: int) -> Example:
         ex = self.task.make(rng, level)
-        if rng.random() < self.prose_fraction:
+        if self.prose_fraction and rng.random() < self.prose_fraction:  # 0: the task's own stream, unchanged
             ex.solution = ex.solution.replace(f"{ANSWER_MARK} ", "so the answer is ")
         return ex
 
@@ -99,20 +99,37 @@ def prepare_models(out: Path, tok, task: Task, levels: Sequence[int], *, seed: i
     """The teacher (SFT on the task's worked solutions) and the student's starting point (warm-up on
     the mixed-style corpus), saved to ``out/teacher`` and ``out/student_init``. ``task`` must
     already hold out the eval set (``rlad.heldout``): neither model sees an eval problem."""
-    print(f"teacher: supervised fine-tuning on worked solutions ({teacher_steps} steps)", flush=True)
-    teacher = load_model(teacher_preset, tok, seed=seed + 1)
-    sft_on_solutions(teacher, tok, task, levels, steps=teacher_steps, batch=batch, lr=3e-3, seed=seed + 11,
+    teacher = prepare_teacher(out, tok, task, levels, seed=seed, steps=teacher_steps, preset=teacher_preset,
+                              batch=batch, quiet=quiet)
+    student = prepare_student(out, tok, task, levels, seed=seed, steps=warmup_steps, prose_fraction=prose_fraction,
+                              preset=student_preset, batch=batch, quiet=quiet)
+    return teacher, student
+
+
+def prepare_teacher(out: Path, tok, task: Task, levels: Sequence[int], *, seed: int, steps: int,
+                    preset: str = "preset:tiny-teacher", batch: int = 64, quiet: bool = False):
+    """``prepare_models``' teacher alone, saved to ``out/teacher``."""
+    print(f"teacher: supervised fine-tuning on worked solutions ({steps} steps)", flush=True)
+    teacher = load_model(preset, tok, seed=seed + 1)
+    sft_on_solutions(teacher, tok, task, levels, steps=steps, batch=batch, lr=3e-3, seed=seed + 11,
                      desc="teacher SFT", quiet=quiet)
     teacher.save_pretrained(out / "teacher")
     tok.save_pretrained(out / "teacher")
-    print(f"student: warm-up on a mixed-style corpus ({warmup_steps} steps; {prose_fraction:.0%} of the solutions "
+    return teacher
+
+
+def prepare_student(out: Path, tok, task: Task, levels: Sequence[int], *, seed: int, steps: int,
+                    prose_fraction: float, preset: str = "preset:tiny-student", batch: int = 64, quiet: bool = False):
+    """``prepare_models``' starting student alone (its own seeds: the same model whether or not the
+    teacher was trained first in this process), saved to ``out/student_init``."""
+    print(f"student: warm-up on a mixed-style corpus ({steps} steps; {prose_fraction:.0%} of the solutions "
           f"end in prose the verifier cannot read)", flush=True)
-    student = load_model(student_preset, tok, seed=seed + 2)
-    sft_on_solutions(student, tok, ProseStyle(task, prose_fraction), levels, steps=warmup_steps, batch=batch, lr=3e-3,
+    student = load_model(preset, tok, seed=seed + 2)
+    sft_on_solutions(student, tok, ProseStyle(task, prose_fraction), levels, steps=steps, batch=batch, lr=3e-3,
                      seed=seed + 12, desc="student warm-up", quiet=quiet)
     student.save_pretrained(out / "student_init")
     tok.save_pretrained(out / "student_init")
-    return teacher, student
+    return student
 
 
 def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_steps: int = 40,

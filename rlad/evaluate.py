@@ -21,27 +21,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, template: str, max_new_tokens: int,
              samples: int = 0, temperature: float = 1.0, top_p: float = 1.0, batch_prompts: int = 64,
-             stop: Sequence[str] = (), progress=None, responses: list | None = None) -> dict[str, float]:
+             stop: Sequence[str] = (), progress=None, responses: list | None = None,
+             temperatures: Sequence[float] = ()) -> dict[str, float]:
     """``accuracy`` (greedy), and with ``samples = k > 0`` also ``mean@k`` and ``pass@k``; each
     also per level as ``accuracy/L3`` etc., each with its standard error over prompts
-    (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``. With a
-    ``responses`` list, every response is appended to it as a record (prompt, level, answer,
-    ``greedy`` or ``sample``, the response's text, its reward)."""
+    (``accuracy_se``, ``accuracy_se/L3``), and the number of prompts ``n``, ``n/L3``. With
+    ``temperatures``, k samples per prompt at each of them instead of at ``temperature``, named
+    ``mean@k_T0.6`` etc. (``sampled_name``). With a ``responses`` list, every response is appended
+    to it as a record (prompt, level, answer, ``greedy`` or ``sample``, the temperature, the
+    response's text, its reward)."""
     greedy: list[float] = []
-    sampled: list[list[float]] = []
+    temps = list(temperatures) or [temperature]
+    sampled: dict[float, list[list[float]]] = {t: [] for t in temps}
     for i in range(0, len(examples), batch_prompts):
         chunk = list(examples[i:i + batch_prompts])
         roll = generate(model, tokenizer, chunk, task, group_size=1, temperature=1.0, top_p=1.0,
                         max_new_tokens=max_new_tokens, template=template, greedy=True, stop=stop)
         greedy += roll.rewards.tolist()
         if responses is not None:
-            responses += _records(roll, "greedy", 1)
-        if samples > 0:
-            roll = generate(model, tokenizer, chunk, task, group_size=samples, temperature=temperature, top_p=top_p,
+            responses += _records(roll, "greedy", 1, None)
+        for t in temps if samples > 0 else ():
+            roll = generate(model, tokenizer, chunk, task, group_size=samples, temperature=t, top_p=top_p,
                             max_new_tokens=max_new_tokens, template=template, stop=stop)
-            sampled += roll.rewards.view(len(chunk), samples).tolist()
+            sampled[t] += roll.rewards.view(len(chunk), samples).tolist()
             if responses is not None:
-                responses += _records(roll, "sample", samples)
+                responses += _records(roll, "sample", samples, t)
         if progress is not None:
             progress.update(len(chunk))
     by_level = defaultdict(list)
@@ -56,18 +60,26 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
             out[name + suffix], out[f"{name}_se{suffix}"] = mean, se
 
     add("accuracy", lambda j: float(greedy[j] >= 1.0))
-    if samples > 0:
-        add(f"mean@{samples}", lambda j: sum(r >= 1.0 for r in sampled[j]) / samples)
-        add(f"pass@{samples}", lambda j: pass_at_k(samples, sum(r >= 1.0 for r in sampled[j]), samples))
+    for t, rows in sampled.items() if samples > 0 else ():
+        at = t if temperatures else None
+        add(sampled_name("mean", samples, at), lambda j, rows=rows: sum(r >= 1.0 for r in rows[j]) / samples)
+        add(sampled_name("pass", samples, at),
+            lambda j, rows=rows: pass_at_k(samples, sum(r >= 1.0 for r in rows[j]), samples))
     return dict(sorted(out.items(), key=lambda kv: eval_key_order(kv[0])))
 
 
-def _records(roll, kind: str, per_prompt: int) -> list[dict]:
+def sampled_name(kind: str, samples: int, temperature: float | None) -> str:
+    """``mean@8`` (sampled at the run's temperature), or ``mean@8_T0.6`` (at an eval temperature)."""
+    return f"{kind}@{samples}" + ("" if temperature is None else f"_T{temperature:g}")
+
+
+def _records(roll, kind: str, per_prompt: int, temperature: float | None) -> list[dict]:
     """One record per response of ``roll`` (``per_prompt`` consecutive rows per example)."""
     out = []
     for i, (text, r, t) in enumerate(zip(roll.texts, roll.rewards.tolist(), roll.truncated.tolist(), strict=True)):
         ex = roll.examples[i // per_prompt]
-        out.append({"prompt": ex.prompt, "level": ex.level, "answer": ex.answer, "kind": kind, "response": text,
+        out.append({"prompt": ex.prompt, "level": ex.level, "answer": ex.answer, "kind": kind,
+                    **({} if temperature is None else {"temperature": temperature}), "response": text,
                     "reward": float(r), "truncated": bool(t)})
     return out
 

@@ -194,7 +194,7 @@ def build_models(cfg, tokenizer, device: torch.device, start=None) -> Models:
         student.gradient_checkpointing_enable()
     student.train()
     teacher = None
-    if cfg.teacher and alg.needs_teacher:
+    if cfg.loads_teacher:
         teacher = frozen(load_model(cfg.teacher, tokenizer, device=device, seed=cfg.seed + 1, dtype=frozen_dtype,
                                     role="teacher"))
         check_vocab(student, teacher, tokenizer)

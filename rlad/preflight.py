@@ -55,7 +55,7 @@ def models_of(cfg: TrainConfig) -> dict[str, str]:
     and the reference model when ``ref_kl_coef > 0`` names one (else it is a copy of the student)."""
     alg = cfg.algorithm
     roles = {"student": cfg.student}
-    if cfg.teacher and alg.needs_teacher:
+    if cfg.loads_teacher:
         roles["teacher"] = cfg.teacher
     if cfg.ref and cfg.ref_kl_coef > 0 and alg.loss == POLICY:
         roles["ref"] = cfg.ref

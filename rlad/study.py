@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, read_yaml, type_problem
@@ -54,11 +54,13 @@ from .report import MetricsLog, markdown_table, save_figure
 from .rundir import claim, describe_holder, lock_holder, owner_problem, write_atomic
 from .signals import Stopped, child_environment, graceful_stop, stop_children
 
-STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms")
+STUDY_KEYS = ("out_dir", "report_dir", "seeds", "jobs", "base", "arms", "headline", "pairs", "verdict")
+VERDICT_KEYS = ("pair", "metric", "support_above", "reproduce_below")
 # per-step metrics averaged over a run for the diagnostics table (those a run logs)
-DIAGNOSTICS = ("reward", "groups_equal_frac", "clip_frac_pos", "clip_frac_neg", "teacher_clamp_frac",
-               "teacher_clamp_hi", "teacher_clamp_lo", "teacher_gate_frac", "teacher_gap", "ratio_mean", "kd_mean",
-               "divergence", "nll", "entropy_mean", "response_len")
+DIAGNOSTICS = ("reward", "groups_equal_frac", "clip_frac", "clip_frac_pos", "clip_frac_neg", "clip_frac_pos_first",
+               "clip_frac_neg_first", "kl_old_new", "trrd_zeroed_frac", "trrd_protected_frac", "teacher_pref_frac",
+               "room_used", "teacher_clamp_frac", "teacher_clamp_hi", "teacher_clamp_lo", "teacher_gate_frac",
+               "teacher_gap", "ratio_mean", "kd_mean", "divergence", "nll", "entropy_mean", "response_len")
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30; 1.96 beyond
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -84,6 +86,29 @@ class Run:
 
 
 @dataclass
+class Verdict:
+    """A prediction written before the study runs: the paired difference ``pair[0] - pair[1]`` of
+    ``metric`` (``mean@8_T0.6/L4``) across seeds supports the claim if its 95% CI lies entirely
+    above ``support_above``, does not reproduce it if the CI's upper bound is below
+    ``reproduce_below``, and leaves it unresolved otherwise."""
+    pair: tuple[str, str]
+    metric: str
+    support_above: float = 0.0
+    reproduce_below: float = 0.03
+
+    def decide(self, mean: float, half: float, n: int) -> str:
+        if n < 2 or not math.isfinite(mean):
+            return f"unresolved: {n} paired seed(s), too few for an interval"
+        lo, hi = mean - half, mean + half
+        ci = f"{self.pair[0]} - {self.pair[1]} on {self.metric}: {mean:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}], {n} seeds"
+        if lo > self.support_above:
+            return f"supported ({ci}: entirely above {self.support_above:g})"
+        if hi < self.reproduce_below:
+            return f"not reproduced ({ci}: upper bound below {self.reproduce_below:g})"
+        return f"unresolved ({ci})"
+
+
+@dataclass
 class Study:
     out_dir: Path     # the runs: <out_dir>/<arm>/seed_<s>
     report_dir: Path  # the aggregated tables and plots (default: out_dir)
@@ -91,6 +116,9 @@ class Study:
     jobs: int
     runs: list[Run]
     arms: list[str]
+    headline: str = "accuracy"  # the metric of the plots, the per-level table and the paired differences
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (a, b): a - b, paired by seed
+    verdict: Verdict | None = None
 
 
 def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, seeds: list[int] | None = None,
@@ -140,7 +168,51 @@ def load_study(path, *, out_dir: str | None = None, jobs: int | None = None, see
             runs.append(Run(arm, seed, cfg))
     check_budgets(runs)
     report = Path(values["report_dir"]) if values.get("report_dir") and not out_dir else root
-    return Study(root, report, seeds, jobs, runs, chosen)
+    headline, pairs, verdict = comparisons(path, values, lines, spec_arms)
+    return Study(root, report, seeds, jobs, runs, chosen, headline, pairs, verdict)
+
+
+def comparisons(path, values: dict, lines: dict, arms: dict) -> tuple[str, list[tuple[str, str]], Verdict | None]:
+    """The study file's ``headline`` metric, its ``pairs`` of arms to difference per seed, and
+    its pre-registered ``verdict``, checked against its arms."""
+    def where(key):
+        return f"{path}:{lines.get(key, '?')}: {key}"
+
+    headline = values.get("headline", "accuracy")
+    if not isinstance(headline, str) or not headline or "/" in headline:
+        raise StudyError(f"{where('headline')}: give a metric name such as accuracy or mean@8_T0.6 (no level)")
+
+    def pair_of(item, key):
+        if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(a, str) for a in item)
+                or item[0] == item[1]):
+            raise StudyError(f"{where(key)}: {item!r}: give a pair of two different arm names, [a, b]")
+        missing = [a for a in item if a not in arms]
+        if missing:
+            raise StudyError(f"{where(key)}: arm(s) {missing} not in the study (it has {', '.join(arms)})")
+        return tuple(item)
+
+    raw = values.get("pairs") or []
+    if not isinstance(raw, list):
+        raise StudyError(f"{where('pairs')}: give a list of [a, b] pairs")
+    pairs = [pair_of(item, "pairs") for item in raw]
+    spec = values.get("verdict")
+    if spec is None:
+        return headline, pairs, None
+    if not isinstance(spec, dict) or set(spec) - set(VERDICT_KEYS) or not {"pair", "metric"} <= set(spec):
+        raise StudyError(f"{where('verdict')}: give pair and metric (and optionally support_above, "
+                         f"reproduce_below); the keys are {', '.join(VERDICT_KEYS)}")
+    for key in ("support_above", "reproduce_below"):
+        if key in spec and (problem := type_problem(spec[key], "float")):
+            raise StudyError(f"{where('verdict')}: {key}: {problem}")
+    if not isinstance(spec["metric"], str) or not spec["metric"]:
+        raise StudyError(f"{where('verdict')}: metric: give a metric name, with its level (mean@8_T0.6/L4)")
+    verdict = Verdict(pair_of(spec["pair"], "verdict"), spec["metric"],
+                      **{k: float(spec[k]) for k in ("support_above", "reproduce_below") if k in spec})
+    if verdict.support_above > verdict.reproduce_below:
+        raise StudyError(f"{where('verdict')}: support_above must not exceed reproduce_below")
+    if verdict.pair not in pairs:
+        pairs.append(verdict.pair)
+    return headline, pairs, verdict
 
 
 def budget_of(cfg: TrainConfig) -> dict[str, int]:
@@ -327,25 +399,26 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t * sd / math.sqrt(n)
 
 
-def read_run(run: Run) -> dict | None:
-    """A finished run's summary, evaluation curve and mean diagnostics (None if not finished)."""
+def read_run(run: Run, headline: str = "accuracy") -> dict | None:
+    """A finished run's summary, evaluation curve (of ``headline``) and mean diagnostics (None if
+    not finished)."""
     summary = summary_of(run)
     if summary is None:
         return None
     records = MetricsLog(run.out / "metrics.jsonl").records()
     steps = [r for r in records if not r.get("eval")]
     diag = {}
-    for k in DIAGNOSTICS:
+    for k in DIAGNOSTICS + tuple(sorted({k for r in steps for k in r if k.startswith("groups_equal_frac/")})):
         vals = [r[k] for r in steps if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
         if vals:
             diag[k] = sum(vals) / len(vals)
-    curve = [(r["step"], r.get("eval/accuracy")) for r in records if r.get("eval")]
+    curve = [(r["step"], r.get(f"eval/{headline}")) for r in records if r.get("eval")]
     return {"summary": summary, "curve": curve, "diag": diag}
 
 
 def aggregate(study: Study) -> dict:
     """Write runs.csv, curves.csv, results.md and the plots from the finished runs."""
-    data = {r.name: read_run(r) for r in study.runs}
+    data = {r.name: read_run(r, study.headline) for r in study.runs}
     done = [r for r in study.runs if data[r.name] is not None]
     if not done:
         raise StudyError(f"study {study.out_dir}: no finished run to aggregate")
@@ -366,8 +439,8 @@ def aggregate(study: Study) -> dict:
     study.report_dir.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in finals.values() for k in row))
     write_csv(study.report_dir / "runs.csv", columns, finals.values())
-    write_csv(study.report_dir / "curves.csv", ["arm", "seed", "step", "accuracy"],
-              [{"arm": r.arm, "seed": r.seed, "step": step, "accuracy": acc}
+    write_csv(study.report_dir / "curves.csv", ["arm", "seed", "step", study.headline],
+              [{"arm": r.arm, "seed": r.seed, "step": step, study.headline: acc}
                for r in done for step, acc in data[r.name]["curve"]])
     arms = [a for a in study.arms if any(r.arm == a for r in done)]
     table: dict[str, dict[str, tuple[float, float]]] = {}
@@ -377,11 +450,36 @@ def aggregate(study: Study) -> dict:
                       if k not in ("arm", "seed", "algo", "lr") and "_se" not in k}
         table[arm]["seeds"] = (len(rows), 0.0)
     budget = budget_of(done[0].config)
-    md = results_markdown(study, arms, table, metrics, levels, budget)
+    diffs = {(a, b): {key: paired_difference([finals[r.name] for r in done], a, b, key)
+                      for key in [study.headline] + [f"{study.headline}/L{lv}" for lv in levels]
+                      + ([study.verdict.metric] if study.verdict and study.verdict.pair == (a, b) else [])}
+             for a, b in study.pairs}
+    md = results_markdown(study, arms, table, metrics, levels, budget, diffs)
     write_atomic(study.report_dir / "results.md", md)
     plots = plot_study(study, arms, data, done, table, levels)
     print(md, flush=True)
-    return {"table": table, "runs": finals, "markdown": md, "plots": plots}
+    return {"table": table, "runs": finals, "markdown": md, "plots": plots, "pairs": diffs,
+            "verdict": verdict_line(study, diffs)}
+
+
+def paired_difference(rows: list[dict], a: str, b: str, key: str) -> tuple[float, float, int]:
+    """``key`` of arm ``a`` minus arm ``b``, paired by seed (the same seed: the same starting
+    student, training prompts and sampling streams where the arms draw alike): the mean difference,
+    the half-width of its 95% CI (Student t over the seeds both arms finished) and their number."""
+    of = {arm: {row["seed"]: row.get(key) for row in rows if row["arm"] == arm} for arm in (a, b)}
+    diffs = [of[a][s] - of[b][s] for s in sorted(set(of[a]) & set(of[b]))
+             if isinstance(of[a][s], (int, float)) and isinstance(of[b][s], (int, float))
+             and math.isfinite(of[a][s]) and math.isfinite(of[b][s])]
+    mean, half = mean_ci(diffs)
+    return mean, half, len(diffs)
+
+
+def verdict_line(study: Study, diffs: dict) -> str | None:
+    """The pre-registered verdict (``Verdict.decide``) on the finished runs, or None without one."""
+    v = study.verdict
+    if v is None:
+        return None
+    return v.decide(*diffs[v.pair][v.metric])
 
 
 def write_csv(path: Path, columns: list[str], rows) -> None:
@@ -400,7 +498,7 @@ def _ci(cell: tuple[float, float]) -> str:
     return "n/a" if not math.isfinite(mean) else f"{mean:.3f} ± {half:.3f}"
 
 
-def results_markdown(study: Study, arms, table, metrics, levels, budget) -> str:
+def results_markdown(study: Study, arms, table, metrics, levels, budget, diffs=None) -> str:
     lrs = {a: sorted({r.config.lr for r in study.runs if r.arm == a}) for a in arms}
     head = ["arm", "lr", "seeds", "start"] + [f"{m}" for m in metrics] + [f"accuracy L{lv}" for lv in levels]
     rows = [[a, ", ".join(f"{x:g}" for x in lrs[a]), int(table[a]["seeds"][0]), _ci(table[a]["start_accuracy"])]
@@ -408,11 +506,32 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget) -> str:
                                                      for lv in levels] for a in arms]
     diag = [k for k in DIAGNOSTICS if any(f"mean_{k}" in table[a] for a in arms)]
     drows = [[a] + [_ci(table[a][f"mean_{k}"]) if f"mean_{k}" in table[a] else "" for k in diag] for a in arms]
-    return (f"# Study {study.report_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across seeds "
-            f"(Student t). Budget per run: {budget['steps']} steps x {budget['responses_per_step']} responses, "
+    level_diag = sorted({k for a in arms for k in table[a] if k.startswith("mean_groups_equal_frac/")})
+    text = (f"# Study {study.report_dir}\n\nFinal held-out accuracy (greedy unless named), mean ± 95% CI across "
+            f"seeds (Student t). Budget per run: {budget['steps']} steps x {budget['responses_per_step']} responses, "
             f"{budget['optimizer_steps']} optimizer steps, max {budget['max_new_tokens']} new tokens.\n\n"
-            f"{markdown_table(head, rows)}\n\nTraining diagnostics (per-step values averaged over each run, then "
-            f"mean ± 95% CI across seeds):\n\n{markdown_table(['arm'] + diag, drows)}\n")
+            f"{markdown_table(head, rows)}\n")
+    if study.headline != "accuracy":
+        h = study.headline
+        hrows = [[a, _ci(table[a].get(h, (math.nan, 0)))] + [_ci(table[a].get(f"{h}/L{lv}", (math.nan, 0)))
+                                                             for lv in levels] for a in arms]
+        text += (f"\nHeadline, {h} per level (mean ± 95% CI across seeds):\n\n"
+                 f"{markdown_table(['arm', h] + [f'L{lv}' for lv in levels], hrows)}\n")
+    if diffs:
+        keys = [study.headline] + [f"{study.headline}/L{lv}" for lv in levels]
+        prow = [[f"{a} - {b}", str(max(d[k][2] for k in keys))]
+                + [_ci(d[k][:2]) if d[k][2] else "n/a" for k in keys] for (a, b), d in diffs.items()]
+        text += (f"\nPaired differences by seed (a - b on the same seed; mean ± 95% CI across seeds):\n\n"
+                 f"{markdown_table(['a - b', 'seeds'] + keys, prow)}\n")
+    if study.verdict is not None:
+        text += f"\n**Verdict (pre-registered in the study file):** {verdict_line(study, diffs or {})}\n"
+    text += (f"\nTraining diagnostics (per-step values averaged over each run, then mean ± 95% CI across seeds; "
+             f"rlad/diagnostics.py defines them):\n\n{markdown_table(['arm'] + diag, drows)}\n")
+    if level_diag:
+        lrows = [[a] + [_ci(table[a][k]) if k in table[a] else "" for k in level_diag] for a in arms]
+        text += (f"\nShare of groups with all-equal rewards, per level:\n\n"
+                 f"{markdown_table(['arm'] + [k.split('/')[-1] for k in level_diag], lrows)}\n")
+    return text
 
 
 def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
@@ -436,25 +555,25 @@ def plot_study(study: Study, arms, data, done, table, levels) -> list[str]:
         ax.fill_between(steps, [m - c[1] for m, c in zip(mean, cis, strict=True)],
                         [m + c[1] for m, c in zip(mean, cis, strict=True)], alpha=0.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylabel(f"held-out {study.headline}" + (" (greedy)" if study.headline == "accuracy" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("held-out accuracy, mean ± 95% CI across seeds")
+    ax.set_title(f"held-out {study.headline}, mean ± 95% CI across seeds")
     fig.tight_layout()
     out.append(str(save_figure(fig, study.report_dir / "accuracy.png")))
     if levels:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         width = 0.8 / max(1, len(arms))
         for i, arm in enumerate(arms):
-            cells = [table[arm].get(f"accuracy/L{lv}", (math.nan, 0.0)) for lv in levels]
+            cells = [table[arm].get(f"{study.headline}/L{lv}", (math.nan, 0.0)) for lv in levels]
             xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(levels))]
             ax.bar(xs, [c[0] for c in cells], width, yerr=[c[1] for c in cells], capsize=3, label=arm)
         ax.set_xticks(range(len(levels)), [f"level {lv}" for lv in levels])
-        ax.set_ylabel("final held-out accuracy")
+        ax.set_ylabel(f"final held-out {study.headline}")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-        ax.set_title("final accuracy per level, mean ± 95% CI across seeds")
+        ax.set_title(f"final {study.headline} per level, mean ± 95% CI across seeds")
         fig.tight_layout()
         out.append(str(save_figure(fig, study.report_dir / "levels.png")))
     return out

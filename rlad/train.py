@@ -67,6 +67,7 @@ from .algorithms import DIVERGENCE, GROUP, NLL, POLICY, ROLLOUTS, TASK_SOLUTIONS
 from .batching import same_count
 from .checkpoint import Checkpoint, latest_checkpoint, restore, save_run
 from .config import TrainConfig
+from .diagnostics import trrd_token_stats, update_stats
 from .evaluate import eval_key_order, evaluate
 from .models import build_models, decoder_hidden
 from .preflight import Setup
@@ -121,6 +122,7 @@ def run(cfg: TrainConfig, setup: Setup, start: Checkpoint | None) -> dict:
         student.train()
         with phase(times, "update_s"):
             stats = update(cfg, student, models.teacher, roll, optimizer, scheduler, step, amp, state)
+        stats.update(token_diagnostics(cfg, student, roll, amp, times))
         m = step_metrics(cfg, step, roll, stats, t0, times, scheduler.get_last_lr()[0], state)
         if counts_reward_errors:
             m["reward_errors"] = count_reward_errors(task, state)
@@ -210,6 +212,12 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
     if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
         with phase(times, "score_teacher_s"):
             roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
+    if cfg.diagnostics and teacher is not None and roll.teacher_logp is None:  # TRRD's view, for any algorithm
+        with phase(times, "score_teacher_s"):
+            roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
+    if cfg.diagnostics and roll.old_logp is None:  # the reference point of kl_old_new
+        with phase(times, "score_old_s"):
+            roll.old_logp = score(student, roll, **kw)
     if ref is not None:
         with phase(times, "score_ref_s"):
             roll.ref_logp = score(ref, roll, **kw)
@@ -222,6 +230,25 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
         keep = (roll.rewards < 1.0) if masked else torch.ones_like(roll.rewards, dtype=torch.bool)
         roll.kd_weights = keep.float()[:, None].expand(roll.targets.shape).contiguous()
     return roll
+
+
+def token_diagnostics(cfg: TrainConfig, student, roll: Rollout, amp, times: dict) -> dict[str, list[tuple]]:
+    """What TRRD does to the batch's tokens (``rlad.diagnostics``), where the batch has old and
+    teacher log-probs and advantages; with ``cfg.diagnostics`` also how far the update moved the
+    policy: the batch scored again by the updated student (``score_new_s``)."""
+    if cfg.algorithm.batch != ROLLOUTS or roll.old_logp is None or roll.advantages is None:
+        return {}
+    A, mask, out = roll.token_advantage(), roll.loss_mask, {}
+    if roll.teacher_logp is not None:
+        out.update(trrd_token_stats(A, mask, roll.old_logp, roll.teacher_logp, alpha=cfg.alpha,
+                                    clamp=cfg.teacher_clamp, eps_low=cfg.eps_low, eps_high=cfg.eps_high))
+    if cfg.diagnostics:
+        student.eval()
+        with phase(times, "score_new_s"), amp():
+            new = score(student, roll, temperature=cfg.temperature, micro_batch=cfg.micro_batch_size,
+                        micro_batch_tokens=cfg.micro_batch_tokens)
+        out.update(update_stats(A, mask, roll.old_logp, new, roll.teacher_logp, eps_high=cfg.eps_high))
+    return {k: [pair] for k, pair in out.items()}
 
 
 def micro_loss(cfg: TrainConfig, student, teacher, mb: Rollout, normalizer, token_weights,
@@ -302,6 +329,11 @@ def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
     return count * cfg.max_new_tokens, None
 
 
+# metrics also logged for the first mini-batch alone (``<name>_first``): there the policy is still
+# the old one, so any clipping is the anchor's (TRRD's teacher term), not the update's
+FIRST_MINI_BATCH = ("clip_frac_pos", "clip_frac_neg")
+
+
 def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp,
            state) -> dict[str, list[torch.Tensor]]:
     """``ppo_epochs`` x ``mini_batches`` optimizer steps on the batch. A non-finite loss or
@@ -314,7 +346,8 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
     for epoch in range(cfg.ppo_epochs):
         gen = _perm_generator(cfg, step, epoch, roll)
         perm = torch.randperm(len(roll), device=roll.input_ids.device, generator=gen)
-        for mini in perm.tensor_split(cfg.mini_batches):  # exactly mini_batches, sizes differing by at most one
+        for j, mini in enumerate(perm.tensor_split(cfg.mini_batches)):  # exactly mini_batches, sizes within one
+            first = epoch == 0 and j == 0
             norm, tw = normalizer_for(cfg, roll, mini)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=norm.device)
@@ -330,6 +363,8 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                 tokens = mb.loss_mask.sum()  # the micro-batch's metrics are means over its loss tokens
                 for k, v in m.items():
                     stats[k].append((v, tokens))
+                    if first and k in FIRST_MINI_BATCH:  # before any optimizer step on this batch
+                        stats[k + "_first"].append((v, tokens))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor, already the norm over every rank's shard
                 gnorm = gnorm.full_tensor()
@@ -405,6 +440,10 @@ def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: fl
     if cfg.algorithm.advantages == GROUP:  # groups with no learning signal: every reward equal, so every A_i = 0
         equal = groups_equal(roll.rewards, roll.group_size)
         stats["groups_equal_frac"] = [(equal.float().mean(), equal.numel())]  # weighted by groups: global over ranks
+        levels = torch.tensor([e.level for e in roll.examples], device=equal.device)
+        for level in sorted(set(cfg.levels)) if len(set(cfg.levels)) > 1 else ():  # the same names on every rank
+            at = levels == level  # weighted by the level's groups: none on a rank (or a step) without it
+            stats[f"groups_equal_frac/L{level}"] = [((equal & at).sum() / at.sum().clamp_min(1), at.sum())]
     m = host_metrics(stats)  # the step's metrics reach the host here, once
     dt = time.perf_counter() - t0
     m.update(lr=lr, tokens_per_s=m.pop("tokens") * D.state().world * (1 + cfg.ppo_epochs) / dt, **times,
@@ -451,7 +490,7 @@ def evaluation(cfg: TrainConfig, setup: Setup, student, amp, log: MetricsLog, st
         torch.manual_seed(cfg.seed + 2_000_003)
         res = evaluate(student, setup.tok, setup.held.task, setup.eval_set, template=setup.template,
                        max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples, temperature=cfg.temperature,
-                       top_p=cfg.top_p, stop=cfg.stop, progress=bar)
+                       temperatures=cfg.eval_temperatures, top_p=cfg.top_p, stop=cfg.stop, progress=bar)
     bar.close()
     if dist.main:
         log.write({"step": step, "eval": True, **{f"eval/{k}": v for k, v in res.items()},

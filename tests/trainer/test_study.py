@@ -138,3 +138,47 @@ def test_every_run_asked_for_is_in_runs_csv_or_failed(tmp_path, monkeypatch):
         run_study(study, quiet=True)
     with open(tmp_path / "out" / "runs.csv") as f:
         assert [r["seed"] for r in csv.DictReader(f)] == ["0"]  # the finished run is aggregated all the same
+
+
+def test_paired_differences_and_the_verdict(tmp_path):
+    """rlad - grpo per seed at each level, its Student-t interval by hand, and the pre-registered
+    verdict read from it; the headline's per-level table."""
+    verdict = {"pair": ["rlad", "grpo"], "metric": "accuracy/L2", "support_above": 0.0, "reproduce_below": 0.03}
+    study = load_study(_spec(tmp_path, {"rlad": {"algo": "grpo", "lr": 2e-4}, "grpo": {"algo": "grpo"}},
+                             seeds=(0, 1, 2), headline="accuracy", verdict=verdict))
+    assert study.pairs == [("rlad", "grpo")] and study.verdict.metric == "accuracy/L2"
+    grpo_l2, rlad_l2 = [0.40, 0.50, 0.30], [0.50, 0.70, 0.45]  # differences 0.10, 0.20, 0.15
+    for seed in range(3):
+        _fake_run(study, "grpo", seed, 0.5, {1: 0.5, 2: grpo_l2[seed]}, [(2, 0.5)], {})
+        _fake_run(study, "rlad", seed, 0.5, {1: 0.6, 2: rlad_l2[seed]}, [(2, 0.5)], {})
+    res = aggregate(study)
+    mean, half, n = res["pairs"][("rlad", "grpo")]["accuracy/L2"]
+    assert n == 3 and mean == pytest.approx(0.15) and half == pytest.approx(4.303 * 0.05 / math.sqrt(3))
+    assert res["pairs"][("rlad", "grpo")]["accuracy/L1"][:2] == (pytest.approx(0.1), pytest.approx(0.0))
+    assert res["verdict"].startswith("supported (rlad - grpo on accuracy/L2: +0.150, 95% CI [+0.026, +0.274]")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| rlad - grpo | 3 | 0.000 ± 0.000 | 0.100 ± 0.000 | 0.150 ± 0.124 |" in md
+    assert "**Verdict (pre-registered in the study file):** supported" in md
+
+
+def test_the_verdict_by_hand():
+    from rlad.study import Verdict
+
+    v = Verdict(("rlad", "grpo"), "mean@8_T0.6/L4", support_above=0.0, reproduce_below=0.03)
+    assert v.decide(0.05, 0.04, 6).startswith("supported")        # [0.01, 0.09]: above 0
+    assert v.decide(0.00, 0.02, 6).startswith("not reproduced")   # [-0.02, 0.02]: upper bound below 0.03
+    assert v.decide(0.01, 0.03, 6).startswith("unresolved")       # [-0.02, 0.04]
+    assert v.decide(0.5, 0.0, 1).startswith("unresolved: 1 paired seed")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"pairs": [["rlad", "rlad"]]}, "two different arm names"),
+    ({"pairs": [["rlad", "kdrl"]]}, r"arm\(s\) \['kdrl'\] not in the study"),
+    ({"headline": "accuracy/L2"}, "no level"),
+    ({"verdict": {"pair": ["rlad", "grpo"]}}, "give pair and metric"),
+    ({"verdict": {"pair": ["rlad", "grpo"], "metric": "accuracy/L2", "support_above": 0.1,
+                  "reproduce_below": 0.03}}, "must not exceed"),
+])
+def test_comparisons_are_checked(tmp_path, extra, message):
+    with pytest.raises(StudyError, match=message):
+        load_study(_spec(tmp_path, {"rlad": {"algo": "grpo"}, "grpo": {"algo": "grpo"}}, **extra))
