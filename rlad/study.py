@@ -15,6 +15,13 @@ A study is a YAML file::
       rlad: {algo: rlad, lr: 3.0e-4}
       grpo: {algo: grpo, lr: 3.0e-4}
       rlad-a0.25: {algo: rlad, alpha: 0.25}
+    headline: mean@8_T0.6          # optional: the metric of the plots and comparisons (default accuracy)
+    pairs: [[rlad, grpo]]          # optional: a - b per seed, with its 95% CI over seeds, per level
+    verdict:                       # optional, written before the runs: the rule that decides the study
+      pair: [rlad, grpo]
+      metric: mean@8_T0.6/L3
+      support_above: 0.0           # supported if the paired CI lies entirely above this
+      reproduce_below: 0.03        # not reproduced if its upper bound is below this; else unresolved
 
 Every arm runs on the same budget: the budget settings (``budget_of``: steps, prompts per step,
 responses per prompt, PPO epochs, mini-batches, response length) may not differ between arms,
@@ -30,8 +37,11 @@ settings: they are skipped as done) and write their reports to different ``repor
 Outputs, in ``report_dir`` (default ``out_dir``): ``runs.csv`` (one row per run: final
 metrics, overall and per level, and its mean diagnostics), ``curves.csv`` (every evaluation of
 every run), ``results.md`` (per arm: mean and 95% confidence interval across seeds, overall and
-per level; diagnostics), and the plots ``accuracy.png`` (held-out accuracy against step) and
-``levels.png`` (final accuracy per level), both mean +- 95% CI across seeds (Student t).
+per level; the headline per level; the paired differences and the verdict; diagnostics), and the
+plots ``accuracy.png`` (the headline against step) and ``levels.png`` (the final headline per
+level), both mean +- 95% CI across seeds (Student t). Paired by seed, a difference between arms
+cancels what the arms share on that seed (its training prompts, and every evaluation's problems),
+so its interval is narrower than the two arms' intervals side by side.
 """
 
 from __future__ import annotations
@@ -426,6 +436,7 @@ def aggregate(study: Study) -> dict:
     levels = sorted({int(k[len("n/L"):]) for f in finals_of.values() for k in f if k.startswith("n/L")})
     metrics = list(dict.fromkeys(m for r in done for m in metric_names(data[r.name]["summary"]["final"])))
     finals = {}
+    start_keys = [study.headline] + [f"{study.headline}/L{lv}" for lv in levels] if study.headline != "accuracy" else []
     for r in done:
         final = finals_of[r.name]
         row = {"arm": r.arm, "seed": r.seed, "algo": r.config.algo, "lr": r.config.lr}
@@ -433,7 +444,10 @@ def aggregate(study: Study) -> dict:
             for suffix in [""] + [f"/L{lv}" for lv in levels]:
                 row[m + suffix] = final.get(m + suffix)
                 row[f"{m}_se{suffix}"] = final.get(f"{m}_se{suffix}")
-        row["start_accuracy"] = data[r.name]["summary"].get("start", {}).get("accuracy")
+        start = data[r.name]["summary"].get("start", {})
+        row["start_accuracy"] = start.get("accuracy")
+        for key in start_keys:
+            row[f"start_{key}"] = start.get(key)
         row.update({f"mean_{k}": v for k, v in data[r.name]["diag"].items()})
         finals[r.name] = row
     study.report_dir.mkdir(parents=True, exist_ok=True)
@@ -513,8 +527,11 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget, diffs=N
             f"{markdown_table(head, rows)}\n")
     if study.headline != "accuracy":
         h = study.headline
-        hrows = [[a, _ci(table[a].get(h, (math.nan, 0)))] + [_ci(table[a].get(f"{h}/L{lv}", (math.nan, 0)))
-                                                             for lv in levels] for a in arms]
+        keys = [h] + [f"{h}/L{lv}" for lv in levels]
+        hrows = [[a] + [_ci(table[a].get(k, (math.nan, 0))) for k in keys] for a in arms]
+        if arms:  # the step-0 evaluation: the same student in every arm, sampled with each seed's stream
+            hrows.insert(0, ["before RL (step 0)"] + [_ci(table[arms[0]].get(f"start_{k}", (math.nan, 0)))
+                                                      for k in keys])
         text += (f"\nHeadline, {h} per level (mean ± 95% CI across seeds):\n\n"
                  f"{markdown_table(['arm', h] + [f'L{lv}' for lv in levels], hrows)}\n")
     if diffs:

@@ -4,8 +4,9 @@
     python studies/fair/preconditions.py --clip-from studies/fair/results/sweep/runs.csv --clip-arm grpo-lr1e-4
 
 Measured on the validation set (``eval_seed`` 1: never the study's test set) and on the starting
-student's own samples of training problems; printed as a table, written to
-``<models>/preconditions.{md,json}``; the exit status is 1 if any check fails:
+student's own samples of training problems; printed as a table, written to ``--out``
+(``studies/fair/results/preconditions.{md,json}``, committed with the study); the exit status is
+1 if any check fails:
 
 1. the teacher's sampled accuracy (mean@k at T = 0.6) at the hardest level is >= 0.6;
 2. the starting student's, at the same level, is in [0.05, 0.3]: it rarely succeeds where the
@@ -35,6 +36,7 @@ from rlad.heldout import generated_eval_set
 from rlad.models import load_model
 from rlad.report import markdown_table
 from rlad.rollout import generate, group_advantages, score
+from rlad.rundir import write_atomic
 from rlad.tasks import ANSWER_MARK, get_task, prompt_key
 from rlad.tokenizer import load_tokenizer
 
@@ -121,6 +123,7 @@ def checks(m: dict, prose_fraction: float | None, defects: int, draws: int,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=str(HERE / "models"), help="prepare.py's output folder")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of preconditions.md / .json")
     p.add_argument("--eval-prompts", type=int, default=200, help="validation problems per level")
     p.add_argument("--samples", type=int, default=8, help="k of mean@k")
     p.add_argument("--probe-prompts", type=int, default=64, help="training prompts the student samples for the "
@@ -155,8 +158,10 @@ def main(argv=None) -> int:
     text = (f"# Preconditions of the fair study\n\nModels: {models}; validation set (eval_seed 1), "
             f"{args.eval_prompts} problems per level.\n\n{levels_table}\n\n"
             f"{markdown_table(['check', 'measured', 'rule', 'result'], rows)}\n")
-    (models / "preconditions.md").write_text(text)
-    (models / "preconditions.json").write_text(json.dumps({"measured": m, "checks": rows}, indent=2) + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "preconditions.md", text)
+    write_atomic(out / "preconditions.json", json.dumps({"measured": m, "checks": rows}, indent=2) + "\n")
     print(text, flush=True)
     return 1 if any(r[3] == "FAIL" for r in rows) else 0
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from helpers import small_run_config
 from rlad.diagnostics import TEACHER_PREFERRED, anchor_shift, trrd_token_stats, update_stats
+
+from helpers import small_run_config
 
 
 def test_trrd_fractions_by_hand():

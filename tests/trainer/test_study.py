@@ -182,3 +182,20 @@ def test_the_verdict_by_hand():
 def test_comparisons_are_checked(tmp_path, extra, message):
     with pytest.raises(StudyError, match=message):
         load_study(_spec(tmp_path, {"rlad": {"algo": "grpo"}, "grpo": {"algo": "grpo"}}, **extra))
+
+
+def test_a_sampled_headline_has_its_before_rl_row(tmp_path):
+    """With a sampled headline, the per-level table starts with the step-0 evaluation (the same
+    student in every arm): its mean and CI over seeds, from the runs' summaries."""
+    study = load_study(_spec(tmp_path, {"grpo": {"algo": "grpo"}}, headline="mean@2_T0.6"))
+    for seed, (start, final) in enumerate(((0.2, 0.3), (0.4, 0.5))):
+        _fake_run(study, "grpo", seed, 0.5, {1: 0.5}, [(2, 0.5)], {})
+        path = study.out_dir / "grpo" / f"seed_{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["start"].update({"mean@2_T0.6": start, "mean@2_T0.6/L1": start})
+        summary["final"].update({"mean@2_T0.6": final, "mean@2_T0.6/L1": final})
+        path.write_text(json.dumps(summary))
+    md = aggregate(study)["markdown"]
+    half = 12.706 * math.sqrt(0.02) / math.sqrt(2)  # sd of (0.2, 0.4) over sqrt 2, t_{0.975, 1}
+    assert f"| before RL (step 0) | 0.300 ± {half:.3f} | 0.300 ± {half:.3f} |" in md
+    assert f"| grpo | 0.400 ± {half:.3f} | 0.400 ± {half:.3f} |" in md

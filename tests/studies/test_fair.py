@@ -1,0 +1,85 @@
+"""The fair study's scripts (studies/fair): prepare.py is deterministic (a second run, and a
+student-only rebuild, give bitwise-identical models), and preconditions.py measures and judges
+on a tiny model; its rules by hand."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2] / "studies" / "fair"
+TINY = ["--teacher-steps", "3", "--warmup-steps", "3", "--batch", "4", "--eval-prompts", "4", "--quiet",
+        "--teacher-preset", "preset:micro", "--student-preset", "preset:micro"]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"fair_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fair") / "models"
+    _script("prepare").main(["--out", str(out), *TINY])
+    return out
+
+
+def test_prepare_is_bitwise_reproducible(prepared, tmp_path):
+    prepare = _script("prepare")
+    again = tmp_path / "again"
+    prepare.main(["--out", str(again), *TINY])
+    for role in ("teacher", "student_init"):
+        assert _weights(again / role) and _weights(again / role) == _weights(prepared / role), role
+    (again / "student_init" / "model.safetensors").unlink()
+    prepare.main(["--out", str(again), "--student-only", *TINY])  # the student alone, the teacher kept
+    assert _weights(again / "student_init") == _weights(prepared / "student_init")
+    other = list(TINY)
+    other[other.index("--teacher-preset") + 1] = "preset:tiny-teacher"
+    with pytest.raises(SystemExit, match="was built with teacher="):  # another teacher: not silently kept
+        prepare.main(["--out", str(again), "--student-only", *other])
+
+
+def test_preconditions_on_a_tiny_model(prepared, tmp_path, capsys):
+    pre = _script("preconditions")
+    status = pre.main(["--models", str(prepared), "--out", str(tmp_path), "--eval-prompts", "3", "--samples", "2",
+                       "--probe-prompts", "4", "--group-size", "2", "--max-new-tokens", "4"])
+    report = json.loads((tmp_path / "preconditions.json").read_text())
+    results = [row[3] for row in report["checks"]]
+    # an untrained 3-step teacher solves nothing: the teacher's check fails, so the exit status is 1
+    assert report["measured"]["teacher_hardest"] < pre.TEACHER_MIN and results[0] == "FAIL" and status == 1
+    assert results[3] == "PASS" and results[4] == "not checked"  # no prose; no clip fraction given yet
+    probe = report["measured"]["probe"]
+    assert all(0.0 <= probe[k]["value"] <= 1.0 for k in ("trrd_zeroed_frac", "trrd_protected_frac"))
+    assert "# Preconditions of the fair study" in capsys.readouterr().out
+    assert (tmp_path / "preconditions.md").read_text().count("| FAIL |") == results.count("FAIL")
+
+
+def test_precondition_rules_by_hand(tmp_path):
+    pre = _script("preconditions")
+    m = {"hardest_level": 4, "samples": 8, "teacher_hardest": 0.6, "student_hardest": 0.3,
+         "teacher_pref_frac": 0.1, "probe": {"teacher_pref_frac": {"value": 0.1, "tokens": 50}}}
+    rows = pre.checks(m, 0.0, 0, 100, (0.01, 2, "grpo"))
+    assert [r[3] for r in rows] == ["PASS"] * 5  # every bound inclusive
+    m.update(teacher_hardest=0.59, student_hardest=0.31, teacher_pref_frac=0.09)
+    rows = pre.checks(m, 0.3, 0, 100, (0.009, 2, "grpo"))
+    assert [r[3] for r in rows] == ["FAIL"] * 5
+    runs = tmp_path / "runs.csv"
+    runs.write_text("arm,seed,mean_clip_frac\ngrpo,0,0.01\ngrpo,1,0.03\nrlad,0,0.5\n")
+    assert pre.mean_clip(runs, "grpo") == (pytest.approx(0.02), 2)
+
+
+def test_the_corpus_check_sees_prose_endings():
+    from rlad.demo import ProseStyle
+    from rlad.tasks import get_task
+
+    pre = _script("preconditions")
+    assert pre.corpus_defects(get_task("chains"), [2, 3, 4], draws=200) == 0
+    bad = pre.corpus_defects(ProseStyle(get_task("chains"), 0.5), [2, 3, 4], draws=200)
+    assert 60 < bad < 140  # about half (binomial, n = 200: 5 standard deviations either side)
