@@ -236,3 +236,15 @@ def run_model(run) -> str:
             return str(ckpt / "model")
     raise ValueError(f"--run {run}: no checkpoint with a model/ folder; give --model (a checkpoint's model/ or an "
                      f"rlad export)")
+
+
+def study_task(name: str, levels: Sequence[int], *, per_level: int, test_seed: int, validation_seed: int,
+               log=print) -> tuple[Task, HeldOut, list[Example]]:
+    """A built-in task for training a study's models, with the study's test set (the eval set
+    ``rlad train`` holds out at ``eval_seed=test_seed``) and its validation set (``eval_seed=
+    validation_seed``, the learning-rate sweep's) both held out of its draws: (task, test, validation)."""
+    task = get_task(name)
+    held = build_held_out(task, levels, per_level=per_level, seed=test_seed, log=log)
+    validation, _ = generated_eval_set(task, levels, per_level, validation_seed)
+    task.hold_out(held.keys | {prompt_key(e.prompt) for e in validation})
+    return task, held, validation

@@ -331,7 +331,8 @@ def normalizer_for(cfg: TrainConfig, roll: Rollout, idx: torch.Tensor):
 
 # metrics also logged for the first mini-batch alone (``<name>_first``): there the policy is still
 # the old one, so any clipping is the anchor's (TRRD's teacher term), not the update's
-FIRST_MINI_BATCH = ("clip_frac_pos", "clip_frac_neg")
+FIRST_MINI_BATCH = {"clip_frac_pos": lambda adv, mask: (mask & (adv > 0)).sum(),  # name: the tokens it is over
+                    "clip_frac_neg": lambda adv, mask: (mask & (adv < 0)).sum()}
 
 
 def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, scheduler, step: int, amp,
@@ -363,8 +364,9 @@ def update(cfg: TrainConfig, student, teacher, roll: Rollout, optimizer, schedul
                 tokens = mb.loss_mask.sum()  # the micro-batch's metrics are means over its loss tokens
                 for k, v in m.items():
                     stats[k].append((v, tokens))
-                    if first and k in FIRST_MINI_BATCH:  # before any optimizer step on this batch
-                        stats[k + "_first"].append((v, tokens))
+                    if first and k in FIRST_MINI_BATCH:  # before any optimizer step on this batch; weighted by
+                        # the tokens it is a fraction of, so the step's value is one ratio whatever the split
+                        stats[k + "_first"].append((v, FIRST_MINI_BATCH[k](mb.token_advantage(), mb.loss_mask)))
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor, already the norm over every rank's shard
                 gnorm = gnorm.full_tensor()

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from rlad.demo import prepare_student, prepare_teacher
-from rlad.heldout import build_held_out, generated_eval_set
+from rlad.heldout import study_task
 from rlad.rundir import write_atomic
-from rlad.tasks import get_task, prompt_key
 from rlad.tokenizer import load_tokenizer
 
 TASK, LEVELS = "chains", [2, 3, 4]  # level 1 (200 distinct problems) cannot give 200 test problems
@@ -51,10 +50,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     tok = load_tokenizer()
-    task = get_task(TASK)
-    held = build_held_out(task, LEVELS, per_level=args.eval_prompts, seed=TEST_SEED, log=lambda *_: None)
-    validation, _ = generated_eval_set(task, LEVELS, args.eval_prompts, VALIDATION_SEED)
-    task.hold_out(held.keys | {prompt_key(e.prompt) for e in validation})
+    task, _, _ = study_task(TASK, LEVELS, per_level=args.eval_prompts, test_seed=TEST_SEED,
+                            validation_seed=VALIDATION_SEED, log=lambda *_: None)
     manifest = {"task": TASK, "levels": LEVELS, "seed": args.seed, "batch": args.batch,
                 "held_out": {"test_seed": TEST_SEED, "validation_seed": VALIDATION_SEED,
                              "per_level": args.eval_prompts},

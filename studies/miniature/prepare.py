@@ -21,9 +21,8 @@ import torch
 
 from rlad.demo import TEMPLATE, prepare_models
 from rlad.evaluate import evaluate, with_se
-from rlad.heldout import build_held_out, generated_eval_set
+from rlad.heldout import study_task
 from rlad.report import markdown_table
-from rlad.tasks import get_task, prompt_key
 from rlad.tokenizer import load_tokenizer
 
 TASK, LEVELS = "chains", [1, 2, 3]
@@ -49,10 +48,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     tok = load_tokenizer()
-    task = get_task(TASK)
-    held = build_held_out(task, LEVELS, per_level=EVAL_PROMPTS, seed=TEST_SEED)
-    validation, _ = generated_eval_set(task, LEVELS, EVAL_PROMPTS, VALIDATION_SEED)
-    task.hold_out(held.keys | {prompt_key(e.prompt) for e in validation})
+    task, held, _ = study_task(TASK, LEVELS, per_level=EVAL_PROMPTS, test_seed=TEST_SEED,
+                               validation_seed=VALIDATION_SEED)
     teacher, student = prepare_models(out, tok, task, LEVELS, seed=args.seed, teacher_steps=args.teacher_steps,
                                       warmup_steps=args.warmup_steps, prose_fraction=args.prose_fraction,
                                       batch=args.batch, quiet=args.quiet)
