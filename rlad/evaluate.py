@@ -45,7 +45,7 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
                             max_new_tokens=max_new_tokens, template=template, stop=stop)
             sampled[t] += roll.rewards.view(len(chunk), samples).tolist()
             if responses is not None:
-                responses += _records(roll, "sample", samples, t)
+                responses += _records(roll, "sample", samples, t if temperatures else None)
         if progress is not None:
             progress.update(len(chunk))
     by_level = defaultdict(list)

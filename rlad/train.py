@@ -442,10 +442,11 @@ def step_metrics(cfg: TrainConfig, step: int, roll: Rollout, stats: dict, t0: fl
     if cfg.algorithm.advantages == GROUP:  # groups with no learning signal: every reward equal, so every A_i = 0
         equal = groups_equal(roll.rewards, roll.group_size)
         stats["groups_equal_frac"] = [(equal.float().mean(), equal.numel())]  # weighted by groups: global over ranks
-        levels = torch.tensor([e.level for e in roll.examples], device=equal.device)
-        for level in sorted(set(cfg.levels)) if len(set(cfg.levels)) > 1 else ():  # the same names on every rank
-            at = levels == level  # weighted by the level's groups: none on a rank (or a step) without it
-            stats[f"groups_equal_frac/L{level}"] = [((equal & at).sum() / at.sum().clamp_min(1), at.sum())]
+        if len(set(cfg.levels)) > 1:  # per level, the same names on every rank
+            levels = torch.tensor([e.level for e in roll.examples], device=equal.device)
+            for level in sorted(set(cfg.levels)):  # weighted by the level's groups: none on a rank (or step) without it
+                at = levels == level
+                stats[f"groups_equal_frac/L{level}"] = [((equal & at).sum() / at.sum().clamp_min(1), at.sum())]
     m = host_metrics(stats)  # the step's metrics reach the host here, once
     dt = time.perf_counter() - t0
     m.update(lr=lr, tokens_per_s=m.pop("tokens") * D.state().world * (1 + cfg.ppo_epochs) / dt, **times,

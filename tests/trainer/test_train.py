@@ -533,6 +533,12 @@ def test_groups_equal_frac_is_logged(tiny_config):
     m = step_metrics(tiny_config(), 0, roll, {}, time.perf_counter(), {"rollout_s": 0.0}, 1e-3, {"nan_skips": 0})
     assert m["groups_equal_frac"] == 0.75
     assert "| eq-groups 0.75 |" in log_line(1, 2, m)
+    from types import SimpleNamespace
+
+    roll.examples = [SimpleNamespace(level=lv) for lv in (1, 2, 2, 3)]  # per level: (1, 1) | (0, 1), (0, 0) | 0.5s
+    m = step_metrics(tiny_config(levels=[1, 2, 3]), 0, roll, {}, time.perf_counter(), {"rollout_s": 0.0}, 1e-3,
+                     {"nan_skips": 0})
+    assert (m["groups_equal_frac/L1"], m["groups_equal_frac/L2"], m["groups_equal_frac/L3"]) == (1.0, 0.5, 1.0)
     opd = tiny_config(algo="opd", opd_kind="jsd", teacher="preset:micro")  # no group advantages: not logged
     assert "groups_equal_frac" not in step_metrics(opd, 0, roll, {}, time.perf_counter(), {"rollout_s": 0.0}, 1e-3,
                                                    {"nan_skips": 0})
