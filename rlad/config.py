@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlad_kernels.ops.policy_loss.options import KD_ESTIMATORS, POLICY_OPTIONS, PolicyOptions, option
 
-from .algorithms import ALGORITHMS, ALGOS, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
+from .algorithms import ALGORITHMS, ALGOS, GROUP, OPD_KINDS, POLICY, ROLLOUTS, Algorithm, find_algorithm
 from .prompting import CHAT_MODES
 
 # The policy options (alpha, the clip, the teacher clamp, ...) are rlad_kernels' PolicyOptions,
@@ -229,11 +229,12 @@ class TrainConfig(PolicyOptions):
                                             "in the temperature's range), reported as mean@k_T<t> / pass@k_T<t> "
                                             "(mean@8_T0.6); empty: at the run's temperature, reported as mean@k",
                                         "evaluation")
-    diagnostics: bool = _f(False, "the study's per-step diagnostics, for sampled batches, at the cost of more "
-                                  "forward passes: the batch scored again after the update (kl_old_new, room_used) "
-                                  "and, with a teacher that the algorithm does not score, by the teacher "
-                                  "(trrd_zeroed_frac, trrd_protected_frac, teacher_pref_frac: what TRRD at this "
-                                  "run's alpha, clamp and clip would do); rlad/diagnostics.py defines each",
+    diagnostics: bool = _f(False, "the study's per-step diagnostics, for algorithms with group advantages "
+                                  "(rlad, grpo, kdrl), at the cost of more forward passes: the batch scored again "
+                                  "after the update (kl_old_new, room_used) and, with a teacher that the algorithm "
+                                  "does not score, by the teacher (trrd_zeroed_frac, trrd_protected_frac, "
+                                  "teacher_pref_frac: what TRRD at this run's alpha, clamp and clip would do); "
+                                  "rlad/diagnostics.py defines each",
                            "evaluation")
 
     # checkpointing
@@ -256,11 +257,15 @@ class TrainConfig(PolicyOptions):
         return find_algorithm(self.algo, self.opd_kind)
 
     @property
+    def diagnosed(self) -> bool:
+        """Whether the run computes ``diagnostics``: they are about group advantages' tokens."""
+        return self.diagnostics and self.algorithm.advantages == GROUP
+
+    @property
     def loads_teacher(self) -> bool:
-        """Whether the run loads the teacher: the algorithm uses it, or ``diagnostics`` score
-        sampled batches with it (TRRD's view of a grpo run)."""
-        alg = self.algorithm
-        return bool(self.teacher) and (alg.needs_teacher or (self.diagnostics and alg.batch == ROLLOUTS))
+        """Whether the run loads the teacher: the algorithm uses it, or ``diagnostics`` score the
+        batches with it (TRRD's view of a grpo run)."""
+        return bool(self.teacher) and (self.algorithm.needs_teacher or self.diagnosed)
 
     @property
     def paper_kd(self) -> bool:

@@ -31,8 +31,9 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
     to it as a record (prompt, level, answer, ``greedy`` or ``sample``, the temperature, the
     response's text, its reward)."""
     greedy: list[float] = []
-    temps = list(temperatures) or [temperature]
-    sampled: dict[float, list[list[float]]] = {t: [] for t in temps}
+    # None: the run's temperature, named mean@k; a number: an eval temperature, named mean@k_T<t>
+    temps: list[float | None] = list(temperatures) or [None]
+    sampled: dict[float | None, list[list[float]]] = {t: [] for t in temps}
     for i in range(0, len(examples), batch_prompts):
         chunk = list(examples[i:i + batch_prompts])
         roll = generate(model, tokenizer, chunk, task, group_size=1, temperature=1.0, top_p=1.0,
@@ -41,11 +42,12 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
         if responses is not None:
             responses += _records(roll, "greedy", 1, None)
         for t in temps if samples > 0 else ():
-            roll = generate(model, tokenizer, chunk, task, group_size=samples, temperature=t, top_p=top_p,
+            roll = generate(model, tokenizer, chunk, task, group_size=samples,
+                            temperature=temperature if t is None else t, top_p=top_p,
                             max_new_tokens=max_new_tokens, template=template, stop=stop)
             sampled[t] += roll.rewards.view(len(chunk), samples).tolist()
             if responses is not None:
-                responses += _records(roll, "sample", samples, t if temperatures else None)
+                responses += _records(roll, "sample", samples, t)
         if progress is not None:
             progress.update(len(chunk))
     by_level = defaultdict(list)
@@ -61,9 +63,8 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, templ
 
     add("accuracy", lambda j: float(greedy[j] >= 1.0))
     for t, rows in sampled.items() if samples > 0 else ():
-        at = t if temperatures else None
-        add(sampled_name("mean", samples, at), lambda j, rows=rows: sum(r >= 1.0 for r in rows[j]) / samples)
-        add(sampled_name("pass", samples, at),
+        add(sampled_name("mean", samples, t), lambda j, rows=rows: sum(r >= 1.0 for r in rows[j]) / samples)
+        add(sampled_name("pass", samples, t),
             lambda j, rows=rows: pass_at_k(samples, sum(r >= 1.0 for r in rows[j]), samples))
     return dict(sorted(out.items(), key=lambda kv: eval_key_order(kv[0])))
 

@@ -436,7 +436,7 @@ def aggregate(study: Study) -> dict:
     levels = sorted({int(k[len("n/L"):]) for f in finals_of.values() for k in f if k.startswith("n/L")})
     metrics = list(dict.fromkeys(m for r in done for m in metric_names(data[r.name]["summary"]["final"])))
     finals = {}
-    start_keys = [study.headline] + [f"{study.headline}/L{lv}" for lv in levels] if study.headline != "accuracy" else []
+    start_keys = headline_keys(study, levels) if study.headline != "accuracy" else []
     for r in done:
         final = finals_of[r.name]
         row = {"arm": r.arm, "seed": r.seed, "algo": r.config.algo, "lr": r.config.lr}
@@ -465,7 +465,7 @@ def aggregate(study: Study) -> dict:
         table[arm]["seeds"] = (len(rows), 0.0)
     budget = budget_of(done[0].config)
     diffs = {(a, b): {key: paired_difference([finals[r.name] for r in done], a, b, key)
-                      for key in [study.headline] + [f"{study.headline}/L{lv}" for lv in levels]
+                      for key in headline_keys(study, levels)
                       + ([study.verdict.metric] if study.verdict and study.verdict.pair == (a, b) else [])}
              for a, b in study.pairs}
     md = results_markdown(study, arms, table, metrics, levels, budget, diffs)
@@ -474,6 +474,11 @@ def aggregate(study: Study) -> dict:
     print(md, flush=True)
     return {"table": table, "runs": finals, "markdown": md, "plots": plots, "pairs": diffs,
             "verdict": verdict_line(study, diffs)}
+
+
+def headline_keys(study: Study, levels) -> list[str]:
+    """The headline metric overall and at each level: ``mean@8_T0.6``, ``mean@8_T0.6/L2``, ..."""
+    return [study.headline] + [f"{study.headline}/L{lv}" for lv in levels]
 
 
 def paired_difference(rows: list[dict], a: str, b: str, key: str) -> tuple[float, float, int]:
@@ -526,8 +531,7 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget, diffs=N
             f"{budget['optimizer_steps']} optimizer steps, max {budget['max_new_tokens']} new tokens.\n\n"
             f"{markdown_table(head, rows)}\n")
     if study.headline != "accuracy":
-        h = study.headline
-        keys = [h] + [f"{h}/L{lv}" for lv in levels]
+        h, keys = study.headline, headline_keys(study, levels)
         hrows = [[a] + [_ci(table[a].get(k, (math.nan, 0))) for k in keys] for a in arms]
         if arms:  # the step-0 evaluation: the same student in every arm, sampled with each seed's stream
             hrows.insert(0, ["before RL (step 0)"] + [_ci(table[arms[0]].get(f"start_{k}", (math.nan, 0)))
@@ -535,7 +539,7 @@ def results_markdown(study: Study, arms, table, metrics, levels, budget, diffs=N
         text += (f"\nHeadline, {h} per level (mean ± 95% CI across seeds):\n\n"
                  f"{markdown_table(['arm', h] + [f'L{lv}' for lv in levels], hrows)}\n")
     if diffs:
-        keys = [study.headline] + [f"{study.headline}/L{lv}" for lv in levels]
+        keys = headline_keys(study, levels)
         prow = [[f"{a} - {b}", str(max(d[k][2] for k in keys))]
                 + [_ci(d[k][:2]) if d[k][2] else "n/a" for k in keys] for (a, b), d in diffs.items()]
         text += (f"\nPaired differences by seed (a - b on the same seed; mean ± 95% CI across seeds):\n\n"

@@ -209,15 +209,11 @@ def collect(cfg: TrainConfig, student, teacher, ref, tok, task, examples, sft_po
     if alg.scores_old:
         with phase(times, "score_old_s"):
             roll.old_logp = score(student, roll, **kw)
-    if alg.scores_teacher:  # normalized over the student's V columns of a possibly padded teacher head
+    # normalized over the student's V columns of a possibly padded teacher head; with diagnostics
+    # for any algorithm with a teacher (TRRD's view of a grpo batch)
+    if alg.scores_teacher or (cfg.diagnosed and teacher is not None):
         with phase(times, "score_teacher_s"):
             roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
-    if cfg.diagnostics and teacher is not None and roll.teacher_logp is None:  # TRRD's view, for any algorithm
-        with phase(times, "score_teacher_s"):
-            roll.teacher_logp = score(teacher, roll, head_rows=LMHead.of(student).weight.shape[0], **kw)
-    if cfg.diagnostics and roll.old_logp is None:  # the reference point of kl_old_new
-        with phase(times, "score_old_s"):
-            roll.old_logp = score(student, roll, **kw)
     if ref is not None:
         with phase(times, "score_ref_s"):
             roll.ref_logp = score(ref, roll, **kw)
@@ -236,13 +232,13 @@ def token_diagnostics(cfg: TrainConfig, student, roll: Rollout, amp, times: dict
     """What TRRD does to the batch's tokens (``rlad.diagnostics``), where the batch has old and
     teacher log-probs and advantages; with ``cfg.diagnostics`` also how far the update moved the
     policy: the batch scored again by the updated student (``score_new_s``)."""
-    if cfg.algorithm.batch != ROLLOUTS or roll.old_logp is None or roll.advantages is None:
+    if roll.advantages is None or roll.old_logp is None:  # group advantages only (every such row scores old)
         return {}
     A, mask, out = roll.token_advantage(), roll.loss_mask, {}
     if roll.teacher_logp is not None:
         out.update(trrd_token_stats(A, mask, roll.old_logp, roll.teacher_logp, alpha=cfg.alpha,
                                     clamp=cfg.teacher_clamp, eps_low=cfg.eps_low, eps_high=cfg.eps_high))
-    if cfg.diagnostics:
+    if cfg.diagnosed:
         student.eval()
         with phase(times, "score_new_s"), amp():
             new = score(student, roll, temperature=cfg.temperature, micro_batch=cfg.micro_batch_size,

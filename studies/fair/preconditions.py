@@ -30,29 +30,28 @@ from pathlib import Path
 
 import torch
 
+from rlad.demo import TEMPLATE  # the prompt format both models were trained on
 from rlad.diagnostics import TEACHER_PREFERRED, trrd_token_stats
 from rlad.evaluate import evaluate, sampled_name
-from rlad.heldout import generated_eval_set
+from rlad.heldout import study_task
 from rlad.models import load_model
 from rlad.report import markdown_table
 from rlad.rollout import generate, group_advantages, score
 from rlad.rundir import write_atomic
-from rlad.tasks import ANSWER_MARK, get_task, prompt_key
+from rlad.tasks import ANSWER_MARK, get_task
 from rlad.tokenizer import load_tokenizer
 
 HERE = Path(__file__).parent
-TEMPLATE = "{prompt}\n"  # rlad.demo.TEMPLATE: the prompt format both models were trained on
 TEMPERATURE = 0.6        # the paper's evaluation temperature, and the study's headline
 TEACHER_MIN, STUDENT_RANGE, PREFERRED_MIN, CLIP_MIN = 0.6, (0.05, 0.3), 0.10, 0.01
 
 
-def measure(teacher, student, tok, task, levels, *, eval_prompts: int, samples: int, probe_prompts: int,
+def measure(teacher, student, tok, task, validation, levels, *, samples: int, probe_prompts: int,
             group_size: int, max_new_tokens: int, seed: int = 0) -> dict:
-    """The models' measured quantities: sampled accuracy of both at every level (validation set),
-    and TRRD's token fractions on the student's own samples of training problems."""
+    """The models' measured quantities: sampled accuracy of both at every level on ``validation``,
+    and TRRD's token fractions on the student's own samples of ``task``'s training problems (the
+    study's test and validation sets held out: ``rlad.heldout.study_task``)."""
     hardest = max(levels)
-    validation, _ = generated_eval_set(task, levels, eval_prompts, seed=1)
-    task.hold_out({prompt_key(e.prompt) for e in validation})
     out = {"hardest_level": hardest, "temperature": TEMPERATURE, "samples": samples}
     for name, model in (("teacher", teacher), ("student", student)):
         with torch.random.fork_rng(devices=[]):
@@ -139,13 +138,16 @@ def main(argv=None) -> int:
     models = Path(args.models)
     manifest = json.loads((models / "prepare.json").read_text())
     tok = load_tokenizer(str(models / "student_init"))
-    task, levels = get_task(manifest["task"]), manifest["levels"]
+    levels, seeds = manifest["levels"], manifest["held_out"]
+    task, _, validation = study_task(manifest["task"], levels, per_level=args.eval_prompts,
+                                     test_seed=seeds["test_seed"], validation_seed=seeds["validation_seed"],
+                                     log=lambda *_: None)
     teacher = load_model(str(models / "teacher"), tok).eval()
     student = load_model(str(models / "student_init"), tok).eval()
     draws = 2000
     defects = corpus_defects(get_task(manifest["task"]), levels, draws)
     with torch.no_grad():
-        m = measure(teacher, student, tok, task, levels, eval_prompts=args.eval_prompts, samples=args.samples,
+        m = measure(teacher, student, tok, task, validation, levels, samples=args.samples,
                     probe_prompts=args.probe_prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens)
     clip = (*mean_clip(Path(args.clip_from), args.clip_arm), args.clip_arm) if args.clip_from else None
     rows = checks(m, manifest["student"].get("prose_fraction"), defects, draws, clip)
