@@ -190,5 +190,5 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, quiet: bool = False, rl_
 DEMO_SCOPE = ("What this shows: the whole loop runs (teacher, student, rollouts, the fused TRRD loss, held-out "
               "evaluation), and how RLAD and GRPO move the same student in 40 steps, on problems neither saw. What "
               "it does not show: which algorithm is better in general. It is one seed, one easy level, tiny models; "
-              "a difference within about two standard errors is noise. `rlad study` (docs/studies.md, \"The "
-              "miniature study\") compares the algorithms across seeds and levels.")
+              "a difference within about two standard errors is noise. `rlad study` (docs/studies.md, \"The fair "
+              "study\") compares the algorithms across seeds and levels.")

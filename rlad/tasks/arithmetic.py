@@ -43,7 +43,7 @@ class Arithmetic(Task):
 class Chains(Arithmetic):
     """Level L (1..5): L + 1 single-digit operands joined by + and -. Difficulty is the length of
     the chain alone, which a model of a few hundred thousand parameters can learn: the task of the
-    miniature study, where the teacher must be clearly better than the student at the longest chains."""
+    studies (docs/studies.md), where the teacher must be clearly better than the student at the longest chains."""
 
     name = "chains"
 
