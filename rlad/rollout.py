@@ -19,6 +19,7 @@ import torch
 from rlad_kernels import LMHead, linear_logprobs
 
 from .batching import parts, same_count, token_columns
+from .decode import Sampler, decode, positions
 from .distributed import forward_in, generate_in, is_sharded
 from .models import context_length, decoder_hidden
 from .prompting import bos_prefix, stop_token_ids
@@ -116,11 +117,6 @@ class Rollout:
         for micro, cols in parts(self.attention_mask, idx, size=size, tokens=tokens):
             tw = token_weights[micro][:, token_columns(cols)] if token_weights is not None else None
             yield self.select(micro).cut(cols), tw
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as ``generate`` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def special_texts(tokenizer) -> list[str]:
@@ -291,6 +287,30 @@ class SeededSampler:
         return scores - torch.log(-torch.log(u))
 
 
+def _generate(model, prompt_ids, prompt_mask, G: int, rows: list[int] | None, *, greedy: bool, temperature: float,
+              top_p: float, max_new_tokens: int, stop_ids: list[int], tokenizer, stop: Sequence[str]) -> torch.Tensor:
+    """``decode``'s fallback: ``model.generate`` of the prompts repeated G times, [B * G, T] new
+    tokens; with ``rows`` (per-row seeds) through ``SeededSampler``. The model's own
+    ``generation_config`` is overridden where it samples (temperature, top-p, no top-k)."""
+    from transformers import LogitsProcessorList
+
+    if greedy:
+        kw = dict(do_sample=False)
+    elif rows is not None:  # greedy decoding of the Gumbel-perturbed scores
+        kw = dict(do_sample=False, logits_processor=LogitsProcessorList(
+            [SeededSampler(rows, temperature, top_p, prompt_ids.device)]))
+    else:
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if stop:
+        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if is_sharded(model):  # in step with the other ranks
+        kw["synced_gpus"] = True
+    out = model.generate(input_ids=prompt_ids.repeat_interleave(G, dim=0),
+                         attention_mask=prompt_mask.repeat_interleave(G, dim=0), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids, **kw)
+    return out[:, prompt_ids.shape[1]:]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group_size: int, temperature: float,
              top_p: float, max_new_tokens: int, template: str, greedy: bool = False,
@@ -299,39 +319,30 @@ def generate(model, tokenizer, examples: Sequence[Example], task: Task, *, group
     A response ends at a stop token (``prompting.stop_token_ids``: the EOS and the model's
     end-of-turn tokens) or at the end of a ``stop`` string, else at ``max_new_tokens``.
     ``seeds`` (one per example): response ``j`` of example ``i`` is sampled from its own stream,
-    seeded with ``seeds[i] + j`` (``SeededSampler``), instead of torch's global one. A sharded
-    model generates inside its FSDP2 root, gathered whole for the call (``distributed.generate_in``),
-    in step with the other ranks (``synced_gpus``)."""
+    seeded with ``seeds[i] + j`` (``decode.Sampler``), instead of torch's global one. The
+    responses come from ``decode.decode`` (each prompt prefilled once for its group, a row dropped
+    from the batch as it ends), or from ``generate`` for a model whose cache cannot drop rows. A
+    sharded model generates inside its FSDP2 root, gathered whole for the call
+    (``distributed.generate_in``): no rank waits for another's tokens."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], template, device)
     check_context(examples, prompt_mask.sum(-1).tolist(), max_new_tokens, context_length(model.config))
     G = 1 if greedy else group_size
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    if seeds is not None and not greedy:
-        from transformers import LogitsProcessorList
-
-        sampler = SeededSampler([s + j for s in seeds for j in range(G)], temperature, top_p, device)
-        # greedy decoding of the Gumbel-perturbed scores; it takes one sequence per row, so the rows are repeated
-        kw = dict(do_sample=False, logits_processor=LogitsProcessorList([sampler]))
-        gen_ids, gen_mask, n = prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), 1
-    else:
-        gen_ids, gen_mask, n = prompt_ids, prompt_mask, G
-    if is_sharded(model):
-        kw["synced_gpus"] = True
-    if stop:
-        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
+    rows = None if seeds is None or greedy else [s + j for s in seeds for j in range(G)]
     stop_ids = stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
-    out = generate_in(model, lambda m: m.generate(input_ids=gen_ids, attention_mask=gen_mask,
-                                                  max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                                  pad_token_id=tokenizer.pad_token_id,
-                                                  eos_token_id=stop_ids, **kw))
+    response = generate_in(model, decode, prompt_ids, prompt_mask, G, max_new_tokens=max_new_tokens,
+                           pick=Sampler(None if greedy else temperature, top_p, rows, device), stop_ids=stop_ids,
+                           pad_id=tokenizer.pad_token_id, stop=stop, tokenizer=tokenizer)
+    if response is None:  # a model whose cache cannot drop rows: transformers' generate of the repeated rows
+        response = generate_in(model, _generate, prompt_ids, prompt_mask, G, rows, greedy=greedy,
+                               temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                               stop_ids=stop_ids, tokenizer=tokenizer, stop=stop)
     model.train(was_training)
     P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(G, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(G, dim=0)
-    response = out[:, P:]
     if response.shape[1] == 0:  # max_new_tokens reached nothing (cannot happen with max_new_tokens >= 1)
         raise RuntimeError("generate returned no new tokens")
     lengths, ended = response_lengths(response, stop_ids, tokenizer, stop)

@@ -8,9 +8,20 @@ import pytest
 import torch
 
 from rlad.cli import main
+from rlad.decode import Sampler, decode
 from rlad.evaluate import pass_at_k
 from rlad.models import load_model
-from rlad.rollout import IGNORE, Rollout, assemble, encode_prompts, from_pairs, positions, response_lengths, score
+from rlad.rollout import (
+    IGNORE,
+    Rollout,
+    SeededSampler,
+    assemble,
+    encode_prompts,
+    from_pairs,
+    positions,
+    response_lengths,
+    score,
+)
 from rlad.tasks import Arithmetic
 
 
@@ -36,6 +47,105 @@ def test_old_logprobs_equal_the_samplers(tok):
     m = roll.response_mask[:, P - 1:]
     assert m.sum() > 10
     torch.testing.assert_close(ours[m], sampler[m], rtol=0, atol=1e-4)
+
+
+def _peaked(tok):
+    model = load_model("preset:tiny-student", tok, seed=3).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_decode_samples_what_generate_samples(tok, greedy):
+    """``decode`` (each prompt prefilled once, a row dropped from the batch and the cache as it
+    ends) gives each row the tokens transformers' ``generate`` gives the repeated rows with the same
+    per-row streams (prompts of different lengths, left-padded; rows that end early and rows that
+    run to the limit), and the prompts go through the model once: B x (P - 1) tokens, then one
+    token per live row per step, fewer rows as they end."""
+    from transformers import LogitsProcessorList
+
+    model = _peaked(tok)
+    exs = Arithmetic().sample(random.Random(7), 3, [1, 4])
+    ids, mask = encode_prompts(tok, [e.prompt for e in exs], "{prompt}\n", "cpu")
+    assert mask.sum(-1).unique().numel() > 1  # left padding is exercised
+    B, P = ids.shape
+    G, T = (1, 12) if greedy else (4, 12)
+    seeds = list(range(100, 100 + B * G))
+    first = decode(model, ids, mask, G, max_new_tokens=T, pick=Sampler(None if greedy else 0.9, 1.0, seeds),
+                   stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    stops = [tok.eos_token_id, int(first[0, 2])]  # row 0's third token also ends a response: rows end apart
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
+    ours = decode(model, ids, mask, G, max_new_tokens=T, pick=Sampler(None if greedy else 0.9, 1.0, seeds),
+                  stop_ids=stops, pad_id=tok.pad_token_id)
+    hook.remove()
+    kw = dict(do_sample=False) if greedy else dict(do_sample=False, logits_processor=LogitsProcessorList(
+        [SeededSampler(seeds, 0.9, 1.0, "cpu")]))
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                             max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=stops, **kw)[:, P:]
+    assert torch.equal(ours, ref[:, :ours.shape[1]]) and (ref[:, ours.shape[1]:] == tok.pad_token_id).all()
+    lengths, ended = response_lengths(ours, stops)
+    assert seen[0] == (B, P - 1)  # the prefill: each prompt once, without its last token
+    live = [n for n, _ in seen[1:]]
+    assert sum(live) == int(lengths.sum())  # one forward per token a row produced: none for finished rows
+    if not greedy:  # (the tiny model's greedy rows all repeat one token)
+        assert ended.any() and lengths.min() < lengths.max()  # rows end at different steps
+        assert live[0] == B * G and all(a >= b for a, b in zip(live, live[1:], strict=False)) and live[-1] < B * G
+
+
+def test_decode_logits_equal_generates_up_to_rounding(tok):
+    """The logits each row's token is drawn from are ``generate``'s: the same float32 math with the
+    matmuls blocked differently (a prefill of B rows, a batch that shrinks), so equal up to rounding
+    over the widest reduction (the MLP's 192 inputs); a position off by a row's padding is 5e-3."""
+    model = _peaked(tok)
+    exs = Arithmetic().sample(random.Random(7), 3, [1, 4])
+    ids, mask = encode_prompts(tok, [e.prompt for e in exs], "{prompt}\n", "cpu")
+    G, T = 2, 6
+    logits = {}
+
+    def record(scores, rows):
+        for r, row in zip(rows.tolist(), scores, strict=True):
+            logits.setdefault(r, []).append(row.clone())
+        return scores.argmax(-1)
+
+    ours = decode(model, ids, mask, G, max_new_tokens=T, pick=record, stop_ids=[tok.eos_token_id],
+                  pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                             max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(ours, ref.sequences[:, ids.shape[1]:][:, :ours.shape[1]])
+    ref_logits = torch.stack(ref.logits, 1).float()  # [rows, steps, V]
+    tol = 192 * torch.finfo(torch.float32).eps * ref_logits.abs().max().item()
+    for r, rows in logits.items():
+        torch.testing.assert_close(torch.stack(rows), ref_logits[r, :len(rows)], rtol=0, atol=tol)
+
+
+def test_decode_stops_at_a_stop_string_and_falls_back_for_a_legacy_cache(tok, monkeypatch):
+    """A row ends once its text holds a stop string (the token completing it kept); a model whose
+    cache cannot drop rows is sampled by ``generate`` instead, with the same responses."""
+    from rlad.rollout import generate
+
+    model = _peaked(tok)
+    exs = Arithmetic().sample(random.Random(3), 4, [1, 2])
+    kw = dict(group_size=2, temperature=0.8, top_p=1.0, max_new_tokens=10, template="{prompt}\n",
+              seeds=[5, 9, 13, 17], stop=["li", "so"])
+    roll = generate(model, tok, exs, Arithmetic(), **kw)
+    texts = roll.texts
+    ended = [t for t in texts if "li" in t or "so" in t]
+    assert 0 < len(ended) < len(texts)
+    for row, text in zip(roll.targets, texts, strict=True):
+        ids = row[row != IGNORE].tolist()
+        before_last = tok.decode(ids[:-1], skip_special_tokens=True)
+        assert "li" not in before_last and "so" not in before_last  # the row ended at the token completing it
+        assert text == tok.decode(ids, skip_special_tokens=True)
+    import rlad.rollout
+
+    monkeypatch.setattr(rlad.rollout, "decode", lambda *a, **k: None)
+    again = generate(model, tok, exs, Arithmetic(), **kw)
+    assert again.texts == texts and torch.equal(again.input_ids, roll.input_ids)
 
 
 def test_select_cuts_every_per_row_field():
