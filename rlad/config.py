@@ -125,7 +125,8 @@ class TrainConfig(PolicyOptions):
                                     "opened; no bos added where the template writes it): auto (when the tokenizer has "
                                     "one, as instruct models' do), on or off", "models")
     system_prompt: str | None = _f(None, "with the chat template: the system message (none: the chat template's "
-                                         "own default, if any)", "models")
+                                         "own default, if any; '': an empty one, which drops such a default, as "
+                                         "SmolLM2's 19-token one)", "models", empty_is_text=True)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward (GPU memory)", "models")
 
     # task
@@ -698,8 +699,10 @@ def yaml11_problem(text: str, value) -> str | None:
     return None
 
 
-def _parse_optional(cast):
+def _parse_optional(cast, empty_is_text: bool = False):
     def parse(s: str):
+        if s == "" and empty_is_text:
+            return s
         return None if s.lower() in ("none", "null", "") else cast(s)
     return parse
 
@@ -731,7 +734,7 @@ def _flag_type(f: dataclasses.Field) -> dict[str, Any]:
         return dict(type=casts[t[len("list["):-1]], nargs="+")
     if t.endswith(" | None"):
         base = t[:-len(" | None")]
-        return dict(type=_parse_optional(casts[base]), metavar=base.upper())
+        return dict(type=_parse_optional(casts[base], f.metadata.get("empty_is_text", False)), metavar=base.upper())
     return dict(type=casts[t], metavar=t.upper())
 
 

@@ -48,6 +48,20 @@ def test_the_chat_prompt_is_the_tokenizers_own_with_one_bos(chat_tok):
     assert with_system.format(prompt="2+2") == expected
 
 
+def test_an_empty_system_prompt_replaces_the_templates_default(chat_tok):
+    """``--system-prompt ''`` is an empty system message, which drops a template's default system
+    turn (SmolLM2's); ``none`` (or no flag) keeps the default."""
+    from rlad.cli import build_parser
+
+    def system(flags):
+        args = build_parser().parse_args(["train", *flags])
+        return prompt_template(chat_tok, "{prompt}", "auto", args.system_prompt).format(prompt="2+2")
+
+    assert system(["--system-prompt", ""]) == "<bos>system\n<eos>\n<bos>user\n2+2<eos>\n<bos>assistant\n"
+    assert system(["--system-prompt", "none"]).startswith("<bos>system\nBe {brief}.<eos>\n")
+    assert TrainConfig.__dataclass_fields__["system_prompt"].default is None
+
+
 def test_special_text_in_a_chat_prompt_stays_text(chat_tok):
     """The chat markers of the template are special tokens; the same text in the prompt is text."""
     template = prompt_template(chat_tok, "{prompt}", "on")
