@@ -37,7 +37,7 @@ PHASES = ("generate_s", "score_old_s", "score_teacher_s", "update_s", "step_s")
 def _settings(args) -> dict:
     return dict(task=args.task, levels=args.levels, prompt_template=args.prompt_template, group_size=args.group_size,
                 prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                mini_batches=args.mini_batches, seed=args.seed)
+                mini_batches=args.mini_batches, seed=args.seed, system_prompt=args.system_prompt)
 
 
 def rlad_worker(args, algo: str, out_dir: str) -> dict:
@@ -47,7 +47,8 @@ def rlad_worker(args, algo: str, out_dir: str) -> dict:
 
     cfg = TrainConfig(algo=algo, student=args.student, teacher=args.teacher if algo == "rlad" else None,
                       steps=args.steps + 1, eval_every=0, eval_prompts=args.eval_prompts, eval_samples=0,
-                      save_every=0, threads=args.threads, quiet=True, out_dir=out_dir, **_settings(args))
+                      save_every=0, threads=args.threads, quiet=True, out_dir=out_dir, dtype=args.dtype,
+                      micro_batch_size=args.micro_batch_size, **_settings(args))
     train(cfg)
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if not r.get("eval")]
@@ -71,7 +72,8 @@ def trl_worker(args, out_dir: str) -> dict:
     tok = load_tokenizer(args.student)
     chat = bool(getattr(tok, "chat_template", None))  # as rlad's chat_template=auto
     if chat:  # conversational prompts: TRL renders them with the tokenizer's chat template
-        prompts = [[{"role": "user", "content": args.prompt_template.format(prompt=e.prompt).strip()}]
+        system = [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
+        prompts = [[*system, {"role": "user", "content": args.prompt_template.format(prompt=e.prompt).strip()}]
                    for e in examples]
     else:
         prompts = [args.prompt_template.format(prompt=e.prompt) for e in examples]
@@ -82,7 +84,8 @@ def trl_worker(args, out_dir: str) -> dict:
         return [task.reward(Example("", a), t) for t, a in zip(texts, answer, strict=True)]
 
     batch = args.prompts * args.group_size
-    config = GRPOConfig(output_dir=out_dir, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+    config = GRPOConfig(output_dir=out_dir, use_cpu=True, bf16=args.dtype == "bfloat16", report_to=[],
+                        save_strategy="no",
                         logging_steps=1, seed=args.seed, learning_rate=args.lr, lr_scheduler_type="constant",
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999,
                         num_generations=args.group_size, per_device_train_batch_size=batch // args.mini_batches,
@@ -147,6 +150,12 @@ def main(argv=None) -> int:
                     "samples responses of the starting student's lengths (a step's time follows them)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     ap.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts per level of the final eval")
+    ap.add_argument("--system-prompt", default=None, help="the system message (default: the chat template's own; "
+                    "'' an empty one), on every side")
+    ap.add_argument("--micro-batch-size", type=int, default=64, help="rlad's sequences per forward/backward "
+                    "(TRL's: its per-device batch, the rollout batch over --mini-batches)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: bf16 autocast "
+                    "on every side (rlad --dtype bfloat16, TRL bf16=True)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-trl", action="store_true", help="leave TRL's side out")
@@ -195,8 +204,10 @@ def main(argv=None) -> int:
     command = command_line("real_step", argv)
     lines = [f"- student `{args.student}`, teacher `{args.teacher}`; task {args.task} levels {args.levels}, "
              f"{args.prompts} prompts x {args.group_size} responses, at most {args.max_new_tokens} new tokens, "
-             f"{args.mini_batches} optimizer steps per batch, lr {args.lr:g}; medians of {args.steps} steps after "
-             f"a warm-up step", "",
+             f"{args.mini_batches} optimizer steps per batch, lr {args.lr:g}, {args.dtype}, rlad's micro-batches of "
+             f"{args.micro_batch_size} sequences, system prompt "
+             f"{'the template default' if args.system_prompt is None else repr(args.system_prompt)}; medians of "
+             f"{args.steps} steps after a warm-up step", "",
              "| | generate (s) | score old (s) | score teacher (s) | update (s) | whole step (s) | response length "
              "(tokens) | tokens/s | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
     if "trl" in sides:
