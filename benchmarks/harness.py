@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def env_info(device: torch.device) -> dict[str, str]:
 def command_line(module: str, argv=None) -> str:
     """How a benchmark was run: ``python -m benchmarks.<module>`` and its arguments (``argv``, else
     the process's own)."""
-    return " ".join([f"python -m benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_report(out, name: str, title: str, env: dict[str, str], command: str, body: list[str], *,

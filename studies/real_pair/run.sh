@@ -7,8 +7,9 @@
 #      model's chat template, with a prompt that asks for the answer format (60 steps of 16);
 #   3. the student: rlad drop-layers keeps 20 of the teacher's 30 layers (the block of 10 that
 #      changes the hidden state least), then 20 finetune steps give it back the answer format;
-#   4. rlad eval of both on the same held-out prompts (greedy and mean@8, with standard errors);
-#   5. 15 steps of rlad and of grpo from the student (8 prompts x 8, the same seed and prompts).
+#   4. rlad eval of the teacher on the held-out prompts (greedy and mean@8, with standard errors);
+#   5. 15 steps of rlad and of grpo from the student (8 prompts x 8, the same seed and prompts);
+#   6. the table (summary.py). quick.sh is the same at smaller settings, in about 10 minutes.
 #
 #   studies/real_pair/run.sh [OUT]        # OUT defaults to runs/real_pair; about 45 minutes on 2 cores
 #
@@ -17,6 +18,8 @@
 set -euo pipefail
 OUT="${1:-runs/real_pair}"
 RLAD="${RLAD:-rlad}"
+PY="${PYTHON:-python3}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$OUT"
 COMMON=(--task chains --levels 1 2 3 4 --prompt-template "{prompt} End with #### and the answer."
         --eval-every 0 --eval-prompts 32 --save-every 0 --threads 2 --quiet true)
@@ -43,20 +46,5 @@ for algo in rlad grpo; do
       --steps 15 --prompts-per-step 8 --group-size 8 --lr 1e-5 --warmup-steps 2 --mini-batches 2 --eval-samples 8 \
       --out-dir "$OUT/$algo"
 done
-# the student before RL is each RL run's step-0 evaluation (the same held-out prompts as the teacher's)
-python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-def evals(run):
-    recs = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if r.get("eval")]
-teacher = json.loads((out / "eval-teacher.json").read_text())
-rows = [("teacher", teacher), ("student, before RL", {k[5:]: v for k, v in evals("rlad")[0].items()})]
-rows += [(f"after 15 steps of {a}", {k[5:]: v for k, v in evals(a)[-1].items()}) for a in ("rlad", "grpo")]
-print("| model | greedy accuracy | mean@8 |")
-print("|---|---|---|")
-for name, r in rows:
-    print(f"| {name} | {r['accuracy']:.3f} ± {r['accuracy_se']:.3f} | {r['mean@8']:.3f} ± {r['mean@8_se']:.3f} |")
-PY
+# the table: the teacher, the student before RL (the first run's step-0 evaluation) and after each run
+"$PY" "$HERE/summary.py" "$OUT"
