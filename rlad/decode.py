@@ -41,6 +41,11 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _cuttable(cache) -> bool:
+    """A cache ``decode`` can repeat for a group and cut to the live rows (transformers' ``Cache``)."""
+    return all(hasattr(cache, m) for m in ("batch_repeat_interleave", "batch_select_indices"))
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, *, max_new_tokens: int, pick: Pick,
            stop_ids: Sequence[int], pad_id: int, stop: Sequence[str] = (), tokenizer=None) -> torch.Tensor | None:
@@ -61,7 +66,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, *
         out = model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
                                   position_ids=positions(prompt_mask)[:, :-1], use_cache=True)
         cache = getattr(out, name, None)
-        if cache is None or not hasattr(cache, "batch_select_indices"):
+        if not _cuttable(cache):
             return None
         if G > 1:
             cache.batch_repeat_interleave(G)
@@ -75,7 +80,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, G: int, *
         out = model(input_ids=current, attention_mask=attention, position_ids=(start[live] + t)[:, None],
                     use_cache=True, **{name: cache})
         cache = getattr(out, name)
-        if t == 0 and not hasattr(cache, "batch_select_indices"):
+        if t == 0 and not _cuttable(cache):
             return None
         chosen = pick(out.logits[:, -1].float(), live)
         response[live, t] = chosen

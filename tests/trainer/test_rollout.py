@@ -141,9 +141,13 @@ def test_decode_stops_at_a_stop_string_and_falls_back_for_a_legacy_cache(tok, mo
         before_last = tok.decode(ids[:-1], skip_special_tokens=True)
         assert "li" not in before_last and "so" not in before_last  # the row ended at the token completing it
         assert text == tok.decode(ids, skip_special_tokens=True)
-    import rlad.rollout
+    from transformers import DynamicCache
 
-    monkeypatch.setattr(rlad.rollout, "decode", lambda *a, **k: None)
+    owner = next(k for k in DynamicCache.__mro__ if "batch_select_indices" in k.__dict__)
+    monkeypatch.delattr(owner, "batch_select_indices")  # a cache that cannot drop rows
+    ids, mask = encode_prompts(tok, [e.prompt for e in exs], "{prompt}\n", "cpu")
+    assert decode(model, ids, mask, 2, max_new_tokens=4, pick=Sampler(None), stop_ids=[tok.eos_token_id],
+                  pad_id=tok.pad_token_id) is None
     again = generate(model, tok, exs, Arithmetic(), **kw)
     assert again.texts == texts and torch.equal(again.input_ids, roll.input_ids)
 
