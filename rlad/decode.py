@@ -12,7 +12,7 @@ logits), repeats the cache for the group (``Cache.batch_repeat_interleave``), th
 token per live row per step, dropping a row from the batch and from the cache
 (``Cache.batch_select_indices``) as soon as it ends: at a stop token, or once its text holds a
 stop string. What a row samples depends only on its own prompt and its own random stream
-(``pick``), so dropping other rows does not change it: with per-row seeds (``SeededSampler``)
+(``pick``), so dropping other rows does not change it: with per-row seeds (``Sampler``)
 the tokens are those ``generate`` samples, up to float rounding of the logits (the tests compare
 them). Sampling is exactly ``softmax(logits / T)`` (with top-p): a model's own
 ``generation_config`` (a repetition penalty, say) is not applied, so the rollout's tokens come
@@ -119,12 +119,16 @@ class Sampler:
         scores = logits.float() / self.temperature
         return scores if self.top_p is None else self.top_p(None, scores)
 
+    def perturbed(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """The scores plus each row's next Gumbel noise from its own generator: their argmax is a
+        draw from ``softmax(scores)``. Needs ``seeds``."""
+        scores = self.scores(logits)
+        u = torch.stack([torch.rand(scores.shape[1], generator=self.gens[r], device=scores.device) for r in rows])
+        return scores - torch.log(-torch.log(u))
+
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if self.temperature is None:
             return logits.argmax(-1)
-        scores = self.scores(logits)
         if self.gens is None:
-            return torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
-        u = torch.stack([torch.rand(scores.shape[1], generator=self.gens[r], device=scores.device)
-                         for r in rows.tolist()])
-        return (scores - torch.log(-torch.log(u))).argmax(-1)
+            return torch.multinomial(torch.softmax(self.scores(logits), -1), 1)[:, 0]
+        return self.perturbed(logits, rows.tolist()).argmax(-1)

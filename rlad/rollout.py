@@ -267,24 +267,18 @@ def assemble(prompt_ids, prompt_mask, response_ids, lengths: torch.Tensor, pad_i
 
 
 class SeededSampler:
-    """Sampling at ``temperature`` / ``top_p`` with one random stream per row (a logits processor
-    for greedy decoding: the Gumbel-max trick, ``argmax(logits + Gumbel noise)`` is a draw from
-    ``softmax(logits)``). Row ``b`` draws its noise from a generator seeded with ``seeds[b]``, so a
-    response does not depend on which other rows share its batch (or its rank)."""
+    """``decode.Sampler`` with per-row seeds as a ``transformers`` logits processor, for
+    ``generate``'s greedy decoding (``_generate``): it returns every row's Gumbel-perturbed scores,
+    whose argmax is a draw from ``softmax(logits / temperature)`` (cut to top-p). Row ``b`` draws
+    its noise from a generator seeded with ``seeds[b]``, so a response does not depend on which
+    other rows share its batch (or its rank)."""
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device):
-        from transformers import TopPLogitsWarper
-
-        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        self.sampler = Sampler(temperature, top_p, seeds, device)
+        self.rows = range(len(seeds))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.gens])
-        return scores - torch.log(-torch.log(u))
+        return self.sampler.perturbed(scores, self.rows)
 
 
 def _generate(model, prompt_ids, prompt_mask, G: int, rows: list[int] | None, *, greedy: bool, temperature: float,

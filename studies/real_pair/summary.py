@@ -18,15 +18,17 @@ import sys
 from pathlib import Path
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def evals(run: Path) -> list[dict]:
     """The run's evaluation records, their ``eval/`` prefix dropped."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k.removeprefix("eval/"): v for k, v in r.items()} for r in records if r.get("eval")]
+    return [{k.removeprefix("eval/"): v for k, v in r.items()} for r in records(run) if r.get("eval")]
 
 
 def steps(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in records if not r.get("eval")]
+    return [r for r in records(run) if not r.get("eval")]
 
 
 def cell(res: dict, name: str) -> str:
