@@ -14,6 +14,10 @@ is beta times the ratio at beta = 1. A study can pick a beta at which the KD ter
 
     python studies/kd_ratio.py                          # builds the models (about 1 min on 2 cores)
     python studies/kd_ratio.py --models runs/demo       # or reuses rlad demo's (teacher/, student_init/)
+    python studies/kd_ratio.py --study studies/fair/study.yaml --arm kdrl   # a study arm's models and settings
+
+With ``--study``, the arm's own configuration (models, task, levels, batch, temperature,
+aggregation) is used, on training problems with the study's test and validation sets held out.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import torch
 
 from rlad.config import TrainConfig
 from rlad.demo import prepare_models
-from rlad.heldout import build_held_out
+from rlad.heldout import build_held_out, study_task
 from rlad.models import load_model
+from rlad.study import load_study
 from rlad.tasks import get_task
 from rlad.tokenizer import load_tokenizer
 from rlad.train import collect, micro_loss, normalizer_for
@@ -68,9 +73,13 @@ def main() -> None:
                                                    "built there if it has none; default: a temporary folder")
     ap.add_argument("--batches", type=int, default=5, help="rollout batches (each 16 prompts x 8 responses)")
     ap.add_argument("--aggregation", default="token_mean", help="token_mean (the default) or rlad_paper")
+    ap.add_argument("--study", help="a study file: measure on its --arm's models and settings instead of the demo's")
+    ap.add_argument("--arm", default="kdrl", help="with --study: the arm (a kdrl kd_variant=rlad_paper arm)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    if args.study:
+        return study_ratio(args)
     tok = load_tokenizer()
     task = get_task("arithmetic")
     build_held_out(task, [1], per_level=100, seed=0)  # the demo's eval set, held out of the models' training
@@ -87,17 +96,51 @@ def main() -> None:
         rng = random.Random(args.seed)
         rows = [grad_norms(cfg, student, teacher, tok, task, task.sample(rng, cfg.prompts_per_step, [1]),
                            args.seed + 100 + b) for b in range(args.batches)]
-    unit = [r["kd"] / r["adv"] for r in rows]
-    print(f"kdrl kd_variant=rlad_paper, aggregation={args.aggregation}, {args.batches} batches of "
-          f"{cfg.prompts_per_step} x {cfg.group_size}, the demo's starting student and teacher")
+    report(rows, f"kdrl kd_variant=rlad_paper, aggregation={args.aggregation}, {args.batches} batches of "
+                 f"{cfg.prompts_per_step} x {cfg.group_size}, the demo's starting student and teacher")
+
+
+def study_ratio(args) -> None:
+    """The ratio on a study arm's own models, task and settings (its first seed's configuration)."""
+    study = load_study(args.study)
+    runs = [r for r in study.runs if r.arm == args.arm]
+    if not runs:
+        raise SystemExit(f"{args.study}: no arm {args.arm!r} (arms: {sorted({r.arm for r in study.runs})})")
+    cfg = runs[0].config
+    if cfg.algo != "kdrl" or cfg.kd_variant != "rlad_paper":
+        raise SystemExit(f"arm {args.arm!r} is algo={cfg.algo}, kd_variant={cfg.kd_variant}: the ratio is defined "
+                         "for kdrl's rlad_paper variant")
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    tok = load_tokenizer(cfg.student)
+    task, _, _ = study_task(cfg.task, cfg.levels, per_level=cfg.eval_prompts, test_seed=0, validation_seed=1,
+                            log=lambda *_: None)
+    student, teacher = load_model(cfg.student, tok), load_model(cfg.teacher, tok)
+    rng = random.Random(args.seed)
+    rows = [grad_norms(cfg, student, teacher, tok, task, task.sample(rng, cfg.prompts_per_step, cfg.levels),
+                       args.seed + 100 + b) for b in range(args.batches)]
+    report(rows, f"{args.study} arm {args.arm}: {args.batches} batches of {cfg.prompts_per_step} x "
+                 f"{cfg.group_size} at T={cfg.temperature:g}, aggregation={cfg.aggregation}, kd_beta={cfg.kd_beta:g} "
+                 f"in the study", beta=cfg.kd_beta)
+
+
+def report(rows: list[dict], title: str, beta: float | None = None) -> None:
+    """Print each batch and the ratio's median / min / max at each beta (``beta``, the arm's, among
+    them). A batch whose groups all have equal rewards has no advantage gradient and no ratio: it is
+    listed but left out; with no batch left, SystemExit."""
+    unit = [r["kd"] / r["adv"] for r in rows if r["adv"] > 0]
+    if not unit:
+        raise SystemExit(f"{title}: no rollout batch had a group with unequal rewards (no advantage gradient), "
+                         "so no ratio; use more --batches or a student that sometimes succeeds")
+    print(title)
     for i, r in enumerate(rows):
         print(f"  batch {i}: reward {r['reward']:.3f}, groups with equal rewards {r['groups_equal']:.2f}, "
               f"|g_adv| {r['adv']:.4g}, |g_kd(beta=1)| {r['kd']:.4g}, max(lp_T - lp) {r['max_gap']:.2f}, "
-              f"tokens with lp_T - lp > 3: {r['gap_over_3']:.4f}")
+              f"tokens with lp_T - lp > 3: {r['gap_over_3']:.4f}" + ("" if r["adv"] > 0 else " (left out: no "
+                                                                     "advantage gradient)"))
     print("\n| beta | ||g_KD|| / ||g_adv||, median | min | max |\n|---|---|---|---|")
-    for beta in BETAS:
-        vals = [beta * u for u in unit]
-        print(f"| {beta:g} | {statistics.median(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
+    for b in sorted({*BETAS, *([beta] if beta else [])}):
+        vals = [b * u for u in unit]
+        print(f"| {b:g} | {statistics.median(vals):.3f} | {min(vals):.3f} | {max(vals):.3f} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ student's own samples of training problems; printed as a table, written to ``--o
 2. the starting student's, at the same level, is in [0.05, 0.3]: it rarely succeeds where the
    teacher usually does (where the paper's gains concentrate);
 3. of the tokens of the student's responses with A < 0, >= 10% are teacher-preferred
-   (``lp_old - lp_T < 2 log 0.8``, about -0.45: where TRRD at alpha 0.5, c = 1 protects them);
+   (``lp_old - lp_T < 2 log 0.8``, about -0.45: where TRRD at alpha 0.5, c = 1 protects them),
+   sampled and scored at the study's training temperature (``--temperature``, study.yaml's);
 4. no artificial format defect: prepare.py recorded no prose endings, and every worked solution
    of the warm-up corpus ends in the checkable ``#### answer``;
 5. GRPO's clip fraction at the chosen learning rate is >= 1% (``--clip-from``: a study's
@@ -43,16 +44,18 @@ from rlad.tokenizer import load_tokenizer
 
 HERE = Path(__file__).parent
 TEMPERATURE = 0.6        # the paper's evaluation temperature, and the study's headline
+TRAIN_TEMPERATURE = 0.8  # study.yaml's rollout temperature (the probe samples and scores at it)
 TEACHER_MIN, STUDENT_RANGE, PREFERRED_MIN, CLIP_MIN = 0.6, (0.05, 0.3), 0.10, 0.01
 
 
 def measure(teacher, student, tok, task, validation, levels, *, samples: int, probe_prompts: int,
-            group_size: int, max_new_tokens: int, seed: int = 0) -> dict:
+            group_size: int, max_new_tokens: int, train_temperature: float = TRAIN_TEMPERATURE, seed: int = 0) -> dict:
     """The models' measured quantities: sampled accuracy of both at every level on ``validation``,
     and TRRD's token fractions on the student's own samples of ``task``'s training problems (the
     study's test and validation sets held out: ``rlad.heldout.study_task``)."""
     hardest = max(levels)
-    out = {"hardest_level": hardest, "temperature": TEMPERATURE, "samples": samples}
+    out = {"hardest_level": hardest, "temperature": TEMPERATURE, "samples": samples,
+           "train_temperature": train_temperature}
     for name, model in (("teacher", teacher), ("student", student)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -65,10 +68,10 @@ def measure(teacher, student, tok, task, validation, levels, *, samples: int, pr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         examples = task.sample(random.Random(seed + 1), probe_prompts, levels)
-        roll = generate(student, tok, examples, task, group_size=group_size, temperature=1.0, top_p=1.0,
-                        max_new_tokens=max_new_tokens, template=TEMPLATE)
-    old = score(student, roll, temperature=1.0, micro_batch=64)
-    lp_t = score(teacher, roll, temperature=1.0, micro_batch=64)
+        roll = generate(student, tok, examples, task, group_size=group_size, temperature=train_temperature,
+                        top_p=1.0, max_new_tokens=max_new_tokens, template=TEMPLATE)
+    old = score(student, roll, temperature=train_temperature, micro_batch=64)
+    lp_t = score(teacher, roll, temperature=train_temperature, micro_batch=64)
     adv = group_advantages(roll.rewards, group_size, True)[:, None].expand(roll.targets.shape)
     stats = trrd_token_stats(adv, roll.response_mask, old, lp_t, alpha=0.5, clamp=1.0, eps_low=0.2, eps_high=0.28)
     out["probe"] = {k: {"value": float(v), "tokens": int(n)} for k, (v, n) in stats.items()}
@@ -106,7 +109,8 @@ def checks(m: dict, prose_fraction: float | None, defects: int, draws: int,
             (f"student mean@{m['samples']} at T={TEMPERATURE}, level {lv}", f"{m['student_hardest']:.3f}",
              f"in [{lo}, {hi}]", lo <= m["student_hardest"] <= hi),
             (f"teacher-preferred share of A < 0 tokens (lp_old - lp_T < {TEACHER_PREFERRED:.3f})",
-             f"{m['teacher_pref_frac']:.3f} of {m['probe']['teacher_pref_frac']['tokens']}",
+             f"{m['teacher_pref_frac']:.3f} of {m['probe']['teacher_pref_frac']['tokens']} "
+             f"(sampled at T={m.get('train_temperature', 1.0):g})",
              f">= {PREFERRED_MIN}", m["teacher_pref_frac"] >= PREFERRED_MIN),
             ("warm-up corpus: prose endings", f"fraction {prose_fraction}, {defects} of {draws} solutions "
              f"without '{ANSWER_MARK} answer'", "none", prose_fraction == 0 and defects == 0)]
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
                    "token fractions")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=TRAIN_TEMPERATURE,
+                   help="the study's rollout temperature: the probe of check 3 samples and scores at it")
     p.add_argument("--clip-from", help="a study's runs.csv holding the GRPO runs at the chosen learning rate")
     p.add_argument("--clip-arm", default="grpo", help="the arm of --clip-from to read")
     p.add_argument("--threads", type=int, default=0)
@@ -148,7 +154,8 @@ def main(argv=None) -> int:
     defects = corpus_defects(get_task(manifest["task"]), levels, draws)
     with torch.no_grad():
         m = measure(teacher, student, tok, task, validation, levels, samples=args.samples,
-                    probe_prompts=args.probe_prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens)
+                    probe_prompts=args.probe_prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                    train_temperature=args.temperature)
     clip = (*mean_clip(Path(args.clip_from), args.clip_arm), args.clip_arm) if args.clip_from else None
     rows = checks(m, manifest["student"].get("prose_fraction"), defects, draws, clip)
     key = sampled_name("mean", args.samples, TEMPERATURE)

@@ -49,8 +49,10 @@ def test_prepare_is_bitwise_reproducible(prepared, tmp_path):
 def test_preconditions_on_a_tiny_model(prepared, tmp_path, capsys):
     pre = _script("preconditions")
     status = pre.main(["--models", str(prepared), "--out", str(tmp_path), "--eval-prompts", "3", "--samples", "2",
-                       "--probe-prompts", "4", "--group-size", "2", "--max-new-tokens", "4"])
+                       "--probe-prompts", "4", "--group-size", "2", "--max-new-tokens", "4", "--temperature", "0.7"])
     report = json.loads((tmp_path / "preconditions.json").read_text())
+    # the probe samples at the study's rollout temperature, and the report says which
+    assert report["measured"]["train_temperature"] == 0.7 and "(sampled at T=0.7)" in report["checks"][2][1]
     results = [row[3] for row in report["checks"]]
     # an untrained 3-step teacher solves nothing: the teacher's check fails, so the exit status is 1
     assert report["measured"]["teacher_hardest"] < pre.TEACHER_MIN and results[0] == "FAIL" and status == 1
@@ -83,3 +85,38 @@ def test_the_corpus_check_sees_prose_endings():
     assert pre.corpus_defects(get_task("chains"), [2, 3, 4], draws=200) == 0
     bad = pre.corpus_defects(ProseStyle(get_task("chains"), 0.5), [2, 3, 4], draws=200)
     assert 60 < bad < 140  # about half (binomial, n = 200: 5 standard deviations either side)
+
+
+def test_kd_ratio_on_a_study_arm(prepared, tmp_path, capsys):
+    """studies/kd_ratio.py --study reads the arm's own models and settings (a micro student solves
+    nothing: no advantage gradient, a clear exit), refuses a non-kdrl arm; its table is beta times
+    the median of |g_KD| / |g_adv| over the batches with a signal, by hand."""
+    import runpy
+    import sys
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"out_dir: {tmp_path / 'out'}\nseeds: [0]\nbase: {{student: {prepared / 'student_init'}, "
+                     f"teacher: {prepared / 'teacher'}, task: chains, levels: [2, 3], prompts_per_step: 2, "
+                     "group_size: 2, max_new_tokens: 4, temperature: 0.8, eval_prompts: 4}\n"
+                     "arms:\n  kdrl: {algo: kdrl, kd_variant: rlad_paper, kd_beta: 0.2}\n  grpo: {algo: grpo}\n")
+    script = str(ROOT.parent / "kd_ratio.py")
+    argv = sys.argv
+    try:
+        sys.argv = [script, "--study", str(study), "--arm", "kdrl", "--batches", "1"]
+        with pytest.raises(SystemExit, match=r"arm kdrl: 1 batches of 2 x 2 at T=0\.8.*no rollout batch"):
+            runpy.run_path(script, run_name="__main__")
+        sys.argv = [script, "--study", str(study), "--arm", "grpo"]
+        with pytest.raises(SystemExit, match="algo=grpo"):
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+    kd = runpy.run_path(script)
+    rows = [{"adv": 2.0, "kd": 1.0}, {"adv": 1.0, "kd": 3.0}, {"adv": 4.0, "kd": 4.0}, {"adv": 0.0, "kd": 5.0}]
+    for r in rows:
+        r.update(reward=0.5, groups_equal=0.5, max_gap=1.0, gap_over_3=0.0)
+    capsys.readouterr()
+    kd["report"](rows, "title", beta=0.2)
+    out = capsys.readouterr().out
+    assert "left out" in out.splitlines()[4]  # the batch with no advantage gradient
+    # ratios at beta = 1: 0.5, 3, 1 -> median 1, min 0.5, max 3
+    assert "| 0.2 | 0.200 | 0.100 | 0.600 |" in out and "| 0.01 | 0.010 | 0.005 | 0.030 |" in out
