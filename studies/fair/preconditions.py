@@ -99,6 +99,22 @@ def mean_clip(runs_csv: Path, arm: str) -> tuple[float, int]:
     return sum(float(r["mean_clip_frac"]) for r in rows) / len(rows), len(rows)
 
 
+def provenance(manifest: dict) -> str:
+    """`` (weights' sha256: teacher ab12..., student ...; both built on <cpu>, ...)`` from prepare.json, or ``""``
+    for models prepared before it recorded them."""
+    sha, env = manifest.get("sha256"), manifest.get("built_on")
+    if not sha or not env:
+        return ""
+
+    def where(e):
+        return "not recorded" if not e else (f"{e['cpu']}, {e['cpu_capability']}, {e['threads']} threads, "
+                                             f"torch {e['torch']}, transformers {e['transformers']}")
+
+    teacher, student = where(env.get("teacher")), where(env.get("student_init"))
+    built = f"both built on {student}" if teacher == student else f"teacher built on {teacher}, student on {student}"
+    return f" (weights' sha256: teacher {sha['teacher'][:16]}, student {sha['student_init'][:16]}; {built})"
+
+
 def checks(m: dict, prose_fraction: float | None, defects: int, draws: int,
            clip: tuple[float, int, str] | None) -> list[tuple[str, str, str, str]]:
     """(check, measured, rule, PASS / FAIL / not checked) rows."""
@@ -164,13 +180,14 @@ def main(argv=None) -> int:
         [(name, f"{m[name]['accuracy']:.3f}", f"{m[name][key]:.3f} ± {m[name][key + '_se']:.3f}",
           *(f"{m[name][f'{key}/L{lv}']:.3f} ± {m[name][f'{key}_se/L{lv}']:.3f}" for lv in levels))
          for name in ("teacher", "student")])
-    text = (f"# Preconditions of the fair study\n\nModels: {models}; validation set (eval_seed 1), "
-            f"{args.eval_prompts} problems per level.\n\n{levels_table}\n\n"
+    text = (f"# Preconditions of the fair study\n\nModels: {models}{provenance(manifest)}; validation set "
+            f"(eval_seed 1), {args.eval_prompts} problems per level.\n\n{levels_table}\n\n"
             f"{markdown_table(['check', 'measured', 'rule', 'result'], rows)}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "preconditions.md", text)
-    write_atomic(out / "preconditions.json", json.dumps({"measured": m, "checks": rows}, indent=2) + "\n")
+    write_atomic(out / "preconditions.json", json.dumps({"measured": m, "checks": rows, "models": {
+        k: manifest[k] for k in ("sha256", "built_on") if k in manifest}}, indent=2) + "\n")
     print(text, flush=True)
     return 1 if any(r[3] == "FAIL" for r in rows) else 0
 

@@ -9,12 +9,22 @@ gets a short warm-up on the same solutions: no prose endings, no injected format
 teacher's signal fell on). The study's test set (``eval_seed`` 0 in study.yaml) and validation
 set (``eval_seed`` 1, the sweep's and the preconditions') are held out of both. Whether these
 models make a regime where TRRD can act is checked by ``preconditions.py``, before any study runs.
+
+The models are bitwise the same on a second run on the same machine with the same ``--threads``,
+not on another CPU or thread count: float reduction order changes the bits, and over 4000 SFT
+steps the bits become a different model (docs/studies.md, "The models belong to the machine that
+builds them"). ``prepare.json`` records what built them (``built_on``: CPU, torch's CPU kernels,
+threads, library versions) and the SHA-256 of each model's weights, which ``preconditions.py``
+prints, so two sets of results can be told to come from the same models or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import platform
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -65,8 +75,42 @@ def main(argv=None) -> None:
                         batch=args.batch, quiet=args.quiet)
     prepare_student(out, tok, task, LEVELS, seed=args.seed, steps=args.warmup_steps, prose_fraction=0.0,
                     preset=args.student_preset, batch=args.batch, quiet=args.quiet)
+    here = built_on()  # a kept teacher keeps the record of where it was built (None: not recorded then)
+    teacher_env = json.loads((out / "prepare.json").read_text()).get("built_on", {}).get("teacher") \
+        if args.student_only else here
+    manifest["built_on"] = {"teacher": teacher_env, "student_init": here}
+    manifest["sha256"] = {role: weights_sha256(out / role) for role in ("teacher", "student_init")}
     write_atomic(out / "prepare.json", json.dumps(manifest, indent=2) + "\n")
     print(f"models in {out}; next: python studies/fair/preconditions.py")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def built_on() -> dict:
+    """What decides the models' bits besides the settings: the CPU, torch's CPU kernel set
+    (``ATEN_CPU_CAPABILITY`` overrides it), the thread count and the library versions."""
+    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": version("transformers")}
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over a saved model's weight files (``*.safetensors``, in name order)."""
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{folder}: no *.safetensors weights to hash")
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _kept_teacher(out: Path, manifest: dict) -> str | None:

@@ -2,11 +2,13 @@
 student-only rebuild, give bitwise-identical models), and preconditions.py measures and judges
 on a tiny model; its rules by hand."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2] / "studies" / "fair"
 TINY = ["--teacher-steps", "3", "--warmup-steps", "3", "--batch", "4", "--eval-prompts", "4", "--quiet",
@@ -37,9 +39,19 @@ def test_prepare_is_bitwise_reproducible(prepared, tmp_path):
     prepare.main(["--out", str(again), *TINY])
     for role in ("teacher", "student_init"):
         assert _weights(again / role) and _weights(again / role) == _weights(prepared / role), role
+    # prepare.json records each model's weights' SHA-256 and what built them
+    manifest = json.loads((again / "prepare.json").read_text())
+    for role in ("teacher", "student_init"):
+        assert manifest["sha256"][role] == hashlib.sha256((again / role / "model.safetensors").read_bytes()).hexdigest()
+        env = manifest["built_on"][role]
+        assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() and env["cpu"]
     (again / "student_init" / "model.safetensors").unlink()
+    manifest["built_on"]["teacher"]["cpu"] = "the teacher's machine"  # as if the teacher came from elsewhere
+    (again / "prepare.json").write_text(json.dumps(manifest))
     prepare.main(["--out", str(again), "--student-only", *TINY])  # the student alone, the teacher kept
     assert _weights(again / "student_init") == _weights(prepared / "student_init")
+    kept = json.loads((again / "prepare.json").read_text())
+    assert kept["built_on"]["teacher"]["cpu"] == "the teacher's machine" and kept["sha256"] == manifest["sha256"]
     other = list(TINY)
     other[other.index("--teacher-preset") + 1] = "preset:tiny-teacher"
     with pytest.raises(SystemExit, match="was built with teacher="):  # another teacher: not silently kept
@@ -60,7 +72,11 @@ def test_preconditions_on_a_tiny_model(prepared, tmp_path, capsys):
     probe = report["measured"]["probe"]
     assert all(0.0 <= probe[k]["value"] <= 1.0 for k in ("trrd_zeroed_frac", "trrd_protected_frac"))
     assert "# Preconditions of the fair study" in capsys.readouterr().out
-    assert (tmp_path / "preconditions.md").read_text().count("| FAIL |") == results.count("FAIL")
+    text = (tmp_path / "preconditions.md").read_text()
+    assert text.count("| FAIL |") == results.count("FAIL")
+    sha = json.loads((prepared / "prepare.json").read_text())["sha256"]
+    assert report["models"]["sha256"] == sha and f"teacher {sha['teacher'][:16]}" in text  # which models
+    assert f"both built on {json.loads((prepared / 'prepare.json').read_text())['built_on']['teacher']['cpu']}" in text
 
 
 def test_precondition_rules_by_hand(tmp_path):
