@@ -395,6 +395,9 @@ def test_ctrl_c_while_a_reward_runs_still_interrupts(user_rewards):
     import signal
 
     task = JsonlTask(user_rewards, reward="user_rewards:hangs", timeout=30)
+    # Python's own Ctrl-C handler, whatever this process inherited: a suite started in the background
+    # by a non-interactive shell (`pytest &`) inherits SIGINT ignored, and would wait out the timeout
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C
     timer.start()
     try:
@@ -402,6 +405,7 @@ def test_ctrl_c_while_a_reward_runs_still_interrupts(user_rewards):
             task.reward(task.examples[0], "#### 5")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_rlad_eval_with_a_reward_that_calls_sys_exit_fails_in_one_line(user_rewards, capsys):
