@@ -67,18 +67,15 @@ def main(argv=None) -> None:
                              "per_level": args.eval_prompts},
                 "teacher": {"preset": args.teacher_preset, "steps": args.teacher_steps},
                 "student": {"preset": args.student_preset, "steps": args.warmup_steps, "prose_fraction": 0.0}}
-    kept = _kept_teacher(out, manifest) if args.student_only else None
-    if args.student_only and kept is not None:
-        raise SystemExit(f"--student-only: {kept}; run without it to rebuild both")
-    if not args.student_only:
+    kept = _kept_teacher(out, manifest) if args.student_only else None  # its prepare.json
+    if kept is None:
         prepare_teacher(out, tok, task, LEVELS, seed=args.seed, steps=args.teacher_steps, preset=args.teacher_preset,
                         batch=args.batch, quiet=args.quiet)
     prepare_student(out, tok, task, LEVELS, seed=args.seed, steps=args.warmup_steps, prose_fraction=0.0,
                     preset=args.student_preset, batch=args.batch, quiet=args.quiet)
     here = built_on()  # a kept teacher keeps the record of where it was built (None: not recorded then)
-    teacher_env = json.loads((out / "prepare.json").read_text()).get("built_on", {}).get("teacher") \
-        if args.student_only else here
-    manifest["built_on"] = {"teacher": teacher_env, "student_init": here}
+    manifest["built_on"] = {"teacher": here if kept is None else (kept.get("built_on") or {}).get("teacher"),
+                            "student_init": here}
     manifest["sha256"] = {role: weights_sha256(out / role) for role in ("teacher", "student_init")}
     write_atomic(out / "prepare.json", json.dumps(manifest, indent=2) + "\n")
     print(f"models in {out}; next: python studies/fair/preconditions.py")
@@ -113,16 +110,20 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _kept_teacher(out: Path, manifest: dict) -> str | None:
-    """Why the teacher in ``out`` is not the one ``manifest`` asks for (None: it is; keep it)."""
+def _kept_teacher(out: Path, manifest: dict) -> dict:
+    """The saved ``prepare.json`` of the teacher in ``out``, when that teacher is the one ``manifest``
+    asks for; else ``SystemExit`` saying why."""
     try:
         saved = json.loads((out / "prepare.json").read_text())
     except (OSError, ValueError):
-        return f"no readable {out / 'prepare.json'} from an earlier run"
-    for key in ("task", "levels", "seed", "batch", "held_out", "teacher"):
-        if saved.get(key) != manifest[key]:
-            return f"the teacher in {out} was built with {key}={saved.get(key)!r}, not {manifest[key]!r}"
-    return None
+        why = f"no readable {out / 'prepare.json'} from an earlier run"
+    else:
+        why = next((f"the teacher in {out} was built with {key}={saved.get(key)!r}, not {manifest[key]!r}"
+                    for key in ("task", "levels", "seed", "batch", "held_out", "teacher")
+                    if saved.get(key) != manifest[key]), None)
+    if why is not None:
+        raise SystemExit(f"--student-only: {why}; run without it to rebuild both")
+    return saved
 
 
 if __name__ == "__main__":

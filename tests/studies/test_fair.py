@@ -74,9 +74,10 @@ def test_preconditions_on_a_tiny_model(prepared, tmp_path, capsys):
     assert "# Preconditions of the fair study" in capsys.readouterr().out
     text = (tmp_path / "preconditions.md").read_text()
     assert text.count("| FAIL |") == results.count("FAIL")
-    sha = json.loads((prepared / "prepare.json").read_text())["sha256"]
+    manifest = json.loads((prepared / "prepare.json").read_text())
+    sha = manifest["sha256"]
     assert report["models"]["sha256"] == sha and f"teacher {sha['teacher'][:16]}" in text  # which models
-    assert f"both built on {json.loads((prepared / 'prepare.json').read_text())['built_on']['teacher']['cpu']}" in text
+    assert f"both built on {manifest['built_on']['teacher']['cpu']}" in text
 
 
 def test_precondition_rules_by_hand(tmp_path):
